@@ -1,0 +1,227 @@
+"""Job configuration: YAML files loaded into typed, validated objects.
+
+Configs are plain data (as in diffusers): every stage object takes its section and is built once per
+actor. Unknown keys and bad values are errors that name the key; ``--set a.b=value`` overrides a key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class StageResources(_Section):
+    """Ray resources of one stage: ``concurrency`` actors (or tasks), each with these resources."""
+
+    concurrency: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    batch_size: int = Field(4, ge=1, description="rows per Ray Data batch")
+
+
+class InputConfig(_Section):
+    extensions: list[str] = list(IMAGE_EXTENSIONS)
+    max_pixels: int = Field(64_000_000, gt=0, description="decompression-bomb cap on decoded pixels")
+    max_bytes: int = Field(200 * 1024 * 1024, gt=0, description="largest file read")
+
+    @field_validator("extensions")
+    @classmethod
+    def _lower_dotted(cls, v: list[str]) -> list[str]:
+        out = [e.lower() if e.startswith(".") else "." + e.lower() for e in v]
+        if not out:
+            raise ValueError("at least one extension is required")
+        return out
+
+
+class OutputConfig(_Section):
+    format: Literal["same", "png", "jpeg", "webp"] = "same"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    overwrite: bool = False
+    manifest_dir: str = "_manifest"
+    manifest_rows_per_file: int = Field(1000, ge=1)
+
+    @field_validator("manifest_dir")
+    @classmethod
+    def _relative(cls, v: str) -> str:
+        if not v or v.startswith("/") or ".." in Path(v).parts or "\\" in v:
+            raise ValueError("must be a relative folder name inside the output prefix")
+        return v
+
+
+class DetectionConfig(_Section):
+    backend: Literal["dlib", "insightface", "face_alignment"] = "dlib"
+    model: str = Field("hog", description="dlib: hog|cnn; insightface: pack name; face_alignment: sfd")
+    model_dir: str | None = Field(None, description="folder holding the backend's weights")
+    threshold: float = Field(0.0, description="minimum detection score (backend's own scale)")
+    upsample: int = Field(1, ge=0, le=3, description="dlib: times to upsample before detecting")
+    min_face_size: int = Field(24, ge=1, description="faces smaller (box side, px) get the fallback method")
+    max_faces: int = Field(64, ge=1, description="faces kept per image, largest first")
+    providers: list[str] = ["CPUExecutionProvider"]
+    resources: StageResources = StageResources(concurrency=1, num_cpus=0.5, batch_size=4)
+
+
+class AlignmentConfig(_Section):
+    face_size: int = Field(1024, ge=32, le=4096, description="aligned crop side, px (SDXL native: 1024)")
+    padding: float = Field(0.40, ge=0, le=2.0, description="whole-face framing padding")
+    shift: float = Field(0.07, ge=-0.5, le=0.5, description="framing shift toward the forehead")
+
+
+Method = Literal["blur", "pixelate", "mask", "reverse_personalization"]
+Fallback = Literal["blur", "pixelate", "mask"]
+
+
+class AnonymizerConfig(_Section):
+    method: Method = "blur"
+    fallback: Fallback = Field("blur", description="destructive method when the primary one fails")
+    blur_strength: float = Field(0.12, gt=0, le=1, description="Gaussian sigma as a fraction of face size")
+    pixelate_blocks: int = Field(10, ge=2, le=256)
+    mask_color: tuple[int, int, int] = (0, 0, 0)
+    resources: StageResources = StageResources(concurrency=1, num_cpus=0.5, batch_size=2)
+
+
+class DiffusionConfig(_Section):
+    """Reverse personalization (ALGORITHM.md); defaults are the paper's reference settings."""
+
+    model: str = Field("stabilityai/stable-diffusion-xl-base-1.0", description="hub id, local folder or fsspec URI")
+    ip_adapter: str = Field("h94/IP-Adapter-FaceID", description="hub id, local folder or fsspec URI")
+    ip_adapter_weight_name: str = "ip-adapter-faceid_sdxl.bin"
+    arcface: str = Field("~/.insightface/models/buffalo_l/w600k_r50.onnx", description="ArcFace ONNX file or URI")
+    cache_dir: str = Field("~/.cache/rp_distributed", description="local cache for models synced from URIs")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    skip: float = Field(0.7, gt=0, lt=1)
+    num_inversion_steps: int = Field(100, ge=2, le=1000)
+    guidance_scale: float = -10.0
+    ip_adapter_scale: float = Field(1.0, ge=0, le=10)
+    id_emb_scale: float = Field(1.0, ge=0, le=10)
+    attribute_prompt: str | None = None
+    seed: int = Field(0, ge=0, lt=2**63)
+    seed_mode: Literal["fixed", "per_face"] = Field(
+        "per_face", description="fixed: every face uses `seed` (reference); per_face: derived from seed, input and face index"
+    )
+    arcface_providers: list[str] = ["CPUExecutionProvider"]
+
+
+class PrivacyConfig(_Section):
+    """Re-identification check and adaptive escalation (issue 4)."""
+
+    reid_threshold: float = Field(0.6, gt=0, description="recognizer distance below which a face counts as re-identified")
+    escalate: bool = True
+    guidance_ladder: list[float] = [-15.0, -20.0]
+    max_tries: int = Field(3, ge=1, description="generation tries per face, the first included")
+    fallback_if_reidentified: bool = True
+
+
+class MergeConfig(_Section):
+    feather: float = Field(0.08, ge=0, le=0.5, description="blend-mask feather, fraction of face size")
+    resources: StageResources = StageResources(concurrency=1, num_cpus=0.25, batch_size=4)
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="cluster address; RAY_ADDRESS wins; none starts a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (default: all)")
+    max_task_retries: int = Field(3, ge=0)
+    max_restarts: int = Field(3, ge=0)
+
+
+class JobConfig(_Section):
+    input: InputConfig = InputConfig()
+    output: OutputConfig = OutputConfig()
+    detection: DetectionConfig = DetectionConfig()
+    alignment: AlignmentConfig = AlignmentConfig()
+    anonymizer: AnonymizerConfig = AnonymizerConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    merge: MergeConfig = MergeConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "JobConfig":
+        if self.privacy.max_tries > 1 + len(self.privacy.guidance_ladder):
+            raise ValueError(
+                f"privacy.max_tries={self.privacy.max_tries} needs {self.privacy.max_tries - 1} rungs in "
+                f"privacy.guidance_ladder, which has {len(self.privacy.guidance_ladder)}"
+            )
+        return self
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {exc}") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path} must be a mapping at the top level")
+    if overrides:
+        data = apply_overrides(data, list(overrides))
+        source += " + overrides"
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def config_to_dict(cfg: JobConfig) -> dict:
+    return cfg.model_dump(mode="json")
