@@ -1,0 +1,135 @@
+"""Merge anonymized face crops back into the full image.
+
+The crop was cut from the image with a similarity transform ``M`` (image -> crop). We warp the new crop
+back with ``M``'s inverse and blend it through a feathered ellipse around the face: 1 over the face, a
+smooth ramp to 0 outside it. Pixels where the mask is 0 are never written, so everything away from the
+faces stays byte-identical.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+# Semi-axes of the blend ellipse as fractions of the detected face box's width and height. At these
+# sizes the whole detected box (corners included) lies inside the part of the mask that is exactly 1.
+ELLIPSE_AXES = (0.72, 0.80)
+
+
+def face_mask(size: int, face_box: np.ndarray, feather: float) -> np.ndarray:
+    """Float32 SxS mask in crop coordinates: 1 on the face ellipse, ramping to 0 over ``feather``·face."""
+    x0, y0, x1, y1 = [float(v) for v in face_box]
+    w, h = max(x1 - x0, 1.0), max(y1 - y0, 1.0)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    core = np.zeros((size, size), np.uint8)
+    cv2.ellipse(core, (round(cx), round(cy)), (round(ELLIPSE_AXES[0] * w), round(ELLIPSE_AXES[1] * h)),
+                0, 0, 360, 1, thickness=-1)
+    ramp_px = feather * max(w, h)
+    if ramp_px < 1:
+        return core.astype(np.float32)
+    dist = cv2.distanceTransform((1 - core).astype(np.uint8), cv2.DIST_L2, 5)
+    t = np.clip(1.0 - dist / ramp_px, 0.0, 1.0)
+    return (t * t * (3 - 2 * t)).astype(np.float32)  # smoothstep: no visible seam
+
+
+def _window(mask: np.ndarray, inv: np.ndarray, shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """Image-space bounding window (x0, y0, x1, y1) of the mask's support, clipped to the image."""
+    ys, xs = np.nonzero(mask > 0)
+    if xs.size == 0:
+        return None
+    corners = np.array([[xs.min(), ys.min()], [xs.max() + 1, ys.min()], [xs.min(), ys.max() + 1],
+                        [xs.max() + 1, ys.max() + 1]], np.float64)
+    pts = corners @ inv[:, :2].T + inv[:, 2]
+    h, w = shape
+    x0, y0 = np.floor(pts.min(axis=0)).astype(int) - 1
+    x1, y1 = np.ceil(pts.max(axis=0)).astype(int) + 1
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    if x0 >= x1 or y0 >= y1:
+        return None
+    return int(x0), int(y0), int(x1), int(y1)
+
+
+def paste_back(image: np.ndarray, crop: np.ndarray, matrix: np.ndarray, face_box: np.ndarray,
+               feather: float) -> np.ndarray:
+    """Blend ``crop`` (the anonymized aligned crop) into a copy of ``image`` through the face mask."""
+    size = crop.shape[0]
+    mask = face_mask(size, face_box, feather)
+    inv = cv2.invertAffineTransform(matrix.astype(np.float64))
+    win = _window(mask, inv, image.shape[:2])
+    out = image.copy()
+    if win is None:
+        return out
+    x0, y0, x1, y1 = win
+    # dst(x, y) = src(M · (x + x0, y + y0)): shift M's translation into the window.
+    m = matrix.astype(np.float64).copy()
+    m[:, 2] += m[:, :2] @ np.array([x0, y0], np.float64)
+    dsize = (x1 - x0, y1 - y0)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    warped = cv2.warpAffine(crop, m, dsize, flags=flags, borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+    alpha = cv2.warpAffine(mask, m, dsize, flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    alpha = np.clip(alpha, 0.0, 1.0)[:, :, None]
+    region = out[y0:y1, x0:x1].astype(np.float32)
+    blended = np.rint(region * (1 - alpha) + warped * alpha).clip(0, 255).astype(np.uint8)
+    touched = np.broadcast_to(alpha > 0, blended.shape)
+    out[y0:y1, x0:x1] = np.where(touched, blended, out[y0:y1, x0:x1])
+    return out
+
+
+# --- destructive methods -------------------------------------------------------------------------------
+
+def _face_side(face_box: np.ndarray) -> float:
+    x0, y0, x1, y1 = face_box
+    return float(max(x1 - x0, y1 - y0, 1.0))
+
+
+def blur(crop: np.ndarray, face_box: np.ndarray, strength: float) -> np.ndarray:
+    sigma = max(strength * _face_side(face_box), 1.0)
+    return cv2.GaussianBlur(crop, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+
+
+def pixelate(crop: np.ndarray, face_box: np.ndarray, blocks: int) -> np.ndarray:
+    size = crop.shape[0]
+    cells = max(2, round(blocks * size / _face_side(face_box)))
+    small = cv2.resize(crop, (cells, cells), interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (size, size), interpolation=cv2.INTER_NEAREST)
+
+
+def mask(crop: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
+    out = np.empty_like(crop)
+    out[:] = np.asarray(color, np.uint8)
+    return out
+
+
+def destroy(method: str, crop: np.ndarray, face_box: np.ndarray, cfg) -> np.ndarray:
+    """Apply the destructive ``method`` (blur|pixelate|mask) to a crop, with an ``AnonymizerConfig``."""
+    if method == "blur":
+        return blur(crop, face_box, cfg.blur_strength)
+    if method == "pixelate":
+        return pixelate(crop, face_box, cfg.pixelate_blocks)
+    if method == "mask":
+        return mask(crop, cfg.mask_color)
+    raise ValueError(f"unknown destructive method {method!r}")
+
+
+def destroy_box(image: np.ndarray, box: np.ndarray, method: str, cfg, margin: float = 0.3) -> np.ndarray:
+    """Last-resort fail-closed path: apply ``method`` to the (enlarged) box directly in the image."""
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = [float(v) for v in box]
+    mw, mh = margin * (x1 - x0), margin * (y1 - y0)
+    xa, ya = max(int(np.floor(x0 - mw)), 0), max(int(np.floor(y0 - mh)), 0)
+    xb, yb = min(int(np.ceil(x1 + mw)), w), min(int(np.ceil(y1 + mh)), h)
+    out = image.copy()
+    if xa >= xb or ya >= yb:
+        return out
+    region = out[ya:yb, xa:xb]
+    side = max(xb - xa, yb - ya)
+    local_box = np.array([0, 0, xb - xa, yb - ya], np.float32)
+    if method == "mask":
+        out[ya:yb, xa:xb] = np.asarray(cfg.mask_color, np.uint8)
+    elif method == "pixelate":
+        cells = max(2, cfg.pixelate_blocks)
+        small = cv2.resize(region, (cells, max(2, round(cells * (yb - ya) / side))), interpolation=cv2.INTER_AREA)
+        out[ya:yb, xa:xb] = cv2.resize(small, (xb - xa, yb - ya), interpolation=cv2.INTER_NEAREST)
+    else:
+        out[ya:yb, xa:xb] = blur(np.ascontiguousarray(region), local_box, cfg.blur_strength)
+    return out

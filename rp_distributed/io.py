@@ -1,0 +1,235 @@
+"""Storage and image codecs: list inputs, read and decode safely, encode and write atomically.
+
+Every URI goes through fsspec, so local paths, ``file://``, ``s3://`` and ``gs://`` work the same way.
+S3-compatible endpoints are taken from the environment (``AWS_ENDPOINT_URL``), credentials from the
+usual AWS variables or instance roles; nothing here logs them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+from fsspec.implementations.local import LocalFileSystem
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# We enforce our own pixel cap before decoding; PIL's own check stays on as a second line.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class InputError(Exception):
+    """An input that cannot be used; the message is the manifest's reason."""
+
+
+def _storage_options(protocol: str) -> dict:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    if protocol in ("s3", "s3a") and endpoint:
+        return {"client_kwargs": {"endpoint_url": endpoint}}
+    return {}
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem of ``uri`` and the path inside it."""
+    protocol = fsspec.utils.get_protocol(uri)
+    fs, path = fsspec.core.url_to_fs(uri, **_storage_options(protocol))
+    return fs, path
+
+
+def _unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return fs.unstrip_protocol(path) if not isinstance(fs, LocalFileSystem) else path
+
+
+def join_uri(root: str, rel_path: str) -> str:
+    """``root``/``rel_path``, refusing any relative path that would leave ``root``."""
+    rel = rel_path.replace("\\", "/")
+    norm = posixpath.normpath(rel)
+    if rel.startswith("/") or norm.startswith("..") or norm in (".", "") or "\x00" in rel:
+        raise InputError(f"unsafe relative path {rel_path!r}: outputs must stay under the output prefix")
+    return root.rstrip("/") + "/" + norm
+
+
+@dataclass
+class InputFile:
+    uri: str
+    rel_path: str
+    size: int
+
+
+def list_inputs(input_uri: str, extensions: list[str], exclude_uri: str | None = None) -> list[InputFile]:
+    """Image files under ``input_uri`` (recursively), by extension, sorted by relative path.
+
+    A single file URI lists just that file. Anything under ``exclude_uri`` (the output prefix, when it
+    lies inside the input) is skipped, as are hidden files and folders.
+    """
+    fs, root = filesystem(input_uri)
+    if not fs.exists(root):
+        raise FileNotFoundError(f"input {input_uri} does not exist")
+    exclude = None
+    if exclude_uri is not None:
+        efs, epath = filesystem(exclude_uri)
+        if type(efs) is type(fs):
+            exclude = epath.rstrip("/") + "/"
+    if fs.isfile(root):
+        base = posixpath.dirname(root)
+        found = {root: fs.info(root)}
+    else:
+        base = root.rstrip("/")
+        found = fs.find(root, detail=True)
+    files = []
+    for path, info in found.items():
+        if info.get("type", "file") != "file":
+            continue
+        if exclude and (path + "/").startswith(exclude):
+            continue
+        rel = path[len(base):].lstrip("/")
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        if posixpath.splitext(rel)[1].lower() not in extensions:
+            continue
+        files.append(InputFile(uri=_unstrip(fs, path), rel_path=rel, size=int(info.get("size") or 0)))
+    files.sort(key=lambda f: f.rel_path)
+    return files
+
+
+def read_bytes(uri: str, max_bytes: int) -> bytes:
+    fs, path = filesystem(uri)
+    size = fs.size(path)
+    if size is not None and size > max_bytes:
+        raise InputError(f"file too large: {size} bytes > input.max_bytes={max_bytes}")
+    with fs.open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise InputError(f"file too large: > input.max_bytes={max_bytes}")
+    if not data:
+        raise InputError("empty file (0 bytes)")
+    return data
+
+
+@dataclass
+class DecodedImage:
+    rgb: np.ndarray  # HxWx3 uint8, EXIF orientation applied
+    alpha: np.ndarray | None  # HxW uint8, when the source had transparency
+    format: str  # PIL format name of the source: JPEG, PNG, ...
+    notes: list[str] = field(default_factory=list)  # conversions applied, for the manifest
+
+
+def _to_uint8_rgb(im: Image.Image, notes: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    mode = im.mode
+    alpha = None
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im).astype(np.float64)
+        if mode == "F":
+            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+            arr = (arr - lo) / (hi - lo or 1.0) * 255.0
+            notes.append("converted float image to 8-bit")
+        else:
+            peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+            arr = arr * (255.0 / peak)
+            notes.append(f"converted {mode} ({'16' if peak > 255 else '8'}-bit) to 8-bit")
+        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2), None
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+        mode = "RGBA"
+        notes.append("palette with transparency expanded")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        arr = np.asarray(rgba)
+        alpha = np.ascontiguousarray(arr[:, :, 3])
+        notes.append("alpha channel kept aside")
+        return np.ascontiguousarray(arr[:, :, :3]), alpha
+    if mode != "RGB":
+        notes.append(f"converted {mode} to RGB")
+        im = im.convert("RGB")
+    return np.asarray(im).copy(), None
+
+
+def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
+    """Decode image bytes to RGB uint8 with EXIF orientation applied; refuse decompression bombs."""
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise InputError("not a recognised image format") from None
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken headers
+        raise InputError(f"unreadable image header: {exc}") from None
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise InputError(f"image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise InputError(f"image too large: {w}x{h} = {w * h} pixels > input.max_pixels={max_pixels}")
+    fmt = im.format or "PNG"
+    notes: list[str] = []
+    try:
+        im.load()
+        orientation = im.getexif().get(0x0112, 1)
+        if orientation not in (1, None):
+            im = ImageOps.exif_transpose(im)
+            notes.append(f"EXIF orientation {orientation} applied")
+        rgb, alpha = _to_uint8_rgb(im, notes)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt streams surface here
+        raise InputError(f"corrupt or truncated image data: {exc}") from None
+    return DecodedImage(rgb=rgb, alpha=alpha, format=fmt, notes=notes)
+
+
+_EXT_FORMAT = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP",
+               ".tif": "TIFF", ".tiff": "TIFF"}
+_FORMAT_EXT = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
+
+
+def output_rel_path(rel_path: str, out_format: str) -> str:
+    """The output's relative path: the input's, with the extension changed if the format is forced."""
+    if out_format == "same":
+        return rel_path
+    stem, _ = posixpath.splitext(rel_path)
+    return stem + _FORMAT_EXT[out_format]
+
+
+def encode_image(rgb: np.ndarray, alpha: np.ndarray | None, rel_path: str, jpeg_quality: int) -> bytes:
+    """Encode for ``rel_path``'s extension. No metadata (EXIF, GPS, XMP, comments) is written."""
+    fmt = _EXT_FORMAT.get(posixpath.splitext(rel_path)[1].lower(), "PNG")
+    if alpha is not None and fmt in ("PNG", "WEBP", "TIFF"):
+        im = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    else:
+        im = Image.fromarray(rgb, "RGB")
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        im.save(buf, "JPEG", quality=jpeg_quality, subsampling=0 if jpeg_quality >= 90 else 2)
+    elif fmt == "WEBP":
+        im.save(buf, "WEBP", quality=jpeg_quality)
+    else:
+        im.save(buf, fmt)
+    return buf.getvalue()
+
+
+def write_atomic(uri: str, data: bytes) -> None:
+    """Write ``data`` at ``uri`` so readers see the old object or the whole new one, never a part.
+
+    Local files go through a temporary name and ``os.replace``; object stores' single PUT is atomic.
+    """
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    else:
+        fs.pipe_file(path, data)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)

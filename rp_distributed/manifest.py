@@ -1,0 +1,139 @@
+"""The Parquet manifest: one row per face, plus one row per image that has no face or failed.
+
+Rows are written by the driver as the stream arrives, in parts under ``OUTPUT/<manifest_dir>/``
+(``part-<run_id>-<n>.parquet``), always with ``SCHEMA`` so any set of parts reads as one table. A
+rerun reads the parts to skip inputs that are done. The README documents every column.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import posixpath
+from collections.abc import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import io
+
+# Image-level outcomes. ``ok``: written with every detected face anonymized; ``no_face``: written, no face
+# found; ``withheld``: faces found but not all could be anonymized, so nothing was written (fail closed);
+# ``error``: the input could not be read or decoded.
+STATUSES = ("ok", "no_face", "withheld", "error")
+DONE_STATUSES = ("ok", "no_face")
+
+SCHEMA = pa.schema([
+    ("run_id", pa.string()),
+    ("input_uri", pa.string()),
+    ("rel_path", pa.string()),
+    ("output_uri", pa.string()),          # null when nothing was written
+    ("status", pa.string()),              # image-level: ok | no_face | withheld | error
+    ("error", pa.string()),               # image-level reason (error / withheld)
+    ("notes", pa.string()),               # conversions applied on decode, "; "-joined
+    ("image_width", pa.int32()),
+    ("image_height", pa.int32()),
+    ("num_faces", pa.int32()),
+    ("face_index", pa.int32()),           # null on an image-level row (no face / error)
+    ("box_x0", pa.float32()), ("box_y0", pa.float32()), ("box_x1", pa.float32()), ("box_y1", pa.float32()),
+    ("det_score", pa.float32()),
+    ("face_size_px", pa.float32()),
+    ("detector", pa.string()),
+    ("method", pa.string()),              # requested method
+    ("method_applied", pa.string()),      # what was applied to this face in the written image
+    ("face_error", pa.string()),          # why the requested method was not the one applied
+    ("params", pa.string()),              # JSON of the method's parameters
+    ("model", pa.string()),               # JSON of model identifiers (diffusion)
+    ("seed", pa.int64()),
+    ("guidance_final", pa.float32()),
+    ("tries", pa.int32()),                # generations run for this face (escalation)
+    ("tries_json", pa.string()),          # JSON list of {guidance, reid_distance} per try
+    ("unet_evals", pa.int64()),
+    ("reid_distance", pa.float32()),      # recognizer distance original vs written face
+    ("reidentified", pa.bool_()),         # reid_distance < privacy.reid_threshold
+    ("reid_threshold", pa.float32()),
+    ("face_still_detected", pa.bool_()),
+    ("pose_diff_deg", pa.float32()),      # max |Δyaw|, |Δpitch|, |Δroll| original vs written
+    ("landmark_displacement", pa.float32()),
+    ("t_read_s", pa.float32()), ("t_detect_s", pa.float32()),
+    ("t_anonymize_s", pa.float32()), ("t_merge_s", pa.float32()),
+])
+
+
+def manifest_uri(output_uri: str, manifest_dir: str) -> str:
+    return io.join_uri(output_uri, manifest_dir)
+
+
+def normalize_row(row: dict) -> dict:
+    """A row with exactly the schema's columns (missing ones null)."""
+    unknown = set(row) - set(SCHEMA.names)
+    if unknown:
+        raise KeyError(f"manifest row has columns outside the schema: {sorted(unknown)}")
+    return {name: row.get(name) for name in SCHEMA.names}
+
+
+def write_part(output_uri: str, manifest_dir: str, run_id: str, part: int, rows: list[dict]) -> str:
+    table = pa.Table.from_pylist([normalize_row(r) for r in rows], schema=SCHEMA)
+    buf = _io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    uri = io.join_uri(manifest_uri(output_uri, manifest_dir), f"part-{run_id}-{part:05d}.parquet")
+    io.write_atomic(uri, buf.getvalue())
+    return uri
+
+
+def part_uris(output_uri: str, manifest_dir: str) -> list[str]:
+    fs, path = io.filesystem(manifest_uri(output_uri, manifest_dir))
+    if not fs.exists(path):
+        return []
+    names = fs.find(path)
+    files = sorted(p for p in names if posixpath.basename(p).startswith("part-") and p.endswith(".parquet"))
+    return [fs.unstrip_protocol(p) for p in files]
+
+
+def read_manifest(output_uri: str, manifest_dir: str) -> pa.Table:
+    """All manifest parts under the output prefix as one table (empty with SCHEMA if none)."""
+    tables = []
+    for uri in part_uris(output_uri, manifest_dir):
+        fs, path = io.filesystem(uri)
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f, schema=SCHEMA))
+    if not tables:
+        return SCHEMA.empty_table()
+    return pa.concat_tables(tables)
+
+
+def done_inputs(table: pa.Table) -> dict[str, str]:
+    """input_uri -> output_uri for inputs whose latest recorded outcome wrote an output."""
+    done: dict[str, str] = {}
+    for row in table.select(["input_uri", "status", "output_uri"]).to_pylist():
+        if row["status"] in DONE_STATUSES and row["output_uri"]:
+            done[row["input_uri"]] = row["output_uri"]
+        else:
+            done.pop(row["input_uri"], None)
+    return done
+
+
+def remove_manifest(output_uri: str, manifest_dir: str) -> None:
+    fs, path = io.filesystem(manifest_uri(output_uri, manifest_dir))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def summarize(rows: Iterable[dict]) -> dict:
+    """Counts for the end-of-job summary, from manifest rows."""
+    images: dict[str, str] = {}
+    faces = reid = scored = failures = fallbacks = 0
+    for r in rows:
+        images[r["input_uri"]] = r["status"]
+        if r.get("face_index") is not None:
+            faces += 1
+            if r.get("face_error"):
+                fallbacks += 1
+            if r.get("reidentified") is not None:
+                scored += 1
+                reid += bool(r["reidentified"])
+    for status in images.values():
+        failures += status in ("error", "withheld")
+    by_status = {s: sum(1 for v in images.values() if v == s) for s in STATUSES}
+    return {"images": len(images), "faces": faces, "failures": failures, "by_status": by_status,
+            "fallbacks": fallbacks, "reid_scored": scored, "reidentified": reid,
+            "reid_rate": (reid / scored) if scored else None}
