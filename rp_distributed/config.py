@@ -89,6 +89,7 @@ class AnonymizerConfig(_Section):
     blur_strength: float = Field(0.12, gt=0, le=1, description="Gaussian sigma as a fraction of face size")
     pixelate_blocks: int = Field(10, ge=2, le=256)
     mask_color: tuple[int, int, int] = (0, 0, 0)
+    face_batch_size: int = Field(4, ge=1, le=64, description="faces per diffusion batch (one UNet call carries 2x)")
     resources: StageResources = StageResources(concurrency=1, num_cpus=0.5, batch_size=2)
 
 

@@ -1,0 +1,170 @@
+"""The anonymizer: turns aligned face crops into anonymized crops, fail closed.
+
+Methods: ``blur``, ``pixelate``, ``mask`` (destructive) and ``reverse_personalization`` (diffusion
+inversion + negative identity guidance). For reverse personalization each face is checked against an
+independent recognizer; a face still re-identified is regenerated with the next, stronger guidance of
+``privacy.guidance_ladder`` (reusing its inversion: only generation reruns), and after
+``privacy.max_tries`` falls back to the destructive method. Any failure on a face also falls back, and
+the face record says why. A face record leaves this stage with ``anon_crop`` set, or with
+``face_error`` set and no crop (then the merge stage applies the destructive method on the image).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from . import compose
+from .config import JobConfig
+
+
+def _err(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+class Anonymizer:
+    """Built once per actor; ``__call__`` anonymizes a list of face records in place."""
+
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self.acfg = cfg.anonymizer
+        self.method = cfg.anonymizer.method
+        self.rp = self.embedder = self.scorer = None
+        if self.method == "reverse_personalization":
+            from .diffusion import IdentityEmbedder, ReversePersonalizer
+            from .scoring import ReidScorer
+
+            self.rp = ReversePersonalizer.from_config(cfg.diffusion)
+            self.embedder = IdentityEmbedder.from_config(cfg.diffusion)
+            self.scorer = ReidScorer(cfg.privacy) if cfg.privacy.escalate else None
+            if self.rp.face_size != cfg.alignment.face_size:
+                raise ValueError(
+                    f"alignment.face_size={cfg.alignment.face_size} but the diffusion model generates "
+                    f"{self.rp.face_size}px images; set alignment.face_size: {self.rp.face_size}"
+                )
+
+    # -- manifest fields ---------------------------------------------------------------------------------
+    def params(self) -> str:
+        if self.method != "reverse_personalization":
+            a = self.acfg
+            p = {"blur": {"blur_strength": a.blur_strength}, "pixelate": {"pixelate_blocks": a.pixelate_blocks},
+                 "mask": {"mask_color": list(a.mask_color)}}[self.method]
+            return json.dumps(p)
+        d = self.cfg.diffusion
+        return json.dumps({
+            "skip": d.skip, "num_inversion_steps": d.num_inversion_steps, "guidance_scale": d.guidance_scale,
+            "ip_adapter_scale": d.ip_adapter_scale, "id_emb_scale": d.id_emb_scale,
+            "attribute_prompt": d.attribute_prompt, "seed_mode": d.seed_mode, "face_size": self.rp.face_size,
+            "guidance_ladder": self.cfg.privacy.guidance_ladder if self.cfg.privacy.escalate else [],
+            "max_tries": self.cfg.privacy.max_tries if self.cfg.privacy.escalate else 1,
+            "reid_threshold": self.cfg.privacy.reid_threshold,
+        })
+
+    def model_info(self) -> str | None:
+        return json.dumps(self.rp.model_info) if self.rp is not None else None
+
+    # -- the stage ---------------------------------------------------------------------------------------
+    def __call__(self, faces: list[dict]) -> None:
+        params, model = self.params(), self.model_info()
+        for f in faces:
+            f["method"] = self.method
+            f["params"] = params
+            f["model"] = model
+        primary = []
+        for f in faces:
+            if f.get("align_error"):
+                f["face_error"] = f["align_error"]
+            elif f.get("small") and self.method == "reverse_personalization":
+                self._fallback(f, f"face smaller than detection.min_face_size={self.cfg.detection.min_face_size}px")
+            else:
+                primary.append(f)
+        if self.method == "reverse_personalization":
+            self._reverse_personalize(primary)
+        else:
+            for f in primary:
+                t0 = time.perf_counter()
+                try:
+                    f["anon_crop"] = compose.destroy(self.method, f["crop"], f["face_box"], self.acfg)
+                    f["method_applied"] = self.method
+                except Exception as exc:  # noqa: BLE001 - any failure must fall back
+                    self._fallback(f, _err(exc))
+                f["t_anonymize_s"] = time.perf_counter() - t0
+
+    def _fallback(self, f: dict, reason: str) -> None:
+        """Destructive method on the crop; if even that fails, leave no crop (merge blurs the image box)."""
+        f["face_error"] = reason
+        try:
+            f["anon_crop"] = compose.destroy(self.acfg.fallback, f["crop"], f["face_box"], self.acfg)
+            f["method_applied"] = self.acfg.fallback
+        except Exception as exc:  # noqa: BLE001
+            f["anon_crop"] = None
+            f["face_error"] = f"{reason}; fallback failed: {_err(exc)}"
+
+    # -- reverse personalization ---------------------------------------------------------------------------
+    def _reverse_personalize(self, faces: list[dict]) -> None:
+        ready = []
+        for f in faces:
+            try:
+                f["id_embedding"] = self.embedder.embed(f["crop"], f["kps5"])
+                ready.append(f)
+            except Exception as exc:  # noqa: BLE001
+                self._fallback(f, f"identity embedding failed: {_err(exc)}")
+        n = self.acfg.face_batch_size
+        for start in range(0, len(ready), n):
+            chunk = ready[start:start + n]
+            t0 = time.perf_counter()
+            try:
+                self._generate_chunk(chunk)
+            except Exception as exc:  # noqa: BLE001 - retry one by one so one bad face cannot sink others
+                if len(chunk) == 1:
+                    self._fallback(chunk[0], f"generation failed: {_err(exc)}")
+                else:
+                    for f in chunk:
+                        try:
+                            self._generate_chunk([f])
+                        except Exception as exc1:  # noqa: BLE001
+                            self._fallback(f, f"generation failed: {_err(exc1)}")
+            per_face = (time.perf_counter() - t0) / len(chunk)
+            for f in chunk:
+                f.pop("id_embedding", None)
+                f["t_anonymize_s"] = per_face
+
+    def _generate_chunk(self, chunk: list[dict]) -> None:
+        privacy, d = self.cfg.privacy, self.cfg.diffusion
+        crops = [f["crop"] for f in chunk]
+        ids = np.stack([f["id_embedding"] for f in chunk]).astype(np.float32)
+        prompts = [f.get("attribute_prompt", d.attribute_prompt) for f in chunk]
+        inv = self.rp.invert(crops, [int(f["seed"]) for f in chunk])
+        ladder = [d.guidance_scale] + list(privacy.guidance_ladder)
+        tries = privacy.max_tries if self.scorer is not None else 1
+        results: list[dict] = [{"tries": []} for _ in chunk]
+        pending = list(range(len(chunk)))
+        for attempt in range(tries):
+            g = ladder[attempt]
+            sub = inv if len(pending) == len(chunk) else inv.select(pending)
+            outs = self.rp.generate(sub, ids[pending], [prompts[i] for i in pending], [g] * len(pending))
+            still = []
+            for i, out in zip(pending, outs):
+                dist = None
+                if self.scorer is not None:
+                    dist = self.scorer.crop_distance(crops[i], out, chunk[i]["face_box"])
+                results[i]["tries"].append({"guidance": g, "reid_distance": dist})
+                results[i]["crop"], results[i]["guidance"] = out, g
+                if dist is not None and dist < privacy.reid_threshold:
+                    still.append(i)
+            pending = still
+            if not pending:
+                break
+        for f, r in zip(chunk, results):
+            f["tries"] = len(r["tries"])
+            f["tries_json"] = json.dumps(r["tries"])
+            f["guidance_final"] = r["guidance"]
+            f["unet_evals"] = self.rp.unet_evals_per_face(tries=f["tries"])
+            f["anon_crop"] = r["crop"]
+            f["method_applied"] = "reverse_personalization"
+        for i in pending:
+            if privacy.fallback_if_reidentified:
+                self._fallback(chunk[i], f"still re-identified after {chunk[i]['tries']} tries "
+                                         f"(last guidance {chunk[i]['guidance_final']})")

@@ -1,0 +1,331 @@
+"""The anonymization job, top to bottom, as one streaming Ray Data pipeline.
+
+    list inputs (driver)                          {input_uri, rel_path, output_uri}
+      -> DetectFaces      CPU actor pool          + image, alpha, notes, error, faces[...]
+      -> AnonymizeFaces   GPU (or CPU) actor pool   faces[i] + anon_crop, method_applied, tries, ...
+      -> MergeAndWrite    CPU actor pool          -> manifest rows (one per face / per faceless image)
+    manifest parts (driver)                       OUTPUT/_manifest/part-<run>-<n>.parquet
+
+Each stage is a small callable class built once per actor from the ``JobConfig``; its resources and
+pool size come from the config (``detection.resources``, ``anonymizer.resources``,
+``merge.resources``). Rows between stages are plain dicts (the face records are documented in
+``FACE_RECORD``); the driver only ever sees the small manifest rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import compose, io, manifest
+from .anonymize import Anonymizer
+from .config import JobConfig, StageResources
+
+FACE_RECORD = {
+    "face_index": "int, order in the image (largest face first)",
+    "box": "float32[4] x0,y0,x1,y1 image px", "det_score": "float", "landmarks": "float32[K,2] image px",
+    "small": "bool, below detection.min_face_size", "seed": "int, diffusion seed of this face",
+    "crop": "uint8[S,S,3] aligned crop", "matrix": "float32[2,3] image->crop", "face_box": "float32[4] crop px",
+    "kps5": "float32[5,2] crop px", "align_error": "str | None",
+    "anon_crop": "uint8[S,S,3] | None (set by AnonymizeFaces)", "method_applied": "str", "face_error": "str | None",
+    "tries / tries_json / guidance_final / unet_evals / t_anonymize_s": "reverse personalization bookkeeping",
+}
+
+
+# -- helpers for Ray Data batches (dict of columns <-> list of row dicts) ----------------------------------
+
+def _rows(batch: dict) -> list[dict]:
+    keys = list(batch)
+    n = len(batch[keys[0]]) if keys else 0
+    return [{k: batch[k][i] for k in keys} for i in range(n)]
+
+
+def _columns(rows: list[dict], keys: list[str] | None = None) -> dict:
+    keys = keys or (list(rows[0]) if rows else [])
+    cols = {}
+    for k in keys:
+        col = np.empty(len(rows), dtype=object)
+        col[:] = [r.get(k) for r in rows]
+        cols[k] = col
+    return cols
+
+
+def face_seed(base_seed: int, mode: str, rel_path: str, face_index: int) -> int:
+    if mode == "fixed":
+        return int(base_seed)
+    digest = hashlib.sha256(f"{base_seed}:{rel_path}:{face_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF
+
+
+# -- stage 1: read, decode, detect, align -----------------------------------------------------------------
+
+class DetectFaces:
+    def __init__(self, cfg: JobConfig):
+        from .faces import build_detector
+        from .faces.align import align
+
+        self.cfg = cfg
+        self.detector = build_detector(cfg.detection)
+        self._align = align
+
+    def __call__(self, batch: dict) -> dict:
+        return _columns([self.process(r) for r in _rows(batch)], KEYS_AFTER_DETECT)
+
+    def process(self, row: dict) -> dict:
+        cfg = self.cfg
+        row.update(image=None, alpha=None, notes="", error=None, status=None, faces=[], width=None, height=None)
+        t0 = time.perf_counter()
+        try:
+            data = io.read_bytes(row["input_uri"], cfg.input.max_bytes)
+            decoded = io.decode_image(data, cfg.input.max_pixels)
+        except io.InputError as exc:
+            row.update(status="error", error=str(exc), t_read_s=time.perf_counter() - t0)
+            return row
+        except Exception as exc:  # noqa: BLE001 - storage errors: record, go on
+            row.update(status="error", error=f"read failed: {type(exc).__name__}: {exc}"[:500],
+                       t_read_s=time.perf_counter() - t0)
+            return row
+        rgb = decoded.rgb
+        row.update(image=rgb, alpha=decoded.alpha, notes="; ".join(decoded.notes),
+                   height=rgb.shape[0], width=rgb.shape[1], t_read_s=time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        try:
+            found = self.detector.detect(rgb)
+        except Exception as exc:  # noqa: BLE001 - cannot know where the faces are: withhold
+            row.update(status="withheld", error=f"face detection failed: {type(exc).__name__}: {exc}"[:500],
+                       image=None, alpha=None, t_detect_s=time.perf_counter() - t1)
+            return row
+        faces = []
+        for i, face in enumerate(found):
+            rec = {"face_index": i, "box": np.asarray(face.box, np.float32), "det_score": float(face.score),
+                   "landmarks": np.asarray(face.landmarks, np.float32),
+                   "small": face.size < cfg.detection.min_face_size,
+                   "seed": face_seed(cfg.diffusion.seed, cfg.diffusion.seed_mode, row["rel_path"], i),
+                   "align_error": None}
+            try:
+                aligned = self._align(rgb, face, cfg.alignment)
+                rec.update(crop=aligned.crop, matrix=aligned.matrix, face_box=aligned.face_box, kps5=aligned.kps5)
+            except Exception as exc:  # noqa: BLE001 - merge will destroy the box directly
+                rec["align_error"] = f"alignment failed: {type(exc).__name__}: {exc}"[:500]
+            faces.append(rec)
+        row.update(faces=faces, t_detect_s=time.perf_counter() - t1)
+        return row
+
+
+KEYS_AFTER_DETECT = ["input_uri", "rel_path", "output_uri", "image", "alpha", "notes", "error", "status",
+                     "faces", "width", "height", "t_read_s", "t_detect_s"]
+
+
+# -- stage 2: anonymize the crops -------------------------------------------------------------------------
+
+class AnonymizeFaces:
+    def __init__(self, cfg: JobConfig):
+        self.anonymizer = Anonymizer(cfg)
+
+    def __call__(self, batch: dict) -> dict:
+        rows = _rows(batch)
+        self.anonymizer([f for r in rows if r["status"] is None for f in r["faces"]])
+        return _columns(rows, KEYS_AFTER_DETECT)
+
+
+# -- stage 3: merge back, score, write --------------------------------------------------------------------
+
+class MergeAndWrite:
+    def __init__(self, cfg: JobConfig, run_id: str, detector_name: str):
+        from .scoring import ReidScorer
+
+        self.cfg = cfg
+        self.run_id = run_id
+        self.detector_name = detector_name
+        self.scorer = ReidScorer(cfg.privacy)
+
+    def __call__(self, batch: dict) -> dict:
+        out = []
+        for row in _rows(batch):
+            out.extend(self.process(row))
+        return _columns(out, manifest.SCHEMA.names)
+
+    def _base(self, row: dict) -> dict:
+        return {"run_id": self.run_id, "input_uri": row["input_uri"], "rel_path": row["rel_path"],
+                "output_uri": None, "status": row["status"], "error": row["error"], "notes": row["notes"] or None,
+                "image_width": row["width"], "image_height": row["height"], "num_faces": len(row["faces"]),
+                "t_read_s": row.get("t_read_s"), "t_detect_s": row.get("t_detect_s")}
+
+    def process(self, row: dict) -> list[dict]:
+        if row["status"] is not None:  # error or withheld upstream: one image-level row, no output
+            return [self._base(row)]
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        original = row["image"]
+        image = original
+        faces = row["faces"]
+        withheld = None
+        for f in faces:
+            try:
+                if f.get("anon_crop") is None:
+                    raise RuntimeError(f.get("face_error") or "no anonymized crop")
+                image = compose.paste_back(image, f["anon_crop"], f["matrix"], f["face_box"], cfg.merge.feather)
+            except Exception as exc:  # noqa: BLE001 - fail closed: destroy the box in the image itself
+                f["face_error"] = f.get("face_error") or f"merge failed: {type(exc).__name__}: {exc}"[:500]
+                try:
+                    image = compose.destroy_box(image, f["box"], cfg.anonymizer.fallback, cfg.anonymizer)
+                    f["method_applied"] = f"{cfg.anonymizer.fallback} (image box)"
+                except Exception as exc2:  # noqa: BLE001
+                    withheld = f"face {f['face_index']} could not be anonymized: {type(exc2).__name__}: {exc2}"
+                    f["method_applied"] = None
+        if withheld is None:
+            self._score(original, image, faces)
+        status = "withheld" if withheld else ("ok" if faces else "no_face")
+        output_uri = None
+        if not withheld:
+            try:
+                data = io.encode_image(image, row["alpha"], row["output_uri"], cfg.output.jpeg_quality)
+                io.write_atomic(row["output_uri"], data)
+                output_uri = row["output_uri"]
+            except Exception as exc:  # noqa: BLE001
+                status, withheld = "error", f"write failed: {type(exc).__name__}: {exc}"[:500]
+        t_merge = time.perf_counter() - t0
+        base = self._base(row)
+        base.update(status=status, error=withheld, output_uri=output_uri, t_merge_s=t_merge)
+        if not faces:
+            return [base]
+        return [self._face_row(base, f) for f in faces]
+
+    def _score(self, original: np.ndarray, image: np.ndarray, faces: list[dict]) -> None:
+        """Re-ID each written face with the independent recognizer; enforce the threshold if configured."""
+        from .scoring import utility_signals
+
+        privacy, fallback = self.cfg.privacy, self.cfg.anonymizer
+        for f in faces:
+            try:
+                res = self.scorer.compare(original, image, f["box"])
+                if res.reidentified and privacy.fallback_if_reidentified and f.get("method_applied") != "mask":
+                    image[...] = compose.destroy_box(image, f["box"], "mask", fallback)
+                    f["face_error"] = (f.get("face_error") or "") + "re-identified in the output: masked"
+                    f["method_applied"] = f"{f.get('method_applied')}+mask"
+                    res = self.scorer.compare(original, image, f["box"])
+                f.update(reid_distance=res.distance, reidentified=res.reidentified,
+                         face_still_detected=res.face_still_detected)
+                f.update(utility_signals(self.scorer, original, image, f["box"], f["landmarks"]))
+            except Exception as exc:  # noqa: BLE001 - a score we could not compute stays null
+                f["score_error"] = f"{type(exc).__name__}: {exc}"[:200]
+
+    def _face_row(self, base: dict, f: dict) -> dict:
+        row = dict(base)
+        box = [float(v) for v in f["box"]]
+        row.update(face_index=f["face_index"], box_x0=box[0], box_y0=box[1], box_x1=box[2], box_y1=box[3],
+                   det_score=f["det_score"], face_size_px=max(box[2] - box[0], box[3] - box[1]),
+                   detector=self.detector_name, method=f.get("method"), method_applied=f.get("method_applied"),
+                   face_error=f.get("face_error") or None, params=f.get("params"), model=f.get("model"),
+                   seed=f.get("seed"), guidance_final=f.get("guidance_final"), tries=f.get("tries"),
+                   tries_json=f.get("tries_json"), unet_evals=f.get("unet_evals"),
+                   reid_distance=f.get("reid_distance"), reidentified=f.get("reidentified"),
+                   reid_threshold=self.cfg.privacy.reid_threshold,
+                   face_still_detected=f.get("face_still_detected"), pose_diff_deg=f.get("pose_diff_deg"),
+                   landmark_displacement=f.get("landmark_displacement"), t_anonymize_s=f.get("t_anonymize_s"))
+        return row
+
+
+# -- the job ----------------------------------------------------------------------------------------------
+
+def _stage_kwargs(res: StageResources, cfg: JobConfig) -> dict:
+    kwargs = dict(concurrency=res.concurrency, num_cpus=res.num_cpus, batch_size=res.batch_size,
+                  batch_format="numpy", zero_copy_batch=False,
+                  max_restarts=cfg.ray.max_restarts, max_task_retries=cfg.ray.max_task_retries)
+    if res.num_gpus:
+        kwargs["num_gpus"] = res.num_gpus
+    return kwargs
+
+
+def build_dataset(cfg: JobConfig, todo: list[dict], run_id: str):
+    import ray
+
+    ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 64)))
+    ds = ds.map_batches(DetectFaces, fn_constructor_args=(cfg,), **_stage_kwargs(cfg.detection.resources, cfg))
+    ds = ds.map_batches(AnonymizeFaces, fn_constructor_args=(cfg,), **_stage_kwargs(cfg.anonymizer.resources, cfg))
+    ds = ds.map_batches(MergeAndWrite, fn_constructor_args=(cfg, run_id, cfg.detection.backend),
+                        **_stage_kwargs(cfg.merge.resources, cfg))
+    return ds
+
+
+def ensure_ray(cfg: JobConfig) -> None:
+    """Join RAY_ADDRESS (or ``ray.address``) if set, else start a local Ray in this process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or cfg.ray.address
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+@dataclass
+class JobResult:
+    run_id: str
+    summary: dict
+    skipped: int
+    manifest_parts: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def plan(cfg: JobConfig, input_uri: str, output_uri: str) -> tuple[list[dict], int]:
+    """Inputs still to do (rows for the first stage) and how many were skipped as already done."""
+    out_cfg = cfg.output
+    if out_cfg.overwrite:
+        manifest.remove_manifest(output_uri, out_cfg.manifest_dir)
+        done: dict[str, str] = {}
+    else:
+        done = manifest.done_inputs(manifest.read_manifest(output_uri, out_cfg.manifest_dir))
+    files = io.list_inputs(input_uri, cfg.input.extensions, exclude_uri=output_uri)
+    todo, skipped = [], 0
+    for f in files:
+        target = io.join_uri(output_uri, io.output_rel_path(f.rel_path, out_cfg.format))
+        if f.uri in done and done[f.uri] == target and io.exists(target):
+            skipped += 1
+            continue
+        todo.append({"input_uri": f.uri, "rel_path": f.rel_path, "output_uri": target})
+    return todo, skipped
+
+
+def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = True) -> JobResult:
+    """Run the whole job; returns the summary. Manifest parts are written as rows stream in."""
+    import ray
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    todo, skipped = plan(cfg, input_uri, output_uri)
+    result = JobResult(run_id=run_id, summary=manifest.summarize([]), skipped=skipped)
+    if not todo:
+        result.wall_s = time.perf_counter() - t0
+        return result
+    ensure_ray(cfg)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ds = build_dataset(cfg, todo, run_id)
+    rows, buffer, seen = [], [], set()
+    bar = tqdm(total=len(todo), unit="img", desc="anonymizing", disable=not progress)
+    for row in ds.iter_rows():
+        row = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
+        rows.append(row)
+        buffer.append(row)
+        if row["input_uri"] not in seen:
+            seen.add(row["input_uri"])
+            bar.update(1)
+        if len(buffer) >= cfg.output.manifest_rows_per_file:
+            result.manifest_parts.append(manifest.write_part(
+                output_uri, cfg.output.manifest_dir, run_id, len(result.manifest_parts), buffer))
+            buffer = []
+    bar.close()
+    if buffer:
+        result.manifest_parts.append(manifest.write_part(
+            output_uri, cfg.output.manifest_dir, run_id, len(result.manifest_parts), buffer))
+    result.summary = manifest.summarize(rows)
+    result.wall_s = time.perf_counter() - t0
+    return result
