@@ -195,9 +195,9 @@ def encode_image(rgb: np.ndarray, alpha: np.ndarray | None, rel_path: str, jpeg_
     """Encode for ``rel_path``'s extension. No metadata (EXIF, GPS, XMP, comments) is written."""
     fmt = _EXT_FORMAT.get(posixpath.splitext(rel_path)[1].lower(), "PNG")
     if alpha is not None and fmt in ("PNG", "WEBP", "TIFF"):
-        im = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+        im = Image.fromarray(np.dstack([rgb, alpha]))
     else:
-        im = Image.fromarray(rgb, "RGB")
+        im = Image.fromarray(rgb)
     buf = io.BytesIO()
     if fmt == "JPEG":
         im.save(buf, "JPEG", quality=jpeg_quality, subsampling=0 if jpeg_quality >= 90 else 2)

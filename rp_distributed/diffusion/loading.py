@@ -1,0 +1,293 @@
+"""Resolve and validate the diffusion stage's model sources.
+
+A source is one of
+- an fsspec URI (``s3://``, ``gs://``, ``file://``, any ``scheme://``): synced once per node into
+  ``cache_dir/<sha256(uri)[:16]>`` under a file lock, with a completed-marker so a half-synced copy is redone.
+  Storage options come from the environment (for S3: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...,
+  which botocore reads itself);
+- a local path (absolute, ``~``, ``./`` or any existing path);
+- a Hugging Face hub id (``owner/name``), resolved by diffusers / huggingface_hub.
+
+Everything is checked at start-up; errors are ``ModelSourceError`` naming what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+ADAPTER_IMAGE_PROJ_KEYS = ("proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias", "norm.weight", "norm.bias")
+ADAPTER_EXTENSIONS = (".bin", ".safetensors", ".pt", ".pth")
+_MARKER = ".complete"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+class ModelSourceError(ValueError):
+    """A model source that cannot be used; the message names the source and what is wrong."""
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def source_kind(src: str) -> str:
+    """'uri', 'local' or 'hub'."""
+    if "://" in src:
+        return "uri"
+    expanded = os.path.expanduser(src)
+    if src.startswith(("/", "~", ".")) or os.path.exists(expanded) or not _HUB_ID.match(src):
+        return "local"
+    return "hub"
+
+
+def _cache_key(uri: str) -> str:
+    return hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
+def sync_uri(uri: str, cache_dir: str | os.PathLike) -> Path:
+    """Copy the file or folder at ``uri`` into the node-local cache once; return the local path.
+
+    A folder maps to ``cache_dir/<key>/``; a single file to ``cache_dir/<key>/<basename>``.
+    """
+    import fsspec
+    from filelock import FileLock
+
+    cache = Path(os.path.expanduser(str(cache_dir)))
+    cache.mkdir(parents=True, exist_ok=True)
+    key = _cache_key(uri)
+    target = cache / key
+    marker = cache / (key + _MARKER)
+
+    def done() -> Path | None:
+        if marker.is_file() and target.is_dir():
+            rel = marker.read_text().strip()
+            return target / rel if rel else target
+        return None
+
+    if (hit := done()) is not None:
+        return hit
+    with FileLock(str(cache / (key + ".lock"))):
+        if (hit := done()) is not None:
+            return hit
+        try:
+            fs, rpath = fsspec.core.url_to_fs(uri)
+        except Exception as exc:  # unknown protocol, missing backend package
+            raise ModelSourceError(f"cannot open {uri}: {exc}") from exc
+        rpath = rpath.rstrip("/")
+        staging = cache / f"{key}.partial-{uuid.uuid4().hex[:8]}"
+        if target.exists():  # an earlier sync died half-way
+            shutil.rmtree(target, ignore_errors=True)
+        staging.mkdir()
+        try:
+            try:
+                is_file = fs.isfile(rpath)
+                files = [] if is_file else fs.find(rpath)
+            except Exception as exc:
+                raise ModelSourceError(f"cannot list {uri}: {exc}") from exc
+            if is_file:
+                rel = Path(rpath).name
+                fs.get_file(rpath, str(staging / rel))
+            else:
+                if not files:
+                    raise ModelSourceError(f"{uri} does not exist (no file or folder there)")
+                rel = ""
+                for f in files:
+                    sub = f[len(rpath) :].lstrip("/")
+                    if not sub:
+                        continue
+                    dst = staging / sub
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    fs.get_file(f, str(dst))
+            os.replace(staging, target)
+            marker.write_text(rel)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    hit = done()
+    assert hit is not None
+    return hit
+
+
+def resolve_local(src: str, cache_dir: str | os.PathLike) -> Path:
+    """A URI (synced) or a local path (expanded); hub ids are not handled here."""
+    if source_kind(src) == "uri":
+        return sync_uri(src, cache_dir)
+    return Path(os.path.expanduser(src))
+
+
+# --------------------------------------------------------------------------- SDXL folder
+
+
+def validate_sdxl_folder(path: Path, source: str | None = None) -> None:
+    """Raise ``ModelSourceError`` unless ``path`` is a diffusers SDXL folder with weights."""
+    name = source or str(path)
+    if not path.exists():
+        raise ModelSourceError(f"diffusion.model: model folder {name} does not exist")
+    if not path.is_dir():
+        raise ModelSourceError(f"diffusion.model: {name} is not a folder (expected a diffusers SDXL folder)")
+    missing = [c for c in ("model_index.json",) if not (path / c).is_file()]
+    missing += [c + "/" for c in SDXL_COMPONENTS if not (path / c).is_dir()]
+    if missing:
+        raise ModelSourceError(f"diffusion.model: model folder {name} is incomplete, missing: {', '.join(missing)}")
+    for comp in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        d = path / comp
+        if not (d / "config.json").is_file():
+            raise ModelSourceError(f"diffusion.model: {name}: {comp}/config.json is missing")
+        if not any(d.glob("*.safetensors")) and not any(d.glob("*.safetensors.index.json")):
+            raise ModelSourceError(f"diffusion.model: {name}: no .safetensors weights in {comp}/")
+
+
+def resolve_model(src: str, cache_dir: str) -> str:
+    """Local folder (validated) for a path or URI; the hub id itself for a hub id."""
+    kind = source_kind(src)
+    if kind == "hub":
+        return src
+    path = resolve_local(src, cache_dir)
+    validate_sdxl_folder(path, source=src)
+    return str(path)
+
+
+# --------------------------------------------------------------------------- IP-Adapter
+
+
+def resolve_adapter_file(src: str, weight_name: str, cache_dir: str) -> Path:
+    """Local path of the adapter weights file. ``src`` is a folder/repo holding ``weight_name`` or the file."""
+    kind = source_kind(src)
+    direct = src.rstrip("/").endswith(ADAPTER_EXTENSIONS)
+    if kind == "hub":
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return Path(hf_hub_download(src, weight_name))
+        except Exception as exc:
+            raise ModelSourceError(
+                f"diffusion.ip_adapter: cannot fetch {weight_name} from hub repo {src} ({type(exc).__name__}: {exc}); "
+                "offline nodes need a local folder or a storage URI"
+            ) from exc
+    if kind == "uri":
+        uri = src if direct else src.rstrip("/") + "/" + weight_name
+        try:
+            return sync_uri(uri, cache_dir)
+        except ModelSourceError as exc:
+            raise ModelSourceError(f"diffusion.ip_adapter: adapter file missing: {exc}") from exc
+        except FileNotFoundError as exc:
+            raise ModelSourceError(f"diffusion.ip_adapter: adapter file missing: {uri}") from exc
+    path = Path(os.path.expanduser(src))
+    if path.is_dir():
+        path = path / weight_name
+    if not path.is_file():
+        raise ModelSourceError(f"diffusion.ip_adapter: adapter file missing: {path}")
+    return path
+
+
+def load_adapter_state_dict(path: Path) -> dict:
+    """Read adapter weights safely (safetensors, or torch.load with weights_only=True) as
+    ``{"image_proj": {...}, "ip_adapter": {...}}``."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            flat = load_file(str(path))
+            sd: dict = {"image_proj": {}, "ip_adapter": {}}
+            for k, v in flat.items():
+                head, _, rest = k.partition(".")
+                if head in sd:
+                    sd[head][rest] = v
+                else:
+                    sd.setdefault(head, {})[rest] = v
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelSourceError(f"diffusion.ip_adapter: cannot read adapter weights {path}: {exc}") from exc
+    return sd
+
+
+def validate_adapter_state_dict(sd, source: str, cross_attention_dim: int | None = None,
+                                n_cross_attn_layers: int | None = None, id_dim: int = 512) -> None:
+    """Check the IP-Adapter-FaceID layout (``image_proj``: proj.0/proj.2/norm, ``ip_adapter``: to_k_ip/to_v_ip),
+    and, when given, that it fits the UNet."""
+    where = f"diffusion.ip_adapter: {source}"
+    if not isinstance(sd, dict) or "image_proj" not in sd or "ip_adapter" not in sd:
+        keys = sorted(sd)[:8] if isinstance(sd, dict) else type(sd).__name__
+        raise ModelSourceError(f"{where} is not an IP-Adapter-FaceID file: needs 'image_proj' and 'ip_adapter' "
+                               f"sections, found {keys}")
+    proj, ip = sd["image_proj"], sd["ip_adapter"]
+    missing = [k for k in ADAPTER_IMAGE_PROJ_KEYS if k not in proj]
+    if missing:
+        raise ModelSourceError(f"{where}: image_proj lacks {', '.join(missing)} (FaceID layout: proj.0, proj.2, norm)")
+    kv = [k for k in ip if k.endswith((".to_k_ip.weight", ".to_v_ip.weight"))]
+    if not kv:
+        raise ModelSourceError(f"{where}: ip_adapter has no to_k_ip/to_v_ip weights")
+    if proj["proj.0.weight"].shape[1] != id_dim:
+        raise ModelSourceError(f"{where}: image_proj.proj.0 takes {proj['proj.0.weight'].shape[1]}-d input, "
+                               f"identity embeddings are {id_dim}-d")
+    dim = proj["norm.weight"].shape[0]
+    if cross_attention_dim is not None and dim != cross_attention_dim:
+        raise ModelSourceError(f"{where}: adapter tokens are {dim}-d but the UNet's cross_attention_dim is "
+                               f"{cross_attention_dim} (adapter for another base model?)")
+    if n_cross_attn_layers is not None:
+        need = [f"{2 * i + 1}.{w}.weight" for i in range(n_cross_attn_layers) for w in ("to_k_ip", "to_v_ip")]
+        absent = [k for k in need if k not in ip]
+        if absent or len(kv) != len(need):
+            raise ModelSourceError(f"{where}: ip_adapter has {len(kv) // 2} layers, the UNet has "
+                                   f"{n_cross_attn_layers} cross-attention layers (missing e.g. {absent[:2]})")
+
+
+# --------------------------------------------------------------------------- ArcFace
+
+
+def resolve_arcface(src: str, cache_dir: str) -> Path:
+    path = resolve_local(src, cache_dir) if source_kind(src) == "uri" else Path(os.path.expanduser(src))
+    if not path.is_file():
+        raise ModelSourceError(f"diffusion.arcface: ArcFace ONNX file {src} does not exist")
+    return path
+
+
+# --------------------------------------------------------------------------- parameters, device
+
+
+def check_parameters(cfg) -> None:
+    """Range checks beyond the config schema (also catches configs built without validation)."""
+    errs = []
+    if not (0 < cfg.skip < 1):
+        errs.append(f"skip={cfg.skip} must be in (0, 1)")
+    else:
+        t_max = int(1000 - cfg.skip * 1000 - 1)
+        if t_max < 1:
+            errs.append(f"skip={cfg.skip} leaves no timesteps (first timestep {t_max} < 1)")
+        elif not (2 <= cfg.num_inversion_steps <= t_max):
+            errs.append(f"num_inversion_steps={cfg.num_inversion_steps} must be in [2, {t_max}] with skip={cfg.skip} "
+                        f"(timesteps {t_max}..1 would repeat)")
+    for name in ("guidance_scale", "ip_adapter_scale", "id_emb_scale"):
+        v = getattr(cfg, name)
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            errs.append(f"{name}={v} must be a finite number")
+    if cfg.ip_adapter_scale < 0 or cfg.id_emb_scale < 0:
+        errs.append("ip_adapter_scale and id_emb_scale must be >= 0")
+    if cfg.seed < 0:
+        errs.append(f"seed={cfg.seed} must be >= 0")
+    if errs:
+        raise ValueError("diffusion config out of range: " + "; ".join(errs))
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device_dtype(cfg) -> tuple[torch.device, torch.dtype]:
+    """auto: cuda + float16 when CUDA is available, else cpu + float32."""
+    cuda = torch.cuda.is_available()
+    device = ("cuda" if cuda else "cpu") if cfg.device == "auto" else cfg.device
+    if device == "cuda" and not cuda:
+        raise ValueError("diffusion.device=cuda but CUDA is not available")
+    if cfg.dtype == "auto":
+        dtype = torch.float16 if device == "cuda" else torch.float32
+    else:
+        dtype = _DTYPES[cfg.dtype]
+    return torch.device(device), dtype

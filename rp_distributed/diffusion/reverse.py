@@ -1,0 +1,387 @@
+"""Reverse personalization (shared/ALGORITHM.md): DDPM-style inversion with the DPM-Solver++ 2nd-order SDE,
+then regeneration with negative identity guidance.
+
+diffusers provides the models (SDXL UNet/VAE/text encoders, the IP-Adapter-FaceID projection and attention
+processors, prompt encoding). This module holds only the inversion, noise injection and guidance math.
+
+Solver (data prediction, lambda = log(alpha/sigma), alpha/sigma read from ``alphas_cumprod`` at integer train
+timesteps, h = lambda_next - lambda_cur):
+    mu = sigma_next/sigma_cur * exp(-h) * x + alpha_next * (1 - exp(-2h)) * (D0 + 0.5 * D1)
+    D0 = x0_pred, D1 = (x0_pred - x0_pred_prev) / r0, r0 = h_prev / h   (D1 = 0 on the first step)
+    x_next = mu + sigma_next * sqrt(1 - exp(-2h)) * z
+The step after the last timestep goes to train timestep 0. The solver history is reset before generation
+(the reference carries it over from inversion; see ALGORITHM.md), so generating with the inversion
+conditioning returns the input latent exactly (up to rounding).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+
+from .loading import (
+    ModelSourceError,
+    check_parameters,
+    load_adapter_state_dict,
+    resolve_adapter_file,
+    resolve_device_dtype,
+    resolve_model,
+    source_kind,
+    validate_adapter_state_dict,
+)
+
+log = logging.getLogger(__name__)
+
+ID_DIM = 512
+
+
+def inversion_timesteps(skip: float, num_steps: int) -> np.ndarray:
+    """``int64(linspace(1000 - skip*1000 - 1, 1, N))``, descending (reference: 299 ... 1)."""
+    return np.linspace(1000 - skip * 1000 - 1, 1, num_steps).astype(np.int64)
+
+
+@dataclass
+class Inversion:
+    """Inverted latents of B faces. ``zs[i]`` is the noise of the step leaving ``timesteps[i]``."""
+
+    x0: torch.Tensor  # [B, C, h, w] float32: VAE latent of the crop (x scaling factor)
+    xT: torch.Tensor  # [B, C, h, w] float32: latent at timesteps[0], where generation starts
+    zs: torch.Tensor  # [N, B, C, h, w] float32
+    seeds: list[int]
+    image_size: tuple[int, int]  # crop (H, W) in pixels
+    timesteps: np.ndarray = field(repr=False, default=None)
+
+    def __len__(self) -> int:
+        return self.x0.shape[0]
+
+    def select(self, indices: Sequence[int]) -> "Inversion":
+        idx = torch.as_tensor(list(indices), dtype=torch.long, device=self.x0.device)
+        return Inversion(
+            x0=self.x0[idx], xT=self.xT[idx], zs=self.zs[:, idx], seeds=[self.seeds[i] for i in indices],
+            image_size=self.image_size, timesteps=self.timesteps,
+        )
+
+    def to(self, device) -> "Inversion":
+        return Inversion(self.x0.to(device), self.xT.to(device), self.zs.to(device), list(self.seeds),
+                         self.image_size, self.timesteps)
+
+
+@dataclass
+class _Conditioning:
+    """Both CFG branches for one UNet call: rows [negative (B) ; positive (B)]."""
+
+    text: torch.Tensor  # [2B, 77, D]
+    pooled: torch.Tensor  # [2B, P]
+    ids: torch.Tensor  # [2B, 1, 1, 512]
+    time_ids: torch.Tensor  # [2B, 6]
+
+
+class ReversePersonalizer:
+    """SDXL + IP-Adapter-FaceID reverse personalization. Build once per actor with ``from_config``."""
+
+    def __init__(self, pipe, cfg, device: torch.device, dtype: torch.dtype, model_info: dict | None = None):
+        check_parameters(cfg)
+        self.pipe = pipe
+        self.cfg = cfg
+        self.device = device
+        self.dtype = dtype
+        self.unet = pipe.unet
+        self.vae = pipe.vae
+        ac = pipe.scheduler.alphas_cumprod.to(torch.float64)
+        self._alpha = torch.sqrt(ac).tolist()
+        self._sigma = torch.sqrt(1.0 - ac).tolist()
+        self._timesteps = inversion_timesteps(cfg.skip, cfg.num_inversion_steps)
+        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.model_info = dict(model_info or {})
+        self.model_info.update(device=str(device), dtype=str(dtype).replace("torch.", ""))
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_config(cls, cfg) -> "ReversePersonalizer":
+        from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
+
+        check_parameters(cfg)
+        device, dtype = resolve_device_dtype(cfg)
+        model_src = resolve_model(cfg.model, cfg.cache_dir)
+        adapter_file = resolve_adapter_file(cfg.ip_adapter, cfg.ip_adapter_weight_name, cfg.cache_dir)
+        adapter_sd = load_adapter_state_dict(adapter_file)
+        validate_adapter_state_dict(adapter_sd, cfg.ip_adapter)
+        try:
+            pipe = StableDiffusionXLPipeline.from_pretrained(
+                model_src, torch_dtype=dtype, use_safetensors=True, add_watermarker=False
+            )
+        except Exception as exc:
+            hint = " (hub ids need network access or a filled HF cache)" if source_kind(cfg.model) == "hub" else ""
+            raise ModelSourceError(f"diffusion.model: cannot load SDXL from {cfg.model}{hint}: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+        n_cross = sum(1 for name in pipe.unet.attn_processors if name.endswith("attn2.processor"))
+        validate_adapter_state_dict(adapter_sd, cfg.ip_adapter, pipe.unet.config.cross_attention_dim, n_cross)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+            pipe.scheduler.config, algorithm_type="sde-dpmsolver++", solver_order=2
+        )
+        pipe.load_ip_adapter(adapter_sd, subfolder=None, weight_name=cfg.ip_adapter_weight_name,
+                             image_encoder_folder=None, low_cpu_mem_usage=False)
+        pipe.set_ip_adapter_scale(cfg.ip_adapter_scale)
+        pipe.to(device)
+        if pipe.vae.config.force_upcast:
+            pipe.vae.to(torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        info = {
+            "model": cfg.model,
+            "ip_adapter": cfg.ip_adapter,
+            "ip_adapter_weight_name": cfg.ip_adapter_weight_name,
+            "scheduler": "DPMSolverMultistep sde-dpmsolver++ order 2",
+            "skip": cfg.skip,
+            "num_inversion_steps": cfg.num_inversion_steps,
+            "ip_adapter_scale": cfg.ip_adapter_scale,
+            "id_emb_scale": cfg.id_emb_scale,
+        }
+        if hasattr(pipe, "name_or_path"):
+            info["model_resolved"] = str(pipe.name_or_path)
+        return cls(pipe, cfg, device, dtype, info)
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def timesteps(self) -> np.ndarray:
+        return self._timesteps.copy()
+
+    def unet_evals_per_face(self, tries: int = 1) -> int:
+        """UNet image evaluations per face: 2 branches x N steps for inversion and for each generation."""
+        n = len(self._timesteps)
+        return 2 * n + 2 * n * tries
+
+    # ------------------------------------------------------------------ VAE
+
+    @property
+    def _vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @torch.no_grad()
+    def encode(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
+        """x0 = VAE latent (mode) x scaling factor, float32 [B, C, h, w]."""
+        img = torch.from_numpy(np.stack([np.asarray(c) for c in crops])).permute(0, 3, 1, 2)
+        img = (img.to(torch.float32) / 255.0) * 2.0 - 1.0
+        lat = self.vae.encode(img.to(self.device, self._vae_dtype)).latent_dist.mode()
+        cfg = self.vae.config
+        if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+            mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(lat)
+            std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(lat)
+            lat = (lat - mean) * cfg.scaling_factor / std
+        else:
+            lat = lat * cfg.scaling_factor
+        return lat.to(torch.float32)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, output: str = "uint8") -> list[np.ndarray]:
+        cfg = self.vae.config
+        lat = latents.to(self.device, self._vae_dtype)
+        if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+            mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(lat)
+            std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(lat)
+            lat = lat * std / cfg.scaling_factor + mean
+        else:
+            lat = lat / cfg.scaling_factor
+        img = self.vae.decode(lat, return_dict=False)[0]
+        img = (img.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        if output == "float":
+            return list(img)
+        return [(x * 255).round().astype(np.uint8) for x in img]
+
+    # ------------------------------------------------------------------ conditioning
+
+    def _encode_texts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        todo = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if todo:
+            with torch.no_grad():
+                emb, _, pooled, _ = self.pipe.encode_prompt(
+                    prompt=todo, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                )
+            for i, p in enumerate(todo):
+                self._text_cache[p] = (emb[i : i + 1].to(self.dtype), pooled[i : i + 1].to(self.dtype))
+        embs, pools = zip(*(self._text_cache[p] for p in prompts))
+        return torch.cat(embs), torch.cat(pools)
+
+    def _texts_or_zeros(self, prompts: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        ref_e, ref_p = self._encode_texts([""])
+        embs, pools = [], []
+        for p in prompts:
+            if p is None or not p.strip():
+                embs.append(torch.zeros_like(ref_e))
+                pools.append(torch.zeros_like(ref_p))
+            else:
+                e, q = self._encode_texts([p])
+                embs.append(e)
+                pools.append(q)
+        return torch.cat(embs), torch.cat(pools)
+
+    def _time_ids(self, n: int, size: tuple[int, int]) -> torch.Tensor:
+        h, w = size
+        ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=self.dtype, device=self.device)
+        return ids.repeat(n, 1)
+
+    def build_conditioning(self, neg_prompts: list[str | None], ids: torch.Tensor | None,
+                           size: tuple[int, int]) -> _Conditioning:
+        """Rows [negative ; positive]. Negative: ``neg_prompts`` encoded (None -> zeros), zero identity.
+        Positive: ``""`` encoded, identity ``ids`` [B, 512] (None -> zeros: the null identity)."""
+        b = len(neg_prompts)
+        neg_e, neg_p = self._texts_or_zeros(neg_prompts)
+        pos_e, pos_p = self._encode_texts([""] * b)
+        zeros = torch.zeros(b, 1, 1, ID_DIM, dtype=self.dtype, device=self.device)
+        pos_ids = zeros if ids is None else ids.to(self.device, self.dtype).view(b, 1, 1, ID_DIM)
+        return _Conditioning(
+            text=torch.cat([neg_e, pos_e]),
+            pooled=torch.cat([neg_p, pos_p]),
+            ids=torch.cat([zeros, pos_ids]),
+            time_ids=self._time_ids(2 * b, size),
+        )
+
+    # ------------------------------------------------------------------ math
+
+    def _coef(self, t: int) -> tuple[float, float, float]:
+        a, s = self._alpha[t], self._sigma[t]
+        return a, s, math.log(a) - math.log(s)
+
+    @torch.no_grad()
+    def _eps(self, x: torch.Tensor, t: int, cond: _Conditioning, g: torch.Tensor) -> torch.Tensor:
+        """Guided noise prediction eps_neg + g * (eps_pos - eps_neg), float32."""
+        inp = torch.cat([x, x]).to(self.dtype)
+        out = self.unet(
+            inp,
+            torch.tensor(t, dtype=torch.long, device=self.device),
+            encoder_hidden_states=cond.text,
+            added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": cond.time_ids, "image_embeds": [cond.ids]},
+            return_dict=False,
+        )[0].to(torch.float32)
+        neg, pos = out.chunk(2)
+        return neg + g * (pos - neg)
+
+    def _step(self, x: torch.Tensor, eps: torch.Tensor, i: int, prev_x0: torch.Tensor | None):
+        """DPM-Solver++ (2M, SDE) step from timesteps[i] to the next one (train timestep 0 after the last).
+        Returns (mu, noise_std, x0_pred)."""
+        ts = self._timesteps
+        t = int(ts[i])
+        t_next = int(ts[i + 1]) if i + 1 < len(ts) else 0
+        a_s, s_s, l_s = self._coef(t)
+        a_t, s_t, l_t = self._coef(t_next)
+        h = l_t - l_s
+        x0 = (x - s_s * eps) / a_s
+        c_x = s_t / s_s * math.exp(-h)
+        c_d = a_t * (1.0 - math.exp(-2.0 * h))
+        if prev_x0 is None:
+            mu = c_x * x + c_d * x0
+        else:
+            _, _, l_prev = self._coef(int(ts[i - 1]))
+            r0 = (l_s - l_prev) / h
+            d1 = (1.0 / r0) * (x0 - prev_x0)
+            mu = c_x * x + c_d * x0 + 0.5 * c_d * d1
+        std = s_t * math.sqrt(1.0 - math.exp(-2.0 * h))
+        return mu, std, x0
+
+    def _check_crops(self, crops) -> tuple[int, int]:
+        if not len(crops):
+            raise ValueError("no crops")
+        shapes = {np.asarray(c).shape for c in crops}
+        if len(shapes) != 1:
+            raise ValueError(f"all crops of a batch must have one size, got {sorted(shapes)}")
+        (shape,) = shapes
+        mult = self.pipe.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if len(shape) != 3 or shape[2] != 3 or shape[0] % mult or shape[1] % mult:
+            raise ValueError(f"crops must be HxWx3 with H, W multiples of {mult}, got {shape}")
+        if any(np.asarray(c).dtype != np.uint8 for c in crops):
+            raise ValueError("crops must be uint8 RGB")
+        return shape[0], shape[1]
+
+    # ------------------------------------------------------------------ public
+
+    @torch.no_grad()
+    def invert(self, crops: Sequence[np.ndarray], seeds: Sequence[int]) -> Inversion:
+        """Edit-friendly inversion of B crops (RGB uint8, one size); one seeded CPU generator per face."""
+        size = self._check_crops(crops)
+        if len(seeds) != len(crops):
+            raise ValueError(f"{len(crops)} crops but {len(seeds)} seeds")
+        ts = self._timesteps
+        n, b = len(ts), len(crops)
+        x0 = self.encode(crops)
+        # Noisy latents x_{t_i} = alpha x0 + sigma noise_i; per face, one draw per timestep in ascending t.
+        noise = torch.empty((n,) + tuple(x0.shape), dtype=torch.float32)
+        for j, seed in enumerate(seeds):
+            gen = torch.Generator("cpu").manual_seed(int(seed))
+            for i in reversed(range(n)):
+                noise[i, j] = torch.randn((1,) + tuple(x0.shape[1:]), generator=gen, dtype=self.dtype)[0].float()
+        noise = noise.to(self.device)
+        xs = [self._alpha[int(t)] * x0 + self._sigma[int(t)] * noise[i] for i, t in enumerate(ts)] + [x0]
+        cond = self.build_conditioning([None] * b, None, size)
+        g = torch.full((b, 1, 1, 1), float(self.cfg.guidance_scale), device=self.device)
+        zs = torch.empty((n,) + tuple(x0.shape), dtype=torch.float32, device=self.device)
+        prev = None
+        for i, t in enumerate(ts):
+            eps = self._eps(xs[i], int(t), cond, g)
+            mu, std, prev = self._step(xs[i], eps, i, prev)
+            zs[i] = (xs[i + 1] - mu) / std
+            xs[i + 1] = mu + std * zs[i]
+        return Inversion(x0=x0, xT=xs[0], zs=zs, seeds=[int(s) for s in seeds], image_size=size, timesteps=ts.copy())
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inv: Inversion,
+        id_embeddings: np.ndarray | None = None,
+        attribute_prompts: Sequence[str | None] | None = None,
+        guidance_scales: Sequence[float] | None = None,
+        conditioning: Literal["generation", "inversion"] = "generation",
+        return_latents: bool = False,
+    ):
+        """Regenerate the inverted faces with negative identity guidance.
+
+        id_embeddings: [B, 512] L2-normalised ArcFace embeddings (multiplied by ``id_emb_scale`` here).
+        attribute_prompts: per face, None/"" = no prompt; None for the list = ``cfg.attribute_prompt`` for all.
+        guidance_scales: per face; None = ``cfg.guidance_scale`` for all.
+        conditioning="inversion" reuses the inversion conditioning (returns the input, a self-check).
+        Returns uint8 HxWx3 images, or (images, final latents [B, C, h, w] float32) with ``return_latents``.
+        """
+        b = len(inv)
+        if guidance_scales is None:
+            guidance_scales = [self.cfg.guidance_scale] * b
+        if len(guidance_scales) != b or not all(math.isfinite(float(v)) for v in guidance_scales):
+            raise ValueError(f"need {b} finite guidance scales, got {guidance_scales}")
+        g = torch.tensor([float(v) for v in guidance_scales], dtype=torch.float32, device=self.device).view(b, 1, 1, 1)
+        if conditioning == "inversion":
+            cond = self.build_conditioning([None] * b, None, inv.image_size)
+        elif conditioning == "generation":
+            if id_embeddings is None:
+                raise ValueError("generation needs id_embeddings")
+            ids = torch.as_tensor(np.asarray(id_embeddings, dtype=np.float32))
+            if ids.shape != (b, ID_DIM):
+                raise ValueError(f"id_embeddings must be [{b}, {ID_DIM}], got {tuple(ids.shape)}")
+            if not torch.isfinite(ids).all():
+                raise ValueError("id_embeddings contain non-finite values")
+            ids = ids * float(self.cfg.id_emb_scale)
+            if attribute_prompts is None:
+                attribute_prompts = [self.cfg.attribute_prompt] * b
+            if len(attribute_prompts) != b:
+                raise ValueError(f"need {b} attribute prompts, got {len(attribute_prompts)}")
+            cond = self.build_conditioning(list(attribute_prompts), ids, inv.image_size)
+        else:
+            raise ValueError(f"conditioning must be 'generation' or 'inversion', got {conditioning!r}")
+        x = inv.xT.to(self.device)
+        zs = inv.zs.to(self.device)
+        prev = None  # solver history reset (ALGORITHM.md)
+        for i, t in enumerate(self._timesteps):
+            eps = self._eps(x, int(t), cond, g)
+            mu, std, prev = self._step(x, eps, i, prev)
+            x = mu + std * zs[i]
+        images = self.decode(x)
+        return (images, x) if return_latents else images
+
+    def anonymize(self, crops, id_embeddings, attribute_prompts=None, seeds=None, guidance_scales=None):
+        """invert + generate; returns uint8 RGB crops."""
+        if seeds is None:
+            seeds = [self.cfg.seed] * len(crops)
+        inv = self.invert(crops, seeds)
+        return self.generate(inv, id_embeddings, attribute_prompts, guidance_scales)

@@ -1,0 +1,94 @@
+"""dlib backend: HOG (``model: hog``) or MMOD CNN (``model: cnn``) detector + 68-point shape predictor.
+
+Weights come from ``cfg.model_dir`` or, when unset, the ``face_recognition_models`` package's folder
+(located without importing it: its ``__init__`` needs ``pkg_resources``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from . import DetectedFace
+from .backends import BaseDetector, ModelFilesMissing, make_face
+
+CNN_FILE = "mmod_human_face_detector.dat"
+SHAPE68_FILE = "shape_predictor_68_face_landmarks.dat"
+SHAPE5_FILE = "shape_predictor_5_face_landmarks.dat"
+RECOGNITION_FILE = "dlib_face_recognition_resnet_model_v1.dat"
+
+
+def default_model_dir() -> Path | None:
+    """``face_recognition_models``' ``models`` folder, or None when the package is not installed."""
+    try:
+        spec = importlib.util.find_spec("face_recognition_models")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        folder = Path(loc) / "models"
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def resolve_model_files(model_dir: str | None, files: list[str], backend: str = "dlib") -> dict[str, Path]:
+    """Paths of ``files`` in ``model_dir`` (or the default folder); ``ModelFilesMissing`` if any is absent."""
+    folder = Path(model_dir).expanduser() if model_dir else default_model_dir()
+    if folder is None:
+        raise ModelFilesMissing(
+            backend, None, files, "set detection.model_dir or install face_recognition_models"
+        )
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing or not folder.is_dir():
+        raise ModelFilesMissing(backend, folder, missing or files)
+    return {f: folder / f for f in files}
+
+
+def _rect_to_box(rect) -> np.ndarray:
+    # dlib rectangles are inclusive: right/bottom are the last pixel inside.
+    return np.array([rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1], dtype=np.float32)
+
+
+def shape_to_array(shape) -> np.ndarray:
+    return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
+
+
+class DlibDetector(BaseDetector):
+    name = "dlib"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        import dlib
+
+        model = (cfg.model or "hog").lower()
+        if model not in ("hog", "cnn"):
+            raise ValueError(f"detection.model: dlib backend supports 'hog' or 'cnn', got {cfg.model!r}")
+        self.model = model
+        files = [SHAPE68_FILE] + ([CNN_FILE] if model == "cnn" else [])
+        paths = resolve_model_files(cfg.model_dir, files, backend=f"dlib/{model}")
+        self.model_dir = str(paths[SHAPE68_FILE].parent)
+        if model == "cnn":
+            self._cnn = dlib.cnn_face_detection_model_v1(str(paths[CNN_FILE]))
+            self._hog = None
+        else:
+            self._hog = dlib.get_frontal_face_detector()
+            self._cnn = None
+        self._shape = dlib.shape_predictor(str(paths[SHAPE68_FILE]))
+
+    def _detect(self, image: np.ndarray) -> list[DetectedFace]:
+        upsample = int(self.cfg.upsample)
+        if self._hog is not None:
+            # run() exposes scores; adjust_threshold lets a negative cfg.threshold surface weaker faces.
+            rects, scores, _ = self._hog.run(image, upsample, min(float(self.cfg.threshold), 0.0))
+            found = list(zip(rects, scores))
+        else:
+            found = [(d.rect, d.confidence) for d in self._cnn(image, upsample)]
+        faces = []
+        for rect, score in found:
+            landmarks = shape_to_array(self._shape(image, rect))
+            faces.append(make_face(_rect_to_box(rect), float(score), landmarks, image.shape))
+        return faces

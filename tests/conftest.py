@@ -1,0 +1,146 @@
+"""Shared fixtures: the real photos that ship offline, a zoo of bad inputs, Ray, and an S3 server."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def insightface_image(name: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("insightface")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "images" / name
+
+
+def skimage_image(name: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("skimage")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / name
+
+
+@pytest.fixture(scope="session")
+def t1_path() -> Path:
+    return insightface_image("t1.jpg")
+
+
+@pytest.fixture(scope="session")
+def t1_rgb(t1_path) -> np.ndarray:
+    return np.asarray(Image.open(t1_path).convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def astronaut_path() -> Path:
+    return skimage_image("astronaut.png")
+
+
+def write_bad_inputs(folder: Path) -> dict[str, str]:
+    """Bad and unusual inputs built from the real photos; returns rel_path -> what it is."""
+    folder.mkdir(parents=True, exist_ok=True)
+    astro = Image.open(skimage_image("astronaut.png")).convert("RGB")
+    t1_bytes = insightface_image("t1.jpg").read_bytes()
+    kinds = {}
+
+    def put(name, data, kind):
+        (folder / name).write_bytes(data)
+        kinds[name] = kind
+
+    def encode(im, fmt, **kw):
+        buf = io.BytesIO()
+        im.save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    put("empty.jpg", b"", "empty")
+    put("not_an_image.jpg", b"this is a text file, not a JPEG\n" * 20, "non-image")
+    put("truncated.jpg", t1_bytes[: len(t1_bytes) // 3], "truncated")
+    corrupt = bytearray(t1_bytes)
+    corrupt[2:400] = os.urandom(398)  # destroy the header segments
+    put("corrupt.jpg", bytes(corrupt), "corrupt")
+    put("huge.png", encode(Image.new("1", (12000, 12000)), "PNG"), "huge")  # 144 Mpx bomb, ~20 KB
+    gray16 = (np.asarray(astro.convert("L"), np.uint16) * 257).astype(np.uint16)
+    put("sixteen_bit.png", encode(Image.fromarray(gray16), "PNG"), "16-bit")
+    put("cmyk.jpg", encode(astro.convert("CMYK"), "JPEG", quality=92), "cmyk")
+    rgba = astro.convert("RGBA")
+    a = np.asarray(rgba).copy()
+    a[:, :, 3] = np.linspace(255, 60, a.shape[1]).astype(np.uint8)[None, :]
+    put("alpha.png", encode(Image.fromarray(a), "PNG"), "alpha")
+    put("palette.png", encode(astro.quantize(colors=64), "PNG"), "palette")
+    # EXIF orientation 6 (rotate 90° CW to display): store the pixels rotated the other way.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    put("exif_rotated.jpg", encode(astro.rotate(90, expand=True), "JPEG", quality=95, exif=exif), "exif-rotated")
+    coffee = Image.open(skimage_image("coffee.png")).convert("RGB")
+    put("no_face.jpg", encode(coffee, "JPEG", quality=92), "no face")
+    return kinds
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the test session (2 CPUs, as on CI), started after any env the tests need."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's ThreadedMotoServer on 127.0.0.1, with credentials and endpoint in the environment.
+
+    Session-scoped and requested before ``ray_session`` by S3 tests, so Ray workers inherit the env.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env["AWS_ENDPOINT_URL"]
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def upload_folder(local: Path, bucket_uri: str) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+    bucket = bucket_uri[len("s3://"):].split("/")[0]
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
+    fs.put(str(local).rstrip("/") + "/", bucket_uri.rstrip("/") + "/", recursive=True)
+
+
+@pytest.fixture
+def photos_dir(tmp_path, t1_path, astronaut_path) -> Path:
+    """A small input tree of real photos, with a nested folder."""
+    d = tmp_path / "in"
+    (d / "people").mkdir(parents=True)
+    shutil.copy(t1_path, d / "people" / "t1.jpg")
+    shutil.copy(astronaut_path, d / "astronaut.png")
+    shutil.copy(insightface_image("mask_white.jpg"), d / "people" / "mask_white.jpg")
+    return d

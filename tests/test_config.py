@@ -1,0 +1,57 @@
+import pytest
+
+from rp_distributed.config import ConfigError, JobConfig, load_config
+
+REPO_CONFIGS = ["configs/local.yaml", "configs/sdxl.yaml"]
+
+
+def test_defaults_are_the_reference_settings():
+    cfg = load_config()
+    d = cfg.diffusion
+    assert (d.skip, d.num_inversion_steps, d.guidance_scale, d.ip_adapter_scale, d.id_emb_scale) == (0.7, 100, -10.0, 1.0, 1.0)
+    assert cfg.alignment.face_size == 1024 and cfg.alignment.padding == 0.40 and cfg.alignment.shift == 0.07
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(None, ["diffusion.guidance_scale=-12.5", "anonymizer.method=pixelate",
+                             "detection.resources.num_cpus=0.25", "diffusion.attribute_prompt=an old man"])
+    assert cfg.diffusion.guidance_scale == -12.5
+    assert cfg.anonymizer.method == "pixelate"
+    assert cfg.detection.resources.num_cpus == 0.25
+    assert cfg.diffusion.attribute_prompt == "an old man"
+
+
+@pytest.mark.parametrize("override,key", [
+    ("anonymizer.bogus=1", "anonymizer.bogus: unknown key"),
+    ("detection.max_faces=0", "detection.max_faces"),
+    ("anonymizer.method=smudge", "anonymizer.method"),
+    ("diffusion.skip=1.5", "diffusion.skip"),
+    ("output.manifest_dir=../escape", "output.manifest_dir"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert key in str(err.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("detection: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="must look like key.path=value"):
+        load_config(None, ["no_equals_sign"])
+
+
+def test_ladder_must_cover_max_tries():
+    with pytest.raises(ConfigError, match="guidance_ladder"):
+        load_config(None, ["privacy.max_tries=5"])
+
+
+@pytest.mark.parametrize("path", REPO_CONFIGS)
+def test_shipped_configs_load(path):
+    from tests.conftest import REPO
+
+    assert isinstance(load_config(REPO / path), JobConfig)
