@@ -2,6 +2,7 @@
 
     rp-anonymize run INPUT_URI OUTPUT_URI [--config FILE] [--set key=value ...] [--overwrite]
     rp-anonymize models make-tiny DIR
+    rp-anonymize demo [OUTPUT_DIR] [--config FILE]
     rp-anonymize config show [--config FILE] [--set key=value ...]
 """
 
@@ -54,6 +55,12 @@ def _cmd_make_tiny(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.output, args.config, args.set or [])
+
+
 def _cmd_config_show(args) -> int:
     cfg = load_config(args.config, args.set or [])
     import yaml
@@ -80,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = msub.add_parser("make-tiny", help="write a tiny random-weight SDXL + FaceID adapter + ArcFace")
     tiny.add_argument("dir")
     tiny.set_defaults(func=_cmd_make_tiny)
+
+    demo = sub.add_parser("demo", help="run the main job on sample photos (tiny model if no real one)")
+    demo.add_argument("output", nargs="?", default="demo-output")
+    demo.add_argument("--config", "-c", help="default: configs/local.yaml")
+    demo.add_argument("--set", "-s", action="append", metavar="KEY=VALUE")
+    demo.set_defaults(func=_cmd_demo)
 
     conf = sub.add_parser("config", help="config utilities")
     csub = conf.add_subparsers(dest="config_command", required=True)
