@@ -24,6 +24,11 @@ def _err(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:500]
 
 
+def _finite(x: float | None) -> float | None:
+    """JSON-safe distance: inf (no face found to compare) becomes None."""
+    return None if x is None or not np.isfinite(x) else round(float(x), 4)
+
+
 class Anonymizer:
     """Built once per actor; ``__call__`` anonymizes a list of face records in place."""
 
@@ -148,9 +153,9 @@ class Anonymizer:
             still = []
             for i, out in zip(pending, outs):
                 dist = None
-                if self.scorer is not None:
-                    dist = self.scorer.crop_distance(crops[i], out, chunk[i]["face_box"])
-                results[i]["tries"].append({"guidance": g, "reid_distance": dist})
+                if self.scorer is not None:  # same recognizer as the final check, on the aligned crops
+                    dist = self.scorer.compare(crops[i], out, chunk[i]["face_box"]).distance
+                results[i]["tries"].append({"guidance": g, "reid_distance": _finite(dist)})
                 results[i]["crop"], results[i]["guidance"] = out, g
                 if dist is not None and dist < privacy.reid_threshold:
                     still.append(i)

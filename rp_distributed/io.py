@@ -167,7 +167,7 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
     try:
         im.load()
         orientation = im.getexif().get(0x0112, 1)
-        if orientation not in (1, None):
+        if orientation in (2, 3, 4, 5, 6, 7, 8):
             im = ImageOps.exif_transpose(im)
             notes.append(f"EXIF orientation {orientation} applied")
         rgb, alpha = _to_uint8_rgb(im, notes)

@@ -8,6 +8,7 @@ rerun reads the parts to skip inputs that are done. The README documents every c
 from __future__ import annotations
 
 import io as _io
+import math
 import posixpath
 from collections.abc import Iterable
 
@@ -68,7 +69,16 @@ def normalize_row(row: dict) -> dict:
     unknown = set(row) - set(SCHEMA.names)
     if unknown:
         raise KeyError(f"manifest row has columns outside the schema: {sorted(unknown)}")
-    return {name: row.get(name) for name in SCHEMA.names}
+    return {name: _clean(row.get(name)) for name in SCHEMA.names}
+
+
+def _clean(value):
+    """Python scalars for Arrow; NaN (how Ray hands back a missing value) becomes null."""
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
 
 
 def write_part(output_uri: str, manifest_dir: str, run_id: str, part: int, rows: list[dict]) -> str:

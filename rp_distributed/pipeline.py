@@ -1,15 +1,17 @@
 """The anonymization job, top to bottom, as one streaming Ray Data pipeline.
 
     list inputs (driver)                          {input_uri, rel_path, output_uri}
-      -> DetectFaces      CPU actor pool          + image, alpha, notes, error, faces[...]
-      -> AnonymizeFaces   GPU (or CPU) actor pool   faces[i] + anon_crop, method_applied, tries, ...
+      -> DetectFaces      CPU actor pool          + status, error, notes, width, height, timings,
+                                                    payload: ImagePayload(image, alpha, faces[...])
+      -> AnonymizeFaces   GPU (or CPU) actor pool   payload.faces[i] + anon_crop, method_applied, tries, ...
       -> MergeAndWrite    CPU actor pool          -> manifest rows (one per face / per faceless image)
     manifest parts (driver)                       OUTPUT/_manifest/part-<run>-<n>.parquet
 
 Each stage is a small callable class built once per actor from the ``JobConfig``; its resources and
 pool size come from the config (``detection.resources``, ``anonymizer.resources``,
-``merge.resources``). Rows between stages are plain dicts (the face records are documented in
-``FACE_RECORD``); the driver only ever sees the small manifest rows.
+``merge.resources``). Rows between stages hold scalar columns plus one ``ImagePayload`` object (pixels
+and face records, documented in ``FACE_RECORD``), which Ray stores as one opaque object per row so blocks
+always share a schema; the driver only ever sees the small manifest rows.
 """
 
 from __future__ import annotations
@@ -39,10 +41,17 @@ FACE_RECORD = {
 
 # -- helpers for Ray Data batches (dict of columns <-> list of row dicts) ----------------------------------
 
+def _value(v):
+    """Ray hands a column that was all ``None`` back as NaN floats: restore ``None``."""
+    if isinstance(v, (float, np.floating)) and np.isnan(v):
+        return None
+    return v
+
+
 def _rows(batch: dict) -> list[dict]:
     keys = list(batch)
     n = len(batch[keys[0]]) if keys else 0
-    return [{k: batch[k][i] for k in keys} for i in range(n)]
+    return [{k: _value(batch[k][i]) for k in keys} for i in range(n)]
 
 
 def _columns(rows: list[dict], keys: list[str] | None = None) -> dict:
@@ -53,6 +62,15 @@ def _columns(rows: list[dict], keys: list[str] | None = None) -> dict:
         col[:] = [r.get(k) for r in rows]
         cols[k] = col
     return cols
+
+
+@dataclass
+class ImagePayload:
+    """The pixels and faces of one image as they travel between stages."""
+
+    image: np.ndarray | None = None  # HxWx3 uint8 RGB, EXIF orientation applied
+    alpha: np.ndarray | None = None  # HxW uint8, when the source had transparency
+    faces: list[dict] = field(default_factory=list)  # FACE_RECORD dicts
 
 
 def face_seed(base_seed: int, mode: str, rel_path: str, face_index: int) -> int:
@@ -78,7 +96,9 @@ class DetectFaces:
 
     def process(self, row: dict) -> dict:
         cfg = self.cfg
-        row.update(image=None, alpha=None, notes="", error=None, status=None, faces=[], width=None, height=None)
+        payload = ImagePayload()
+        row.update(payload=payload, notes="", error=None, status=None, width=None, height=None,
+                   t_read_s=None, t_detect_s=None)
         t0 = time.perf_counter()
         try:
             data = io.read_bytes(row["input_uri"], cfg.input.max_bytes)
@@ -91,14 +111,15 @@ class DetectFaces:
                        t_read_s=time.perf_counter() - t0)
             return row
         rgb = decoded.rgb
-        row.update(image=rgb, alpha=decoded.alpha, notes="; ".join(decoded.notes),
-                   height=rgb.shape[0], width=rgb.shape[1], t_read_s=time.perf_counter() - t0)
+        payload.image, payload.alpha = rgb, decoded.alpha
+        row.update(notes="; ".join(decoded.notes), height=rgb.shape[0], width=rgb.shape[1],
+                   t_read_s=time.perf_counter() - t0)
         t1 = time.perf_counter()
         try:
             found = self.detector.detect(rgb)
         except Exception as exc:  # noqa: BLE001 - cannot know where the faces are: withhold
             row.update(status="withheld", error=f"face detection failed: {type(exc).__name__}: {exc}"[:500],
-                       image=None, alpha=None, t_detect_s=time.perf_counter() - t1)
+                       payload=ImagePayload(), t_detect_s=time.perf_counter() - t1)
             return row
         faces = []
         for i, face in enumerate(found):
@@ -113,12 +134,13 @@ class DetectFaces:
             except Exception as exc:  # noqa: BLE001 - merge will destroy the box directly
                 rec["align_error"] = f"alignment failed: {type(exc).__name__}: {exc}"[:500]
             faces.append(rec)
-        row.update(faces=faces, t_detect_s=time.perf_counter() - t1)
+        payload.faces = faces
+        row["t_detect_s"] = time.perf_counter() - t1
         return row
 
 
-KEYS_AFTER_DETECT = ["input_uri", "rel_path", "output_uri", "image", "alpha", "notes", "error", "status",
-                     "faces", "width", "height", "t_read_s", "t_detect_s"]
+KEYS_AFTER_DETECT = ["input_uri", "rel_path", "output_uri", "status", "error", "notes", "width", "height",
+                     "t_read_s", "t_detect_s", "payload"]
 
 
 # -- stage 2: anonymize the crops -------------------------------------------------------------------------
@@ -129,7 +151,7 @@ class AnonymizeFaces:
 
     def __call__(self, batch: dict) -> dict:
         rows = _rows(batch)
-        self.anonymizer([f for r in rows if r["status"] is None for f in r["faces"]])
+        self.anonymizer([f for r in rows if r["status"] is None for f in r["payload"].faces])
         return _columns(rows, KEYS_AFTER_DETECT)
 
 
@@ -137,12 +159,18 @@ class AnonymizeFaces:
 
 class MergeAndWrite:
     def __init__(self, cfg: JobConfig, run_id: str, detector_name: str):
+        import dlib
+
+        from .faces.dlib_backend import SHAPE68_FILE, resolve_model_files
         from .scoring import ReidScorer
 
         self.cfg = cfg
         self.run_id = run_id
         self.detector_name = detector_name
         self.scorer = ReidScorer(cfg.privacy)
+        shape68 = resolve_model_files(None, [SHAPE68_FILE], backend="merge/landmarks")[SHAPE68_FILE]
+        self._landmarks68 = dlib.shape_predictor(str(shape68))
+        self._dlib = dlib
 
     def __call__(self, batch: dict) -> dict:
         out = []
@@ -153,7 +181,7 @@ class MergeAndWrite:
     def _base(self, row: dict) -> dict:
         return {"run_id": self.run_id, "input_uri": row["input_uri"], "rel_path": row["rel_path"],
                 "output_uri": None, "status": row["status"], "error": row["error"], "notes": row["notes"] or None,
-                "image_width": row["width"], "image_height": row["height"], "num_faces": len(row["faces"]),
+                "image_width": row["width"], "image_height": row["height"], "num_faces": len(row["payload"].faces),
                 "t_read_s": row.get("t_read_s"), "t_detect_s": row.get("t_detect_s")}
 
     def process(self, row: dict) -> list[dict]:
@@ -161,9 +189,10 @@ class MergeAndWrite:
             return [self._base(row)]
         t0 = time.perf_counter()
         cfg = self.cfg
-        original = row["image"]
+        payload = row["payload"]
+        original = payload.image
         image = original
-        faces = row["faces"]
+        faces = payload.faces
         withheld = None
         for f in faces:
             try:
@@ -184,7 +213,7 @@ class MergeAndWrite:
         output_uri = None
         if not withheld:
             try:
-                data = io.encode_image(image, row["alpha"], row["output_uri"], cfg.output.jpeg_quality)
+                data = io.encode_image(image, payload.alpha, row["output_uri"], cfg.output.jpeg_quality)
                 io.write_atomic(row["output_uri"], data)
                 output_uri = row["output_uri"]
             except Exception as exc:  # noqa: BLE001
@@ -196,10 +225,19 @@ class MergeAndWrite:
             return [base]
         return [self._face_row(base, f) for f in faces]
 
+    def _utility(self, original: np.ndarray, image: np.ndarray, box: np.ndarray) -> dict:
+        """Head-pose change and landmark drift between the original and the written face (same box)."""
+        from .faces.align import head_pose, landmark_displacement
+
+        x0, y0, x1, y1 = [int(round(float(v))) for v in box]
+        rect = self._dlib.rectangle(x0, y0, x1 - 1, y1 - 1)
+        pts = [np.array([(p.x, p.y) for p in self._landmarks68(im, rect).parts()], np.float32)
+               for im in (original, image)]
+        pose = np.subtract(head_pose(pts[1]), head_pose(pts[0]))
+        return {"pose_diff_deg": float(np.abs(pose).max()), "landmark_displacement": landmark_displacement(*pts)}
+
     def _score(self, original: np.ndarray, image: np.ndarray, faces: list[dict]) -> None:
         """Re-ID each written face with the independent recognizer; enforce the threshold if configured."""
-        from .scoring import utility_signals
-
         privacy, fallback = self.cfg.privacy, self.cfg.anonymizer
         for f in faces:
             try:
@@ -211,7 +249,7 @@ class MergeAndWrite:
                     res = self.scorer.compare(original, image, f["box"])
                 f.update(reid_distance=res.distance, reidentified=res.reidentified,
                          face_still_detected=res.face_still_detected)
-                f.update(utility_signals(self.scorer, original, image, f["box"], f["landmarks"]))
+                f.update(self._utility(original, image, f["box"]))
             except Exception as exc:  # noqa: BLE001 - a score we could not compute stays null
                 f["score_error"] = f"{type(exc).__name__}: {exc}"[:200]
 
@@ -312,7 +350,7 @@ def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = Tr
     rows, buffer, seen = [], [], set()
     bar = tqdm(total=len(todo), unit="img", desc="anonymizing", disable=not progress)
     for row in ds.iter_rows():
-        row = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
+        row = {k: _value(v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
         rows.append(row)
         buffer.append(row)
         if row["input_uri"] not in seen:
