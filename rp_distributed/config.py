@@ -134,8 +134,6 @@ class MergeConfig(_Section):
 class RayConfig(_Section):
     address: str | None = Field(None, description="cluster address; RAY_ADDRESS wins; none starts a local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (default: all)")
-    max_task_retries: int = Field(3, ge=0)
-    max_restarts: int = Field(3, ge=0)
 
 
 class JobConfig(_Section):

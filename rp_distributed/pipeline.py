@@ -271,10 +271,11 @@ class MergeAndWrite:
 
 # -- the job ----------------------------------------------------------------------------------------------
 
-def _stage_kwargs(res: StageResources, cfg: JobConfig) -> dict:
+def _stage_kwargs(res: StageResources) -> dict:
+    # Fault tolerance is Ray Data's default for actor pools: a dead actor is restarted and its
+    # in-flight batches are retried (max_restarts=-1, max_task_retries=-1), so a killed worker loses no row.
     kwargs = dict(concurrency=res.concurrency, num_cpus=res.num_cpus, batch_size=res.batch_size,
-                  batch_format="numpy", zero_copy_batch=False,
-                  max_restarts=cfg.ray.max_restarts, max_task_retries=cfg.ray.max_task_retries)
+                  batch_format="numpy", zero_copy_batch=False)
     if res.num_gpus:
         kwargs["num_gpus"] = res.num_gpus
     return kwargs
@@ -284,10 +285,10 @@ def build_dataset(cfg: JobConfig, todo: list[dict], run_id: str):
     import ray
 
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 64)))
-    ds = ds.map_batches(DetectFaces, fn_constructor_args=(cfg,), **_stage_kwargs(cfg.detection.resources, cfg))
-    ds = ds.map_batches(AnonymizeFaces, fn_constructor_args=(cfg,), **_stage_kwargs(cfg.anonymizer.resources, cfg))
+    ds = ds.map_batches(DetectFaces, fn_constructor_args=(cfg,), **_stage_kwargs(cfg.detection.resources))
+    ds = ds.map_batches(AnonymizeFaces, fn_constructor_args=(cfg,), **_stage_kwargs(cfg.anonymizer.resources))
     ds = ds.map_batches(MergeAndWrite, fn_constructor_args=(cfg, run_id, cfg.detection.backend),
-                        **_stage_kwargs(cfg.merge.resources, cfg))
+                        **_stage_kwargs(cfg.merge.resources))
     return ds
 
 

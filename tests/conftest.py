@@ -85,8 +85,9 @@ def write_bad_inputs(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the test session (2 CPUs, as on CI), started after any env the tests need."""
+def ray_session(s3_server):
+    """One local Ray for the test session (2 CPUs, as on CI), started after the S3 endpoint's env is
+    set (``s3_server``), so every Ray worker sees it."""
     import ray
 
     if not ray.is_initialized():

@@ -81,6 +81,10 @@ def sync_uri(uri: str, cache_dir: str | os.PathLike) -> Path:
         except Exception as exc:  # unknown protocol, missing backend package
             raise ModelSourceError(f"cannot open {uri}: {exc}") from exc
         rpath = rpath.rstrip("/")
+        try:
+            fs.invalidate_cache()  # a listing cached by this process may predate the upload
+        except Exception:
+            pass
         staging = cache / f"{key}.partial-{uuid.uuid4().hex[:8]}"
         if target.exists():  # an earlier sync died half-way
             shutil.rmtree(target, ignore_errors=True)

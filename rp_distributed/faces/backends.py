@@ -26,12 +26,12 @@ class ModelFilesMissing(FileNotFoundError):
         self.missing = list(missing)
         where = f"folder {self.folder}" if self.folder else "no folder configured"
         if self.folder and not Path(self.folder).is_dir():
-            what = "does not exist"
+            what = "does not exist (needs " + ", ".join(self.missing) + ")"
         else:
             what = "lacks " + ", ".join(self.missing)
-        msg = f"face detection backend {backend!r}: model {where} {what}"
+        msg = f"{backend} backend: model {where} {what}"
         if hint:
-            msg += f" ({hint})"
+            msg += f"; {hint}"
         super().__init__(msg)
 
 

@@ -1,0 +1,351 @@
+"""Reverse personalization: fidelity against shared/fidelity, solver properties, batching, loading, errors.
+
+Fast tests run the tiny random SDXL of ``make_tiny`` with 10 steps on 64 px crops. The fidelity test runs the
+reference settings (100 steps, 128 px) on shared/fidelity/tiny and compares with expected.npz. Note: like
+ALGORITHM.md's contract, the solver history is reset before generation (the reference code carries it over
+from inversion, which lands 0.4% away on that case).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rp_distributed.config import DiffusionConfig
+from rp_distributed.diffusion import IdentityEmbedder, ModelSourceError, ReversePersonalizer, make_tiny
+from rp_distributed.diffusion.loading import check_parameters, source_kind, sync_uri
+from rp_distributed.diffusion.reverse import inversion_timesteps
+
+logging.getLogger("diffusers").setLevel(logging.ERROR)
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+STEPS = 10
+SIZE = 64
+
+
+def shared_dir() -> Path:
+    env = os.environ.get("RP_SHARED_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _resize(img: np.ndarray, size: int = SIZE) -> np.ndarray:
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.LANCZOS).convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def crops() -> list[np.ndarray]:
+    import skimage.data as data
+
+    return [_resize(data.astronaut()[10:230, 140:360]), _resize(data.chelsea()[:, 60:360]),
+            _resize(data.coffee()[:, 100:500])]
+
+
+@pytest.fixture(scope="session")
+def ids() -> np.ndarray:
+    v = np.random.default_rng(7).standard_normal((3, 512)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict:
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def _cfg(tiny: dict, cache_dir, **kw) -> DiffusionConfig:
+    base = dict(model=str(tiny["model"]), ip_adapter=str(tiny["ip_adapter"]), arcface=str(tiny["arcface"]),
+                cache_dir=str(cache_dir), device="cpu", dtype="float32", num_inversion_steps=STEPS)
+    base.update(kw)
+    return DiffusionConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def rp(tiny, tmp_path_factory) -> ReversePersonalizer:
+    return ReversePersonalizer.from_config(_cfg(tiny, tmp_path_factory.mktemp("cache")))
+
+
+# --------------------------------------------------------------------------- schedule and bookkeeping
+
+
+def test_timesteps_and_counts(rp):
+    ts = inversion_timesteps(0.7, 100)
+    assert ts.dtype == np.int64
+    np.testing.assert_array_equal(ts, np.linspace(299, 1, 100).astype(np.int64))
+    assert ts[0] == 299 and ts[-1] == 1 and np.all(np.diff(ts) < 0)
+    np.testing.assert_array_equal(rp.timesteps(), inversion_timesteps(0.7, STEPS))
+    assert rp.unet_evals_per_face() == 4 * STEPS
+    assert rp.unet_evals_per_face(tries=3) == 2 * STEPS + 6 * STEPS
+    info = rp.model_info
+    assert info["device"] == "cpu" and info["dtype"] == "float32"
+    assert info["ip_adapter_weight_name"] == "ip-adapter-faceid_sdxl.bin" and info["model"]
+
+
+# --------------------------------------------------------------------------- fidelity
+
+
+@pytest.mark.slow
+def test_fidelity_against_expected():
+    fid = shared_dir() / "fidelity"
+    if not (fid / "expected.npz").is_file():
+        pytest.skip(f"no fidelity case at {fid} (set RP_SHARED_DIR)")
+    cfg = DiffusionConfig(model=str(fid / "tiny" / "sdxl"), ip_adapter=str(fid / "tiny"),
+                          ip_adapter_weight_name="ip-adapter-faceid_tiny.bin", device="cpu", dtype="float32")
+    model = ReversePersonalizer.from_config(cfg)
+    exp = np.load(fid / "expected.npz")
+    crop = np.asarray(Image.open(fid / "tiny" / "crop.png").convert("RGB"))
+    idv = np.load(fid / "tiny" / "id.npy").astype(np.float32)[None]
+
+    np.testing.assert_array_equal(model.timesteps(), exp["timesteps"])
+    inv = model.invert([crop], [0])
+    assert rel(inv.x0.numpy(), exp["x0"]) < 1e-5
+    assert rel(inv.xT.numpy(), exp["xT"]) < 1e-5
+    images, latent = model.generate(inv, idv, return_latents=True)
+    err = rel(latent.numpy(), exp["latent"])
+    assert err < 2e-4, f"final latent {err:.2e} relative from expected (a different algorithm?)"
+    img = model.decode(latent, output="float")[0]
+    assert np.abs(img - exp["image"]).max() < 2e-3
+    assert np.abs(images[0].astype(np.float32) / 255 - exp["image"]).max() <= 1 / 255 + 2e-3
+
+
+# --------------------------------------------------------------------------- solver properties
+
+
+def test_inversion_conditioning_reconstructs_x0(rp, crops, ids):
+    inv = rp.invert(crops[:2], [0, 1])
+    assert inv.zs.shape == (STEPS, 2, 4, SIZE // 2, SIZE // 2)
+    _, lat = rp.generate(inv, conditioning="inversion", return_latents=True)
+    assert (lat - inv.x0).abs().max().item() < 1e-5
+    # a zero identity and no prompt is the inversion conditioning: same result
+    _, lat_0 = rp.generate(inv, np.zeros((2, 512), np.float32), return_latents=True)
+    assert (lat_0 - inv.x0).abs().max().item() < 1e-5
+    # a real identity moves away from x0
+    _, lat_g = rp.generate(inv, ids[:2], return_latents=True)
+    assert (lat_g - inv.x0).abs().max().item() > 1e-2
+
+
+def test_batch_invariance_and_select(rp, crops, ids):
+    seeds = [0, 11, 22]
+    prompts = [None, "an old man", None]
+    scales = [-10.0, -15.0, -10.0]
+    inv = rp.invert(crops, seeds)
+    imgs, lats = rp.generate(inv, ids, prompts, scales, return_latents=True)
+    for i in range(3):
+        inv1 = rp.invert([crops[i]], [seeds[i]])
+        assert rel(inv1.xT, inv.xT[i : i + 1]) < 1e-5
+        assert rel(inv1.zs, inv.zs[:, i : i + 1]) < 1e-4
+        img1, lat1 = rp.generate(inv1, ids[i : i + 1], prompts[i : i + 1], scales[i : i + 1], return_latents=True)
+        assert rel(lat1, lats[i : i + 1]) < 1e-4
+        assert np.abs(img1[0].astype(int) - imgs[i].astype(int)).max() <= 1
+    # a subset of an inversion (escalation reuses inversions) gives the same faces
+    sub = inv.select([2, 0])
+    assert sub.seeds == [22, 0] and len(sub) == 2
+    _, lat_sub = rp.generate(sub, ids[[2, 0]], [prompts[2], prompts[0]], [scales[2], scales[0]], return_latents=True)
+    assert rel(lat_sub[0:1], lats[2:3]) < 1e-4 and rel(lat_sub[1:2], lats[0:1]) < 1e-4
+
+
+def test_conditioning_layout(rp, ids):
+    cond = rp.build_conditioning(["an old man", None], torch.from_numpy(ids[:2]), (SIZE, SIZE))
+    assert cond.text.shape[0] == 4 and cond.ids.shape == (4, 1, 1, 512) and cond.time_ids.shape == (4, 6)
+    empty_e, empty_p = rp._encode_texts([""])
+    prompt_e, prompt_p = rp._encode_texts(["an old man"])
+    # negative half first: attribute prompt (or zeros) and the null identity
+    assert torch.equal(cond.text[0], prompt_e[0]) and torch.equal(cond.pooled[0], prompt_p[0])
+    assert not torch.any(cond.text[1]) and not torch.any(cond.pooled[1])
+    assert not torch.any(cond.ids[:2])
+    # positive half: "" encoded (not zeros) and the identity
+    assert torch.equal(cond.text[2], empty_e[0]) and torch.equal(cond.text[3], empty_e[0])
+    assert torch.any(empty_e != 0)
+    np.testing.assert_array_equal(cond.ids[2:, 0, 0].numpy(), ids[:2])
+    np.testing.assert_array_equal(cond.time_ids[0].numpy(), [SIZE, SIZE, 0, 0, SIZE, SIZE])
+    inv_cond = rp.build_conditioning([None], None, (SIZE, SIZE))
+    assert not torch.any(inv_cond.text[0]) and torch.equal(inv_cond.text[1], empty_e[0])
+    assert not torch.any(inv_cond.ids)
+
+
+def test_branch_roles_through_guidance(rp, crops, ids):
+    """g = 0 is the negative branch alone (prompt matters, identity does not); g = 1 the positive alone."""
+    inv = rp.invert(crops[:1], [3]).select([0, 0, 0])
+    id_a, id_b = ids[0], ids[1]
+    _, g0 = rp.generate(inv, np.stack([id_a, id_b, id_a]), [None, None, "an old man"], [0.0] * 3,
+                        return_latents=True)
+    assert rel(g0[1], g0[0]) < 1e-6  # identity sits in the positive branch only
+    assert rel(g0[2], g0[0]) > 1e-2  # attribute prompt sits in the negative branch
+    _, g1 = rp.generate(inv, np.stack([id_a, id_b, id_a]), [None, None, "an old man"], [1.0] * 3,
+                        return_latents=True)
+    assert rel(g1[2], g1[0]) < 1e-6
+    assert rel(g1[1], g1[0]) > 1e-3
+
+
+def test_inputs_change_output_and_seed_reproduces(rp, crops, ids):
+    inv = rp.invert(crops[:1], [5])
+    base_img, base = rp.generate(inv, ids[:1], [None], [-10.0], return_latents=True)
+    again = rp.invert(crops[:1], [5])
+    assert torch.equal(again.xT, inv.xT) and torch.equal(again.zs, inv.zs)
+    img2, lat2 = rp.generate(again, ids[:1], [None], [-10.0], return_latents=True)
+    assert torch.equal(lat2, base) and np.array_equal(img2[0], base_img[0])
+    assert rel(rp.generate(inv, ids[1:2], [None], [-10.0], return_latents=True)[1], base) > 1e-3
+    assert rel(rp.generate(inv, ids[:1], [None], [-15.0], return_latents=True)[1], base) > 1e-3
+    assert rel(rp.generate(inv, ids[:1], ["a smiling woman"], [-10.0], return_latents=True)[1], base) > 1e-3
+    assert rel(rp.invert(crops[:1], [6]).xT, inv.xT) > 1e-2
+    out = rp.anonymize(crops[:1], ids[:1], [None], [5], [-10.0])
+    assert np.array_equal(out[0], base_img[0]) and out[0].dtype == np.uint8 and out[0].shape == (SIZE, SIZE, 3)
+
+
+def test_id_emb_scale_applies(rp, crops, ids):
+    inv = rp.invert(crops[:1], [0])
+    cfg2 = rp.cfg.model_copy(update={"id_emb_scale": 2.0})
+    rp2 = ReversePersonalizer(rp.pipe, cfg2, rp.device, rp.dtype)
+    _, a = rp2.generate(inv, ids[:1], return_latents=True)
+    _, b = rp.generate(inv, 2.0 * ids[:1], return_latents=True)
+    assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_identity_embedder(tiny, tmp_path, crops):
+    emb = IdentityEmbedder.from_config(_cfg(tiny, tmp_path))
+    kps = np.array([[22, 26], [42, 26], [32, 36], [24, 47], [40, 47]], np.float32)
+    e = emb.embed(crops[0], kps)
+    assert e.shape == (512,) and e.dtype == np.float32 and abs(np.linalg.norm(e) - 1) < 1e-5
+    many = emb.embed_many(crops, [kps] * 3)
+    np.testing.assert_allclose(many[0], e, atol=1e-6)
+    assert rel(many[1], many[0]) > 1e-3
+    # insightface works in BGR: channel order matters
+    assert rel(emb.embed(np.ascontiguousarray(crops[0][:, :, ::-1]), kps), e) > 1e-4
+
+
+def test_sync_uri_file_scheme_and_half_synced_cache(tiny, tmp_path):
+    uri = "file://" + str(tiny["ip_adapter"])
+    cache = tmp_path / "c"
+    local = sync_uri(uri, cache)
+    assert (local / "ip-adapter-faceid_sdxl.bin").read_bytes() == tiny["ip_adapter_file"].read_bytes()
+    # a half-synced copy (no completed marker) is redone
+    marker = next(cache.glob("*.complete"))
+    marker.unlink()
+    (local / "ip-adapter-faceid_sdxl.bin").write_bytes(b"junk")
+    again = sync_uri(uri, cache)
+    assert again == local
+    assert (again / "ip-adapter-faceid_sdxl.bin").read_bytes() == tiny["ip_adapter_file"].read_bytes()
+    file_local = sync_uri(uri + "/ip-adapter-faceid_sdxl.bin", cache)
+    assert file_local.is_file() and file_local.name == "ip-adapter-faceid_sdxl.bin"
+    with pytest.raises(ModelSourceError, match="does not exist"):
+        sync_uri("file://" + str(tmp_path / "nothing-here"), cache)
+    assert source_kind("s3://b/k") == "uri" and source_kind("/x/y") == "local"
+    assert source_kind("stabilityai/stable-diffusion-xl-base-1.0") == "hub"
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    pytest.importorskip("moto.server")
+    from moto.server import ThreadedMotoServer
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield s3fs.S3FileSystem()
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+def test_load_from_s3(s3_endpoint, tiny, tmp_path, rp, crops, ids):
+    fs = s3_endpoint
+    fs.mkdir("models")
+    root = Path(tiny["model"]).parent
+    for f in root.rglob("*"):
+        if f.is_file():
+            fs.put_file(str(f), "models/tiny/" + f.relative_to(root).as_posix())
+    cfg = DiffusionConfig(model="s3://models/tiny/sdxl", ip_adapter="s3://models/tiny/ip-adapter",
+                          arcface="s3://models/tiny/arcface/w600k_r50.onnx", cache_dir=str(tmp_path / "cache"),
+                          device="cpu", dtype="float32", num_inversion_steps=2)
+    remote = ReversePersonalizer.from_config(cfg)
+    markers = sorted((tmp_path / "cache").glob("*.complete"))
+    assert len(markers) == 2
+    assert remote.model_info["model"] == "s3://models/tiny/sdxl"
+    local = ReversePersonalizer(rp.pipe, rp.cfg.model_copy(update={"num_inversion_steps": 2}), rp.device, rp.dtype)
+    a = remote.anonymize(crops[:1], ids[:1], [None], [0])
+    b = local.anonymize(crops[:1], ids[:1], [None], [0])
+    assert np.array_equal(a[0], b[0])
+    emb = IdentityEmbedder.from_config(cfg)
+    assert emb.embed(crops[0], np.array([[22, 26], [42, 26], [32, 36], [24, 47], [40, 47]], np.float32)).shape == (512,)
+    # the second actor on the node reuses the synced copy
+    stamp = [m.stat().st_mtime_ns for m in markers]
+    ReversePersonalizer.from_config(cfg)
+    assert [m.stat().st_mtime_ns for m in markers] == stamp
+    with pytest.raises(ModelSourceError, match="does not exist"):
+        ReversePersonalizer.from_config(cfg.model_copy(update={"model": "s3://models/nothing"}))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_model_sources(tiny, tmp_path):
+    with pytest.raises(ModelSourceError, match="does not exist"):
+        ReversePersonalizer.from_config(_cfg(tiny, tmp_path, model=str(tmp_path / "missing")))
+    broken = tmp_path / "no-unet"
+    shutil.copytree(tiny["model"], broken, ignore=shutil.ignore_patterns("unet"))
+    with pytest.raises(ModelSourceError, match="incomplete, missing: unet/"):
+        ReversePersonalizer.from_config(_cfg(tiny, tmp_path, model=str(broken)))
+    with pytest.raises(ModelSourceError, match="adapter file missing"):
+        ReversePersonalizer.from_config(_cfg(tiny, tmp_path, ip_adapter_weight_name="nope.bin"))
+    with pytest.raises(ModelSourceError, match="ArcFace ONNX file .* does not exist"):
+        IdentityEmbedder.from_config(_cfg(tiny, tmp_path, arcface=str(tmp_path / "w600k_r50.onnx")))
+
+
+def test_bad_adapter_layouts(tiny, tmp_path):
+    good = torch.load(tiny["ip_adapter_file"], weights_only=True)
+
+    def attempt(sd, match):
+        path = tmp_path / "adapter.bin"
+        torch.save(sd, path)
+        with pytest.raises(ModelSourceError, match=match):
+            ReversePersonalizer.from_config(_cfg(tiny, tmp_path, ip_adapter=str(path)))
+
+    attempt({"state_dict": good["image_proj"]}, "needs 'image_proj' and 'ip_adapter'")
+    attempt({"image_proj": {k: v for k, v in good["image_proj"].items() if not k.startswith("norm")},
+             "ip_adapter": good["ip_adapter"]}, "image_proj lacks norm.weight")
+    attempt({"image_proj": good["image_proj"],
+             "ip_adapter": {k: v for k, v in good["ip_adapter"].items() if not k.startswith("15.")}},
+            "cross-attention layers")
+    attempt({"image_proj": good["image_proj"], "ip_adapter": {"1.to_q.weight": torch.zeros(2, 2)}},
+            "to_k_ip/to_v_ip")
+
+
+def test_out_of_range_parameters(rp, crops):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="skip"):
+        DiffusionConfig(skip=1.5)
+    with pytest.raises(ValueError, match="num_inversion_steps=500 must be in \\[2, 299\\]"):
+        check_parameters(DiffusionConfig(num_inversion_steps=500))
+    with pytest.raises(ValueError, match="guidance_scale=nan must be a finite number"):
+        check_parameters(DiffusionConfig(guidance_scale=float("nan")))
+    with pytest.raises(ValueError, match="skip=0.9995 leaves no timesteps"):
+        check_parameters(DiffusionConfig(skip=0.9995))
+    with pytest.raises(ValueError, match="multiples of"):
+        rp.invert([np.zeros((62, 62, 3), np.uint8)], [0])
+    with pytest.raises(ValueError, match="1 crops but 2 seeds"):
+        rp.invert(crops[:1], [0, 1])
+    inv = rp.invert(crops[:1], [0])
+    with pytest.raises(ValueError, match="id_embeddings must be"):
+        rp.generate(inv, np.zeros((2, 512), np.float32))
+    with pytest.raises(ValueError, match="finite guidance"):
+        rp.generate(inv, np.zeros((1, 512), np.float32), guidance_scales=[float("inf")])

@@ -1,0 +1,159 @@
+"""The whole Ray job on real photos: local folders and S3 (moto), bad inputs, resume, fail closed."""
+
+from __future__ import annotations
+
+import io as _io
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from rp_distributed import io, manifest
+from rp_distributed.config import load_config
+from rp_distributed.pipeline import run_job
+from tests.conftest import insightface_image, upload_folder, write_bad_inputs
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def _blur_cfg(*extra):
+    # PNG output so untouched pixels can be compared byte for byte.
+    return load_config(None, ["anonymizer.method=blur", "output.format=png", *extra])
+
+
+def _manifest(out) -> list[dict]:
+    return manifest.read_manifest(str(out), "_manifest").to_pylist()
+
+
+def _outside_boxes(shape, boxes, margin=0.9):
+    keep = np.ones(shape[:2], bool)
+    for x0, y0, x1, y1 in boxes:
+        w, h = x1 - x0, y1 - y0
+        keep[max(int(y0 - margin * h), 0):int(y1 + margin * h), max(int(x0 - margin * w), 0):int(x1 + margin * w)] = False
+    return keep
+
+
+def test_local_job_t1_bad_inputs_and_resume(ray_session, tmp_path, t1_path, t1_rgb):
+    src = tmp_path / "in"
+    (src / "people").mkdir(parents=True)
+    shutil.copy(t1_path, src / "people" / "t1.jpg")
+    bad = write_bad_inputs(src / "bad")
+    out = tmp_path / "out"
+    cfg = _blur_cfg()
+
+    result = run_job(cfg, str(src), str(out), progress=False)
+    rows = _manifest(out)
+    assert len(result.manifest_parts) == 1
+
+    # t1.jpg: six faces found, each changed, none re-identified; the background is byte-identical.
+    t1_rows = sorted((r for r in rows if r["rel_path"] == "people/t1.jpg"), key=lambda r: r["face_index"])
+    assert len(t1_rows) == 6 and {r["status"] for r in t1_rows} == {"ok"}
+    assert all(r["method_applied"] == "blur" and r["face_error"] is None for r in t1_rows)
+    written = np.asarray(Image.open(out / "people" / "t1.png").convert("RGB"))
+    assert written.shape == t1_rgb.shape
+    boxes = [(r["box_x0"], r["box_y0"], r["box_x1"], r["box_y1"]) for r in t1_rows]
+    for x0, y0, x1, y1 in boxes:
+        face_before = t1_rgb[int(y0):int(y1), int(x0):int(x1)].astype(int)
+        face_after = written[int(y0):int(y1), int(x0):int(x1)].astype(int)
+        assert np.abs(face_before - face_after).mean() > 8, "face was not changed"
+    keep = _outside_boxes(t1_rgb.shape, boxes)
+    assert keep.mean() > 0.3
+    assert np.array_equal(written[keep], t1_rgb[keep]), "background pixels changed"
+    threshold = cfg.privacy.reid_threshold
+    assert all(r["reid_distance"] > threshold and r["reidentified"] is False for r in t1_rows)
+
+    # Every bad or unusual input has its row with a clear reason; the job went on.
+    by_path = {}
+    for r in rows:
+        by_path.setdefault(r["rel_path"], []).append(r)
+    for name, kind in bad.items():
+        assert f"bad/{name}" in by_path, f"{kind} input has no manifest row"
+    expect_error = {"empty.jpg": "empty file", "not_an_image.jpg": "not a recognised image format",
+                    "truncated.jpg": "truncated", "corrupt.jpg": "", "huge.png": "image too large"}
+    for name, reason in expect_error.items():
+        (row,) = by_path[f"bad/{name}"]
+        assert row["status"] == "error" and reason in row["error"] and row["output_uri"] is None
+        assert not (out / "bad" / name).with_suffix(".png").exists()
+    for name in ["sixteen_bit.png", "cmyk.jpg", "alpha.png", "palette.png", "exif_rotated.jpg"]:
+        rs = by_path[f"bad/{name}"]
+        assert rs[0]["status"] == "ok" and rs[0]["notes"], name  # decoded, faces anonymized, conversion noted
+        assert rs[0]["num_faces"] >= 1 and rs[0]["reid_distance"] > threshold
+    (nf,) = by_path["bad/no_face.jpg"]
+    assert nf["status"] == "no_face" and nf["face_index"] is None and (out / "bad" / "no_face.png").exists()
+    alpha_out = Image.open(out / "bad" / "alpha.png")
+    assert alpha_out.mode == "RGBA"
+
+    # A rerun does no work for inputs that are done (only the failed ones are tried again).
+    again = run_job(cfg, str(src), str(out), progress=False)
+    assert again.skipped == len(by_path) - len(expect_error)
+    assert again.summary["images"] == len(expect_error) and again.summary["faces"] == 0
+    # --overwrite redoes everything and replaces the manifest.
+    redo = run_job(_blur_cfg("output.overwrite=true"), str(src), str(out), progress=False)
+    assert redo.skipped == 0 and redo.summary["images"] == len(by_path)
+    assert len(manifest.part_uris(str(out), "_manifest")) == 1
+
+
+def test_same_format_output_strips_metadata(ray_session, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    t1 = Image.open(insightface_image("t1.jpg"))
+    exif = Image.Exif()
+    exif[0x010F] = "SecretCam"  # Make
+    exif[0x8825] = {1: "N", 2: (45.0, 30.0, 0.0)}  # GPSInfo
+    t1.save(src / "t1.jpg", "JPEG", quality=95, exif=exif)
+    out = tmp_path / "out"
+    run_job(load_config(None, ["anonymizer.method=pixelate"]), str(src), str(out), progress=False)
+    written = Image.open(out / "t1.jpg")
+    assert written.format == "JPEG"
+    assert len(written.getexif()) == 0 and b"SecretCam" not in (out / "t1.jpg").read_bytes()
+    rows = _manifest(out)
+    assert len(rows) == 6 and {r["method_applied"] for r in rows} == {"pixelate"}
+
+
+def test_faces_still_recognizable_in_the_output_are_masked(ray_session, tmp_path, t1_path):
+    """Fail closed on the output: a face the independent recognizer still matches gets masked."""
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(t1_path, src / "t1.jpg")
+    out = tmp_path / "out"
+    # A 1-pixel blur leaves every face recognizable.
+    cfg = load_config(None, ["anonymizer.method=blur", "output.format=png", "anonymizer.blur_strength=0.0001"])
+    run_job(cfg, str(src), str(out), progress=False)
+    rows = _manifest(out)
+    assert len(rows) == 6
+    masked = [r for r in rows if r["method_applied"] == "blur+mask"]
+    assert len(masked) >= 5, [r["reid_distance"] for r in rows]
+    assert all("re-identified in the output: masked" in r["face_error"] for r in masked)
+    assert not any(r["reidentified"] for r in rows)
+    # With enforcement off the same run reports the faces as re-identified instead.
+    off = load_config(None, ["anonymizer.method=blur", "output.format=png", "anonymizer.blur_strength=0.0001",
+                             "privacy.fallback_if_reidentified=false", "output.overwrite=true"])
+    run_job(off, str(src), str(out), progress=False)
+    assert sum(bool(r["reidentified"]) for r in _manifest(out)) >= 5
+
+
+def test_s3_job_moto(s3_server, ray_session, tmp_path, t1_path, astronaut_path):
+    local = tmp_path / "in"
+    (local / "nested").mkdir(parents=True)
+    shutil.copy(t1_path, local / "nested" / "t1.jpg")
+    shutil.copy(astronaut_path, local / "astronaut.png")
+    (local / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    upload_folder(local, "s3://photos/in")
+    result = run_job(_blur_cfg(), "s3://photos/in", "s3://photos/out", progress=False)
+    assert result.summary["images"] == 3
+    fs, _ = io.filesystem("s3://photos/out")
+    keys = sorted(fs.find("photos/out"))
+    assert "photos/out/nested/t1.png" in keys and "photos/out/astronaut.png" in keys
+    assert any(k.startswith("photos/out/_manifest/part-") for k in keys)
+    rows = _manifest("s3://photos/out")
+    t1_rows = [r for r in rows if r["rel_path"] == "nested/t1.jpg"]
+    assert len(t1_rows) == 6 and all(r["output_uri"] == "s3://photos/out/nested/t1.png" for r in t1_rows)
+    assert [r["status"] for r in rows if r["rel_path"] == "broken.jpg"] == ["error"]
+    with fs.open("photos/out/nested/t1.png", "rb") as f:
+        img = np.asarray(Image.open(_io.BytesIO(f.read())).convert("RGB"))
+    assert img.shape[:2] == (Image.open(t1_path).size[1], Image.open(t1_path).size[0])
+    # Resume against S3 as well.
+    again = run_job(_blur_cfg(), "s3://photos/in", "s3://photos/out", progress=False)
+    assert again.skipped == 2 and again.summary["images"] == 1
