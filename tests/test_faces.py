@@ -227,8 +227,8 @@ def test_face_alignment_loads_weights_from_the_folder_without_downloading(tmp_pa
     from rp_distributed.faces.face_alignment_backend import checkpoint_names
 
     names = checkpoint_names()
-    ckpt = tmp_path / "torch_home" / "hub" / "checkpoints"
-    ckpt.mkdir(parents=True)
+    ckpt = tmp_path / "weights"  # flat: the checkpoint files directly in model_dir
+    ckpt.mkdir()
     torch.manual_seed(0)
     sfd = s3fd().state_dict()
     for k in sfd:  # a detector that never fires: background wins everywhere
@@ -240,10 +240,26 @@ def test_face_alignment_loads_weights_from_the_folder_without_downloading(tmp_pa
     torch.save(sfd, ckpt / names["s3fd"])
     torch.save(FAN(4).state_dict(), ckpt / names["2DFAN-4"])
     hub_before = torch.hub.get_dir()
-    det = build_detector(DetectionConfig(backend="face_alignment", model="sfd", model_dir=str(tmp_path / "torch_home")))
+    det = build_detector(DetectionConfig(backend="face_alignment", model="sfd", model_dir=str(ckpt)))
     assert det.checkpoint_dir == ckpt
     assert torch.hub.get_dir() == hub_before  # torch's hub dir is restored
     assert det.detect(cv2.resize(astronaut, (128, 128))) == []
+
+
+@pytest.mark.parametrize("layout", ["", "checkpoints", "hub/checkpoints"])
+def test_face_alignment_checkpoint_layouts(tmp_path, layout):
+    from rp_distributed.faces.face_alignment_backend import checkpoint_names, resolve_checkpoints
+
+    folder = tmp_path / layout if layout else tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(checkpoint_names().values())
+    (folder / names[0]).write_bytes(b"x")
+    with pytest.raises(ModelFilesMissing, match=names[1]) as err:  # one file missing: named, with its folder
+        resolve_checkpoints(str(tmp_path))
+    assert str(folder) in str(err.value)
+    (folder / names[1]).write_bytes(b"x")
+    found, files = resolve_checkpoints(str(tmp_path))
+    assert found == folder and sorted(p.name for p in files.values()) == sorted(names)
 
 
 # --- alignment ---------------------------------------------------------------------------------------------

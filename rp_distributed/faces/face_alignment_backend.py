@@ -87,15 +87,16 @@ class FaceAlignmentDetector(BaseDetector):
         import face_alignment
 
         self.det_thresh = float(cfg.threshold) if cfg.threshold > 0 else DEFAULT_THRESHOLD
-        tmp_hub = folder.parent if folder.name == "checkpoints" else None
-        if tmp_hub is None:
-            # face_alignment looks in <hub>/checkpoints; give it a hub whose checkpoints/ is our folder.
-            import tempfile
+        with contextlib.ExitStack() as stack:
+            if folder.name == "checkpoints":
+                hub = folder.parent
+            else:
+                # face_alignment looks in <hub>/checkpoints: give it a hub whose checkpoints/ is our folder.
+                import tempfile
 
-            self._tmp = tempfile.TemporaryDirectory(prefix="rp_fa_hub_")
-            tmp_hub = Path(self._tmp.name)
-            (tmp_hub / "checkpoints").symlink_to(folder, target_is_directory=True)
-        with _hub_dir(tmp_hub):
+                hub = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rp_fa_hub_")))
+                (hub / "checkpoints").symlink_to(folder, target_is_directory=True)
+            stack.enter_context(_hub_dir(hub))
             self._fa = face_alignment.FaceAlignment(
                 face_alignment.LandmarksType.TWO_D,
                 device=device,
