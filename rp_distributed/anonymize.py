@@ -44,11 +44,6 @@ class Anonymizer:
             self.rp = ReversePersonalizer.from_config(cfg.diffusion)
             self.embedder = IdentityEmbedder.from_config(cfg.diffusion)
             self.scorer = ReidScorer(cfg.privacy) if cfg.privacy.escalate else None
-            if self.rp.face_size != cfg.alignment.face_size:
-                raise ValueError(
-                    f"alignment.face_size={cfg.alignment.face_size} but the diffusion model generates "
-                    f"{self.rp.face_size}px images; set alignment.face_size: {self.rp.face_size}"
-                )
 
     # -- manifest fields ---------------------------------------------------------------------------------
     def params(self) -> str:
@@ -61,7 +56,7 @@ class Anonymizer:
         return json.dumps({
             "skip": d.skip, "num_inversion_steps": d.num_inversion_steps, "guidance_scale": d.guidance_scale,
             "ip_adapter_scale": d.ip_adapter_scale, "id_emb_scale": d.id_emb_scale,
-            "attribute_prompt": d.attribute_prompt, "seed_mode": d.seed_mode, "face_size": self.rp.face_size,
+            "attribute_prompt": d.attribute_prompt, "seed_mode": d.seed_mode, "face_size": self.cfg.alignment.face_size,
             "guidance_ladder": self.cfg.privacy.guidance_ladder if self.cfg.privacy.escalate else [],
             "max_tries": self.cfg.privacy.max_tries if self.cfg.privacy.escalate else 1,
             "reid_threshold": self.cfg.privacy.reid_threshold,

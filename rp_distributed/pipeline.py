@@ -244,7 +244,7 @@ class MergeAndWrite:
                 res = self.scorer.compare(original, image, f["box"])
                 if res.reidentified and privacy.fallback_if_reidentified and f.get("method_applied") != "mask":
                     image[...] = compose.destroy_box(image, f["box"], "mask", fallback)
-                    f["face_error"] = (f.get("face_error") or "") + "re-identified in the output: masked"
+                    f["face_error"] = "; ".join(filter(None, [f.get("face_error"), "re-identified in the output: masked"]))
                     f["method_applied"] = f"{f.get('method_applied')}+mask"
                     res = self.scorer.compare(original, image, f["box"])
                 f.update(reid_distance=res.distance, reidentified=res.reidentified,
