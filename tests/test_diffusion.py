@@ -126,15 +126,28 @@ def test_inversion_conditioning_reconstructs_x0(rp, crops, ids):
     assert inv.zs.shape == (STEPS, 2, 4, SIZE // 2, SIZE // 2)
     _, lat = rp.generate(inv, conditioning="inversion", return_latents=True)
     assert (lat - inv.x0).abs().max().item() < 1e-5
-    # a zero identity and no prompt is the inversion conditioning: same result
-    _, lat_0 = rp.generate(inv, np.zeros((2, 512), np.float32), return_latents=True)
-    assert (lat_0 - inv.x0).abs().max().item() < 1e-5
-    # a real identity moves away from x0
-    _, lat_g = rp.generate(inv, ids[:2], return_latents=True)
-    assert (lat_g - inv.x0).abs().max().item() > 1e-2
+    # a zero identity without prompt is the inversion conditioning (x0 again); a real identity moves away
+    zeros = np.zeros((2, 512), np.float32)
+    _, lat_g = rp.generate(inv.select([0, 1, 0, 1]), np.concatenate([zeros, ids[:2]]), return_latents=True)
+    assert (lat_g[:2] - inv.x0).abs().max().item() < 1e-5
+    assert (lat_g[2:] - inv.x0).abs().max().item() > 1e-2
+
+
+def test_unet_call_batch_invariance(rp, ids):
+    """One guided UNet call: a face's prediction batched with others equals its prediction alone (~1e-5)."""
+    x = torch.randn(3, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(0))
+    prompts = [None, "an old man", None]
+    g = torch.tensor([-10.0, -15.0, -10.0]).view(3, 1, 1, 1)
+    batched = rp._eps(x, 200, rp.build_conditioning(prompts, torch.from_numpy(ids), (SIZE, SIZE)), g)
+    for i in range(3):
+        alone = rp._eps(x[i : i + 1], 200, rp.build_conditioning(prompts[i : i + 1], torch.from_numpy(ids[i : i + 1]),
+                                                                  (SIZE, SIZE)), g[i : i + 1])
+        assert rel(alone, batched[i : i + 1]) < 3e-5
 
 
 def test_batch_invariance_and_select(rp, crops, ids):
+    """End to end: batched vs alone differ only by float32 rounding (~1e-6 per UNet call), which the
+    strong negative guidance amplifies over the steps (measured ~2e-4 relative on the final latent)."""
     seeds = [0, 11, 22]
     prompts = [None, "an old man", None]
     scales = [-10.0, -15.0, -10.0]
@@ -142,16 +155,17 @@ def test_batch_invariance_and_select(rp, crops, ids):
     imgs, lats = rp.generate(inv, ids, prompts, scales, return_latents=True)
     for i in range(3):
         inv1 = rp.invert([crops[i]], [seeds[i]])
+        assert rel(inv1.x0, inv.x0[i : i + 1]) < 1e-5
         assert rel(inv1.xT, inv.xT[i : i + 1]) < 1e-5
         assert rel(inv1.zs, inv.zs[:, i : i + 1]) < 1e-4
         img1, lat1 = rp.generate(inv1, ids[i : i + 1], prompts[i : i + 1], scales[i : i + 1], return_latents=True)
-        assert rel(lat1, lats[i : i + 1]) < 1e-4
+        assert rel(lat1, lats[i : i + 1]) < 1e-3
         assert np.abs(img1[0].astype(int) - imgs[i].astype(int)).max() <= 1
     # a subset of an inversion (escalation reuses inversions) gives the same faces
     sub = inv.select([2, 0])
     assert sub.seeds == [22, 0] and len(sub) == 2
     _, lat_sub = rp.generate(sub, ids[[2, 0]], [prompts[2], prompts[0]], [scales[2], scales[0]], return_latents=True)
-    assert rel(lat_sub[0:1], lats[2:3]) < 1e-4 and rel(lat_sub[1:2], lats[0:1]) < 1e-4
+    assert rel(lat_sub[0:1], lats[2:3]) < 1e-3 and rel(lat_sub[1:2], lats[0:1]) < 1e-3
 
 
 def test_conditioning_layout(rp, ids):
@@ -190,16 +204,16 @@ def test_branch_roles_through_guidance(rp, crops, ids):
 def test_inputs_change_output_and_seed_reproduces(rp, crops, ids):
     inv = rp.invert(crops[:1], [5])
     base_img, base = rp.generate(inv, ids[:1], [None], [-10.0], return_latents=True)
-    again = rp.invert(crops[:1], [5])
-    assert torch.equal(again.xT, inv.xT) and torch.equal(again.zs, inv.zs)
-    img2, lat2 = rp.generate(again, ids[:1], [None], [-10.0], return_latents=True)
-    assert torch.equal(lat2, base) and np.array_equal(img2[0], base_img[0])
-    assert rel(rp.generate(inv, ids[1:2], [None], [-10.0], return_latents=True)[1], base) > 1e-3
-    assert rel(rp.generate(inv, ids[:1], [None], [-15.0], return_latents=True)[1], base) > 1e-3
-    assert rel(rp.generate(inv, ids[:1], ["a smiling woman"], [-10.0], return_latents=True)[1], base) > 1e-3
+    # same seed, same inputs: bit for bit
+    again = rp.anonymize(crops[:1], ids[:1], [None], [5], [-10.0])
+    assert np.array_equal(again[0], base_img[0]) and again[0].dtype == np.uint8 and again[0].shape == (SIZE, SIZE, 3)
+    # identity, guidance scale and attribute prompt each change the result (one batch of variants)
+    _, var = rp.generate(inv.select([0, 0, 0, 0]), ids[[0, 1, 0, 0]], [None, None, None, "a smiling woman"],
+                         [-10.0, -10.0, -15.0, -10.0], return_latents=True)
+    assert rel(var[0], base[0]) < 1e-3
+    for k in (1, 2, 3):
+        assert rel(var[k], var[0]) > 1e-2
     assert rel(rp.invert(crops[:1], [6]).xT, inv.xT) > 1e-2
-    out = rp.anonymize(crops[:1], ids[:1], [None], [5], [-10.0])
-    assert np.array_equal(out[0], base_img[0]) and out[0].dtype == np.uint8 and out[0].shape == (SIZE, SIZE, 3)
 
 
 def test_id_emb_scale_applies(rp, crops, ids):

@@ -40,6 +40,13 @@ log = logging.getLogger(__name__)
 ID_DIM = 512
 
 
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    """diffusers renamed ``torch_dtype`` to ``dtype`` (0.36+); older releases only know ``torch_dtype``."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
 def inversion_timesteps(skip: float, num_steps: int) -> np.ndarray:
     """``int64(linspace(1000 - skip*1000 - 1, 1, N))``, descending (reference: 299 ... 1)."""
     return np.linspace(1000 - skip * 1000 - 1, 1, num_steps).astype(np.int64)
@@ -114,7 +121,7 @@ class ReversePersonalizer:
         validate_adapter_state_dict(adapter_sd, cfg.ip_adapter)
         try:
             pipe = StableDiffusionXLPipeline.from_pretrained(
-                model_src, torch_dtype=dtype, use_safetensors=True, add_watermarker=False
+                model_src, use_safetensors=True, add_watermarker=False, **_dtype_kwarg(dtype)
             )
         except Exception as exc:
             hint = " (hub ids need network access or a filled HF cache)" if source_kind(cfg.model) == "hub" else ""
