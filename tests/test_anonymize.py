@@ -1,0 +1,151 @@
+"""The anonymizer stage with reverse personalization (tiny model): escalation ladder, fail closed,
+and the whole Ray job with this method on the offline photos."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rp_distributed import manifest
+from rp_distributed.anonymize import Anonymizer
+from rp_distributed.config import load_config
+from rp_distributed.pipeline import DetectFaces, run_job
+
+STEPS = 6
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from rp_distributed.diffusion import make_tiny
+
+    d = tmp_path_factory.mktemp("tiny")
+    make_tiny(d)
+    return d
+
+
+def _rp_cfg(tiny_dir, *extra):
+    return load_config(None, [
+        "anonymizer.method=reverse_personalization", f"diffusion.model={tiny_dir}/sdxl",
+        f"diffusion.ip_adapter={tiny_dir}/ip-adapter", f"diffusion.arcface={tiny_dir}/arcface/w600k_r50.onnx",
+        "diffusion.device=cpu", "diffusion.dtype=float32", f"diffusion.num_inversion_steps={STEPS}",
+        "alignment.face_size=128", "anonymizer.face_batch_size=3", "output.format=png", *extra])
+
+
+@pytest.fixture(scope="module")
+def t1_faces(tiny_dir, t1_path):
+    """Real face records of t1.jpg (detected and aligned by the pipeline's own first stage)."""
+    row = DetectFaces(_rp_cfg(tiny_dir)).process({"input_uri": str(t1_path), "rel_path": "t1.jpg", "output_uri": "x"})
+    assert row["status"] is None and len(row["payload"].faces) == 6
+    return row["payload"].faces
+
+
+def _fresh(faces, n=3):
+    return [{k: v for k, v in f.items()} for f in faces[:n]]
+
+
+def test_escalation_runs_every_rung_then_falls_back(tiny_dir, t1_faces):
+    # A threshold no distance can pass: every face is "re-identified" after every try.
+    cfg = _rp_cfg(tiny_dir, "privacy.reid_threshold=5.0", "privacy.guidance_ladder=[-14.0, -18.0]",
+                  "privacy.max_tries=3", "anonymizer.fallback=pixelate")
+    faces = _fresh(t1_faces)
+    Anonymizer(cfg)(faces)
+    for f in faces:
+        tries = json.loads(f["tries_json"])
+        assert [t["guidance"] for t in tries] == [-10.0, -14.0, -18.0]
+        assert all(t["reid_distance"] is not None and t["reid_distance"] < 5.0 for t in tries)
+        assert f["tries"] == 3 and f["guidance_final"] == -18.0
+        assert f["unet_evals"] == 2 * STEPS + 2 * STEPS * 3  # one inversion, three generations
+        assert f["method_applied"] == "pixelate" and "still re-identified after 3 tries" in f["face_error"]
+        # Every rung produced a different face: guidance changes the output.
+    dists = [[t["reid_distance"] for t in json.loads(f["tries_json"])] for f in faces]
+    assert all(len(set(d)) == 3 for d in dists)
+
+
+def test_escalation_stops_at_the_first_rung_that_passes(tiny_dir, t1_faces):
+    cfg = _rp_cfg(tiny_dir, "privacy.reid_threshold=0.0001")  # nothing is re-identified
+    faces = _fresh(t1_faces)
+    Anonymizer(cfg)(faces)
+    for f in faces:
+        assert f["tries"] == 1 and f["guidance_final"] == -10.0 and f.get("face_error") is None
+        assert f["method_applied"] == "reverse_personalization"
+        assert f["anon_crop"].shape == f["crop"].shape and np.abs(
+            f["anon_crop"].astype(int) - f["crop"].astype(int)).mean() > 5
+
+
+def test_stage_output_is_independent_of_the_batch(tiny_dir, t1_faces):
+    cfg = _rp_cfg(tiny_dir, "privacy.escalate=false")
+    anonymizer = Anonymizer(cfg)
+    together = _fresh(t1_faces, 3)
+    anonymizer(together)
+    alone = [_fresh(t1_faces[i:i + 1], 1) for i in range(3)]
+    for one in alone:
+        anonymizer(one)
+    for f, (g,) in zip(together, alone):
+        assert np.abs(f["anon_crop"].astype(int) - g["anon_crop"].astype(int)).max() <= 1
+
+
+def test_generation_failure_falls_back_for_that_face_only(tiny_dir, t1_faces):
+    cfg = _rp_cfg(tiny_dir, "privacy.escalate=false", "anonymizer.fallback=mask")
+    faces = _fresh(t1_faces)
+    faces[1]["crop"] = np.ascontiguousarray(faces[1]["crop"][:126, :126])  # not a size the VAE can take
+    Anonymizer(cfg)(faces)
+    assert faces[1]["method_applied"] == "mask" and "generation failed" in faces[1]["face_error"]
+    assert faces[1]["anon_crop"] is not None and faces[1]["anon_crop"].max() == 0
+    for f in (faces[0], faces[2]):  # the rest of the chunk was retried one by one and succeeded
+        assert f["method_applied"] == "reverse_personalization" and f.get("face_error") is None
+
+
+def test_small_faces_get_the_destructive_method(tiny_dir, t1_faces):
+    cfg = _rp_cfg(tiny_dir, "detection.min_face_size=120", "privacy.escalate=false")
+    faces = _fresh(t1_faces, 6)
+    for f in faces:
+        f["small"] = max(f["box"][2] - f["box"][0], f["box"][3] - f["box"][1]) < 120
+    assert 0 < sum(f["small"] for f in faces) < 6
+    Anonymizer(cfg)(faces)
+    for f in faces:
+        if f["small"]:
+            assert f["method_applied"] == "blur" and "smaller than detection.min_face_size" in f["face_error"]
+        else:
+            assert f["method_applied"] == "reverse_personalization"
+
+
+def test_bad_model_source_fails_at_start_up(tiny_dir, tmp_path):
+    from rp_distributed.diffusion import ModelSourceError
+
+    with pytest.raises(ModelSourceError, match="does not exist"):
+        Anonymizer(_rp_cfg(tiny_dir, f"diffusion.model={tmp_path}/nope"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ray_job_with_reverse_personalization(ray_session, tiny_dir, tmp_path, t1_path, t1_rgb):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(t1_path, src / "t1.jpg")
+    out = tmp_path / "out"
+    cfg = _rp_cfg(tiny_dir)
+    result = run_job(cfg, str(src), str(out), progress=False)
+    rows = sorted(manifest.read_manifest(str(out), "_manifest").to_pylist(), key=lambda r: r["face_index"])
+    assert result.summary["faces"] == 6 and len(rows) == 6
+    written = np.asarray(Image.open(out / "t1.png").convert("RGB"))
+    for r in rows:
+        assert r["method"] == "reverse_personalization" and r["status"] == "ok"
+        assert r["method_applied"] in ("reverse_personalization", "blur", "blur+mask", "reverse_personalization+mask")
+        assert r["seed"] is not None and r["tries"] >= 1 and r["unet_evals"] == 2 * STEPS * (1 + r["tries"])
+        params, model = json.loads(r["params"]), json.loads(r["model"])
+        assert params["guidance_scale"] == -10.0 and params["num_inversion_steps"] == STEPS
+        assert model["model"].endswith("sdxl") and model["ip_adapter_weight_name"] == "ip-adapter-faceid_sdxl.bin"
+        x0, y0, x1, y1 = int(r["box_x0"]), int(r["box_y0"]), int(r["box_x1"]), int(r["box_y1"])
+        assert np.abs(written[y0:y1, x0:x1].astype(int) - t1_rgb[y0:y1, x0:x1].astype(int)).mean() > 8
+        assert r["reidentified"] is False
+    assert sum(r["method_applied"] == "reverse_personalization" for r in rows) >= 4
+    # Background untouched: far from every face, the PNG output equals the decoded input exactly.
+    keep = np.ones(t1_rgb.shape[:2], bool)
+    for r in rows:
+        w, h = r["box_x1"] - r["box_x0"], r["box_y1"] - r["box_y0"]
+        keep[max(int(r["box_y0"] - h), 0):int(r["box_y1"] + h), max(int(r["box_x0"] - w), 0):int(r["box_x1"] + w)] = False
+    assert keep.mean() > 0.2 and np.array_equal(written[keep], t1_rgb[keep])
