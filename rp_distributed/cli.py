@@ -29,6 +29,14 @@ def _summary_text(result, cfg, input_uri: str, output_uri: str) -> str:
         f"  faces            {s['faces']} ({s['fallbacks']} fell back to {cfg.anonymizer.fallback})",
         f"  failures         {s['failures']} images (error or withheld; reasons in the manifest)",
         f"  re-identified    {rate} at distance < {cfg.privacy.reid_threshold}",
+    ]
+    if s["reid_rate_first_try"] is not None:
+        lines.append(f"  before escalation {100 * s['reid_rate_first_try']:.1f}% re-identified at the first try; "
+                     f"{s['escalated']} faces escalated")
+    if s["pose_diff_deg_median"] is not None:
+        lines.append(f"  utility          median head-pose change {s['pose_diff_deg_median']:.1f} deg, "
+                     f"landmark shift {s['landmark_displacement_median']:.2f} inter-ocular")
+    lines += [
         f"  wall time        {result.wall_s:.1f} s",
         f"  manifest         {len(result.manifest_parts)} new part(s) under {output_uri.rstrip('/')}/{cfg.output.manifest_dir}/",
     ]

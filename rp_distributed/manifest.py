@@ -8,6 +8,7 @@ rerun reads the parts to skip inputs that are done. The README documents every c
 from __future__ import annotations
 
 import io as _io
+import json
 import math
 import posixpath
 from collections.abc import Iterable
@@ -132,6 +133,8 @@ def summarize(rows: Iterable[dict]) -> dict:
     """Counts for the end-of-job summary, from manifest rows."""
     images: dict[str, str] = {}
     faces = reid = scored = failures = fallbacks = 0
+    first_scored = first_reid = escalated = 0
+    pose, drift = [], []
     for r in rows:
         images[r["input_uri"]] = r["status"]
         if r.get("face_index") is not None:
@@ -141,9 +144,23 @@ def summarize(rows: Iterable[dict]) -> dict:
             if r.get("reidentified") is not None:
                 scored += 1
                 reid += bool(r["reidentified"])
+            tries = json.loads(r["tries_json"]) if r.get("tries_json") else []
+            if tries and tries[0].get("reid_distance") is not None and r.get("reid_threshold") is not None:
+                first_scored += 1
+                first_reid += tries[0]["reid_distance"] < r["reid_threshold"]
+                escalated += len(tries) > 1
+            if r.get("pose_diff_deg") is not None:
+                pose.append(r["pose_diff_deg"])
+            if r.get("landmark_displacement") is not None:
+                drift.append(r["landmark_displacement"])
     for status in images.values():
         failures += status in ("error", "withheld")
     by_status = {s: sum(1 for v in images.values() if v == s) for s in STATUSES}
     return {"images": len(images), "faces": faces, "failures": failures, "by_status": by_status,
             "fallbacks": fallbacks, "reid_scored": scored, "reidentified": reid,
-            "reid_rate": (reid / scored) if scored else None}
+            "reid_rate": (reid / scored) if scored else None,
+            # Re-ID rate of the first generation, before the escalation ladder (reverse personalization).
+            "reid_rate_first_try": (first_reid / first_scored) if first_scored else None,
+            "escalated": escalated,
+            "pose_diff_deg_median": float(sorted(pose)[len(pose) // 2]) if pose else None,
+            "landmark_displacement_median": float(sorted(drift)[len(drift) // 2]) if drift else None}
