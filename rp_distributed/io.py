@@ -233,3 +233,12 @@ def write_atomic(uri: str, data: bytes) -> None:
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.exists(path)
+
+
+def remove(uri: str) -> None:
+    """Delete the object at ``uri`` if there is one (a missing one is fine). Other errors propagate."""
+    fs, path = filesystem(uri)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
