@@ -6,6 +6,7 @@ actor. Unknown keys and bad values are errors that name the key; ``--set a.b=val
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,15 +106,33 @@ class DiffusionConfig(_Section):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     skip: float = Field(0.7, gt=0, lt=1)
     num_inversion_steps: int = Field(100, ge=2, le=1000)
-    guidance_scale: float = -10.0
-    ip_adapter_scale: float = Field(1.0, ge=0, le=10)
-    id_emb_scale: float = Field(1.0, ge=0, le=10)
+    # g >= 0, a zero adapter scale or a zero identity make the generation conditioning equal (or, for g = 1,
+    # as good as) the inversion conditioning: the output would be the input. Refused (issue 7).
+    guidance_scale: float = Field(-10.0, allow_inf_nan=False, description="must be < 0 (negative identity guidance)")
+    ip_adapter_scale: float = Field(1.0, le=10, description="must be > 0")
+    id_emb_scale: float = Field(1.0, le=10, description="must be > 0")
     attribute_prompt: str | None = None
     seed: int = Field(0, ge=0, lt=2**63)
     seed_mode: Literal["fixed", "per_face"] = Field(
         "per_face", description="fixed: every face uses `seed` (reference); per_face: derived from seed, input and face index"
     )
     arcface_providers: list[str] = ["CPUExecutionProvider"]
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _negative_guidance(cls, v: float) -> float:
+        if not v < 0:
+            raise ValueError(f"must be negative (reference: -10); guidance_scale={v} >= 0 makes generation "
+                             "reproduce the input face instead of anonymizing it")
+        return v
+
+    @field_validator("ip_adapter_scale", "id_emb_scale")
+    @classmethod
+    def _identity_present(cls, v: float, info) -> float:
+        if not v > 0:
+            raise ValueError(f"must be > 0 (reference: 1.0); {info.field_name}={v} removes the identity from "
+                             "generation, which then reproduces the input face instead of anonymizing it")
+        return v
 
 
 class PrivacyConfig(_Section):
@@ -154,6 +173,18 @@ class JobConfig(_Section):
                 f"privacy.max_tries={self.privacy.max_tries} needs {self.privacy.max_tries - 1} rungs in "
                 f"privacy.guidance_ladder, which has {len(self.privacy.guidance_ladder)}"
             )
+        # Each escalation rung must be stronger (more negative) than the one before it, starting from
+        # diffusion.guidance_scale: a weaker or non-negative rung would retry with less anonymization.
+        ladder, g = self.privacy.guidance_ladder, self.diffusion.guidance_scale
+        prev = g
+        for i, rung in enumerate(ladder):
+            if not math.isfinite(rung) or rung >= prev:
+                what = "diffusion.guidance_scale" if i == 0 else f"rung {i - 1} ({ladder[i - 1]})"
+                raise ValueError(
+                    f"privacy.guidance_ladder={ladder} must grow strictly more negative, starting below "
+                    f"diffusion.guidance_scale={g}: rung {i} ({rung}) is not below {what}"
+                )
+            prev = rung
         return self
 
 
@@ -224,3 +255,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def config_to_dict(cfg: JobConfig) -> dict:
     return cfg.model_dump(mode="json")
+
+
+def anonymization_settings(cfg: JobConfig) -> dict:
+    """The settings that decide what an exported face looks like (detection, alignment, the method and its
+    parameters, the privacy gate, blending). Resources, paths of the run and output encoding are not in it."""
+    det = cfg.detection.model_dump(mode="json", exclude={"resources", "providers", "model_dir"})
+    anon = cfg.anonymizer.model_dump(mode="json", exclude={"resources", "face_batch_size"})
+    settings = {"detection": det, "alignment": cfg.alignment.model_dump(mode="json"), "anonymizer": anon,
+                "privacy": cfg.privacy.model_dump(mode="json"), "merge": {"feather": cfg.merge.feather}}
+    if cfg.anonymizer.method == "reverse_personalization":
+        settings["diffusion"] = cfg.diffusion.model_dump(
+            mode="json", exclude={"cache_dir", "device", "arcface_providers"})
+    return settings
+
+
+def anonymization_fingerprint(cfg: JobConfig) -> str:
+    """A short digest of ``anonymization_settings``: recorded per manifest row, compared on resume."""
+    import hashlib
+    import json
+
+    blob = json.dumps(anonymization_settings(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -55,3 +55,48 @@ def test_shipped_configs_load(path):
     from tests.conftest import REPO
 
     assert isinstance(load_config(REPO / path), JobConfig)
+
+
+# Issue 7, hole 2: settings under which generation conditioning equals inversion conditioning reconstruct the
+# input (the output is the face we were asked to hide). They are refused at start-up, naming the key.
+@pytest.mark.parametrize("override,key", [
+    ("diffusion.guidance_scale=0", "diffusion.guidance_scale"),
+    ("diffusion.guidance_scale=1.0", "diffusion.guidance_scale"),
+    ("diffusion.guidance_scale=7.5", "diffusion.guidance_scale"),
+    ("diffusion.ip_adapter_scale=0", "diffusion.ip_adapter_scale"),
+    ("diffusion.id_emb_scale=0", "diffusion.id_emb_scale"),
+    ("diffusion.id_emb_scale=-1", "diffusion.id_emb_scale"),
+    ("privacy.guidance_ladder=[-15.0, -12.0]", "privacy.guidance_ladder"),  # not growing more negative
+    ("privacy.guidance_ladder=[-15.0, -15.0]", "privacy.guidance_ladder"),  # not strictly
+    ("privacy.guidance_ladder=[-5.0, -20.0]", "privacy.guidance_ladder"),  # first rung weaker than -10
+    ("privacy.guidance_ladder=[-10.0, -20.0]", "privacy.guidance_ladder"),  # first rung equal to -10
+    ("privacy.guidance_ladder=[0.0, -20.0]", "privacy.guidance_ladder"),
+])
+def test_reconstructing_settings_are_refused(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert key in str(err.value)
+
+
+def test_ladder_is_checked_against_the_configured_guidance():
+    cfg = load_config(None, ["diffusion.guidance_scale=-12", "privacy.guidance_ladder=[-14, -30]"])
+    assert cfg.privacy.guidance_ladder == [-14.0, -30.0]
+    with pytest.raises(ConfigError, match="privacy.guidance_ladder"):
+        load_config(None, ["diffusion.guidance_scale=-25"])  # default ladder [-15, -20] is weaker than -25
+    assert load_config(None, ["privacy.guidance_ladder=[]", "privacy.max_tries=1"]).privacy.guidance_ladder == []
+
+
+@pytest.mark.parametrize("update,key", [
+    ({"guidance_scale": 0.0}, "guidance_scale"),
+    ({"guidance_scale": 3.0}, "guidance_scale"),
+    ({"ip_adapter_scale": 0.0}, "ip_adapter_scale"),
+    ({"id_emb_scale": 0.0}, "id_emb_scale"),
+])
+def test_check_parameters_refuses_unvalidated_reconstructing_configs(update, key):
+    from rp_distributed.config import DiffusionConfig
+    from rp_distributed.diffusion.loading import check_parameters
+
+    check_parameters(DiffusionConfig())  # the reference settings pass
+    for cfg in (DiffusionConfig().model_copy(update=update), DiffusionConfig.model_construct(**update)):
+        with pytest.raises(ValueError, match=key):
+            check_parameters(cfg)

@@ -352,8 +352,19 @@ def test_out_of_range_parameters(rp, crops):
         DiffusionConfig(skip=1.5)
     with pytest.raises(ValueError, match="num_inversion_steps=500 must be in \\[2, 299\\]"):
         check_parameters(DiffusionConfig(num_inversion_steps=500))
+    with pytest.raises(ValidationError, match="guidance_scale"):
+        DiffusionConfig(guidance_scale=float("nan"))
     with pytest.raises(ValueError, match="guidance_scale=nan must be a finite number"):
-        check_parameters(DiffusionConfig(guidance_scale=float("nan")))
+        check_parameters(DiffusionConfig().model_copy(update={"guidance_scale": float("nan")}))
+    # issue 7: settings that reconstruct the input are refused here too (configs built without validation)
+    for update, match in [({"guidance_scale": 0.0}, "guidance_scale=0.0 must be negative"),
+                          ({"guidance_scale": 1.0}, "guidance_scale=1.0 must be negative"),
+                          ({"ip_adapter_scale": 0.0}, "ip_adapter_scale=0.0 must be > 0"),
+                          ({"id_emb_scale": 0}, "id_emb_scale=0 must be > 0")]:
+        with pytest.raises(ValueError, match=match):
+            check_parameters(DiffusionConfig().model_copy(update=update))
+        with pytest.raises(ValueError, match=match):
+            ReversePersonalizer(rp.pipe, rp.cfg.model_copy(update=update), rp.device, rp.dtype)
     with pytest.raises(ValueError, match="skip=0.9995 leaves no timesteps"):
         check_parameters(DiffusionConfig(skip=0.9995))
     with pytest.raises(ValueError, match="multiples of"):

@@ -269,12 +269,17 @@ def check_parameters(cfg) -> None:
         elif not (2 <= cfg.num_inversion_steps <= t_max):
             errs.append(f"num_inversion_steps={cfg.num_inversion_steps} must be in [2, {t_max}] with skip={cfg.skip} "
                         f"(timesteps {t_max}..1 would repeat)")
+    # Fail closed (issue 7): with g >= 0, or no identity (a zero adapter or embedding scale), generation
+    # conditioning equals the inversion conditioning (or, at g = 1, nearly) and the output is the input face.
     for name in ("guidance_scale", "ip_adapter_scale", "id_emb_scale"):
         v = getattr(cfg, name)
-        if not isinstance(v, (int, float)) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             errs.append(f"{name}={v} must be a finite number")
-    if cfg.ip_adapter_scale < 0 or cfg.id_emb_scale < 0:
-        errs.append("ip_adapter_scale and id_emb_scale must be >= 0")
+        elif name == "guidance_scale" and not v < 0:
+            errs.append(f"guidance_scale={v} must be negative: g >= 0 reproduces the input face instead of "
+                        "anonymizing it")
+        elif name != "guidance_scale" and not v > 0:
+            errs.append(f"{name}={v} must be > 0: 0 removes the identity and generation reproduces the input face")
     if cfg.seed < 0:
         errs.append(f"seed={cfg.seed} must be >= 0")
     if errs:
