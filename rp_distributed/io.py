@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import stat
 import uuid
 from dataclasses import dataclass, field
 
@@ -53,18 +54,70 @@ def join_uri(root: str, rel_path: str) -> str:
     return root.rstrip("/") + "/" + norm
 
 
+SYMLINK_OUTSIDE = "symlink to a file outside the input root: not followed"
+SYMLINK_BROKEN = "broken symlink (its target does not exist): not followed"
+NOT_REGULAR = "not a regular file: not read"
+
+
 @dataclass
 class InputFile:
     uri: str
     rel_path: str
     size: int
+    # Set when the file is listed but must not be read (a symlink leaving the input root, ...): the caller
+    # records it as an error row with this reason instead of processing it.
+    skip_reason: str | None = None
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _walk_local(root: str) -> dict[str, dict]:
+    """Files under a local folder, without following symlinked folders (so link loops cannot happen).
+
+    A symlinked file is followed only when its real path lies inside the root's real path; otherwise it
+    is listed with a ``skip_reason`` and never opened. Hidden folders are not descended into.
+    """
+    real_root = os.path.realpath(root)
+    found: dict[str, dict] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        # os.walk lists symlinked folders in dirnames but (followlinks=False) never descends into them.
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            info: dict = {"type": "file", "size": 0, "skip_reason": None}
+            try:
+                lst = os.lstat(path)
+            except OSError:  # removed while listing
+                continue
+            if stat.S_ISLNK(lst.st_mode):
+                target = os.path.realpath(path)
+                if not os.path.exists(target):
+                    info["skip_reason"] = SYMLINK_BROKEN
+                elif not _inside(target, real_root):
+                    info["skip_reason"] = SYMLINK_OUTSIDE
+                else:
+                    st = os.stat(target)
+                    if stat.S_ISREG(st.st_mode):
+                        info["size"] = st.st_size
+                    else:
+                        info["skip_reason"] = NOT_REGULAR
+            elif stat.S_ISREG(lst.st_mode):
+                info["size"] = lst.st_size
+            else:  # FIFO, socket, device: reading could block or never end
+                info["skip_reason"] = NOT_REGULAR
+            found[path] = info
+    return found
 
 
 def list_inputs(input_uri: str, extensions: list[str], exclude_uri: str | None = None) -> list[InputFile]:
     """Image files under ``input_uri`` (recursively), by extension, sorted by relative path.
 
     A single file URI lists just that file. Anything under ``exclude_uri`` (the output prefix, when it
-    lies inside the input) is skipped, as are hidden files and folders.
+    lies inside the input) is skipped, as are hidden files and folders. Local folders are walked without
+    following symlinked folders; a symlinked file whose target lies outside the input root is listed with
+    ``skip_reason`` set (the caller records it, nothing reads it).
     """
     fs, root = filesystem(input_uri)
     if not fs.exists(root):
@@ -74,7 +127,14 @@ def list_inputs(input_uri: str, extensions: list[str], exclude_uri: str | None =
         efs, epath = filesystem(exclude_uri)
         if type(efs) is type(fs):
             exclude = epath.rstrip("/") + "/"
-    if fs.isfile(root):
+    local = isinstance(fs, LocalFileSystem)
+    if local and os.path.isfile(root):  # the file the user named (through a link or not): read it
+        base = posixpath.dirname(root)
+        found = {root: {"type": "file", "size": os.path.getsize(root), "skip_reason": None}}
+    elif local:
+        base = root.rstrip("/")
+        found = _walk_local(root)
+    elif fs.isfile(root):
         base = posixpath.dirname(root)
         found = {root: fs.info(root)}
     else:
@@ -91,7 +151,8 @@ def list_inputs(input_uri: str, extensions: list[str], exclude_uri: str | None =
             continue
         if posixpath.splitext(rel)[1].lower() not in extensions:
             continue
-        files.append(InputFile(uri=_unstrip(fs, path), rel_path=rel, size=int(info.get("size") or 0)))
+        files.append(InputFile(uri=_unstrip(fs, path), rel_path=rel, size=int(info.get("size") or 0),
+                               skip_reason=info.get("skip_reason")))
     files.sort(key=lambda f: f.rel_path)
     return files
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -280,6 +282,28 @@ def s3_endpoint(monkeypatch):
     yield s3fs.S3FileSystem()
     s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
+
+
+@pytest.mark.parametrize("bad_key", ["m/../../evil.bin", "m/sub/../../../evil.bin", "m/sub/../evil.bin"])
+def test_sync_uri_refuses_keys_that_leave_the_cache(s3_endpoint, tmp_path, bad_key):
+    """Issue 7, hole 5: an object key with '..' would be written outside the cache folder. S3 keeps such
+    keys verbatim (checked here: s3fs lists the '..'), so this runs against a real (moto) S3 endpoint."""
+    import boto3
+
+    fs = s3_endpoint
+    bucket = "leak-" + uuid.uuid4().hex[:12]  # moto's state outlives one server: a bucket per case
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    client.create_bucket(Bucket=bucket)
+    for key in ("m/a.bin", bad_key, "m/z.bin"):
+        client.put_object(Bucket=bucket, Key=key, Body=b"payload")
+    assert f"{bucket}/{bad_key}" in fs.find(f"{bucket}/m")  # the key really lists with its '..'
+    cache = tmp_path / "deep" / "cache"
+    with pytest.raises(ModelSourceError, match=r"unsafe key .*" + re.escape(bad_key)):
+        sync_uri(f"s3://{bucket}/m", cache)
+    # nothing was written outside the cache folder, and nothing (not even the good keys) inside it
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["deep", "deep/cache"] + sorted(
+        "deep/cache/" + p.name for p in cache.glob("*.lock"))
+    assert not list(cache.glob("*.complete"))
 
 
 def test_load_from_s3(s3_endpoint, tiny, tmp_path, rp, crops, ids):

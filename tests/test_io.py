@@ -94,3 +94,53 @@ def test_read_bytes_caps_size(tmp_path):
     f.write_bytes(b"x" * 1000)
     with pytest.raises(io.InputError, match="too large"):
         io.read_bytes(str(f), 999)
+
+
+# --------------------------------------------------------------------------- issue 7, hole 5: symlinks
+
+
+def test_symlinks_outside_the_input_root_are_not_followed(tmp_path):
+    import os
+
+    root, outside = tmp_path / "in", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (root / "a.jpg").write_bytes(b"inside")
+    (root / "sub" / "b.jpg").write_bytes(b"inside too")
+    (outside / "secret.jpg").write_bytes(b"not yours")
+    (outside / "deep.jpg").write_bytes(b"not yours either")
+    os.symlink(root / "a.jpg", root / "link_in.jpg")  # a link to a file inside the root: followed
+    os.symlink(outside / "secret.jpg", root / "link_out.jpg")  # a link to a file outside: not followed
+    os.symlink(root / "sub" / ".." / ".." / "outside" / "secret.jpg", root / "sub" / "sneaky.jpg")
+    os.symlink(outside, root / "dir_out")  # a directory link to outside: not descended
+    os.symlink(root / "sub", root / "sub" / "loop")  # a directory link loop: not descended, listing ends
+    os.symlink(root, root / "rootloop")
+    os.symlink(tmp_path / "nowhere.jpg", root / "dangling.jpg")
+
+    files = io.list_inputs(str(root), [".jpg"])
+    by_rel = {f.rel_path: f for f in files}
+    assert sorted(by_rel) == ["a.jpg", "dangling.jpg", "link_in.jpg", "link_out.jpg", "sub/b.jpg", "sub/sneaky.jpg"]
+    assert [f.rel_path for f in files] == sorted(by_rel)
+    for rel in ("a.jpg", "sub/b.jpg", "link_in.jpg"):
+        assert by_rel[rel].skip_reason is None, rel
+    assert io.read_bytes(by_rel["link_in.jpg"].uri, 100) == b"inside"
+    for rel in ("link_out.jpg", "sub/sneaky.jpg"):
+        assert by_rel[rel].skip_reason == "symlink to a file outside the input root: not followed", rel
+        assert by_rel[rel].size == 0  # nothing of the target is reported
+    assert "symlink" in by_rel["dangling.jpg"].skip_reason
+    assert not any("secret" in f.uri or "deep" in f.uri for f in files)
+
+
+def test_input_root_given_through_a_symlink_is_listed(tmp_path):
+    import os
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "x.jpg").write_bytes(b"1")
+    os.symlink(real / "x.jpg", real / "y.jpg")
+    os.symlink(real, tmp_path / "alias")
+    files = io.list_inputs(str(tmp_path / "alias"), [".jpg"])
+    assert [(f.rel_path, f.skip_reason) for f in files] == [("x.jpg", None), ("y.jpg", None)]
+    # a single-file URI that is a link to a file elsewhere is what the user named: it is read
+    single = io.list_inputs(str(real / "y.jpg"), [".jpg"])
+    assert [(f.rel_path, f.skip_reason) for f in single] == [("y.jpg", None)]

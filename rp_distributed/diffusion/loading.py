@@ -51,6 +51,23 @@ def _cache_key(uri: str) -> str:
     return hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
+def _inside_staging(staging: Path, sub: str, uri: str, key: str) -> Path:
+    """``staging / sub``, refusing a relative path that is absolute, has '..' parts or would resolve
+    outside ``staging`` (``ModelSourceError`` naming the key)."""
+    parts = sub.split("/")
+    bad = (not sub or sub.startswith("/") or "\\" in sub or "\x00" in sub
+           or any(p in (".", "..") for p in parts))
+    dst = staging / sub
+    if not bad:
+        real_staging = os.path.realpath(staging)
+        real = os.path.realpath(dst)
+        bad = not real.startswith(real_staging.rstrip(os.sep) + os.sep)
+    if bad:
+        raise ModelSourceError(f"cannot sync {uri}: unsafe key {key!r} (its path {sub!r} would leave the cache "
+                               "folder or is not a plain relative path); refusing the whole source")
+    return dst
+
+
 def sync_uri(uri: str, cache_dir: str | os.PathLike) -> Path:
     """Copy the file or folder at ``uri`` into the node-local cache once; return the local path.
 
@@ -97,16 +114,19 @@ def sync_uri(uri: str, cache_dir: str | os.PathLike) -> Path:
                 raise ModelSourceError(f"cannot list {uri}: {exc}") from exc
             if is_file:
                 rel = Path(rpath).name
-                fs.get_file(rpath, str(staging / rel))
+                fs.get_file(rpath, str(_inside_staging(staging, rel, uri, rpath)))
             else:
                 if not files:
                     raise ModelSourceError(f"{uri} does not exist (no file or folder there)")
                 rel = ""
+                # Every key is checked before anything is written: a key with '..' (S3 keeps them verbatim)
+                # or an absolute part would otherwise be written outside the cache.
+                plan = []
                 for f in files:
                     sub = f[len(rpath) :].lstrip("/")
-                    if not sub:
-                        continue
-                    dst = staging / sub
+                    if sub:
+                        plan.append((f, _inside_staging(staging, sub, uri, f)))
+                for f, dst in plan:
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     fs.get_file(f, str(dst))
             os.replace(staging, target)
