@@ -44,6 +44,9 @@ class InputConfig(_Section):
         out = [e.lower() if e.startswith(".") else "." + e.lower() for e in v]
         if not out:
             raise ValueError("at least one extension is required")
+        unsupported = [e for e in out if e not in IMAGE_EXTENSIONS]
+        if unsupported:  # the decoder refuses other formats (io.ACCEPTED_FORMATS): say so at start-up
+            raise ValueError(f"unsupported extension(s) {unsupported}; supported: {', '.join(IMAGE_EXTENSIONS)}")
         return out
 
 
@@ -69,7 +72,18 @@ class DetectionConfig(_Section):
     threshold: float = Field(0.0, description="minimum detection score (backend's own scale)")
     upsample: int = Field(1, ge=0, le=3, description="dlib: times to upsample before detecting")
     min_face_size: int = Field(24, ge=1, description="faces smaller (box side, px) get the fallback method")
-    max_faces: int = Field(64, ge=1, description="faces kept per image, largest first")
+    max_faces: int = Field(
+        64, ge=1,
+        description="faces per image given the requested method, largest first; every further face gets "
+        "anonymizer.fallback on its box",
+    )
+    tile_above_px: int = Field(
+        2000, ge=256,
+        description="images whose long side exceeds this get a coarse whole-image pass plus overlapping tiles "
+        "seen at a higher magnification, so small faces in large photos are found",
+    )
+    tile_px: int = Field(1024, ge=128, le=4096, description="tile side, image px (insightface: also its tile input)")
+    tile_zoom: float = Field(3.0, ge=1.0, le=8.0, description="dlib: tiles are magnified this much before detecting")
     providers: list[str] = ["CPUExecutionProvider"]
     resources: StageResources = StageResources(concurrency=1, num_cpus=0.5, batch_size=4)
 
@@ -153,6 +167,12 @@ class MergeConfig(_Section):
 class RayConfig(_Section):
     address: str | None = Field(None, description="cluster address; RAY_ADDRESS wins; none starts a local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (default: all)")
+    max_task_retries: int = Field(
+        2, ge=0, description="retries of a batch whose worker died (crash, OOM kill, device fault); its inputs "
+        "are then retried one by one, and one that still fails is recorded as an error")
+    max_isolated_inputs: int = Field(
+        1000, ge=0, description="most inputs of failed batches retried one by one; more means a systemic "
+        "failure: the job stops (resumable) instead")
 
 
 class JobConfig(_Section):

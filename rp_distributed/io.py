@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import re
 import stat
 import uuid
 from dataclasses import dataclass, field
@@ -19,8 +20,17 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# We enforce our own pixel cap before decoding; PIL's own check stays on as a second line.
-Image.MAX_IMAGE_PIXELS = None
+# Formats we decode (the extensions of ``input.extensions``); MPO is the multi-frame JPEG of phone cameras,
+# which PIL's JPEG opener returns. Any other format PIL knows (EPS, PSD, ICO, GIF, ...) is refused before
+# its parser runs: less decoder attack surface.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+_RESULT_FORMATS = ACCEPTED_FORMATS + ("MPO",)
+DEFAULT_MAX_PIXELS = 64_000_000  # InputConfig.max_pixels' default
+
+# PIL's own decompression-bomb check stays on, at our cap: ``decode_image`` sets it to ``input.max_pixels``
+# (PIL raises above 2x the limit and only warns between 1x and 2x; our own check on the header size,
+# before any pixel is decoded, refuses everything above 1x).
+Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
 
 
 class InputError(Exception):
@@ -210,14 +220,52 @@ def _to_uint8_rgb(im: Image.Image, notes: list[str]) -> tuple[np.ndarray, np.nda
     return np.asarray(im).copy(), None
 
 
+def _pil_formats() -> dict:
+    if not Image.OPEN or any(f not in Image.OPEN for f in ACCEPTED_FORMATS):
+        Image.init()
+    return Image.OPEN
+
+
+def _sniff_format(data: bytes) -> str | None:
+    """The format PIL would see in ``data``'s magic bytes (its plugins' prefix checks only: no parser runs),
+    for the reason of a refused file."""
+    prefix = data[:16]
+    for fmt, (_factory, accept) in list(_pil_formats().items()):
+        try:
+            result = accept(prefix) if accept is not None else None
+        except Exception:  # noqa: BLE001 - a prefix check that cannot handle these bytes
+            continue
+        if result and not isinstance(result, str):  # a str is PIL's "looks like X but unsupported" note
+            return fmt
+    return None
+
+
 def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
-    """Decode image bytes to RGB uint8 with EXIF orientation applied; refuse decompression bombs."""
+    """Decode image bytes to RGB uint8 with EXIF orientation applied; refuse decompression bombs and
+    formats other than ``ACCEPTED_FORMATS``.
+
+    Two pixel caps, both at ``max_pixels``: PIL's own (``Image.MAX_IMAGE_PIXELS``, process-wide, set here;
+    it raises in ``Image.open`` above 2x) and ours on the header size right after (refuses above 1x, where
+    PIL only warns). Both run before any pixel data is decoded.
+    """
+    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data), formats=[f for f in ACCEPTED_FORMATS if f in _pil_formats()])
     except UnidentifiedImageError:
+        known = _sniff_format(data)
+        if known is not None:
+            raise InputError(f"not a supported image format (looks like {known}); accepted: "
+                             f"{', '.join(ACCEPTED_FORMATS)}") from None
         raise InputError("not a recognised image format") from None
+    except Image.DecompressionBombError as exc:
+        m = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{m.group(1)} pixels" if m else "more than 2x the cap"
+        raise InputError(f"image too large: {size} > input.max_pixels={max_pixels} "
+                         "(refused by PIL's decompression-bomb check before decoding)") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken headers
         raise InputError(f"unreadable image header: {exc}") from None
+    if im.format not in _RESULT_FORMATS:  # defensive: an opener returning another format class
+        raise InputError(f"not a supported image format ({im.format}); accepted: {', '.join(ACCEPTED_FORMATS)}")
     w, h = im.size
     if w <= 0 or h <= 0:
         raise InputError(f"image has no pixels ({w}x{h})")

@@ -144,3 +144,67 @@ def test_input_root_given_through_a_symlink_is_listed(tmp_path):
     # a single-file URI that is a link to a file elsewhere is what the user named: it is read
     single = io.list_inputs(str(real / "y.jpg"), [".jpg"])
     assert [(f.rel_path, f.skip_reason) for f in single] == [("y.jpg", None)]
+
+
+# --------------------------------------------------------------------------- issue 7, hole 11: PIL's own checks
+
+
+def _encoded(im, fmt, **kw) -> bytes:
+    buf = __import__("io").BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_pil_bomb_check_is_live_at_our_cap(bad_dir, astronaut_path, monkeypatch):
+    d, _ = bad_dir
+    assert Image.MAX_IMAGE_PIXELS is not None  # importing io leaves PIL's own check on
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after this test
+    small = astronaut_path.read_bytes()  # 512 x 512 = 262144 px
+    io.decode_image(small, 300_000)
+    assert Image.MAX_IMAGE_PIXELS == 300_000  # PIL's check sits at our cap while we decode
+    # Above 2x the cap PIL itself refuses in Image.open, before any pixel is decoded; we report our reason.
+    with pytest.raises(io.InputError, match=r"image too large: 144000000 pixels > input.max_pixels=64000000 "
+                                            r"\(refused by PIL's decompression-bomb check"):
+        _decode(d / "huge.png")
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(d / "huge.png")  # anyone else in the process opening it now meets the same cap
+    # Between 1x and 2x PIL only warns: our own check (on the header size, before decoding) refuses.
+    with pytest.raises(io.InputError, match=r"image too large: 512x512 = 262144 pixels > input.max_pixels=200000"):
+        with pytest.warns(Image.DecompressionBombWarning):
+            io.decode_image(small, 200_000)
+
+
+@pytest.mark.parametrize("fmt,kw,reason", [
+    ("GIF", {}, r"not a supported image format \(looks like GIF\)"),
+    ("ICO", {"sizes": [(64, 64)]}, r"not a supported image format \(looks like ICO\)"),
+    ("EPS", {}, r"not a supported image format \(looks like EPS\)"),
+    ("PPM", {}, r"not a supported image format \(looks like PPM\)"),
+    # TGA has no magic bytes (an uncompressed one starts like a CUR cursor): refused, whatever it looks like
+    ("TGA", {}, "not a supported image format|not a recognised image format"),
+])
+def test_formats_we_do_not_accept_are_refused_before_decoding(astronaut_path, fmt, kw, reason):
+    data = _encoded(Image.open(astronaut_path).convert("RGB"), fmt, **kw)
+    assert Image.open(__import__("io").BytesIO(data)).format == fmt  # PIL itself would open it
+    with pytest.raises(io.InputError, match=reason) as err:
+        io.decode_image(data, 64_000_000)
+    assert "accepted: JPEG, PNG, WEBP, BMP, TIFF" in str(err.value) or fmt == "TGA"
+
+
+@pytest.mark.parametrize("fmt,kw", [("JPEG", {}), ("PNG", {}), ("WEBP", {"lossless": True}), ("BMP", {}),
+                                    ("TIFF", {}), ("MPO", {"save_all": True})])
+def test_accepted_formats_decode(astronaut_path, fmt, kw):
+    im = Image.open(astronaut_path).convert("RGB")
+    if fmt == "MPO":  # phone cameras' JPEG with a second (e.g. depth or stereo) frame
+        kw = {"save_all": True, "append_images": [im.resize((64, 64))]}
+    dec = io.decode_image(_encoded(im, fmt, **kw), 64_000_000)
+    assert dec.format == fmt and dec.rgb.shape == (512, 512, 3)
+
+
+def test_extensions_and_cap_defaults_match_the_decoder():
+    from rp_distributed.config import IMAGE_EXTENSIONS, ConfigError, InputConfig, load_config
+
+    assert io.DEFAULT_MAX_PIXELS == InputConfig().max_pixels
+    assert {io._EXT_FORMAT[e] for e in IMAGE_EXTENSIONS} == set(io.ACCEPTED_FORMATS)
+    assert load_config(None, ["input.extensions=[JPG, .png]"]).input.extensions == [".jpg", ".png"]
+    with pytest.raises(ConfigError, match="input.extensions.*unsupported extension"):
+        load_config(None, ["input.extensions=[.jpg, .gif]"])
