@@ -24,6 +24,30 @@ def _err(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:500]
 
 
+class DeviceFault(RuntimeError):
+    """The accelerator is gone or corrupted (illegal address, ECC error, lost device). Every later face on
+    this process would fail too, or fall back to blur unnoticed: the actor must end so Ray restarts it."""
+
+
+# Messages of CUDA errors after which a process cannot use its device again (torch, cuBLAS/cuDNN,
+# onnxruntime's CUDA provider). Out-of-memory is not one of them: it is retried one face at a time.
+_DEVICE_FAULT_MARKERS = ("cuda error", "cuda failure", "cublas_status", "cudnn_status", "cudaerror",
+                         "illegal memory access", "device-side assert", "ecc error", "unspecified launch failure",
+                         "misaligned address", "device lost", "no cuda-capable device", "nccl error")
+
+
+def is_device_fault(exc: BaseException) -> bool:
+    msg = str(exc).lower()
+    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in msg:
+        return False
+    return any(m in msg for m in _DEVICE_FAULT_MARKERS)
+
+
+def _raise_if_device_fault(exc: BaseException) -> None:
+    if is_device_fault(exc):
+        raise DeviceFault(f"device fault, this worker must restart: {_err(exc)}") from exc
+
+
 def _finite(x: float | None) -> float | None:
     """JSON-safe distance: inf (no face found to compare) becomes None."""
     return None if x is None or not np.isfinite(x) else round(float(x), 4)
@@ -74,7 +98,10 @@ class Anonymizer:
             f["model"] = model
         primary = []
         for f in faces:
-            if f.get("align_error"):
+            if f.get("over_budget"):
+                f["face_error"] = (f"beyond detection.max_faces={self.cfg.detection.max_faces} (largest first): "
+                                   f"{self.acfg.fallback} on the image box")
+            elif f.get("align_error"):
                 f["face_error"] = f["align_error"]
             elif f.get("small") and self.method == "reverse_personalization":
                 self._fallback(f, f"face smaller than detection.min_face_size={self.cfg.detection.min_face_size}px")
@@ -110,6 +137,7 @@ class Anonymizer:
                 f["id_embedding"] = self.embedder.embed(f["crop"], f["kps5"])
                 ready.append(f)
             except Exception as exc:  # noqa: BLE001
+                _raise_if_device_fault(exc)
                 self._fallback(f, f"identity embedding failed: {_err(exc)}")
         n = self.acfg.face_batch_size
         for start in range(0, len(ready), n):
@@ -118,6 +146,7 @@ class Anonymizer:
             try:
                 self._generate_chunk(chunk)
             except Exception as exc:  # noqa: BLE001 - retry one by one so one bad face cannot sink others
+                _raise_if_device_fault(exc)
                 if len(chunk) == 1:
                     self._fallback(chunk[0], f"generation failed: {_err(exc)}")
                 else:
@@ -125,6 +154,7 @@ class Anonymizer:
                         try:
                             self._generate_chunk([f])
                         except Exception as exc1:  # noqa: BLE001
+                            _raise_if_device_fault(exc1)
                             self._fallback(f, f"generation failed: {_err(exc1)}")
             per_face = (time.perf_counter() - t0) / len(chunk)
             for f in chunk:

@@ -13,11 +13,12 @@ import json
 import sys
 
 from .config import ConfigError, config_to_dict, load_config
+from .plan import PlanError
 
 
 def _summary_text(result, cfg, input_uri: str, output_uri: str) -> str:
     s = result.summary
-    rate = "n/a" if s["reid_rate"] is None else f"{100 * s['reid_rate']:.1f}% ({s['reidentified']}/{s['reid_scored']})"
+    rate = "n/a" if s["reid_rate"] is None else f"{100 * s['reid_rate']:.1f}% ({s['identity_exported']}/{s['reid_scored']})"
     by = ", ".join(f"{k} {v}" for k, v in s["by_status"].items() if v)
     lines = [
         "",
@@ -26,10 +27,23 @@ def _summary_text(result, cfg, input_uri: str, output_uri: str) -> str:
         f"  output           {output_uri}",
         f"  method           {cfg.anonymizer.method} (fallback: {cfg.anonymizer.fallback})",
         f"  images           {s['images']} processed ({by or 'none'}), {result.skipped} skipped as already done",
-        f"  faces            {s['faces']} ({s['fallbacks']} fell back to {cfg.anonymizer.fallback})",
+        f"  faces            {s['faces']} ({s['fallbacks']} not by the requested method: fallback or mask, "
+        "reasons in the manifest)",
         f"  failures         {s['failures']} images (error or withheld; reasons in the manifest)",
-        f"  re-identified    {rate} at distance < {cfg.privacy.reid_threshold}",
+        f"  identity exported {rate}: written faces the recognizer still matches (distance < "
+        f"{cfg.privacy.reid_threshold}), not masked",
     ]
+    if s["matched_masked"]:
+        lines.append(f"  masked matches   {s['matched_masked']} boxes matched by the recognizer after masking: no "
+                     "identity left in them (typically a false detection)")
+    if result.redone_changed:
+        lines.append(f"  redone           {result.redone_changed} inputs done earlier under other anonymization "
+                     f"settings (fingerprint now {result.settings_fingerprint})")
+    if result.renamed:
+        lines.append(f"  renamed          {result.renamed} inputs got a distinct output key (their keys collided; "
+                     "see notes in the manifest)")
+    if result.isolated:
+        lines.append(f"  retried alone    {result.isolated} inputs of batches whose worker died")
     if s["reid_rate_first_try"] is not None:
         lines.append(f"  before escalation {100 * s['reid_rate_first_try']:.1f}% re-identified at the first try; "
                      f"{s['escalated']} faces escalated")
@@ -118,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"rp-anonymize: {exc}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, PlanError) as exc:
         print(f"rp-anonymize: {exc}", file=sys.stderr)
         return 2
 

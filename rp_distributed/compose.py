@@ -50,13 +50,18 @@ def _window(mask: np.ndarray, inv: np.ndarray, shape: tuple[int, int]) -> tuple[
 
 
 def paste_back(image: np.ndarray, crop: np.ndarray, matrix: np.ndarray, face_box: np.ndarray,
-               feather: float) -> np.ndarray:
-    """Blend ``crop`` (the anonymized aligned crop) into a copy of ``image`` through the face mask."""
+               feather: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Blend ``crop`` (the anonymized aligned crop) into ``image`` through the face mask.
+
+    Writes into ``out`` (which may be ``image`` itself) or, when None, into a copy; returns it."""
     size = crop.shape[0]
     mask = face_mask(size, face_box, feather)
     inv = cv2.invertAffineTransform(matrix.astype(np.float64))
     win = _window(mask, inv, image.shape[:2])
-    out = image.copy()
+    if out is None:
+        out = image.copy()
+    elif out is not image:
+        out[...] = image
     if win is None:
         return out
     x0, y0, x1, y1 = win
@@ -111,14 +116,20 @@ def destroy(method: str, crop: np.ndarray, face_box: np.ndarray, cfg) -> np.ndar
     raise ValueError(f"unknown destructive method {method!r}")
 
 
-def destroy_box(image: np.ndarray, box: np.ndarray, method: str, cfg, margin: float = 0.3) -> np.ndarray:
-    """Last-resort fail-closed path: apply ``method`` to the (enlarged) box directly in the image."""
+def destroy_box(image: np.ndarray, box: np.ndarray, method: str, cfg, margin: float = 0.3,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """Fail-closed path: apply ``method`` to the (enlarged) box directly in the image.
+
+    Writes into ``out`` (which may be ``image`` itself) or, when None, into a copy; returns it."""
     h, w = image.shape[:2]
     x0, y0, x1, y1 = [float(v) for v in box]
     mw, mh = margin * (x1 - x0), margin * (y1 - y0)
     xa, ya = max(int(np.floor(x0 - mw)), 0), max(int(np.floor(y0 - mh)), 0)
     xb, yb = min(int(np.ceil(x1 + mw)), w), min(int(np.ceil(y1 + mh)), h)
-    out = image.copy()
+    if out is None:
+        out = image.copy()
+    elif out is not image:
+        out[...] = image
     if xa >= xb or ya >= yb:
         return out
     region = out[ya:yb, xa:xb]

@@ -32,6 +32,7 @@ SCHEMA = pa.schema([
     ("status", pa.string()),              # image-level: ok | no_face | withheld | error
     ("error", pa.string()),               # image-level reason (error / withheld)
     ("notes", pa.string()),               # conversions applied on decode, "; "-joined
+    ("settings_fingerprint", pa.string()),  # digest of the settings that decide anonymization (resume)
     ("image_width", pa.int32()),
     ("image_height", pa.int32()),
     ("num_faces", pa.int32()),
@@ -53,6 +54,8 @@ SCHEMA = pa.schema([
     ("reid_distance", pa.float32()),      # recognizer distance original vs written face
     ("reidentified", pa.bool_()),         # reid_distance < privacy.reid_threshold
     ("reid_threshold", pa.float32()),
+    ("identity_exported", pa.bool_()),    # re-identified in the written image and not masked: must be False
+    ("score_error", pa.string()),         # why the re-ID check or the utility signals failed (box masked)
     ("face_still_detected", pa.bool_()),
     ("pose_diff_deg", pa.float32()),      # max |Δyaw|, |Δpitch|, |Δroll| original vs written
     ("landmark_displacement", pa.float32()),
@@ -112,12 +115,12 @@ def read_manifest(output_uri: str, manifest_dir: str) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def done_inputs(table: pa.Table) -> dict[str, str]:
-    """input_uri -> output_uri for inputs whose latest recorded outcome wrote an output."""
-    done: dict[str, str] = {}
-    for row in table.select(["input_uri", "status", "output_uri"]).to_pylist():
+def done_inputs(table: pa.Table) -> dict[str, tuple[str, str | None]]:
+    """input_uri -> (output_uri, settings_fingerprint) for inputs whose latest outcome wrote an output."""
+    done: dict[str, tuple[str, str | None]] = {}
+    for row in table.select(["input_uri", "status", "output_uri", "settings_fingerprint"]).to_pylist():
         if row["status"] in DONE_STATUSES and row["output_uri"]:
-            done[row["input_uri"]] = row["output_uri"]
+            done[row["input_uri"]] = (row["output_uri"], row["settings_fingerprint"])
         else:
             done.pop(row["input_uri"], None)
     return done
@@ -132,7 +135,7 @@ def remove_manifest(output_uri: str, manifest_dir: str) -> None:
 def summarize(rows: Iterable[dict]) -> dict:
     """Counts for the end-of-job summary, from manifest rows."""
     images: dict[str, str] = {}
-    faces = reid = scored = failures = fallbacks = 0
+    faces = exported = masked_matches = scored = failures = fallbacks = 0
     first_scored = first_reid = escalated = 0
     pose, drift = [], []
     for r in rows:
@@ -143,7 +146,10 @@ def summarize(rows: Iterable[dict]) -> dict:
                 fallbacks += 1
             if r.get("reidentified") is not None:
                 scored += 1
-                reid += bool(r["reidentified"])
+                # A recognizer match on a box we masked is no identity left (often a false detection).
+                leaked = r.get("identity_exported")
+                exported += bool(leaked)
+                masked_matches += bool(r["reidentified"]) and not leaked
             tries = json.loads(r["tries_json"]) if r.get("tries_json") else []
             if tries and tries[0].get("reid_distance") is not None and r.get("reid_threshold") is not None:
                 first_scored += 1
@@ -157,8 +163,11 @@ def summarize(rows: Iterable[dict]) -> dict:
         failures += status in ("error", "withheld")
     by_status = {s: sum(1 for v in images.values() if v == s) for s in STATUSES}
     return {"images": len(images), "faces": faces, "failures": failures, "by_status": by_status,
-            "fallbacks": fallbacks, "reid_scored": scored, "reidentified": reid,
-            "reid_rate": (reid / scored) if scored else None,
+            "fallbacks": fallbacks, "reid_scored": scored,
+            # Faces written with identity information: re-identified by the recognizer and not masked (must be 0
+            # with privacy.fallback_if_reidentified); their rate among the scored faces.
+            "identity_exported": exported, "reid_rate": (exported / scored) if scored else None,
+            "matched_masked": masked_matches,
             # Re-ID rate of the first generation, before the escalation ladder (reverse personalization).
             "reid_rate_first_try": (first_reid / first_scored) if first_scored else None,
             "escalated": escalated,

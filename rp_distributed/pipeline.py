@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import compose, io, manifest
-from .anonymize import Anonymizer
+from .anonymize import Anonymizer, DeviceFault
 from .config import JobConfig, StageResources
 
 FACE_RECORD = {
     "face_index": "int, order in the image (largest face first)",
     "box": "float32[4] x0,y0,x1,y1 image px", "det_score": "float", "landmarks": "float32[K,2] image px",
     "small": "bool, below detection.min_face_size", "seed": "int, diffusion seed of this face",
+    "over_budget": "bool, beyond detection.max_faces: no crop, the fallback is applied on the image box",
     "crop": "uint8[S,S,3] aligned crop", "matrix": "float32[2,3] image->crop", "face_box": "float32[4] crop px",
     "kps5": "float32[5,2] crop px", "align_error": "str | None",
     "anon_crop": "uint8[S,S,3] | None (set by AnonymizeFaces)", "method_applied": "str", "face_error": "str | None",
@@ -97,8 +98,12 @@ class DetectFaces:
     def process(self, row: dict) -> dict:
         cfg = self.cfg
         payload = ImagePayload()
-        row.update(payload=payload, notes="", error=None, status=None, width=None, height=None,
+        plan_error, plan_notes = row.get("error"), row.get("notes")
+        row.update(payload=payload, notes=plan_notes or "", error=None, status=None, width=None, height=None,
                    t_read_s=None, t_detect_s=None)
+        if plan_error:  # refused at plan time (unsafe or colliding key, symlink out of the root)
+            row.update(status="error", error=plan_error)
+            return row
         t0 = time.perf_counter()
         try:
             data = io.read_bytes(row["input_uri"], cfg.input.max_bytes)
@@ -112,7 +117,7 @@ class DetectFaces:
             return row
         rgb = decoded.rgb
         payload.image, payload.alpha = rgb, decoded.alpha
-        row.update(notes="; ".join(decoded.notes), height=rgb.shape[0], width=rgb.shape[1],
+        row.update(notes=_join(plan_notes, *decoded.notes) or "", height=rgb.shape[0], width=rgb.shape[1],
                    t_read_s=time.perf_counter() - t0)
         t1 = time.perf_counter()
         try:
@@ -126,21 +131,24 @@ class DetectFaces:
             rec = {"face_index": i, "box": np.asarray(face.box, np.float32), "det_score": float(face.score),
                    "landmarks": np.asarray(face.landmarks, np.float32),
                    "small": face.size < cfg.detection.min_face_size,
+                   "over_budget": i >= cfg.detection.max_faces,
                    "seed": face_seed(cfg.diffusion.seed, cfg.diffusion.seed_mode, row["rel_path"], i),
                    "align_error": None}
+            faces.append(rec)
+            if rec["over_budget"]:  # no crop: merge applies the fallback on the image box
+                continue
             try:
                 aligned = self._align(rgb, face, cfg.alignment)
                 rec.update(crop=aligned.crop, matrix=aligned.matrix, face_box=aligned.face_box, kps5=aligned.kps5)
             except Exception as exc:  # noqa: BLE001 - merge will destroy the box directly
                 rec["align_error"] = f"alignment failed: {type(exc).__name__}: {exc}"[:500]
-            faces.append(rec)
         payload.faces = faces
         row["t_detect_s"] = time.perf_counter() - t1
         return row
 
 
-KEYS_AFTER_DETECT = ["input_uri", "rel_path", "output_uri", "status", "error", "notes", "width", "height",
-                     "t_read_s", "t_detect_s", "payload"]
+KEYS_AFTER_DETECT = ["input_uri", "rel_path", "output_uri", "stale_output_uri", "status", "error", "notes",
+                     "width", "height", "t_read_s", "t_detect_s", "payload"]
 
 
 # -- stage 2: anonymize the crops -------------------------------------------------------------------------
@@ -151,14 +159,29 @@ class AnonymizeFaces:
 
     def __call__(self, batch: dict) -> dict:
         rows = _rows(batch)
-        self.anonymizer([f for r in rows if r["status"] is None for f in r["payload"].faces])
+        try:
+            self.anonymizer([f for r in rows if r["status"] is None for f in r["payload"].faces])
+        except DeviceFault as exc:
+            end_worker(exc)
         return _columns(rows, KEYS_AFTER_DETECT)
+
+
+DEVICE_FAULT_EXIT_CODE = 75
+
+
+def end_worker(exc: BaseException) -> None:
+    """End this worker process at once: Ray restarts the actor (a fresh CUDA context) and retries its batch
+    (``ray.max_task_retries``). Raising instead would fail the batch as a user error, not restart anything."""
+    import sys
+
+    print(f"rp-distributed: {exc}; ending this worker so Ray restarts it", file=sys.stderr, flush=True)
+    os._exit(DEVICE_FAULT_EXIT_CODE)
 
 
 # -- stage 3: merge back, score, write --------------------------------------------------------------------
 
 class MergeAndWrite:
-    def __init__(self, cfg: JobConfig, run_id: str, detector_name: str):
+    def __init__(self, cfg: JobConfig, run_id: str, detector_name: str, fingerprint: str | None = None):
         import dlib
 
         from .faces.dlib_backend import SHAPE68_FILE, resolve_model_files
@@ -167,6 +190,7 @@ class MergeAndWrite:
         self.cfg = cfg
         self.run_id = run_id
         self.detector_name = detector_name
+        self.fingerprint = fingerprint
         self.scorer = ReidScorer(cfg.privacy)
         shape68 = resolve_model_files(None, [SHAPE68_FILE], backend="merge/landmarks")[SHAPE68_FILE]
         self._landmarks68 = dlib.shape_predictor(str(shape68))
@@ -182,31 +206,35 @@ class MergeAndWrite:
         return {"run_id": self.run_id, "input_uri": row["input_uri"], "rel_path": row["rel_path"],
                 "output_uri": None, "status": row["status"], "error": row["error"], "notes": row["notes"] or None,
                 "image_width": row["width"], "image_height": row["height"], "num_faces": len(row["payload"].faces),
+                "settings_fingerprint": self.fingerprint,
                 "t_read_s": row.get("t_read_s"), "t_detect_s": row.get("t_detect_s")}
 
     def process(self, row: dict) -> list[dict]:
         if row["status"] is not None:  # error or withheld upstream: one image-level row, no output
-            return [self._base(row)]
+            base = self._base(row)
+            base["error"] = _join(base["error"], remove_stale_outputs(row, failed=True))
+            return [base]
         t0 = time.perf_counter()
         cfg = self.cfg
         payload = row["payload"]
         original = payload.image
-        image = original
+        image = original.copy()
         faces = payload.faces
         withheld = None
         for f in faces:
-            try:
-                if f.get("anon_crop") is None:
-                    raise RuntimeError(f.get("face_error") or "no anonymized crop")
-                image = compose.paste_back(image, f["anon_crop"], f["matrix"], f["face_box"], cfg.merge.feather)
-            except Exception as exc:  # noqa: BLE001 - fail closed: destroy the box in the image itself
-                f["face_error"] = f.get("face_error") or f"merge failed: {type(exc).__name__}: {exc}"[:500]
+            if f.get("anon_crop") is not None:
                 try:
-                    image = compose.destroy_box(image, f["box"], cfg.anonymizer.fallback, cfg.anonymizer)
-                    f["method_applied"] = f"{cfg.anonymizer.fallback} (image box)"
-                except Exception as exc2:  # noqa: BLE001
-                    withheld = f"face {f['face_index']} could not be anonymized: {type(exc2).__name__}: {exc2}"
-                    f["method_applied"] = None
+                    compose.paste_back(image, f["anon_crop"], f["matrix"], f["face_box"], cfg.merge.feather, out=image)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - fail closed: destroy the box in the image itself
+                    f["face_error"] = _join(f.get("face_error"), f"merge failed: {type(exc).__name__}: {exc}"[:500])
+            f["face_error"] = f.get("face_error") or "no anonymized crop"
+            try:
+                compose.destroy_box(image, f["box"], cfg.anonymizer.fallback, cfg.anonymizer, out=image)
+                f["method_applied"] = f"{cfg.anonymizer.fallback} (image box)"
+            except Exception as exc:  # noqa: BLE001
+                withheld = f"face {f['face_index']} could not be anonymized: {type(exc).__name__}: {exc}"[:500]
+                f["method_applied"] = None
         if withheld is None:
             self._score(original, image, faces)
         status = "withheld" if withheld else ("ok" if faces else "no_face")
@@ -218,6 +246,7 @@ class MergeAndWrite:
                 output_uri = row["output_uri"]
             except Exception as exc:  # noqa: BLE001
                 status, withheld = "error", f"write failed: {type(exc).__name__}: {exc}"[:500]
+        withheld = _join(withheld, remove_stale_outputs(row, failed=output_uri is None))
         t_merge = time.perf_counter() - t0
         base = self._base(row)
         base.update(status=status, error=withheld, output_uri=output_uri, t_merge_s=t_merge)
@@ -236,59 +265,115 @@ class MergeAndWrite:
         pose = np.subtract(head_pose(pts[1]), head_pose(pts[0]))
         return {"pose_diff_deg": float(np.abs(pose).max()), "landmark_displacement": landmark_displacement(*pts)}
 
+    def _mask(self, image: np.ndarray, f: dict, reason: str) -> None:
+        """Mask the face's box in ``image`` (in place) and say why in the face record."""
+        compose.destroy_box(image, f["box"], "mask", self.cfg.anonymizer, out=image)
+        f["face_error"] = _join(f.get("face_error"), reason)
+        f["method_applied"] = f"{f.get('method_applied')}+mask"
+
     def _score(self, original: np.ndarray, image: np.ndarray, faces: list[dict]) -> None:
-        """Re-ID each written face with the independent recognizer; enforce the threshold if configured."""
-        privacy, fallback = self.cfg.privacy, self.cfg.anonymizer
+        """Re-ID each written face with the independent recognizer, in ``image`` in place.
+
+        A face still re-identified is masked (``privacy.fallback_if_reidentified``). A face whose check
+        fails is masked too (fail closed): a face we could not verify is not exported as it is.
+        """
+        privacy = self.cfg.privacy
         for f in faces:
             try:
                 res = self.scorer.compare(original, image, f["box"])
-                if res.reidentified and privacy.fallback_if_reidentified and f.get("method_applied") != "mask":
-                    image[...] = compose.destroy_box(image, f["box"], "mask", fallback)
-                    f["face_error"] = "; ".join(filter(None, [f.get("face_error"), "re-identified in the output: masked"]))
-                    f["method_applied"] = f"{f.get('method_applied')}+mask"
+                if res.reidentified and privacy.fallback_if_reidentified and not is_masked(f.get("method_applied")):
+                    self._mask(image, f, "re-identified in the output: masked")
                     res = self.scorer.compare(original, image, f["box"])
                 f.update(reid_distance=res.distance, reidentified=res.reidentified,
                          face_still_detected=res.face_still_detected)
+            except Exception as exc:  # noqa: BLE001 - fail closed: a face we cannot check is masked
+                reason = f"re-ID check failed: {type(exc).__name__}: {exc}"[:300]
+                f["score_error"] = reason
+                if not is_masked(f.get("method_applied")):
+                    self._mask(image, f, f"{reason}: masked")
+            try:
                 f.update(self._utility(original, image, f["box"]))
-            except Exception as exc:  # noqa: BLE001 - a score we could not compute stays null
-                f["score_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            except Exception as exc:  # noqa: BLE001 - utility signals are informative only
+                f["score_error"] = _join(f.get("score_error"), f"utility signals failed: {type(exc).__name__}: {exc}"[:200])
 
     def _face_row(self, base: dict, f: dict) -> dict:
         row = dict(base)
         box = [float(v) for v in f["box"]]
+        reidentified = f.get("reidentified")
         row.update(face_index=f["face_index"], box_x0=box[0], box_y0=box[1], box_x1=box[2], box_y1=box[3],
                    det_score=f["det_score"], face_size_px=max(box[2] - box[0], box[3] - box[1]),
                    detector=self.detector_name, method=f.get("method"), method_applied=f.get("method_applied"),
                    face_error=f.get("face_error") or None, params=f.get("params"), model=f.get("model"),
                    seed=f.get("seed"), guidance_final=f.get("guidance_final"), tries=f.get("tries"),
                    tries_json=f.get("tries_json"), unet_evals=f.get("unet_evals"),
-                   reid_distance=f.get("reid_distance"), reidentified=f.get("reidentified"),
+                   reid_distance=f.get("reid_distance"), reidentified=reidentified,
                    reid_threshold=self.cfg.privacy.reid_threshold,
+                   identity_exported=(None if reidentified is None or base["output_uri"] is None
+                                      else bool(reidentified) and not is_masked(f.get("method_applied"))),
+                   score_error=f.get("score_error"),
                    face_still_detected=f.get("face_still_detected"), pose_diff_deg=f.get("pose_diff_deg"),
                    landmark_displacement=f.get("landmark_displacement"), t_anonymize_s=f.get("t_anonymize_s"))
         return row
 
 
+def is_masked(method_applied: str | None) -> bool:
+    """Whether the written face's last applied method is a solid mask (no pixel of the face is left)."""
+    if not method_applied:
+        return False
+    return method_applied.split("+")[-1].split(" ")[0] == "mask"
+
+
+def _join(*reasons: str | None) -> str | None:
+    return "; ".join(r for r in reasons if r) or None
+
+
+def remove_stale_outputs(row: dict, failed: bool) -> str | None:
+    """Delete what an earlier run wrote for this input and this run does not replace.
+
+    ``stale_output_uri``: an earlier output at another key (the plan sets it when the key changed). When
+    this run writes nothing (``failed``), the earlier output at this input's own key goes too: a rerun
+    whose outcome is withheld or error leaves no stale file behind. Returns a reason when a delete failed.
+    """
+    stale = [row.get("stale_output_uri")] + ([row.get("output_uri")] if failed else [])
+    problems = []
+    for uri in filter(None, stale):
+        try:
+            io.remove(uri)
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"stale output {uri} could not be deleted: {type(exc).__name__}: {exc}"[:300])
+    return _join(*problems)
+
+
 # -- the job ----------------------------------------------------------------------------------------------
 
-def _stage_kwargs(res: StageResources) -> dict:
-    # Fault tolerance is Ray Data's default for actor pools: a dead actor is restarted and its
-    # in-flight batches are retried (max_restarts=-1, max_task_retries=-1), so a killed worker loses no row.
-    kwargs = dict(concurrency=res.concurrency, num_cpus=res.num_cpus, batch_size=res.batch_size,
-                  batch_format="numpy", zero_copy_batch=False)
-    if res.num_gpus:
-        kwargs["num_gpus"] = res.num_gpus
-    return kwargs
+def _stage_kwargs(cfg: JobConfig, res: StageResources, isolate: bool = False) -> dict:
+    """Ray Data arguments of one actor-pool stage.
 
-
-def build_dataset(cfg: JobConfig, todo: list[dict], run_id: str):
+    A dead actor is restarted (``max_restarts=-1``) and its in-flight batch retried up to
+    ``ray.max_task_retries`` times, not forever: an input that kills its worker every time (a native
+    decoder crash, an OOM kill, a device fault) would otherwise stall the job. ``run_job`` retries the
+    inputs of such a batch one by one and records the one that still fails.
+    """
     import ray
 
-    ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 64)))
-    ds = ds.map_batches(DetectFaces, fn_constructor_args=(cfg,), **_stage_kwargs(cfg.detection.resources))
-    ds = ds.map_batches(AnonymizeFaces, fn_constructor_args=(cfg,), **_stage_kwargs(cfg.anonymizer.resources))
-    ds = ds.map_batches(MergeAndWrite, fn_constructor_args=(cfg, run_id, cfg.detection.backend),
-                        **_stage_kwargs(cfg.merge.resources))
+    return dict(compute=ray.data.ActorPoolStrategy(size=res.concurrency), num_cpus=res.num_cpus,
+                num_gpus=res.num_gpus or None, batch_size=1 if isolate else res.batch_size,
+                batch_format="numpy", zero_copy_batch=False,
+                max_restarts=-1, max_task_retries=cfg.ray.max_task_retries)
+
+
+def build_dataset(cfg: JobConfig, todo: list[dict], run_id: str, fingerprint: str | None = None,
+                  isolate: bool = False):
+    """The three stages over ``todo``; ``isolate``: one input per block and per batch."""
+    import ray
+
+    blocks = len(todo) if isolate else min(len(todo), 64)
+    ds = ray.data.from_items(todo, override_num_blocks=max(1, blocks))
+    ds = ds.map_batches(DetectFaces, fn_constructor_args=(cfg,), **_stage_kwargs(cfg, cfg.detection.resources, isolate))
+    ds = ds.map_batches(AnonymizeFaces, fn_constructor_args=(cfg,),
+                        **_stage_kwargs(cfg, cfg.anonymizer.resources, isolate))
+    ds = ds.map_batches(MergeAndWrite, fn_constructor_args=(cfg, run_id, cfg.detection.backend, fingerprint),
+                        **_stage_kwargs(cfg, cfg.merge.resources, isolate))
     return ds
 
 
@@ -312,25 +397,20 @@ class JobResult:
     skipped: int
     manifest_parts: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    redone_changed: int = 0  # done earlier under other anonymization settings, redone now
+    renamed: int = 0  # inputs given a distinct output key (their natural keys collided)
+    isolated: int = 0  # inputs of failed batches retried one by one
+    settings_fingerprint: str = ""
 
 
-def plan(cfg: JobConfig, input_uri: str, output_uri: str) -> tuple[list[dict], int]:
-    """Inputs still to do (rows for the first stage) and how many were skipped as already done."""
-    out_cfg = cfg.output
-    if out_cfg.overwrite:
-        manifest.remove_manifest(output_uri, out_cfg.manifest_dir)
-        done: dict[str, str] = {}
-    else:
-        done = manifest.done_inputs(manifest.read_manifest(output_uri, out_cfg.manifest_dir))
-    files = io.list_inputs(input_uri, cfg.input.extensions, exclude_uri=output_uri)
-    todo, skipped = [], 0
-    for f in files:
-        target = io.join_uri(output_uri, io.output_rel_path(f.rel_path, out_cfg.format))
-        if f.uri in done and done[f.uri] == target and io.exists(target):
-            skipped += 1
-            continue
-        todo.append({"input_uri": f.uri, "rel_path": f.rel_path, "output_uri": target})
-    return todo, skipped
+def lost_input_row(row: dict, run_id: str, fingerprint: str, retries: int) -> dict:
+    """The manifest row of an input whose batch failed every time, also alone (a poison input)."""
+    reason = (f"processing failed {2 * (retries + 1)} times, in its batch and alone (worker crash, out-of-memory "
+              f"kill, device fault or an unhandled error; see the Ray logs); retries are bounded by "
+              f"ray.max_task_retries={retries}")
+    return {"run_id": run_id, "input_uri": row["input_uri"], "rel_path": row["rel_path"], "output_uri": None,
+            "status": "error", "error": _join(reason, remove_stale_outputs(row, failed=True)),
+            "notes": row.get("notes"), "settings_fingerprint": fingerprint}
 
 
 def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = True) -> JobResult:
@@ -338,20 +418,27 @@ def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = Tr
     import ray
     from tqdm import tqdm
 
+    from .config import anonymization_fingerprint
+    from .plan import make_plan
+
     t0 = time.perf_counter()
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    todo, skipped = plan(cfg, input_uri, output_uri)
-    result = JobResult(run_id=run_id, summary=manifest.summarize([]), skipped=skipped)
-    if not todo:
+    fingerprint = anonymization_fingerprint(cfg)
+    plan = make_plan(cfg, input_uri, output_uri, fingerprint)
+    result = JobResult(run_id=run_id, summary=manifest.summarize([]), skipped=plan.skipped,
+                       redone_changed=plan.redone_changed, renamed=plan.renamed, settings_fingerprint=fingerprint)
+    if not plan.todo:
         result.wall_s = time.perf_counter() - t0
         return result
     ensure_ray(cfg)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = build_dataset(cfg, todo, run_id)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.max_errored_blocks = -1  # a batch that failed all its retries is redone below, input by input
     rows, buffer, seen = [], [], set()
-    bar = tqdm(total=len(todo), unit="img", desc="anonymizing", disable=not progress)
-    for row in ds.iter_rows():
-        row = {k: _value(v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
+    bar = tqdm(total=len(plan.todo), unit="img", desc="anonymizing", disable=not progress)
+
+    def take(row: dict) -> None:
+        nonlocal buffer
         rows.append(row)
         buffer.append(row)
         if row["input_uri"] not in seen:
@@ -361,10 +448,29 @@ def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = Tr
             result.manifest_parts.append(manifest.write_part(
                 output_uri, cfg.output.manifest_dir, run_id, len(result.manifest_parts), buffer))
             buffer = []
-    bar.close()
-    if buffer:
-        result.manifest_parts.append(manifest.write_part(
-            output_uri, cfg.output.manifest_dir, run_id, len(result.manifest_parts), buffer))
+
+    def stream(ds) -> None:
+        for row in ds.iter_rows():
+            take({k: _value(v.item() if isinstance(v, np.generic) else v) for k, v in row.items()})
+
+    try:
+        stream(build_dataset(cfg, plan.todo, run_id, fingerprint))
+        lost = [r for r in plan.todo if r["input_uri"] not in seen]
+        if len(lost) > cfg.ray.max_isolated_inputs:
+            raise RuntimeError(f"{len(lost)} inputs were lost to failed batches (more than "
+                               f"ray.max_isolated_inputs={cfg.ray.max_isolated_inputs}): a systemic failure, see "
+                               "the Ray logs. What finished is in the manifest; rerun to resume.")
+        if lost:
+            result.isolated = len(lost)
+            stream(build_dataset(cfg, lost, run_id, fingerprint, isolate=True))
+            for r in lost:
+                if r["input_uri"] not in seen:
+                    take(lost_input_row(r, run_id, fingerprint, cfg.ray.max_task_retries))
+    finally:
+        bar.close()
+        if buffer:
+            result.manifest_parts.append(manifest.write_part(
+                output_uri, cfg.output.manifest_dir, run_id, len(result.manifest_parts), buffer))
     result.summary = manifest.summarize(rows)
     result.wall_s = time.perf_counter() - t0
     return result

@@ -8,7 +8,7 @@ from rp_distributed import manifest
 
 def _face(uri, i, status="ok", reid=False, tries=None, **kw):
     return {"run_id": "r", "input_uri": uri, "rel_path": uri, "output_uri": f"out/{uri}", "status": status,
-            "face_index": i, "reidentified": reid, "reid_distance": 0.3 if reid else 0.8, "reid_threshold": 0.6,
+            "face_index": i, "reidentified": reid, "identity_exported": reid, "reid_distance": 0.3 if reid else 0.8, "reid_threshold": 0.6,
             "tries_json": json.dumps(tries) if tries else None, **kw}
 
 
@@ -38,7 +38,7 @@ def test_done_inputs_follow_the_latest_row():
             {"input_uri": "c.jpg", "status": "no_face", "output_uri": "out/c.jpg"},
             {"input_uri": "c.jpg", "status": "withheld", "output_uri": None}]
     table = pa.Table.from_pylist([manifest.normalize_row(r) for r in rows], schema=manifest.SCHEMA)
-    assert manifest.done_inputs(table) == {"a.jpg": "out/a.jpg"}
+    assert manifest.done_inputs(table) == {"a.jpg": ("out/a.jpg", None)}
 
 
 def test_summary_counts_and_escalation_rates():

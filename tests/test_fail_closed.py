@@ -1,0 +1,230 @@
+"""Issue 7: no detected face leaves un-anonymized, whatever the config, the rerun or the crowd.
+
+The three pipeline stages run here in this process, on the real photo (t1.jpg: six people), exactly as
+the Ray actors run them (``DetectFaces.process`` -> ``Anonymizer`` -> ``MergeAndWrite.process``).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rp_distributed import io, manifest
+from rp_distributed.anonymize import Anonymizer
+from rp_distributed.config import DetectionConfig, anonymization_fingerprint, load_config
+from rp_distributed.faces import build_detector
+from rp_distributed.pipeline import DetectFaces, MergeAndWrite
+from rp_distributed.plan import PlanError, make_plan, output_keys
+
+
+def run_stages(cfg, src, out_uri, merge=None, rel_path="t1.jpg", **row):
+    """One input through the three stages in this process; returns its manifest rows."""
+    row = {"input_uri": str(src), "rel_path": rel_path, "output_uri": str(out_uri), "error": None, "notes": None,
+           "stale_output_uri": None, **row}
+    row = DetectFaces(cfg).process(row)
+    if row["status"] is None:
+        Anonymizer(cfg)(row["payload"].faces)
+    merge = merge or MergeAndWrite(cfg, "test-run", cfg.detection.backend, anonymization_fingerprint(cfg))
+    rows = merge.process(row)
+    for r in rows:  # every row fits the manifest schema (nothing silently dropped)
+        manifest.normalize_row(r)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def t1_boxes(t1_rgb):
+    """t1's six faces, found independently of the pipeline (dlib HOG, no face limit)."""
+    faces = build_detector(DetectionConfig(backend="dlib", model="hog")).detect(t1_rgb)
+    assert len(faces) == 6
+    return [f.box for f in faces]
+
+
+def _changed(before, after, box) -> float:
+    x0, y0, x1, y1 = (int(v) for v in box)
+    return float(np.abs(before[y0:y1, x0:x1].astype(int) - after[y0:y1, x0:x1].astype(int)).mean())
+
+
+# -- hole 1: crowds ------------------------------------------------------------------------------------
+
+def test_faces_beyond_max_faces_are_destroyed_on_their_boxes(tmp_path, t1_path, t1_rgb, t1_boxes):
+    cfg = load_config(None, ["anonymizer.method=pixelate", "anonymizer.fallback=mask", "detection.max_faces=2",
+                             "output.format=png"])
+    out = tmp_path / "t1.png"
+    rows = run_stages(cfg, t1_path, out)
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"ok"} and rows[0]["num_faces"] == 6
+    by_index = sorted(rows, key=lambda r: r["face_index"])
+    assert [r["method_applied"] for r in by_index[:2]] == ["pixelate", "pixelate"]
+    for r in by_index[2:]:
+        assert r["method_applied"] == "mask (image box)"
+        assert "beyond detection.max_faces=2" in r["face_error"]
+    written = np.asarray(Image.open(out).convert("RGB"))
+    for box in t1_boxes:  # every one of the six people is changed in the exported image
+        assert _changed(t1_rgb, written, box) > 8, box
+
+
+# -- hole 6: scoring that fails --------------------------------------------------------------------------
+
+def test_a_failed_reid_check_masks_the_face_and_says_why(tmp_path, t1_path, t1_rgb, t1_boxes):
+    cfg = load_config(None, ["anonymizer.method=blur", "output.format=png"])
+    merge = MergeAndWrite(cfg, "test-run", "dlib", anonymization_fingerprint(cfg))
+    calls = []
+
+    def broken_compare(original, image, box):  # injected fault: the recognizer raises on the 2nd face
+        calls.append(box)
+        if len(calls) == 2:
+            raise RuntimeError("recognizer exploded")
+        return type(merge.scorer).compare(merge.scorer, original, image, box)
+
+    merge.scorer.compare = broken_compare
+    out = tmp_path / "t1.png"
+    rows = sorted(run_stages(cfg, t1_path, out, merge=merge), key=lambda r: r["face_index"])
+    failed = rows[1]
+    assert failed["method_applied"] == "blur+mask" and "re-ID check failed" in failed["face_error"]
+    assert "recognizer exploded" in failed["score_error"] and failed["reidentified"] is None
+    written = np.asarray(Image.open(out).convert("RGB"))
+    x0, y0, x1, y1 = (int(v) for v in (failed["box_x0"], failed["box_y0"], failed["box_x1"], failed["box_y1"]))
+    assert np.all(written[y0:y1, x0:x1] == 0), "the unchecked face is masked"
+    assert all(r["score_error"] is None and r["method_applied"] == "blur" for r in rows if r is not failed)
+
+
+# -- hole 10: honest numbers -----------------------------------------------------------------------------
+
+def test_identity_exported_separates_leaks_from_matches_on_masked_boxes(tmp_path, t1_path):
+    weak = ["anonymizer.method=blur", "anonymizer.blur_strength=0.0001", "output.format=png"]
+    off = run_stages(load_config(None, weak + ["privacy.fallback_if_reidentified=false"]), t1_path, tmp_path / "a.png")
+    leaked = [r for r in off if r["identity_exported"]]
+    assert len(leaked) >= 5 and all(r["reidentified"] for r in leaked)
+    on = run_stages(load_config(None, weak), t1_path, tmp_path / "b.png")
+    assert not any(r["identity_exported"] for r in on)
+    assert sum(r["method_applied"] == "blur+mask" for r in on) >= 5
+    s_off, s_on = manifest.summarize(off), manifest.summarize(on)
+    assert s_off["identity_exported"] == len(leaked) and s_on["identity_exported"] == 0
+
+
+def test_summary_does_not_count_a_masked_box_as_a_leak():
+    rows = [
+        {"input_uri": "a", "status": "ok", "face_index": 0, "reidentified": True, "method_applied": "blur+mask",
+         "identity_exported": False, "face_error": "re-identified in the output: masked"},
+        {"input_uri": "a", "status": "ok", "face_index": 1, "reidentified": False, "method_applied": "blur",
+         "identity_exported": False},
+    ]
+    s = manifest.summarize(rows)
+    assert s["identity_exported"] == 0 and s["matched_masked"] == 1 and s["reid_rate"] == 0.0
+
+
+# -- hole 3: reruns --------------------------------------------------------------------------------------
+
+def _done_run(tmp_path, t1_path, cfg):
+    src = tmp_path / "in"
+    src.mkdir(exist_ok=True)
+    shutil.copy(t1_path, src / "t1.jpg")
+    out = tmp_path / "out"
+    plan = make_plan(cfg, str(src), str(out), anonymization_fingerprint(cfg))
+    (row,) = plan.todo
+    rows = run_stages(cfg, row["input_uri"], row["output_uri"], rel_path=row["rel_path"])
+    manifest.write_part(str(out), "_manifest", "run1", 0, rows)
+    return src, out, row
+
+
+def test_rerun_with_other_anonymization_settings_redoes_the_input(tmp_path, t1_path):
+    blur = load_config(None, ["anonymizer.method=blur", "output.format=png"])
+    src, out, row = _done_run(tmp_path, t1_path, blur)
+    assert make_plan(blur, str(src), str(out), anonymization_fingerprint(blur)).skipped == 1
+    for override in ["anonymizer.method=pixelate", "detection.upsample=2", "privacy.reid_threshold=0.5",
+                     "detection.max_faces=3"]:
+        other = load_config(None, ["anonymizer.method=blur", "output.format=png", override])
+        plan = make_plan(other, str(src), str(out), anonymization_fingerprint(other))
+        assert plan.skipped == 0 and plan.redone_changed == 1 and len(plan.todo) == 1, override
+    # Resources and the output encoding do not decide anonymization: still skipped.
+    same = load_config(None, ["anonymizer.method=blur", "output.format=png", "detection.resources.num_cpus=1",
+                              "output.jpeg_quality=80"])
+    assert make_plan(same, str(src), str(out), anonymization_fingerprint(same)).skipped == 1
+
+
+def test_rerun_that_fails_deletes_the_earlier_output(tmp_path, t1_path):
+    cfg = load_config(None, ["anonymizer.method=blur", "output.format=png"])
+    src, out, row = _done_run(tmp_path, t1_path, cfg)
+    assert (out / "t1.png").exists()
+    (src / "t1.jpg").write_bytes((src / "t1.jpg").read_bytes()[:2000])  # the input is now truncated
+    redo = load_config(None, ["anonymizer.method=pixelate", "output.format=png"])
+    (todo,) = make_plan(redo, str(src), str(out), anonymization_fingerprint(redo)).todo
+    (r,) = run_stages(redo, todo["input_uri"], todo["output_uri"], rel_path=todo["rel_path"])
+    assert r["status"] == "error" and r["output_uri"] is None
+    assert not (out / "t1.png").exists(), "a stale output of an earlier run stays next to an error row"
+
+
+def test_a_changed_output_key_deletes_the_earlier_output(tmp_path, t1_path):
+    cfg = load_config(None, ["anonymizer.method=blur", "output.format=png"])
+    src, out, _ = _done_run(tmp_path, t1_path, cfg)
+    jpeg = load_config(None, ["anonymizer.method=blur", "output.format=jpeg"])
+    (todo,) = make_plan(jpeg, str(src), str(out), anonymization_fingerprint(jpeg)).todo
+    assert todo["stale_output_uri"] == str(out / "t1.png")
+    run_stages(jpeg, todo["input_uri"], todo["output_uri"], rel_path=todo["rel_path"],
+               stale_output_uri=todo["stale_output_uri"])
+    assert (out / "t1.jpg").exists() and not (out / "t1.png").exists()
+
+
+# -- hole 4: key collisions and unsafe keys --------------------------------------------------------------
+
+def test_forced_format_collisions_get_distinct_keys():
+    keys = output_keys(["a.png", "a.jpg", "b.png", "x//y.jpg", "x/y.jpg", "p\\q.jpg", "p/q.jpg"], "s3://b/out",
+                       "jpeg", "_manifest")
+    targets = [k for k, _, _ in keys.values()]
+    assert len(set(targets)) == len(targets) == 7
+    assert keys["b.png"] == ("s3://b/out/b.jpg", None, None)
+    for rel in ["a.png", "a.jpg"]:
+        key, err, note = keys[rel]
+        assert err is None and key.startswith("s3://b/out/a~") and key.endswith(".jpg")
+        assert "2 inputs map to s3://b/out/a.jpg" in note
+    assert keys["x//y.jpg"][0] != keys["x/y.jpg"][0] and keys["p\\q.jpg"][0] != keys["p/q.jpg"][0]
+    # Stable: a key depends on the input's own path, not on listing order.
+    again = output_keys(["a.jpg", "a.png"], "s3://b/out", "jpeg", "_manifest")
+    assert again["a.png"] == keys["a.png"]
+
+
+def test_unsafe_keys_become_error_rows(tmp_path):
+    keys = output_keys(["../x.jpg", "_manifest/part-x.jpg", "ok.jpg"], str(tmp_path), "same", "_manifest")
+    assert keys["../x.jpg"][0] is None and "unsafe relative path" in keys["../x.jpg"][1]
+    assert keys["_manifest/part-x.jpg"][0] is None and "manifest folder" in keys["_manifest/part-x.jpg"][1]
+    assert keys["ok.jpg"] == (str(tmp_path / "ok.jpg"), None, None)
+
+
+def test_unsafe_s3_key_is_an_error_row_not_a_job_abort(s3_server, tmp_path, t1_path):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="unsafe")
+    # A key that only escapes once its backslashes are read as separators (as join_uri must read them).
+    s3.put_object(Bucket="unsafe", Key="in/a\\..\\..\\escape.jpg", Body=t1_path.read_bytes())
+    s3.put_object(Bucket="unsafe", Key="in/fine.jpg", Body=t1_path.read_bytes())
+    cfg = load_config(None, ["anonymizer.method=blur"])
+    plan = make_plan(cfg, "s3://unsafe/in", "s3://unsafe/out", anonymization_fingerprint(cfg))
+    by_rel = {r["rel_path"]: r for r in plan.todo}
+    assert by_rel["fine.jpg"]["output_uri"] == "s3://unsafe/out/fine.jpg" and by_rel["fine.jpg"]["error"] is None
+    bad = by_rel["a\\..\\..\\escape.jpg"]
+    assert bad["output_uri"] is None and "unsafe relative path" in bad["error"] and plan.refused == 1
+    (row,) = run_stages(cfg, bad["input_uri"], None, rel_path=bad["rel_path"], error=bad["error"])
+    assert row["status"] == "error" and "unsafe relative path" in row["error"]
+
+
+def test_output_prefix_may_not_be_or_contain_the_input(tmp_path, t1_path):
+    cfg = load_config(None, ["anonymizer.method=blur"])
+    src = tmp_path / "data" / "in"
+    src.mkdir(parents=True)
+    shutil.copy(t1_path, src / "t1.jpg")
+    fp = anonymization_fingerprint(cfg)
+    with pytest.raises(PlanError, match="is the input prefix"):
+        make_plan(cfg, str(src), str(src) + "/", fp)
+    with pytest.raises(PlanError, match="is the input prefix"):
+        make_plan(cfg, str(src), str(tmp_path / "data" / "." / "in"), fp)
+    with pytest.raises(PlanError, match="lies inside the output prefix"):
+        make_plan(cfg, str(src), str(tmp_path / "data"), fp)
+    # An output inside the input is excluded from the listing however it is spelled.
+    (src / "anon").mkdir()
+    shutil.copy(t1_path, src / "anon" / "old_output.jpg")
+    for spelling in [src / "anon", f"{src}/./anon", f"{src}//anon/"]:
+        plan = make_plan(cfg, str(src), str(spelling), fp)
+        assert [r["rel_path"] for r in plan.todo] == ["t1.jpg"], spelling
