@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from . import DetectedFace
-from .backends import BaseDetector, ModelFilesMissing, make_face
+from .backends import BaseDetector, ModelFilesMissing, make_face, shift_face
 
 CNN_FILE = "mmod_human_face_detector.dat"
 SHAPE68_FILE = "shape_predictor_68_face_landmarks.dat"
 SHAPE5_FILE = "shape_predictor_5_face_landmarks.dat"
 RECOGNITION_FILE = "dlib_face_recognition_resnet_model_v1.dat"
+WINDOW = 80  # dlib's face detectors' scanning window, px: the smallest face found without upsampling
 
 
 def default_model_dir() -> Path | None:
@@ -79,8 +80,7 @@ class DlibDetector(BaseDetector):
             self._cnn = None
         self._shape = dlib.shape_predictor(str(paths[SHAPE68_FILE]))
 
-    def _detect(self, image: np.ndarray) -> list[DetectedFace]:
-        upsample = int(self.cfg.upsample)
+    def _run(self, image: np.ndarray, upsample: int) -> list[DetectedFace]:
         if self._hog is not None:
             # run() exposes scores; adjust_threshold lets a negative cfg.threshold surface weaker faces.
             rects, scores, _ = self._hog.run(image, upsample, min(float(self.cfg.threshold), 0.0))
@@ -92,3 +92,23 @@ class DlibDetector(BaseDetector):
             landmarks = shape_to_array(self._shape(image, rect))
             faces.append(make_face(_rect_to_box(rect), float(score), landmarks, image.shape))
         return faces
+
+    def _detect(self, image: np.ndarray) -> list[DetectedFace]:
+        return self._run(image, int(self.cfg.upsample))
+
+    # Large images: the coarse pass runs at the image's own scale (faces from the 80 px window up), the
+    # tiles magnified by cfg.tile_zoom (faces from 80 / tile_zoom px up), landmarks fitted there.
+    def _coarse(self, image: np.ndarray) -> list[DetectedFace]:
+        return self._run(image, 0)
+
+    def _coarse_min_face(self, shape: tuple[int, ...]) -> float:
+        return float(WINDOW)
+
+    def _tile(self, tile: np.ndarray) -> list[DetectedFace]:
+        import cv2
+
+        zoom = float(self.cfg.tile_zoom)
+        if zoom == 1.0:
+            return self._run(tile, 0)
+        big = cv2.resize(tile, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_LINEAR)
+        return [shift_face(f, 0.0, 0.0, 1.0 / zoom) for f in self._run(big, 0)]

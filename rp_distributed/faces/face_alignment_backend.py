@@ -17,9 +17,10 @@ from urllib.parse import urlparse
 import numpy as np
 
 from . import DetectedFace
-from .backends import BaseDetector, ModelFilesMissing, make_face
+from .backends import BaseDetector, ModelFilesMissing, make_face, shift_face
 
 DEFAULT_THRESHOLD = 0.5
+MIN_FACE_AT_INPUT = 20  # px: SFD's smallest anchor is 16 px (stride 4)
 _FALLBACK_FILES = {"s3fd": "s3fd-619a316812.pth", "2DFAN-4": "2DFAN4-11f355bf06.pth.tar"}
 
 
@@ -121,3 +122,18 @@ class FaceAlignmentDetector(BaseDetector):
             box = np.asarray(box, dtype=np.float32)
             faces.append(make_face(box[:4], float(box[4]) if box.shape[0] > 4 else 1.0, lm[:, :2], image.shape))
         return faces
+
+    # Large images: SFD already runs at native resolution, so tiles (native, cfg.tile_px) bound its memory;
+    # the coarse pass sees the image shrunk to cfg.tile_above_px for faces too big for a tile's overlap.
+    def _coarse_scale(self, shape: tuple[int, ...]) -> float:
+        return min(1.0, float(self.cfg.tile_above_px) / max(shape[:2]))
+
+    def _coarse_min_face(self, shape: tuple[int, ...]) -> float:
+        return MIN_FACE_AT_INPUT / self._coarse_scale(shape)
+
+    def _coarse(self, image: np.ndarray) -> list[DetectedFace]:
+        import cv2
+
+        scale = self._coarse_scale(image.shape)
+        small = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        return [shift_face(f, 0.0, 0.0, 1.0 / scale) for f in self._detect(small)]

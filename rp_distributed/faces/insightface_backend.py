@@ -17,7 +17,9 @@ from .backends import BaseDetector, ModelFilesMissing, make_face
 DEFAULT_PACK = "buffalo_l"
 DETECTOR_FILES = ("det_10g.onnx", "det_2.5g.onnx", "det_500m.onnx")  # buffalo_l/_m, ..., buffalo_s/_sc
 DEFAULT_THRESHOLD = 0.5
-INPUT_SIZE = (640, 640)
+INPUT_SIZE = (640, 640)  # (width, height) of the whole-image pass
+STRIDE = 32  # SCRFD's coarsest feature stride: tile inputs are padded to a multiple of it
+MIN_FACE_AT_INPUT = 16  # px: SCRFD's smallest anchor
 
 
 def resolve_detector_file(model_dir: str | None, pack: str | None) -> Path:
@@ -66,9 +68,9 @@ class InsightFaceDetector(BaseDetector):
         model.prepare(ctx_id=_ctx_id(list(cfg.providers)), det_thresh=self.det_thresh, input_size=INPUT_SIZE)
         self._model = model
 
-    def _detect(self, image: np.ndarray) -> list[DetectedFace]:
+    def _run(self, image: np.ndarray, input_size: tuple[int, int]) -> list[DetectedFace]:
         bgr = np.ascontiguousarray(image[..., ::-1])
-        dets, kpss = self._model.detect(bgr, input_size=INPUT_SIZE)
+        dets, kpss = self._model.detect(bgr, input_size=input_size)
         faces = []
         for i in range(len(dets)):
             x0, y0, x1, y1, score = (float(v) for v in dets[i][:5])
@@ -79,3 +81,29 @@ class InsightFaceDetector(BaseDetector):
                 kps = np.array([[0.34, 0.46], [0.66, 0.46], [0.5, 0.64], [0.37, 0.82], [0.63, 0.82]]) * [w, h] + [x0, y0]
             faces.append(make_face([x0, y0, x1, y1], score, kps, image.shape))
         return faces
+
+    def _detect(self, image: np.ndarray) -> list[DetectedFace]:
+        return self._run(image, INPUT_SIZE)
+
+    # Large images: the coarse pass is the usual resize to 640; tiles run at scale 1 (padded to SCRFD's
+    # stride), so a small face is seen at full resolution.
+    def _coarse_min_face(self, shape: tuple[int, ...]) -> float:
+        h, w = shape[:2]
+        return MIN_FACE_AT_INPUT / min(INPUT_SIZE[0] / w, INPUT_SIZE[1] / h)
+
+    def _fixed_input(self) -> tuple[int, int] | None:
+        """(width, height) of a model exported at one input size (insightface then ignores ours)."""
+        fixed = getattr(self._model, "static_input_size", None)
+        return (int(fixed[0]), int(fixed[1])) if fixed else None
+
+    def tile_side(self) -> int:
+        fixed = self._fixed_input()
+        return min(fixed) if fixed else int(self.cfg.tile_px)
+
+    def _tile(self, tile: np.ndarray) -> list[DetectedFace]:
+        h, w = tile.shape[:2]
+        fixed = self._fixed_input()
+        ph, pw = (fixed[1], fixed[0]) if fixed else (-(-h // STRIDE) * STRIDE, -(-w // STRIDE) * STRIDE)
+        padded = np.zeros((ph, pw, 3), np.uint8)
+        padded[:h, :w] = tile
+        return [make_face(f.box, f.score, f.landmarks, tile.shape) for f in self._run(padded, (pw, ph))]
