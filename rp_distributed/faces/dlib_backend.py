@@ -107,8 +107,10 @@ class DlibDetector(BaseDetector):
     def _tile(self, tile: np.ndarray) -> list[DetectedFace]:
         import cv2
 
+        if self._hog is not None:
+            # HOG on luminance: a third of the gradient work of RGB (where it takes the strongest channel)
+            # at zoom**2 the pixels; on the test photo it finds the same faces with the same scores.
+            tile = cv2.cvtColor(tile, cv2.COLOR_RGB2GRAY)
         zoom = float(self.cfg.tile_zoom)
-        if zoom == 1.0:
-            return self._run(tile, 0)
-        big = cv2.resize(tile, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_LINEAR)
+        big = tile if zoom == 1.0 else cv2.resize(tile, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_LINEAR)
         return [shift_face(f, 0.0, 0.0, 1.0 / zoom) for f in self._run(big, 0)]
