@@ -168,7 +168,7 @@ class RayConfig(_Section):
     address: str | None = Field(None, description="cluster address; RAY_ADDRESS wins; none starts a local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (default: all)")
     max_task_retries: int = Field(
-        2, ge=0, description="retries of a batch whose worker died (crash, OOM kill, device fault); its inputs "
+        3, ge=0, description="retries of a batch whose worker died (crash, OOM kill, device fault); its inputs "
         "are then retried one by one, and one that still fails is recorded as an error")
     max_isolated_inputs: int = Field(
         1000, ge=0, description="most inputs of failed batches retried one by one; more means a systemic "

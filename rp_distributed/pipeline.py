@@ -20,6 +20,7 @@ import hashlib
 import os
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -356,9 +357,10 @@ def _stage_kwargs(cfg: JobConfig, res: StageResources, isolate: bool = False) ->
     """
     import ray
 
-    return dict(compute=ray.data.ActorPoolStrategy(size=res.concurrency), num_cpus=res.num_cpus,
-                num_gpus=res.num_gpus or None, batch_size=1 if isolate else res.batch_size,
-                batch_format="numpy", zero_copy_batch=False,
+    # Isolated: one input per batch and one batch in flight per actor, so a crash takes down nothing else.
+    pool = ray.data.ActorPoolStrategy(size=res.concurrency, max_tasks_in_flight_per_actor=1 if isolate else None)
+    return dict(compute=pool, num_cpus=res.num_cpus, num_gpus=res.num_gpus or None,
+                batch_size=1 if isolate else res.batch_size, batch_format="numpy", zero_copy_batch=False,
                 max_restarts=-1, max_task_retries=cfg.ray.max_task_retries)
 
 
@@ -369,11 +371,16 @@ def build_dataset(cfg: JobConfig, todo: list[dict], run_id: str, fingerprint: st
 
     blocks = len(todo) if isolate else min(len(todo), 64)
     ds = ray.data.from_items(todo, override_num_blocks=max(1, blocks))
-    ds = ds.map_batches(DetectFaces, fn_constructor_args=(cfg,), **_stage_kwargs(cfg, cfg.detection.resources, isolate))
-    ds = ds.map_batches(AnonymizeFaces, fn_constructor_args=(cfg,),
-                        **_stage_kwargs(cfg, cfg.anonymizer.resources, isolate))
-    ds = ds.map_batches(MergeAndWrite, fn_constructor_args=(cfg, run_id, cfg.detection.backend, fingerprint),
-                        **_stage_kwargs(cfg, cfg.merge.resources, isolate))
+    with warnings.catch_warnings():
+        # max_restarts / max_task_retries have no named parameter in Ray 2.60; they still go through
+        # ray_remote_args, which warns that the catch-all is deprecated.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
+        ds = ds.map_batches(DetectFaces, fn_constructor_args=(cfg,),
+                            **_stage_kwargs(cfg, cfg.detection.resources, isolate))
+        ds = ds.map_batches(AnonymizeFaces, fn_constructor_args=(cfg,),
+                            **_stage_kwargs(cfg, cfg.anonymizer.resources, isolate))
+        ds = ds.map_batches(MergeAndWrite, fn_constructor_args=(cfg, run_id, cfg.detection.backend, fingerprint),
+                            **_stage_kwargs(cfg, cfg.merge.resources, isolate))
     return ds
 
 

@@ -85,6 +85,16 @@ def write_bad_inputs(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny random-weight SDXL + FaceID adapter + ArcFace, written once per test session."""
+    from rp_distributed.diffusion import make_tiny
+
+    d = tmp_path_factory.mktemp("tiny")
+    make_tiny(d)
+    return d
+
+
+@pytest.fixture(scope="session")
 def ray_session(s3_server):
     """One local Ray for the test session (2 CPUs, as on CI), started after the S3 endpoint's env is
     set (``s3_server``), so every Ray worker sees it."""

@@ -11,20 +11,11 @@ import pytest
 from PIL import Image
 
 from rp_distributed import manifest
-from rp_distributed.anonymize import Anonymizer
+from rp_distributed.anonymize import Anonymizer, DeviceFault, is_device_fault
 from rp_distributed.config import load_config
 from rp_distributed.pipeline import DetectFaces, run_job
 
 STEPS = 6
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    from rp_distributed.diffusion import make_tiny
-
-    d = tmp_path_factory.mktemp("tiny")
-    make_tiny(d)
-    return d
 
 
 def _rp_cfg(tiny_dir, *extra):
@@ -97,6 +88,51 @@ def test_generation_failure_falls_back_for_that_face_only(tiny_dir, t1_faces):
     assert faces[1]["anon_crop"] is not None and faces[1]["anon_crop"].max() == 0
     for f in (faces[0], faces[2]):  # the rest of the chunk was retried one by one and succeeded
         assert f["method_applied"] == "reverse_personalization" and f.get("face_error") is None
+
+
+def test_a_device_fault_ends_the_stage_instead_of_falling_back(tiny_dir, t1_faces):
+    """A CUDA error that means the device is gone must not turn every later face into a blur."""
+    anonymizer = Anonymizer(_rp_cfg(tiny_dir, "privacy.escalate=false"))
+
+    def broken(*args, **kwargs):  # injected: what torch raises after an illegal memory access
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    anonymizer.rp.generate = broken
+    faces = _fresh(t1_faces)
+    with pytest.raises(DeviceFault, match="illegal memory access"):
+        anonymizer(faces)
+    assert not any(f.get("method_applied") == "blur" for f in faces)
+
+
+def test_out_of_memory_keeps_the_one_by_one_retry(tiny_dir, t1_faces):
+    import torch
+
+    anonymizer = Anonymizer(_rp_cfg(tiny_dir, "privacy.escalate=false"))
+    generate = anonymizer.rp.generate
+
+    def small_memory(inv, *args, **kwargs):  # injected: a batch of several faces does not fit
+        if len(inv) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return generate(inv, *args, **kwargs)
+
+    anonymizer.rp.generate = small_memory
+    faces = _fresh(t1_faces)
+    anonymizer(faces)
+    assert all(f["method_applied"] == "reverse_personalization" and not f.get("face_error") for f in faces)
+
+
+@pytest.mark.parametrize("message,fatal", [
+    ("CUDA error: an illegal memory access was encountered", True),
+    ("CUDA error: device-side assert triggered", True),
+    ("CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx(...)`", True),
+    ("CUDA failure 700: an illegal memory access was encountered ; GPU=0", True),  # onnxruntime
+    ("CUDA error: uncorrectable ECC error encountered", True),
+    ("CUDA out of memory. Tried to allocate 20.00 MiB", False),
+    ("CUDA error: out of memory", False),
+    ("crops must be HxWx3 with H, W multiples of 8", False),
+])
+def test_device_fault_classification(message, fatal):
+    assert is_device_fault(RuntimeError(message)) is fatal
 
 
 def test_small_faces_get_the_destructive_method(tiny_dir, t1_faces):

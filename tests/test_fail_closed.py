@@ -228,3 +228,60 @@ def test_output_prefix_may_not_be_or_contain_the_input(tmp_path, t1_path):
     for spelling in [src / "anon", f"{src}/./anon", f"{src}//anon/"]:
         plan = make_plan(cfg, str(src), str(spelling), fp)
         assert [r["rel_path"] for r in plan.todo] == ["t1.jpg"], spelling
+
+
+# -- holes 7 and 8: device faults and poison inputs on a real Ray ------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_poison_input_and_device_fault_on_ray(tmp_path, tiny_dir, t1_path, astronaut_path):
+    """A worker that dies on one input (every time) and a GPU actor whose device breaks, on a real local Ray.
+
+    Faults are injected into the Ray workers by Ray's ``worker_process_setup_hook`` (tests/faults.py): the
+    decoder exits the process when handed the poison bytes; the first anonymizer process to run diffusion
+    gets a CUDA illegal-address error on every call from then on."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, skimage_image
+    from tests.test_anonymize import _rp_cfg
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(t1_path, src / "t1.jpg")
+    shutil.copy(astronaut_path, src / "astronaut.png")
+    shutil.copy(skimage_image("coffee.png"), src / "coffee.png")
+    marker = "rp-test-poison-7f3a"
+    Image.open(astronaut_path).convert("RGB").save(src / "poison.jpg", "JPEG", comment=marker.encode())
+    out = tmp_path / "out"
+    flag = tmp_path / "device-fault.pid"
+    cfg = _rp_cfg(tiny_dir, "privacy.escalate=false", "detection.max_faces=2", "diffusion.num_inversion_steps=3",
+                  "detection.resources.batch_size=4")
+    env = dict(os.environ, PYTHONPATH=str(REPO), RP_TEST_POISON=marker, RP_TEST_DEVICE_FAULT_FLAG=str(flag))
+    proc = subprocess.run([sys.executable, "-m", "tests.faults", cfg.model_dump_json(), str(src), str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    rows = manifest.read_manifest(str(out), "_manifest").to_pylist()
+    by_path = {}
+    for r in rows:
+        by_path.setdefault(r["rel_path"], []).append(r)
+    assert sorted(by_path) == ["astronaut.png", "coffee.png", "poison.jpg", "t1.jpg"]
+
+    # The poison input is an error row with the reason; it did not take the job (or its batch-mates) down.
+    (poison,) = by_path["poison.jpg"]
+    assert poison["status"] == "error" and "in its batch and alone" in poison["error"]
+    assert "ray.max_task_retries=3" in poison["error"] and result["isolated"] >= 1
+    assert not (out / "poison.png").exists()
+    assert by_path["coffee.png"][0]["status"] == "no_face" and (out / "coffee.png").exists()
+
+    # The device fault ended its actor; Ray restarted it and retried the batch: the faces got the method,
+    # not the blur fallback of a broken device.
+    assert flag.exists()
+    t1_rows = sorted(by_path["t1.jpg"], key=lambda r: r["face_index"])
+    assert len(t1_rows) == 6 and {r["status"] for r in t1_rows} == {"ok"}
+    assert [r["method_applied"] for r in t1_rows[:2]] == ["reverse_personalization"] * 2, \
+        [r["face_error"] for r in t1_rows[:2]]
+    assert all(r["method_applied"] == "blur (image box)" for r in t1_rows[2:])
