@@ -157,7 +157,9 @@ def list_inputs(input_uri: str, extensions: list[str], exclude_uri: str | None =
         if exclude and (path + "/").startswith(exclude):
             continue
         rel = path[len(base):].lstrip("/")
-        if any(part.startswith(".") for part in rel.split("/")):
+        # Hidden files and folders are skipped; "." and ".." parts (object keys may hold them) are not
+        # hidden: they are listed, and the planner refuses a key that would leave the output prefix.
+        if any(part.startswith(".") and part not in (".", "..") for part in rel.split("/")):
             continue
         if posixpath.splitext(rel)[1].lower() not in extensions:
             continue

@@ -199,13 +199,15 @@ def test_unsafe_s3_key_is_an_error_row_not_a_job_abort(s3_server, tmp_path, t1_p
     s3.create_bucket(Bucket="unsafe")
     # A key that only escapes once its backslashes are read as separators (as join_uri must read them).
     s3.put_object(Bucket="unsafe", Key="in/a\\..\\..\\escape.jpg", Body=t1_path.read_bytes())
+    s3.put_object(Bucket="unsafe", Key="in/../dotdot.jpg", Body=t1_path.read_bytes())
     s3.put_object(Bucket="unsafe", Key="in/fine.jpg", Body=t1_path.read_bytes())
     cfg = load_config(None, ["anonymizer.method=blur"])
     plan = make_plan(cfg, "s3://unsafe/in", "s3://unsafe/out", anonymization_fingerprint(cfg))
     by_rel = {r["rel_path"]: r for r in plan.todo}
     assert by_rel["fine.jpg"]["output_uri"] == "s3://unsafe/out/fine.jpg" and by_rel["fine.jpg"]["error"] is None
     bad = by_rel["a\\..\\..\\escape.jpg"]
-    assert bad["output_uri"] is None and "unsafe relative path" in bad["error"] and plan.refused == 1
+    assert bad["output_uri"] is None and "unsafe relative path" in bad["error"] and plan.refused == 2
+    assert by_rel["../dotdot.jpg"]["output_uri"] is None and "unsafe" in by_rel["../dotdot.jpg"]["error"]
     (row,) = run_stages(cfg, bad["input_uri"], None, rel_path=bad["rel_path"], error=bad["error"])
     assert row["status"] == "error" and "unsafe relative path" in row["error"]
 
