@@ -33,6 +33,9 @@ def _summary_text(result, cfg, input_uri: str, output_uri: str) -> str:
         f"  identity exported {rate}: written faces the recognizer still matches (distance < "
         f"{cfg.privacy.reid_threshold}), not masked",
     ]
+    if s["report_reid_rate"] is not None:
+        lines.append(f"  second opinion   {100 * s['report_reid_rate']:.1f}% matched by {cfg.privacy.report_recognizer} "
+                     f"(reporting only, 1 - cosine < {cfg.privacy.report_threshold})")
     if s["matched_masked"]:
         lines.append(f"  masked matches   {s['matched_masked']} boxes matched by the recognizer after masking: no "
                      "identity left in them (typically a false detection)")

@@ -157,6 +157,14 @@ class PrivacyConfig(_Section):
     guidance_ladder: list[float] = [-15.0, -20.0]
     max_tries: int = Field(3, ge=1, description="generation tries per face, the first included")
     fallback_if_reidentified: bool = True
+    # A second recognizer, for reporting only: the gate above (escalation, masking) and the reported
+    # identity_exported both use dlib's recognizer, so that rate is measured by the model the gate optimised
+    # against. An independent ArcFace-type ONNX model (e.g. antelopev2's glintr100) gives a second opinion.
+    report_recognizer: str | None = Field(
+        None, description="ArcFace-type ONNX file or URI used for reporting only (report_distance); never gates")
+    report_threshold: float = Field(0.7, gt=0, lt=2, description="report recognizer: same identity when "
+                                    "1 - cosine similarity is below this (0.7: cosine 0.3)")
+    report_providers: list[str] = ["CPUExecutionProvider"]
 
 
 class MergeConfig(_Section):
@@ -283,7 +291,9 @@ def anonymization_settings(cfg: JobConfig) -> dict:
     det = cfg.detection.model_dump(mode="json", exclude={"resources", "providers", "model_dir"})
     anon = cfg.anonymizer.model_dump(mode="json", exclude={"resources", "face_batch_size"})
     settings = {"detection": det, "alignment": cfg.alignment.model_dump(mode="json"), "anonymizer": anon,
-                "privacy": cfg.privacy.model_dump(mode="json"), "merge": {"feather": cfg.merge.feather}}
+                "privacy": cfg.privacy.model_dump(mode="json", exclude={"report_recognizer", "report_threshold",
+                                                                         "report_providers"}),
+                "merge": {"feather": cfg.merge.feather}}
     if cfg.anonymizer.method == "reverse_personalization":
         settings["diffusion"] = cfg.diffusion.model_dump(
             mode="json", exclude={"cache_dir", "device", "arcface_providers"})

@@ -56,6 +56,8 @@ SCHEMA = pa.schema([
     ("reid_threshold", pa.float32()),
     ("identity_exported", pa.bool_()),    # re-identified in the written image and not masked: must be False
     ("score_error", pa.string()),         # why the re-ID check or the utility signals failed (box masked)
+    ("report_distance", pa.float32()),    # second recognizer (privacy.report_recognizer, reporting only)
+    ("report_reidentified", pa.bool_()),  # report_distance < privacy.report_threshold
     ("face_still_detected", pa.bool_()),
     ("pose_diff_deg", pa.float32()),      # max |Δyaw|, |Δpitch|, |Δroll| original vs written
     ("landmark_displacement", pa.float32()),
@@ -137,6 +139,7 @@ def summarize(rows: Iterable[dict]) -> dict:
     images: dict[str, str] = {}
     faces = exported = masked_matches = scored = failures = fallbacks = 0
     first_scored = first_reid = escalated = 0
+    report_scored = report_reid = 0
     pose, drift = [], []
     for r in rows:
         images[r["input_uri"]] = r["status"]
@@ -150,6 +153,9 @@ def summarize(rows: Iterable[dict]) -> dict:
                 leaked = r.get("identity_exported")
                 exported += bool(leaked)
                 masked_matches += bool(r["reidentified"]) and not leaked
+            if r.get("report_reidentified") is not None:
+                report_scored += 1
+                report_reid += bool(r["report_reidentified"])
             tries = json.loads(r["tries_json"]) if r.get("tries_json") else []
             if tries and tries[0].get("reid_distance") is not None and r.get("reid_threshold") is not None:
                 first_scored += 1
@@ -168,6 +174,8 @@ def summarize(rows: Iterable[dict]) -> dict:
             # with privacy.fallback_if_reidentified); their rate among the scored faces.
             "identity_exported": exported, "reid_rate": (exported / scored) if scored else None,
             "matched_masked": masked_matches,
+            # The second recognizer's rate (reporting only), masked boxes included.
+            "report_reid_rate": (report_reid / report_scored) if report_scored else None,
             # Re-ID rate of the first generation, before the escalation ladder (reverse personalization).
             "reid_rate_first_try": (first_reid / first_scored) if first_scored else None,
             "escalated": escalated,

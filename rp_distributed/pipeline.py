@@ -193,6 +193,13 @@ class MergeAndWrite:
         self.detector_name = detector_name
         self.fingerprint = fingerprint
         self.scorer = ReidScorer(cfg.privacy)
+        self.reporter = None
+        if cfg.privacy.report_recognizer:  # a second recognizer, for the report only
+            from .diffusion.identity import IdentityEmbedder
+            from .diffusion.loading import resolve_arcface
+
+            self.reporter = IdentityEmbedder(resolve_arcface(cfg.privacy.report_recognizer, cfg.diffusion.cache_dir),
+                                             cfg.privacy.report_providers)
         shape68 = resolve_model_files(None, [SHAPE68_FILE], backend="merge/landmarks")[SHAPE68_FILE]
         self._landmarks68 = dlib.shape_predictor(str(shape68))
         self._dlib = dlib
@@ -266,6 +273,16 @@ class MergeAndWrite:
         pose = np.subtract(head_pose(pts[1]), head_pose(pts[0]))
         return {"pose_diff_deg": float(np.abs(pose).max()), "landmark_displacement": landmark_displacement(*pts)}
 
+    def _report(self, original: np.ndarray, image: np.ndarray, f: dict) -> dict:
+        """Second recognizer's distance (1 - cosine) between the original and the written face, both
+        aligned on the detected face's 5 points (the method keeps the face where it was)."""
+        from .faces.align import five_points
+
+        kps = five_points(f["landmarks"])
+        before, after = self.reporter.embed_many([original, image], [kps, kps])
+        distance = float(1.0 - np.dot(before, after))
+        return {"report_distance": distance, "report_reidentified": distance < self.cfg.privacy.report_threshold}
+
     def _mask(self, image: np.ndarray, f: dict, reason: str) -> None:
         """Mask the face's box in ``image`` (in place) and say why in the face record."""
         compose.destroy_box(image, f["box"], "mask", self.cfg.anonymizer, out=image)
@@ -292,6 +309,11 @@ class MergeAndWrite:
                 f["score_error"] = reason
                 if not is_masked(f.get("method_applied")):
                     self._mask(image, f, f"{reason}: masked")
+            if self.reporter is not None:
+                try:
+                    f.update(self._report(original, image, f))
+                except Exception as exc:  # noqa: BLE001 - reporting only: record, never gate
+                    f["score_error"] = _join(f.get("score_error"), f"report recognizer failed: {type(exc).__name__}: {exc}"[:200])
             try:
                 f.update(self._utility(original, image, f["box"]))
             except Exception as exc:  # noqa: BLE001 - utility signals are informative only
@@ -311,7 +333,8 @@ class MergeAndWrite:
                    reid_threshold=self.cfg.privacy.reid_threshold,
                    identity_exported=(None if reidentified is None or base["output_uri"] is None
                                       else bool(reidentified) and not is_masked(f.get("method_applied"))),
-                   score_error=f.get("score_error"),
+                   score_error=f.get("score_error"), report_distance=f.get("report_distance"),
+                   report_reidentified=f.get("report_reidentified"),
                    face_still_detected=f.get("face_still_detected"), pose_diff_deg=f.get("pose_diff_deg"),
                    landmark_displacement=f.get("landmark_displacement"), t_anonymize_s=f.get("t_anonymize_s"))
         return row

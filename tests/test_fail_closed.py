@@ -104,6 +104,23 @@ def test_identity_exported_separates_leaks_from_matches_on_masked_boxes(tmp_path
     assert s_off["identity_exported"] == len(leaked) and s_on["identity_exported"] == 0
 
 
+def test_a_second_recognizer_reports_but_never_gates(tmp_path, t1_path, tiny_dir):
+    weak = ["anonymizer.method=blur", "anonymizer.blur_strength=0.0001", "output.format=png"]
+    plain = run_stages(load_config(None, weak), t1_path, tmp_path / "a.png")
+    arcface = f"{tiny_dir}/arcface/w600k_r50.onnx"  # the tiny random ArcFace: real format, random weights
+    cfg = load_config(None, weak + [f"privacy.report_recognizer={arcface}", "privacy.report_threshold=0.5"])
+    assert anonymization_fingerprint(cfg) == anonymization_fingerprint(load_config(None, weak))
+    reported = run_stages(cfg, t1_path, tmp_path / "b.png")
+    key = lambda r: r["face_index"]  # noqa: E731
+    for a, b in zip(sorted(plain, key=key), sorted(reported, key=key)):
+        assert b["method_applied"] == a["method_applied"] and b["reid_distance"] == a["reid_distance"]
+        assert 0.0 <= b["report_distance"] <= 2.0 and b["report_reidentified"] == (b["report_distance"] < 0.5)
+    # Masked faces are far from their originals for any recognizer; untouched pixels would be at 0.
+    masked = [r for r in reported if r["method_applied"].endswith("+mask")]
+    assert masked and all(r["report_distance"] > 1e-3 for r in masked)
+    assert manifest.summarize(reported)["report_reid_rate"] is not None
+
+
 def test_summary_does_not_count_a_masked_box_as_a_leak():
     rows = [
         {"input_uri": "a", "status": "ok", "face_index": 0, "reidentified": True, "method_applied": "blur+mask",
