@@ -31,19 +31,21 @@ class DeviceFault(RuntimeError):
 
 # Messages of CUDA errors after which a process cannot use its device again (torch, cuBLAS/cuDNN,
 # onnxruntime's CUDA provider). Out-of-memory is not one of them: it is retried one face at a time.
-_DEVICE_FAULT_MARKERS = ("cuda error", "cuda failure", "cublas_status", "cudnn_status", "cudaerror",
+_DEVICE_FAULT_MARKERS = ("cuda error", "cuda failure", "cublas_status_execution_failed",
+                         "cublas_status_internal_error", "cudnn_status_execution_failed",
+                         "cudnn_status_internal_error", "cudnn_status_mapping_error", "cudaerror",
                          "illegal memory access", "device-side assert", "ecc error", "unspecified launch failure",
                          "misaligned address", "device lost", "no cuda-capable device", "nccl error")
 
 
 def is_device_fault(exc: BaseException) -> bool:
     msg = str(exc).lower()
-    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in msg:
+    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in msg or "alloc_failed" in msg:
         return False
     return any(m in msg for m in _DEVICE_FAULT_MARKERS)
 
 
-def _raise_if_device_fault(exc: BaseException) -> None:
+def raise_if_device_fault(exc: BaseException) -> None:
     if is_device_fault(exc):
         raise DeviceFault(f"device fault, this worker must restart: {_err(exc)}") from exc
 
@@ -137,7 +139,7 @@ class Anonymizer:
                 f["id_embedding"] = self.embedder.embed(f["crop"], f["kps5"])
                 ready.append(f)
             except Exception as exc:  # noqa: BLE001
-                _raise_if_device_fault(exc)
+                raise_if_device_fault(exc)
                 self._fallback(f, f"identity embedding failed: {_err(exc)}")
         n = self.acfg.face_batch_size
         for start in range(0, len(ready), n):
@@ -146,7 +148,7 @@ class Anonymizer:
             try:
                 self._generate_chunk(chunk)
             except Exception as exc:  # noqa: BLE001 - retry one by one so one bad face cannot sink others
-                _raise_if_device_fault(exc)
+                raise_if_device_fault(exc)
                 if len(chunk) == 1:
                     self._fallback(chunk[0], f"generation failed: {_err(exc)}")
                 else:
@@ -154,7 +156,7 @@ class Anonymizer:
                         try:
                             self._generate_chunk([f])
                         except Exception as exc1:  # noqa: BLE001
-                            _raise_if_device_fault(exc1)
+                            raise_if_device_fault(exc1)
                             self._fallback(f, f"generation failed: {_err(exc1)}")
             per_face = (time.perf_counter() - t0) / len(chunk)
             for f in chunk:

@@ -55,6 +55,15 @@ def _unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path) if not isinstance(fs, LocalFileSystem) else path
 
 
+def normalize_prefix(uri: str) -> str:
+    """An object-store prefix with ``.``, ``..`` and ``//`` resolved (object keys keep them verbatim);
+    local paths are left as given (the OS resolves them)."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        return uri
+    return fs.unstrip_protocol(posixpath.normpath(path))
+
+
 def join_uri(root: str, rel_path: str) -> str:
     """``root``/``rel_path``, refusing any relative path that would leave ``root``."""
     rel = rel_path.replace("\\", "/")

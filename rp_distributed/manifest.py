@@ -152,7 +152,7 @@ def summarize(rows: Iterable[dict]) -> dict:
                 # A recognizer match on a box we masked is no identity left (often a false detection).
                 leaked = r.get("identity_exported")
                 exported += bool(leaked)
-                masked_matches += bool(r["reidentified"]) and not leaked
+                masked_matches += bool(r["reidentified"]) and leaked is False
             if r.get("report_reidentified") is not None:
                 report_scored += 1
                 report_reid += bool(r["report_reidentified"])

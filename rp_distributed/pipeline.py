@@ -17,6 +17,7 @@ always share a schema; the driver only ever sees the small manifest rows.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 import uuid
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import compose, io, manifest
-from .anonymize import Anonymizer, DeviceFault
+from .anonymize import Anonymizer, DeviceFault, raise_if_device_fault
 from .config import JobConfig, StageResources
 
 FACE_RECORD = {
@@ -94,7 +95,17 @@ class DetectFaces:
         self._align = align
 
     def __call__(self, batch: dict) -> dict:
-        return _columns([self.process(r) for r in _rows(batch)], KEYS_AFTER_DETECT)
+        out = []
+        for row in _rows(batch):
+            try:
+                out.append(self.process(row))
+            except DeviceFault as exc:
+                end_worker(exc)
+            except Exception as exc:  # noqa: BLE001 - a bug must not drop the row: record it
+                row.update(status="error", error=f"detection stage failed: {type(exc).__name__}: {exc}"[:500],
+                           payload=ImagePayload())
+                out.append({k: row.get(k) for k in KEYS_AFTER_DETECT})
+        return _columns(out, KEYS_AFTER_DETECT)
 
     def process(self, row: dict) -> dict:
         cfg = self.cfg
@@ -124,6 +135,7 @@ class DetectFaces:
         try:
             found = self.detector.detect(rgb)
         except Exception as exc:  # noqa: BLE001 - cannot know where the faces are: withhold
+            raise_if_device_fault(exc)  # a detector on a broken GPU: restart the worker instead
             row.update(status="withheld", error=f"face detection failed: {type(exc).__name__}: {exc}"[:500],
                        payload=ImagePayload(), t_detect_s=time.perf_counter() - t1)
             return row
@@ -164,6 +176,10 @@ class AnonymizeFaces:
             self.anonymizer([f for r in rows if r["status"] is None for f in r["payload"].faces])
         except DeviceFault as exc:
             end_worker(exc)
+        except Exception as exc:  # noqa: BLE001 - faces not anonymized: withhold their images, say why
+            for r in rows:
+                if r["status"] is None:
+                    r.update(status="withheld", error=f"anonymizer failed: {type(exc).__name__}: {exc}"[:500])
         return _columns(rows, KEYS_AFTER_DETECT)
 
 
@@ -207,7 +223,13 @@ class MergeAndWrite:
     def __call__(self, batch: dict) -> dict:
         out = []
         for row in _rows(batch):
-            out.extend(self.process(row))
+            try:
+                out.extend(self.process(row))
+            except Exception as exc:  # noqa: BLE001 - a bug must not drop the row, nor leave an output behind
+                base = self._base(row)
+                base.update(status="error", error=_join(f"merge stage failed: {type(exc).__name__}: {exc}"[:500],
+                                                        remove_stale_outputs(row, failed=True)))
+                out.append(base)
         return _columns(out, manifest.SCHEMA.names)
 
     def _base(self, row: dict) -> dict:
@@ -387,12 +409,17 @@ def _stage_kwargs(cfg: JobConfig, res: StageResources, isolate: bool = False) ->
                 max_restarts=-1, max_task_retries=cfg.ray.max_task_retries)
 
 
+INPUT_ROWS_PER_BLOCK = 32
+
+
 def build_dataset(cfg: JobConfig, todo: list[dict], run_id: str, fingerprint: str | None = None,
                   isolate: bool = False):
     """The three stages over ``todo``; ``isolate``: one input per block and per batch."""
     import ray
 
-    blocks = len(todo) if isolate else min(len(todo), 64)
+    # A worker that dies loses its task's whole input block (retried, then redone one by one): keep blocks
+    # small so one poison input costs few retries.
+    blocks = len(todo) if isolate else math.ceil(len(todo) / INPUT_ROWS_PER_BLOCK)
     ds = ray.data.from_items(todo, override_num_blocks=max(1, blocks))
     with warnings.catch_warnings():
         # max_restarts / max_task_retries have no named parameter in Ray 2.60; they still go through
@@ -435,8 +462,8 @@ class JobResult:
 
 def lost_input_row(row: dict, run_id: str, fingerprint: str, retries: int) -> dict:
     """The manifest row of an input whose batch failed every time, also alone (a poison input)."""
-    reason = (f"processing failed {2 * (retries + 1)} times, in its batch and alone (worker crash, out-of-memory "
-              f"kill, device fault or an unhandled error; see the Ray logs); retries are bounded by "
+    reason = (f"its worker died {2 * (retries + 1)} times, with its block and alone (a native crash, an "
+              f"out-of-memory kill or a device fault; see the Ray worker logs); retries are bounded by "
               f"ray.max_task_retries={retries}")
     return {"run_id": run_id, "input_uri": row["input_uri"], "rel_path": row["rel_path"], "output_uri": None,
             "status": "error", "error": _join(reason, remove_stale_outputs(row, failed=True)),
@@ -453,6 +480,7 @@ def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = Tr
 
     t0 = time.perf_counter()
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    output_uri = io.normalize_prefix(output_uri)
     fingerprint = anonymization_fingerprint(cfg)
     plan = make_plan(cfg, input_uri, output_uri, fingerprint)
     result = JobResult(run_id=run_id, summary=manifest.summarize([]), skipped=plan.skipped,

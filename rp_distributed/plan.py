@@ -59,8 +59,10 @@ def output_exclusion(input_uri: str, output_uri: str) -> str | None:
         raise PlanError(f"the input {input_uri} lies inside the output prefix {output_uri}: outputs could "
                         "overwrite inputs; choose an output prefix outside the input")
     if o.startswith(i.rstrip("/") + "/"):
-        # The listing walks the input as spelled: rebase the output onto that spelling.
-        return posixpath.join(ipath.rstrip("/"), o[len(i.rstrip("/")) + 1:])
+        # The listing walks the input as spelled: rebase the output onto that spelling (a full URI, so
+        # the listing knows its filesystem).
+        rebased = posixpath.join(ipath.rstrip("/"), o[len(i.rstrip("/")) + 1:])
+        return rebased if isinstance(ifs, LocalFileSystem) else ifs.unstrip_protocol(rebased)
     return None
 
 
@@ -106,18 +108,20 @@ def output_keys(rel_paths: list[str], output_uri: str, out_format: str, manifest
 def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str) -> Plan:
     out_cfg = cfg.output
     exclude = output_exclusion(input_uri, output_uri)
+    # The earlier outputs are read even with --overwrite: an output at a key this run no longer writes
+    # is deleted either way.
+    done = manifest.done_inputs(manifest.read_manifest(output_uri, out_cfg.manifest_dir))
     if out_cfg.overwrite:
         manifest.remove_manifest(output_uri, out_cfg.manifest_dir)
-        done: dict = {}
-    else:
-        done = manifest.done_inputs(manifest.read_manifest(output_uri, out_cfg.manifest_dir))
     files = io.list_inputs(input_uri, cfg.input.extensions, exclude_uri=exclude or output_uri)
     if exclude is not None:
-        inside = [f.uri for f in files if (io.filesystem(f.uri)[1] + "/").startswith(exclude.rstrip("/") + "/")]
+        ex_path = io.filesystem(exclude)[1].rstrip("/") + "/"
+        inside = [f.uri for f in files if (io.filesystem(f.uri)[1] + "/").startswith(ex_path)]
         if inside:
             raise PlanError(f"the input listing did not exclude the output prefix {output_uri} (e.g. {inside[0]})")
     keys = output_keys([f.rel_path for f in files], output_uri, out_cfg.format, out_cfg.manifest_dir)
-    targets = {k for k, _, _ in keys.values() if k}
+    # Keys this run writes (a refused input writes none, so its earlier output is stale).
+    targets = {keys[f.rel_path][0] for f in files if keys[f.rel_path][0] and not getattr(f, "skip_reason", None)}
     plan = Plan()
     for f in files:
         key, error, note = keys[f.rel_path]
@@ -128,7 +132,7 @@ def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str)
             plan.refused += 1
             row["output_uri"] = None
         prev = done.get(f.uri)
-        if prev is not None and not error:
+        if prev is not None and not error and not out_cfg.overwrite:
             if prev == (key, fingerprint) and io.exists(key):
                 plan.skipped += 1
                 continue

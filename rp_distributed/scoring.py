@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .faces.backends import as_rgb_uint8
+from .faces.backends import box_iou as iou
 from .faces.dlib_backend import (
     RECOGNITION_FILE,
     SHAPE5_FILE,
@@ -28,16 +29,6 @@ class ReidResult:
     distance: float  # recognizer distance original vs anonymized; inf when either has no descriptor
     reidentified: bool  # distance < threshold
     face_still_detected: bool  # a HOG face overlaps the box (IoU > iou_threshold) in the anonymized image
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    ax0, ay0, ax1, ay1 = (float(v) for v in a)
-    bx0, by0, bx1, by1 = (float(v) for v in b)
-    iw = max(0.0, min(ax1, bx1) - max(ax0, bx0))
-    ih = max(0.0, min(ay1, by1) - max(ay0, by0))
-    inter = iw * ih
-    union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter
-    return inter / union if union > 0 else 0.0
 
 
 class ReidScorer:

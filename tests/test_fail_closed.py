@@ -130,6 +130,10 @@ def test_summary_does_not_count_a_masked_box_as_a_leak():
     ]
     s = manifest.summarize(rows)
     assert s["identity_exported"] == 0 and s["matched_masked"] == 1 and s["reid_rate"] == 0.0
+    # A face of an image that was not written (identity_exported null) is neither.
+    unwritten = {"input_uri": "b", "status": "error", "face_index": 0, "reidentified": True, "identity_exported": None}
+    s = manifest.summarize(rows + [unwritten])
+    assert s["identity_exported"] == 0 and s["matched_masked"] == 1
 
 
 # -- hole 3: reruns --------------------------------------------------------------------------------------
@@ -173,15 +177,49 @@ def test_rerun_that_fails_deletes_the_earlier_output(tmp_path, t1_path):
     assert not (out / "t1.png").exists(), "a stale output of an earlier run stays next to an error row"
 
 
-def test_a_changed_output_key_deletes_the_earlier_output(tmp_path, t1_path):
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_changed_output_key_deletes_the_earlier_output(tmp_path, t1_path, overwrite):
     cfg = load_config(None, ["anonymizer.method=blur", "output.format=png"])
     src, out, _ = _done_run(tmp_path, t1_path, cfg)
-    jpeg = load_config(None, ["anonymizer.method=blur", "output.format=jpeg"])
+    jpeg = load_config(None, ["anonymizer.method=blur", "output.format=jpeg", f"output.overwrite={overwrite}"])
     (todo,) = make_plan(jpeg, str(src), str(out), anonymization_fingerprint(jpeg)).todo
     assert todo["stale_output_uri"] == str(out / "t1.png")
     run_stages(jpeg, todo["input_uri"], todo["output_uri"], rel_path=todo["rel_path"],
                stale_output_uri=todo["stale_output_uri"])
     assert (out / "t1.jpg").exists() and not (out / "t1.png").exists()
+
+
+def test_an_input_turned_into_a_refused_symlink_loses_its_earlier_output(tmp_path, t1_path):
+    cfg = load_config(None, ["anonymizer.method=blur", "output.format=png"])
+    src, out, _ = _done_run(tmp_path, t1_path, cfg)
+    outside = tmp_path / "elsewhere.jpg"
+    shutil.copy(t1_path, outside)
+    (src / "t1.jpg").unlink()
+    (src / "t1.jpg").symlink_to(outside)
+    (todo,) = make_plan(cfg, str(src), str(out), anonymization_fingerprint(cfg)).todo
+    assert todo["error"] and "outside the input root" in todo["error"] and todo["output_uri"] is None
+    assert todo["stale_output_uri"] == str(out / "t1.png")
+    (row,) = run_stages(cfg, todo["input_uri"], None, rel_path=todo["rel_path"], error=todo["error"],
+                        stale_output_uri=todo["stale_output_uri"])
+    assert row["status"] == "error" and not (out / "t1.png").exists()
+
+
+def test_a_stage_bug_becomes_an_error_row_and_leaves_no_output(tmp_path, t1_path):
+    from rp_distributed.pipeline import _columns, _rows
+
+    cfg = load_config(None, ["anonymizer.method=blur", "output.format=png"])
+    src, out, row = _done_run(tmp_path, t1_path, cfg)
+    detected = DetectFaces(cfg).process(dict(row))
+    Anonymizer(cfg)(detected["payload"].faces)
+    merge = MergeAndWrite(cfg, "run2", "dlib", anonymization_fingerprint(cfg))
+
+    def bug(*args):  # injected: an unexpected exception after the output was written
+        raise KeyError("bug")
+
+    merge._face_row = bug
+    (r,) = _rows(merge(_columns([detected])))
+    assert r["status"] == "error" and "merge stage failed: KeyError" in r["error"]
+    assert not (out / "t1.png").exists()
 
 
 # -- hole 4: key collisions and unsafe keys --------------------------------------------------------------
@@ -227,6 +265,20 @@ def test_unsafe_s3_key_is_an_error_row_not_a_job_abort(s3_server, tmp_path, t1_p
     assert by_rel["../dotdot.jpg"]["output_uri"] is None and "unsafe" in by_rel["../dotdot.jpg"]["error"]
     (row,) = run_stages(cfg, bad["input_uri"], None, rel_path=bad["rel_path"], error=bad["error"])
     assert row["status"] == "error" and "unsafe relative path" in row["error"]
+
+
+def test_s3_output_inside_the_input_is_excluded_on_rerun(s3_server, t1_path):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="nested")
+    s3.put_object(Bucket="nested", Key="in/a.jpg", Body=t1_path.read_bytes())
+    s3.put_object(Bucket="nested", Key="in/anon/a.jpg", Body=t1_path.read_bytes())  # an earlier output
+    cfg = load_config(None, ["anonymizer.method=blur"])
+    for out in ["s3://nested/in/anon", "s3://nested/in/./anon/"]:
+        plan = make_plan(cfg, "s3://nested/in", out, anonymization_fingerprint(cfg))
+        assert [r["rel_path"] for r in plan.todo] == ["a.jpg"], out
+    assert io.normalize_prefix("s3://nested/in/./anon//x/") == "s3://nested/in/anon/x"
 
 
 def test_output_prefix_may_not_be_or_contain_the_input(tmp_path, t1_path):
@@ -291,7 +343,7 @@ def test_poison_input_and_device_fault_on_ray(tmp_path, tiny_dir, t1_path, astro
 
     # The poison input is an error row with the reason; it did not take the job (or its batch-mates) down.
     (poison,) = by_path["poison.jpg"]
-    assert poison["status"] == "error" and "in its batch and alone" in poison["error"]
+    assert poison["status"] == "error" and "with its block and alone" in poison["error"]
     assert "ray.max_task_retries=3" in poison["error"] and result["isolated"] >= 1
     assert not (out / "poison.png").exists()
     assert by_path["coffee.png"][0]["status"] == "no_face" and (out / "coffee.png").exists()
