@@ -2,8 +2,8 @@
 
 Methods: ``blur``, ``pixelate``, ``mask`` (destructive) and ``reverse_personalization`` (diffusion
 inversion + negative identity guidance). For reverse personalization each face is checked against an
-independent recognizer; a face still re-identified is regenerated with the next, stronger guidance of
-``privacy.guidance_ladder`` (reusing its inversion: only generation reruns), and after
+independent recognizer; a face still re-identified is run again at the next, stronger guidance of
+``privacy.guidance_ladder`` (inversion and generation at that guidance, same seed), and after
 ``privacy.max_tries`` falls back to the destructive method. Any failure on a face also falls back, and
 the face record says why. A face record leaves this stage with ``anon_crop`` set, or with
 ``face_error`` set and no crop (then the merge stage applies the destructive method on the image).
@@ -168,15 +168,18 @@ class Anonymizer:
         crops = [f["crop"] for f in chunk]
         ids = np.stack([f["id_embedding"] for f in chunk]).astype(np.float32)
         prompts = [f.get("attribute_prompt", d.attribute_prompt) for f in chunk]
-        inv = self.rp.invert(crops, [int(f["seed"]) for f in chunk])
+        seeds = [int(f["seed"]) for f in chunk]
         ladder = [d.guidance_scale] + list(privacy.guidance_ladder)
         tries = privacy.max_tries if self.scorer is not None else 1
         results: list[dict] = [{"tries": []} for _ in chunk]
         pending = list(range(len(chunk)))
         for attempt in range(tries):
-            g = ladder[attempt]
-            sub = inv if len(pending) == len(chunk) else inv.select(pending)
-            outs = self.rp.generate(sub, ids[pending], [prompts[i] for i in pending], [g] * len(pending))
+            # Each rung is the method run at its own g: its inversion's noise maps belong to that g
+            # (ALGORITHM.md, "Stronger guidance"). The faces escalating together share both calls.
+            g = [ladder[attempt]] * len(pending)
+            inv = self.rp.invert([crops[i] for i in pending], [seeds[i] for i in pending], g)
+            outs = self.rp.generate(inv, ids[pending], [prompts[i] for i in pending], g)
+            g = g[0]
             still = []
             for i, out in zip(pending, outs):
                 dist = None

@@ -49,11 +49,32 @@ def test_escalation_runs_every_rung_then_falls_back(tiny_dir, t1_faces):
         assert [t["guidance"] for t in tries] == [-10.0, -14.0, -18.0]
         assert all(t["reid_distance"] is not None and t["reid_distance"] < 5.0 for t in tries)
         assert f["tries"] == 3 and f["guidance_final"] == -18.0
-        assert f["unet_evals"] == 2 * STEPS + 2 * STEPS * 3  # one inversion, three generations
+        assert f["unet_evals"] == 4 * STEPS * 3  # an inversion and a generation per rung
         assert f["method_applied"] == "pixelate" and "still re-identified after 3 tries" in f["face_error"]
         # Every rung produced a different face: guidance changes the output.
     dists = [[t["reid_distance"] for t in json.loads(f["tries_json"])] for f in faces]
     assert all(len(set(d)) == 3 for d in dists)
+
+
+def test_an_escalated_face_equals_a_fresh_run_at_the_rung_guidance(tiny_dir, t1_faces):
+    """A rung at g' is the method at g' (ALGORITHM.md): re-inverted at g', not regenerated from g's noise."""
+    rung = _rp_cfg(tiny_dir, "privacy.reid_threshold=5.0", "privacy.guidance_ladder=[-14.0]", "privacy.max_tries=2",
+                   "privacy.fallback_if_reidentified=false")  # keep the last rung's crop
+    escalated = _fresh(t1_faces, 2)
+    Anonymizer(rung)(escalated)
+    fresh = _fresh(t1_faces, 2)
+    Anonymizer(_rp_cfg(tiny_dir, "diffusion.guidance_scale=-14.0", "privacy.escalate=false",
+                       "privacy.guidance_ladder=[-15.0, -20.0]"))(fresh)
+    reused = _fresh(t1_faces, 2)  # what the old escalation did: -10's inversion regenerated at -14
+    a = Anonymizer(_rp_cfg(tiny_dir, "privacy.escalate=false"))
+    for f in reused:
+        f["id_embedding"] = a.embedder.embed(f["crop"], f["kps5"])
+    inv = a.rp.invert([f["crop"] for f in reused], [f["seed"] for f in reused])
+    old = a.rp.generate(inv, np.stack([f["id_embedding"] for f in reused]), None, [-14.0, -14.0])
+    for f, g, o in zip(escalated, fresh, old):
+        assert f["tries"] == 2 and f["guidance_final"] == -14.0 and f["unet_evals"] == 8 * STEPS
+        assert np.abs(f["anon_crop"].astype(int) - g["anon_crop"].astype(int)).max() <= 1
+        assert np.abs(f["anon_crop"].astype(int) - o.astype(int)).mean() > 1  # a different function
 
 
 def test_escalation_stops_at_the_first_rung_that_passes(tiny_dir, t1_faces):
@@ -171,7 +192,7 @@ def test_ray_job_with_reverse_personalization(ray_session, tiny_dir, tmp_path, t
     for r in rows:
         assert r["method"] == "reverse_personalization" and r["status"] == "ok"
         assert r["method_applied"] in ("reverse_personalization", "blur", "blur+mask", "reverse_personalization+mask")
-        assert r["seed"] is not None and r["tries"] >= 1 and r["unet_evals"] == 2 * STEPS * (1 + r["tries"])
+        assert r["seed"] is not None and r["tries"] >= 1 and r["unet_evals"] == 4 * STEPS * r["tries"]
         params, model = json.loads(r["params"]), json.loads(r["model"])
         assert params["guidance_scale"] == -10.0 and params["num_inversion_steps"] == STEPS
         assert model["model"].endswith("sdxl") and model["ip_adapter_weight_name"] == "ip-adapter-faceid_sdxl.bin"

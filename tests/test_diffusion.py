@@ -87,7 +87,7 @@ def test_timesteps_and_counts(rp):
     assert ts[0] == 299 and ts[-1] == 1 and np.all(np.diff(ts) < 0)
     np.testing.assert_array_equal(rp.timesteps(), inversion_timesteps(0.7, STEPS))
     assert rp.unet_evals_per_face() == 4 * STEPS
-    assert rp.unet_evals_per_face(tries=3) == 2 * STEPS + 6 * STEPS
+    assert rp.unet_evals_per_face(tries=3) == 12 * STEPS  # every rung re-inverts at its own guidance
     info = rp.model_info
     assert info["device"] == "cpu" and info["dtype"] == "float32"
     assert info["ip_adapter_weight_name"] == "ip-adapter-faceid_sdxl.bin" and info["model"]

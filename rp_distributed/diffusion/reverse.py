@@ -159,9 +159,9 @@ class ReversePersonalizer:
         return self._timesteps.copy()
 
     def unet_evals_per_face(self, tries: int = 1) -> int:
-        """UNet image evaluations per face: 2 branches x N steps for inversion and for each generation."""
-        n = len(self._timesteps)
-        return 2 * n + 2 * n * tries
+        """UNet image evaluations per face: each try (rung) is an inversion and a generation at its own
+        guidance (ALGORITHM.md, "Stronger guidance"), each 2 branches x N steps: 4N per try."""
+        return 4 * len(self._timesteps) * tries
 
     # ------------------------------------------------------------------ VAE
 
@@ -304,14 +304,27 @@ class ReversePersonalizer:
             raise ValueError("crops must be uint8 RGB")
         return shape[0], shape[1]
 
+    def _guidance(self, guidance_scales: Sequence[float] | None, b: int) -> torch.Tensor:
+        """[B, 1, 1, 1] float32 on the device; None = ``cfg.guidance_scale`` for all."""
+        if guidance_scales is None:
+            guidance_scales = [self.cfg.guidance_scale] * b
+        if len(guidance_scales) != b or not all(math.isfinite(float(v)) for v in guidance_scales):
+            raise ValueError(f"need {b} finite guidance scales, got {guidance_scales}")
+        return torch.tensor([float(v) for v in guidance_scales], dtype=torch.float32, device=self.device).view(b, 1, 1, 1)
+
     # ------------------------------------------------------------------ public
 
     @torch.no_grad()
-    def invert(self, crops: Sequence[np.ndarray], seeds: Sequence[int]) -> Inversion:
-        """Edit-friendly inversion of B crops (RGB uint8, one size); one seeded CPU generator per face."""
+    def invert(self, crops: Sequence[np.ndarray], seeds: Sequence[int],
+               guidance_scales: Sequence[float] | None = None) -> Inversion:
+        """Edit-friendly inversion of B crops (RGB uint8, one size); one seeded CPU generator per face.
+
+        guidance_scales: per face, the g the inversion's noise maps belong to; generation must use the
+        same g (ALGORITHM.md). None = ``cfg.guidance_scale`` for all."""
         size = self._check_crops(crops)
         if len(seeds) != len(crops):
             raise ValueError(f"{len(crops)} crops but {len(seeds)} seeds")
+        g = self._guidance(guidance_scales, len(crops))
         ts = self._timesteps
         n, b = len(ts), len(crops)
         x0 = self.encode(crops)
@@ -324,7 +337,6 @@ class ReversePersonalizer:
         noise = noise.to(self.device)
         xs = [self._alpha[int(t)] * x0 + self._sigma[int(t)] * noise[i] for i, t in enumerate(ts)] + [x0]
         cond = self.build_conditioning([None] * b, None, size)
-        g = torch.full((b, 1, 1, 1), float(self.cfg.guidance_scale), device=self.device)
         zs = torch.empty((n,) + tuple(x0.shape), dtype=torch.float32, device=self.device)
         prev = None
         for i, t in enumerate(ts):
@@ -353,11 +365,7 @@ class ReversePersonalizer:
         Returns uint8 HxWx3 images, or (images, final latents [B, C, h, w] float32) with ``return_latents``.
         """
         b = len(inv)
-        if guidance_scales is None:
-            guidance_scales = [self.cfg.guidance_scale] * b
-        if len(guidance_scales) != b or not all(math.isfinite(float(v)) for v in guidance_scales):
-            raise ValueError(f"need {b} finite guidance scales, got {guidance_scales}")
-        g = torch.tensor([float(v) for v in guidance_scales], dtype=torch.float32, device=self.device).view(b, 1, 1, 1)
+        g = self._guidance(guidance_scales, b)
         if conditioning == "inversion":
             cond = self.build_conditioning([None] * b, None, inv.image_size)
         elif conditioning == "generation":
@@ -390,5 +398,5 @@ class ReversePersonalizer:
         """invert + generate; returns uint8 RGB crops."""
         if seeds is None:
             seeds = [self.cfg.seed] * len(crops)
-        inv = self.invert(crops, seeds)
+        inv = self.invert(crops, seeds, guidance_scales)
         return self.generate(inv, id_embeddings, attribute_prompts, guidance_scales)
