@@ -80,7 +80,8 @@ class DetectionConfig(_Section):
     tile_above_px: int = Field(
         2000, ge=256,
         description="images whose long side exceeds this get a coarse whole-image pass plus overlapping tiles "
-        "seen at a higher magnification, so small faces in large photos are found",
+        "seen at a higher magnification, so small faces in large photos are found (insightface also tiles "
+        "smaller images whose 640 px resize would shrink a min_face_size face below what SCRFD sees)",
     )
     tile_px: int = Field(1024, ge=128, le=4096, description="tile side, image px (insightface: also its tile input)")
     tile_zoom: float = Field(

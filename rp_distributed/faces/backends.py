@@ -158,6 +158,17 @@ class BaseDetector:
         """Faces in one tile (tile pixels), small ones included."""
         return self._detect(tile)
 
+    def _whole_min_face(self, shape: tuple[int, ...]) -> float:
+        """Smallest face side (image px) the ordinary whole-image pass finds; 0 for backends that do not
+        shrink their input (their whole-image pass is as good as tiles)."""
+        return 0.0
+
+    def needs_tiles(self, shape: tuple[int, ...]) -> bool:
+        """Tile a large image, or one whose whole-image pass cannot see faces of ``min_face_size``
+        (SCRFD shrinks every image to 640 px: a 40 px face in a 1600 px photo becomes 16 px)."""
+        return (max(shape[:2]) > self.cfg.tile_above_px
+                or self._whole_min_face(shape) > self.cfg.min_face_size)
+
     def tile_side(self) -> int:
         return int(self.cfg.tile_px)
 
@@ -182,7 +193,7 @@ class BaseDetector:
         image = as_rgb_uint8(image)
         if image.shape[0] == 0 or image.shape[1] == 0:
             return []
-        if max(image.shape[:2]) > self.cfg.tile_above_px:
+        if self.needs_tiles(image.shape):
             faces = self.detect_tiled(image)
         else:
             faces = self._detect(image)

@@ -91,6 +91,9 @@ class InsightFaceDetector(BaseDetector):
         h, w = shape[:2]
         return MIN_FACE_AT_INPUT / min(INPUT_SIZE[0] / w, INPUT_SIZE[1] / h)
 
+    def _whole_min_face(self, shape: tuple[int, ...]) -> float:
+        return self._coarse_min_face(shape)  # the whole-image pass is the same 640 resize
+
     def _fixed_input(self) -> tuple[int, int] | None:
         """(width, height) of a model exported at one input size (insightface then ignores ours)."""
         fixed = getattr(self._model, "static_input_size", None)
