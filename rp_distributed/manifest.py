@@ -2,7 +2,8 @@
 
 Rows are written by the driver as the stream arrives, in parts under ``OUTPUT/<manifest_dir>/``
 (``part-<run_id>-<n>.parquet``), always with ``SCHEMA`` so any set of parts reads as one table. A
-rerun reads the parts to skip inputs that are done. The README documents every column.
+rerun reads the latest outcome of each input (``latest_outcomes``) to skip inputs that are done. The
+README documents every column.
 """
 
 from __future__ import annotations
@@ -117,15 +118,32 @@ def read_manifest(output_uri: str, manifest_dir: str) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def done_inputs(table: pa.Table) -> dict[str, tuple[str, str | None]]:
-    """input_uri -> (output_uri, settings_fingerprint) for inputs whose latest outcome wrote an output."""
-    done: dict[str, tuple[str, str | None]] = {}
-    for row in table.select(["input_uri", "status", "output_uri", "settings_fingerprint"]).to_pylist():
-        if row["status"] in DONE_STATUSES and row["output_uri"]:
-            done[row["input_uri"]] = (row["output_uri"], row["settings_fingerprint"])
-        else:
-            done.pop(row["input_uri"], None)
-    return done
+RESUME_COLUMNS = ["input_uri", "status", "output_uri", "settings_fingerprint"]
+
+
+def latest_outcomes(output_uri: str, manifest_dir: str, columns: list[str] = RESUME_COLUMNS) -> pa.Table:
+    """The latest manifest row of each input, reading only ``columns`` of the parts (in parallel).
+
+    Parts are named ``part-<run_id>-<n>`` with a time-ordered run id, so their sorted order is the
+    order they were written in; within a part, later rows are later."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    uris = part_uris(output_uri, manifest_dir)
+    if not uris:
+        return pa.schema([SCHEMA.field(c) for c in columns]).empty_table()
+
+    def read(uri: str) -> pa.Table:
+        fs, path = io.filesystem(uri)
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns, schema=SCHEMA)
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        table = pa.concat_tables(pool.map(read, uris))
+    table = table.append_column("_row", pa.array(np.arange(table.num_rows)))
+    last = table.group_by("input_uri").aggregate([("_row", "max")])
+    return table.take(last["_row_max"]).drop_columns(["_row"])
 
 
 def remove_manifest(output_uri: str, manifest_dir: str) -> None:

@@ -9,7 +9,9 @@ Fail-closed rules that live here:
   the output prefix or land in the manifest folder becomes that input's error row, never a job abort;
 - resume skips an input only when its latest manifest row wrote this same key under the same
   anonymization settings (``config.anonymization_fingerprint``) and the output exists; otherwise it is
-  redone, and an earlier output at another key is deleted (``stale_output_uri``).
+  redone, and an earlier output at another key is deleted (``stale_output_uri``). Resume reads only
+  four manifest columns, decides in Arrow, and learns which outputs exist from one listing of the
+  output prefix, not one request per key.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import posixpath
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 
 from . import io, manifest
@@ -105,40 +109,62 @@ def output_keys(rel_paths: list[str], output_uri: str, out_format: str, manifest
     return result
 
 
+def _existing_outputs(output_uri: str) -> pa.Array:
+    """Relative paths of every object under the output prefix: one listing (paged by the store), not one
+    request per key."""
+    fs, root = io.filesystem(output_uri)
+    root = root.rstrip("/")
+    if not fs.exists(root):
+        return pa.array([], pa.string())
+    return pa.array([p[len(root) + 1:] for p in fs.find(root)], pa.string())
+
+
 def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str) -> Plan:
     out_cfg = cfg.output
     exclude = output_exclusion(input_uri, output_uri)
-    # The earlier outputs are read even with --overwrite: an output at a key this run no longer writes
-    # is deleted either way.
-    done = manifest.done_inputs(manifest.read_manifest(output_uri, out_cfg.manifest_dir))
+    # The earlier outcomes are read even with --overwrite: an output at a key this run no longer writes
+    # is deleted either way. Only the resume columns are read, and the decisions are made in Arrow.
+    latest = manifest.latest_outcomes(output_uri, out_cfg.manifest_dir)
     if out_cfg.overwrite:
         manifest.remove_manifest(output_uri, out_cfg.manifest_dir)
     files = io.list_inputs(input_uri, cfg.input.extensions, exclude_uri=exclude or output_uri)
     if exclude is not None:
-        ex_path = io.filesystem(exclude)[1].rstrip("/") + "/"
-        inside = [f.uri for f in files if (io.filesystem(f.uri)[1] + "/").startswith(ex_path)]
+        inside = [f.uri for f in files if (f.uri + "/").startswith(exclude.rstrip("/") + "/")]
         if inside:
             raise PlanError(f"the input listing did not exclude the output prefix {output_uri} (e.g. {inside[0]})")
     keys = output_keys([f.rel_path for f in files], output_uri, out_cfg.format, out_cfg.manifest_dir)
-    # Keys this run writes (a refused input writes none, so its earlier output is stale).
-    targets = {keys[f.rel_path][0] for f in files if keys[f.rel_path][0] and not getattr(f, "skip_reason", None)}
-    plan = Plan()
-    for f in files:
-        key, error, note = keys[f.rel_path]
-        error = getattr(f, "skip_reason", None) or error
-        row = {"input_uri": f.uri, "rel_path": f.rel_path, "output_uri": key, "error": error, "notes": note,
-               "stale_output_uri": None}
-        if error:
-            plan.refused += 1
-            row["output_uri"] = None
-        prev = done.get(f.uri)
-        if prev is not None and not error and not out_cfg.overwrite:
-            if prev == (key, fingerprint) and io.exists(key):
-                plan.skipped += 1
-                continue
-            plan.redone_changed += prev[1] != fingerprint
-        if prev is not None and prev[0] != row["output_uri"] and prev[0] not in targets:
-            row["stale_output_uri"] = prev[0]
-        plan.renamed += note is not None and not error
-        plan.todo.append(row)
+    errors = [getattr(f, "skip_reason", None) or keys[f.rel_path][1] for f in files]
+    writes = [None if err else keys[f.rel_path][0] for f, err in zip(files, errors)]
+    listed = pa.table({"_i": pa.array(range(len(files)), pa.int64()),
+                       "input_uri": pa.array([f.uri for f in files], pa.string()),
+                       "key": pa.array(writes, pa.string())})
+    done = latest.filter(pc.and_(pc.is_in(latest["status"], pa.array(manifest.DONE_STATUSES)),
+                                 pc.is_valid(latest["output_uri"])))
+    done = done.select(["input_uri", "output_uri", "settings_fingerprint"]).rename_columns(
+        ["input_uri", "prev_key", "prev_fp"])
+    joined = listed.join(done, keys="input_uri", join_type="left outer").sort_by("_i")
+    has_prev = pc.is_valid(joined["prev_key"])
+    same_fp = pc.fill_null(pc.equal(joined["prev_fp"], pa.scalar(fingerprint)), False)
+    same_key = pc.fill_null(pc.equal(joined["prev_key"], joined["key"]), False)
+    skip = pa.array([False] * len(files)) if out_cfg.overwrite or not len(done) else pc.and_(same_key, same_fp)
+    if pc.any(skip).as_py():  # an output counts as done only if it is still there
+        prefix = len(output_uri.rstrip("/")) + 1
+        rel = pa.array([k[prefix:] if k else None for k in joined["key"].to_pylist()], pa.string())
+        skip = pc.and_(skip, pc.fill_null(pc.is_in(rel, value_set=_existing_outputs(output_uri)), False))
+    # An earlier output at a key no input writes now is stale (a changed format, a refused input).
+    targets = pa.array([w for w in writes if w], pa.string())
+    stale = pc.and_(pc.and_(has_prev, pc.invert(same_key)),
+                    pc.invert(pc.fill_null(pc.is_in(joined["prev_key"], value_set=targets), False)))
+    plan = Plan(skipped=pc.sum(skip).as_py() or 0)
+    changed = pc.and_(pc.and_(has_prev, pc.invert(same_fp)), pc.is_valid(joined["key"]))
+    plan.redone_changed = 0 if out_cfg.overwrite else (pc.sum(changed).as_py() or 0)
+    for f, err, skipped, stale_key, prev_key in zip(files, errors, skip.to_pylist(), stale.to_pylist(),
+                                                    joined["prev_key"].to_pylist()):
+        if skipped:
+            continue
+        key, _, note = keys[f.rel_path]
+        plan.refused += err is not None
+        plan.renamed += note is not None and err is None
+        plan.todo.append({"input_uri": f.uri, "rel_path": f.rel_path, "output_uri": None if err else key,
+                          "error": err, "notes": note, "stale_output_uri": prev_key if stale_key else None})
     return plan

@@ -31,14 +31,24 @@ def test_unknown_columns_are_refused(tmp_path):
         manifest.write_part(str(tmp_path), "_manifest", "r", 0, [{"input_uri": "x", "bogus": 1}])
 
 
-def test_done_inputs_follow_the_latest_row():
+def test_latest_outcomes_take_the_last_row_of_each_input_across_parts(tmp_path):
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    rows = [_face("a.jpg", 0), {"input_uri": "b.jpg", "status": "error", "output_uri": None},
-            {"input_uri": "c.jpg", "status": "no_face", "output_uri": "out/c.jpg"},
-            {"input_uri": "c.jpg", "status": "withheld", "output_uri": None}]
-    table = pa.Table.from_pylist([manifest.normalize_row(r) for r in rows], schema=manifest.SCHEMA)
-    assert manifest.done_inputs(table) == {"a.jpg": ("out/a.jpg", None)}
+    # An old part written before settings_fingerprint existed: the column reads as null.
+    (tmp_path / "_manifest").mkdir()
+    old = pa.table({"input_uri": ["a.jpg", "c.jpg"], "status": ["ok", "ok"], "output_uri": ["out/a.jpg", "out/c.jpg"]})
+    pq.write_table(old, tmp_path / "_manifest" / "part-20260101T000000-aaaaaa-00000.parquet")
+    manifest.write_part(str(tmp_path), "_manifest", "20260201T000000-bbbbbb", 0, [
+        {"input_uri": "b.jpg", "status": "error", "output_uri": None},
+        {"input_uri": "c.jpg", "status": "no_face", "output_uri": "out/c.jpg", "settings_fingerprint": "f1"},
+        {"input_uri": "c.jpg", "status": "withheld", "output_uri": None, "settings_fingerprint": "f2"}])
+    latest = {r["input_uri"]: r for r in manifest.latest_outcomes(str(tmp_path), "_manifest").to_pylist()}
+    assert latest["a.jpg"] == {"input_uri": "a.jpg", "status": "ok", "output_uri": "out/a.jpg",
+                               "settings_fingerprint": None}
+    assert latest["b.jpg"]["status"] == "error"
+    assert latest["c.jpg"]["status"] == "withheld" and latest["c.jpg"]["settings_fingerprint"] == "f2"
+    assert manifest.latest_outcomes(str(tmp_path / "none"), "_manifest").num_rows == 0
 
 
 def test_summary_counts_and_escalation_rates():
