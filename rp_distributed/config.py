@@ -55,7 +55,11 @@ class OutputConfig(_Section):
     jpeg_quality: int = Field(95, ge=1, le=100)
     overwrite: bool = False
     manifest_dir: str = "_manifest"
-    manifest_rows_per_file: int = Field(1000, ge=1)
+    manifest_rows_per_file: int = Field(100_000, ge=1, description="a manifest part is written at this many rows")
+    manifest_bytes_per_file: int = Field(64 * 1024 * 1024, ge=1024,
+                                         description="... or when its rows' text reaches this many bytes")
+    manifest_flush_s: float = Field(300.0, gt=0, description="... or when its oldest row is this old (a driver "
+                                    "that dies loses at most this much; those inputs are redone on rerun)")
 
     @field_validator("manifest_dir")
     @classmethod

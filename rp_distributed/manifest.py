@@ -152,50 +152,91 @@ def remove_manifest(output_uri: str, manifest_dir: str) -> None:
         fs.rm(path, recursive=True)
 
 
+class _Histogram:
+    """Fixed-bin counts for a streaming median (values clipped to ``[0, top]``)."""
+
+    def __init__(self, top: float, bins: int):
+        self.top, self.counts = top, [0] * bins
+
+    def add(self, value: float) -> None:
+        i = int(min(max(value, 0.0), self.top) / self.top * (len(self.counts) - 1))
+        self.counts[i] += 1
+
+    def median(self) -> float | None:
+        n = sum(self.counts)
+        if not n:
+            return None
+        seen = 0
+        for i, c in enumerate(self.counts):
+            seen += c
+            if seen > n // 2:
+                return i * self.top / (len(self.counts) - 1)
+        return self.top  # pragma: no cover
+
+
+class Summary:
+    """The end-of-job summary, accumulated row by row: the driver keeps counters, not rows.
+
+    An image is counted on its first row: its image-level row (``face_index`` null) or its face 0.
+    Medians come from fixed bins (0.1 degree, 0.001 inter-ocular distance)."""
+
+    def __init__(self):
+        self.by_status = dict.fromkeys(STATUSES, 0)
+        self.faces = self.exported = self.masked_matches = self.scored = self.fallbacks = 0
+        self.first_scored = self.first_reid = self.escalated = 0
+        self.report_scored = self.report_reid = 0
+        self.pose = _Histogram(180.0, 1801)
+        self.drift = _Histogram(10.0, 10001)
+
+    def add(self, r: dict) -> None:
+        if r.get("face_index") in (None, 0):
+            self.by_status[r["status"]] = self.by_status.get(r["status"], 0) + 1
+        if r.get("face_index") is None:
+            return
+        self.faces += 1
+        self.fallbacks += bool(r.get("face_error"))
+        if r.get("reidentified") is not None:
+            self.scored += 1
+            # A recognizer match on a box we masked is no identity left (often a false detection).
+            leaked = r.get("identity_exported")
+            self.exported += bool(leaked)
+            self.masked_matches += bool(r["reidentified"]) and leaked is False
+        if r.get("report_reidentified") is not None:
+            self.report_scored += 1
+            self.report_reid += bool(r["report_reidentified"])
+        tries = json.loads(r["tries_json"]) if r.get("tries_json") else []
+        if tries and tries[0].get("reid_distance") is not None and r.get("reid_threshold") is not None:
+            self.first_scored += 1
+            self.first_reid += tries[0]["reid_distance"] < r["reid_threshold"]
+            self.escalated += len(tries) > 1
+        if r.get("pose_diff_deg") is not None:
+            self.pose.add(r["pose_diff_deg"])
+        if r.get("landmark_displacement") is not None:
+            self.drift.add(r["landmark_displacement"])
+
+    def result(self) -> dict:
+        def rate(k: int, n: int) -> float | None:
+            return k / n if n else None
+
+        return {"images": sum(self.by_status.values()), "faces": self.faces,
+                "failures": self.by_status["error"] + self.by_status["withheld"], "by_status": dict(self.by_status),
+                "fallbacks": self.fallbacks, "reid_scored": self.scored,
+                # Faces written with identity information: re-identified by the recognizer and not masked (must
+                # be 0 with privacy.fallback_if_reidentified); their rate among the scored faces.
+                "identity_exported": self.exported, "reid_rate": rate(self.exported, self.scored),
+                "matched_masked": self.masked_matches,
+                # The second recognizer's rate (reporting only), masked boxes included.
+                "report_reid_rate": rate(self.report_reid, self.report_scored),
+                # Re-ID rate of the first generation, before the escalation ladder (reverse personalization).
+                "reid_rate_first_try": rate(self.first_reid, self.first_scored),
+                "escalated": self.escalated,
+                "pose_diff_deg_median": self.pose.median(),
+                "landmark_displacement_median": self.drift.median()}
+
+
 def summarize(rows: Iterable[dict]) -> dict:
-    """Counts for the end-of-job summary, from manifest rows."""
-    images: dict[str, str] = {}
-    faces = exported = masked_matches = scored = failures = fallbacks = 0
-    first_scored = first_reid = escalated = 0
-    report_scored = report_reid = 0
-    pose, drift = [], []
+    """The summary of a list of manifest rows (``Summary`` fed one row at a time)."""
+    summary = Summary()
     for r in rows:
-        images[r["input_uri"]] = r["status"]
-        if r.get("face_index") is not None:
-            faces += 1
-            if r.get("face_error"):
-                fallbacks += 1
-            if r.get("reidentified") is not None:
-                scored += 1
-                # A recognizer match on a box we masked is no identity left (often a false detection).
-                leaked = r.get("identity_exported")
-                exported += bool(leaked)
-                masked_matches += bool(r["reidentified"]) and leaked is False
-            if r.get("report_reidentified") is not None:
-                report_scored += 1
-                report_reid += bool(r["report_reidentified"])
-            tries = json.loads(r["tries_json"]) if r.get("tries_json") else []
-            if tries and tries[0].get("reid_distance") is not None and r.get("reid_threshold") is not None:
-                first_scored += 1
-                first_reid += tries[0]["reid_distance"] < r["reid_threshold"]
-                escalated += len(tries) > 1
-            if r.get("pose_diff_deg") is not None:
-                pose.append(r["pose_diff_deg"])
-            if r.get("landmark_displacement") is not None:
-                drift.append(r["landmark_displacement"])
-    for status in images.values():
-        failures += status in ("error", "withheld")
-    by_status = {s: sum(1 for v in images.values() if v == s) for s in STATUSES}
-    return {"images": len(images), "faces": faces, "failures": failures, "by_status": by_status,
-            "fallbacks": fallbacks, "reid_scored": scored,
-            # Faces written with identity information: re-identified by the recognizer and not masked (must be 0
-            # with privacy.fallback_if_reidentified); their rate among the scored faces.
-            "identity_exported": exported, "reid_rate": (exported / scored) if scored else None,
-            "matched_masked": masked_matches,
-            # The second recognizer's rate (reporting only), masked boxes included.
-            "report_reid_rate": (report_reid / report_scored) if report_scored else None,
-            # Re-ID rate of the first generation, before the escalation ladder (reverse personalization).
-            "reid_rate_first_try": (first_reid / first_scored) if first_scored else None,
-            "escalated": escalated,
-            "pose_diff_deg_median": float(sorted(pose)[len(pose) // 2]) if pose else None,
-            "landmark_displacement_median": float(sorted(drift)[len(drift) // 2]) if drift else None}
+        summary.add(r)
+    return summary.result()

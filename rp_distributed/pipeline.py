@@ -16,6 +16,7 @@ always share a schema; the driver only ever sees the small manifest rows.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import math
 import os
@@ -470,6 +471,13 @@ def lost_input_row(row: dict, run_id: str, fingerprint: str, retries: int) -> di
             "notes": row.get("notes"), "settings_fingerprint": fingerprint}
 
 
+def _unfinished(todo: list[dict], seen: array.array) -> list[dict]:
+    """The rows of ``todo`` whose input produced no manifest row (``seen``: hashes of finished inputs)."""
+    done = np.frombuffer(seen, dtype=np.int64) if len(seen) else np.zeros(0, np.int64)
+    mask = np.isin(np.fromiter((hash(r["input_uri"]) for r in todo), np.int64, len(todo)), done)
+    return [r for r, finished in zip(todo, mask) if not finished]
+
+
 def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = True) -> JobResult:
     """Run the whole job; returns the summary. Manifest parts are written as rows stream in."""
     import ray
@@ -492,20 +500,34 @@ def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = Tr
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.max_errored_blocks = -1  # a batch that failed all its retries is redone below, input by input
-    rows, buffer, seen = [], [], set()
+    # The driver keeps no rows: a streaming summary, the manifest buffer, and one 64-bit hash per finished
+    # input (to find the inputs of failed blocks), 8 bytes an input instead of its rows.
+    summary, buffer, seen = manifest.Summary(), [], array.array("q")
     bar = tqdm(total=len(plan.todo), unit="img", desc="anonymizing", disable=not progress)
 
-    def take(row: dict) -> None:
+    out_cfg = cfg.output
+    buffered = {"bytes": 0, "since": time.monotonic()}
+
+    def flush() -> None:
         nonlocal buffer
-        rows.append(row)
-        buffer.append(row)
-        if row["input_uri"] not in seen:
-            seen.add(row["input_uri"])
-            bar.update(1)
-        if len(buffer) >= cfg.output.manifest_rows_per_file:
+        if buffer:
             result.manifest_parts.append(manifest.write_part(
-                output_uri, cfg.output.manifest_dir, run_id, len(result.manifest_parts), buffer))
-            buffer = []
+                output_uri, out_cfg.manifest_dir, run_id, len(result.manifest_parts), buffer))
+        buffer = []
+        buffered.update(bytes=0, since=time.monotonic())
+
+    def take(row: dict) -> None:
+        summary.add(row)
+        if not buffer:
+            buffered["since"] = time.monotonic()
+        buffer.append(row)
+        buffered["bytes"] += sum(len(v) if isinstance(v, str) else 8 for v in row.values())
+        if row.get("face_index") in (None, 0):  # an input's first row
+            seen.append(hash(row["input_uri"]))
+            bar.update(1)
+        if (len(buffer) >= out_cfg.manifest_rows_per_file or buffered["bytes"] >= out_cfg.manifest_bytes_per_file
+                or time.monotonic() - buffered["since"] >= out_cfg.manifest_flush_s):
+            flush()
 
     def stream(ds) -> None:
         for row in ds.iter_rows():
@@ -513,7 +535,7 @@ def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = Tr
 
     try:
         stream(build_dataset(cfg, plan.todo, run_id, fingerprint))
-        lost = [r for r in plan.todo if r["input_uri"] not in seen]
+        lost = _unfinished(plan.todo, seen)
         if len(lost) > cfg.ray.max_isolated_inputs:
             raise RuntimeError(f"{len(lost)} inputs were lost to failed batches (more than "
                                f"ray.max_isolated_inputs={cfg.ray.max_isolated_inputs}): a systemic failure, see "
@@ -521,14 +543,11 @@ def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = Tr
         if lost:
             result.isolated = len(lost)
             stream(build_dataset(cfg, lost, run_id, fingerprint, isolate=True))
-            for r in lost:
-                if r["input_uri"] not in seen:
-                    take(lost_input_row(r, run_id, fingerprint, cfg.ray.max_task_retries))
+            for r in _unfinished(lost, seen):
+                take(lost_input_row(r, run_id, fingerprint, cfg.ray.max_task_retries))
     finally:
         bar.close()
-        if buffer:
-            result.manifest_parts.append(manifest.write_part(
-                output_uri, cfg.output.manifest_dir, run_id, len(result.manifest_parts), buffer))
-    result.summary = manifest.summarize(rows)
+        flush()
+    result.summary = summary.result()
     result.wall_s = time.perf_counter() - t0
     return result
