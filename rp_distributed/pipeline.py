@@ -445,7 +445,8 @@ def ensure_ray(cfg: JobConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+        # address="local": a new Ray in this process, never a cluster that `ray start` left on this machine.
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False)
 
 
 @dataclass

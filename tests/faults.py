@@ -61,7 +61,7 @@ def run_with_faults(config_json: str, input_uri: str, output_uri: str) -> None:
     from rp_distributed.config import JobConfig
     from rp_distributed.pipeline import run_job
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"worker_process_setup_hook": "tests.faults.install"})
     cfg = JobConfig.model_validate(json.loads(config_json))
     result = run_job(cfg, input_uri, output_uri, progress=False)
