@@ -31,6 +31,10 @@ def ray_head(tmp_path):
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+         # Free ports for the node's agents: the test session's own Ray already holds the defaults (52365),
+         # and a head whose job agent cannot bind answers "No available agent to submit job" forever.
+         "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
+         "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
          "--disable-usage-stats"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "head.log", "w"))
     url = f"http://127.0.0.1:{dashboard}"
