@@ -350,11 +350,6 @@ def write_atomic(uri: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-def exists(uri: str) -> bool:
-    fs, path = filesystem(uri)
-    return fs.exists(path)
-
-
 def remove(uri: str) -> None:
     """Delete the object at ``uri`` if there is one (a missing one is fine). Other errors propagate."""
     fs, path = filesystem(uri)
