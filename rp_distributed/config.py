@@ -25,12 +25,30 @@ class _Section(BaseModel):
 
 
 class StageResources(_Section):
-    """Ray resources of one stage: ``concurrency`` actors (or tasks), each with these resources."""
+    """Ray resources of one stage: a pool of ``concurrency`` actors, each with these resources.
 
-    concurrency: int = Field(1, ge=1)
+    ``concurrency: 8`` is a fixed pool; ``concurrency: [2, 8]`` an autoscaling one (Ray Data grows it from 2
+    to 8 actors while inputs queue and the cluster has room, e.g. as KubeRay adds GPU nodes).
+    """
+
+    concurrency: int | tuple[int, int] = Field(1, description="actors: N, or [min, max] to autoscale")
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0, ge=0)
     batch_size: int = Field(4, ge=1, description="rows per Ray Data batch")
+
+    @field_validator("concurrency")
+    @classmethod
+    def _pool(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        lo, hi = (v, v) if isinstance(v, int) else v
+        if lo < 1 or hi < lo:
+            raise ValueError(f"must be N >= 1 or [min, max] with 1 <= min <= max (got {v})")
+        return v
+
+    @property
+    def pool_bounds(self) -> tuple[int, int]:
+        """(min, max) actors."""
+        c = self.concurrency
+        return (c, c) if isinstance(c, int) else (c[0], c[1])
 
 
 class InputConfig(_Section):
@@ -187,6 +205,9 @@ class RayConfig(_Section):
     max_task_retries: int = Field(
         3, ge=0, description="retries of a batch whose worker died (crash, OOM kill, device fault); its inputs "
         "are then retried one by one, and one that still fails is recorded as an error")
+    max_actor_restarts: int = Field(
+        -1, ge=-1, description="restarts of one stage actor that died (-1: unbounded; each restart reloads its "
+        "models). A batch's retries are bounded by max_task_retries either way")
     max_isolated_inputs: int = Field(
         1000, ge=0, description="most inputs of failed batches retried one by one; more means a systemic "
         "failure: the job stops (resumable) instead")

@@ -396,7 +396,7 @@ def remove_stale_outputs(row: dict, failed: bool) -> str | None:
 def _stage_kwargs(cfg: JobConfig, res: StageResources, isolate: bool = False) -> dict:
     """Ray Data arguments of one actor-pool stage.
 
-    A dead actor is restarted (``max_restarts=-1``) and its in-flight batch retried up to
+    A dead actor is restarted (``ray.max_actor_restarts``, unbounded by default) and its in-flight batch retried up to
     ``ray.max_task_retries`` times, not forever: an input that kills its worker every time (a native
     decoder crash, an OOM kill, a device fault) would otherwise stall the job. ``run_job`` retries the
     inputs of such a batch one by one and records the one that still fails.
@@ -404,10 +404,12 @@ def _stage_kwargs(cfg: JobConfig, res: StageResources, isolate: bool = False) ->
     import ray
 
     # Isolated: one input per batch and one batch in flight per actor, so a crash takes down nothing else.
-    pool = ray.data.ActorPoolStrategy(size=res.concurrency, max_tasks_in_flight_per_actor=1 if isolate else None)
+    lo, hi = res.pool_bounds
+    pool = ray.data.ActorPoolStrategy(min_size=lo, max_size=hi,
+                                      max_tasks_in_flight_per_actor=1 if isolate else None)
     return dict(compute=pool, num_cpus=res.num_cpus, num_gpus=res.num_gpus or None,
                 batch_size=1 if isolate else res.batch_size, batch_format="numpy", zero_copy_batch=False,
-                max_restarts=-1, max_task_retries=cfg.ray.max_task_retries)
+                max_restarts=cfg.ray.max_actor_restarts, max_task_retries=cfg.ray.max_task_retries)
 
 
 INPUT_ROWS_PER_BLOCK = 32

@@ -100,3 +100,11 @@ def test_check_parameters_refuses_unvalidated_reconstructing_configs(update, key
     for cfg in (DiffusionConfig().model_copy(update=update), DiffusionConfig.model_construct(**update)):
         with pytest.raises(ValueError, match=key):
             check_parameters(cfg)
+
+
+def test_stage_pools_are_fixed_or_autoscaling_with_ordered_bounds():
+    assert load_config(None, ["anonymizer.resources.concurrency=3"]).anonymizer.resources.pool_bounds == (3, 3)
+    assert load_config(None, ["anonymizer.resources.concurrency=[2, 8]"]).anonymizer.resources.pool_bounds == (2, 8)
+    for bad in ("0", "[3, 2]", "[0, 4]"):
+        with pytest.raises(ConfigError, match="anonymizer.resources.concurrency"):
+            load_config(None, [f"anonymizer.resources.concurrency={bad}"])
