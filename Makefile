@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned: CPU machines take the CPU build of this release from local disk; on a GPU
 	# cluster install the CUDA build of torch before `make setup` and pip keeps it.
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[cpu,test]"   # cpu: onnxruntime; a GPU node takes .[gpu] (infra/Dockerfile)
 	touch $@
 
 setup: $(VENV)/.installed
