@@ -61,7 +61,7 @@ def main() -> None:
     embedder = IdentityEmbedder.from_config(cfg.diffusion)
     load_s = time.perf_counter() - t0
     faces = real_crops(cfg, max(args.batch))
-    ids = np.stack([embedder.embed(f["crop"], f["kps5"]) for f in faces])
+    ids = np.stack([embedder.embed(f.crop, f.kps5) for f in faces])
     machine = f"{platform.node()} {platform.machine()}"
     try:
         import torch
@@ -72,9 +72,9 @@ def main() -> None:
             machine += f", {torch.get_num_threads()} torch threads"
     except Exception:  # noqa: BLE001
         pass
-    rp.anonymize([faces[0]["crop"]], ids[:1], seeds=[0])  # warm-up
+    rp.anonymize([faces[0].crop], ids[:1], seeds=[0])  # warm-up
     for b in args.batch:
-        crops = [f["crop"] for f in faces[:b]]
+        crops = [f.crop for f in faces[:b]]
         times = []
         for _ in range(args.repeats):
             if args.device == "cuda":

@@ -5,7 +5,7 @@ inversion + negative identity guidance). For reverse personalization each face i
 independent recognizer; a face still re-identified is run again at the next, stronger guidance of
 ``privacy.guidance_ladder`` (inversion and generation at that guidance, same seed), and after
 ``privacy.max_tries`` falls back to the destructive method. Any failure on a face also falls back, and
-the face record says why. A face record leaves this stage with ``anon_crop`` set, or with
+the face record says why. A ``records.Face`` leaves this stage with ``anon_crop`` set, or with
 ``face_error`` set and no crop (then the merge stage applies the destructive method on the image).
 """
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from . import compose
 from .config import JobConfig
+from .records import Face
 
 
 def _err(exc: BaseException) -> str:
@@ -92,20 +93,18 @@ class Anonymizer:
         return json.dumps(self.rp.model_info) if self.rp is not None else None
 
     # -- the stage ---------------------------------------------------------------------------------------
-    def __call__(self, faces: list[dict]) -> None:
+    def __call__(self, faces: list[Face]) -> None:
         params, model = self.params(), self.model_info()
         for f in faces:
-            f["method"] = self.method
-            f["params"] = params
-            f["model"] = model
+            f.method, f.params, f.model = self.method, params, model
         primary = []
         for f in faces:
-            if f.get("over_budget"):
-                f["face_error"] = (f"beyond detection.max_faces={self.cfg.detection.max_faces} (largest first): "
-                                   f"{self.acfg.fallback} on the image box")
-            elif f.get("align_error"):
-                f["face_error"] = f["align_error"]
-            elif f.get("small") and self.method == "reverse_personalization":
+            if f.over_budget:
+                f.add_error(f"beyond detection.max_faces={self.cfg.detection.max_faces} (largest first): "
+                            f"{self.acfg.fallback} on the image box")
+            elif f.align_error:
+                f.add_error(f.align_error)
+            elif f.small and self.method == "reverse_personalization":
                 self._fallback(f, f"face smaller than detection.min_face_size={self.cfg.detection.min_face_size}px")
             else:
                 primary.append(f)
@@ -115,60 +114,59 @@ class Anonymizer:
             for f in primary:
                 t0 = time.perf_counter()
                 try:
-                    f["anon_crop"] = compose.destroy(self.method, f["crop"], f["face_box"], self.acfg)
-                    f["method_applied"] = self.method
+                    f.anon_crop = compose.destroy(self.method, f.crop, f.face_box, self.acfg)
+                    f.method_applied = self.method
                 except Exception as exc:  # noqa: BLE001 - any failure must fall back
                     self._fallback(f, _err(exc))
-                f["t_anonymize_s"] = time.perf_counter() - t0
+                f.t_anonymize_s = time.perf_counter() - t0
 
-    def _fallback(self, f: dict, reason: str) -> None:
+    def _fallback(self, f: Face, reason: str) -> None:
         """Destructive method on the crop; if even that fails, leave no crop (merge blurs the image box)."""
-        f["face_error"] = reason
+        f.add_error(reason)
         try:
-            f["anon_crop"] = compose.destroy(self.acfg.fallback, f["crop"], f["face_box"], self.acfg)
-            f["method_applied"] = self.acfg.fallback
+            f.anon_crop = compose.destroy(self.acfg.fallback, f.crop, f.face_box, self.acfg)
+            f.method_applied = self.acfg.fallback
         except Exception as exc:  # noqa: BLE001
-            f["anon_crop"] = None
-            f["face_error"] = f"{reason}; fallback failed: {_err(exc)}"
+            f.anon_crop = None
+            f.add_error(f"fallback failed: {_err(exc)}")
 
     # -- reverse personalization ---------------------------------------------------------------------------
-    def _reverse_personalize(self, faces: list[dict]) -> None:
-        ready = []
+    def _reverse_personalize(self, faces: list[Face]) -> None:
+        ready, ids = [], []
         for f in faces:
             try:
-                f["id_embedding"] = self.embedder.embed(f["crop"], f["kps5"])
+                ids.append(self.embedder.embed(f.crop, f.kps5))
                 ready.append(f)
             except Exception as exc:  # noqa: BLE001
                 raise_if_device_fault(exc)
                 self._fallback(f, f"identity embedding failed: {_err(exc)}")
         n = self.acfg.face_batch_size
         for start in range(0, len(ready), n):
-            chunk = ready[start:start + n]
+            chunk, chunk_ids = ready[start:start + n], ids[start:start + n]
             t0 = time.perf_counter()
             try:
-                self._generate_chunk(chunk)
+                self._generate_chunk(chunk, chunk_ids)
             except Exception as exc:  # noqa: BLE001 - retry one by one so one bad face cannot sink others
                 raise_if_device_fault(exc)
                 if len(chunk) == 1:
                     self._fallback(chunk[0], f"generation failed: {_err(exc)}")
                 else:
-                    for f in chunk:
+                    for f, emb in zip(chunk, chunk_ids):
                         try:
-                            self._generate_chunk([f])
+                            self._generate_chunk([f], [emb])
                         except Exception as exc1:  # noqa: BLE001
                             raise_if_device_fault(exc1)
                             self._fallback(f, f"generation failed: {_err(exc1)}")
             per_face = (time.perf_counter() - t0) / len(chunk)
             for f in chunk:
-                f.pop("id_embedding", None)
-                f["t_anonymize_s"] = per_face
+                f.t_anonymize_s = per_face
 
-    def _generate_chunk(self, chunk: list[dict]) -> None:
+    def _generate_chunk(self, chunk: list[Face], id_embeddings: list[np.ndarray]) -> None:
         privacy, d = self.cfg.privacy, self.cfg.diffusion
-        crops = [f["crop"] for f in chunk]
-        ids = np.stack([f["id_embedding"] for f in chunk]).astype(np.float32)
-        prompts = [f.get("attribute_prompt", d.attribute_prompt) for f in chunk]
-        seeds = [int(f["seed"]) for f in chunk]
+        crops = [f.crop for f in chunk]
+        ids = np.stack(id_embeddings).astype(np.float32)
+        prompts = [f.prompt for f in chunk]
+        seeds = [int(f.seed) for f in chunk]
         ladder = [d.guidance_scale] + list(privacy.guidance_ladder)
         tries = privacy.max_tries if self.scorer is not None else 1
         results: list[dict] = [{"tries": []} for _ in chunk]
@@ -184,7 +182,7 @@ class Anonymizer:
             for i, out in zip(pending, outs):
                 dist = None
                 if self.scorer is not None:  # same recognizer as the final check, on the aligned crops
-                    dist = self.scorer.compare(crops[i], out, chunk[i]["face_box"]).distance
+                    dist = self.scorer.compare(crops[i], out, chunk[i].face_box).distance
                 results[i]["tries"].append({"guidance": g, "reid_distance": _finite(dist)})
                 results[i]["crop"], results[i]["guidance"] = out, g
                 if dist is not None and dist < privacy.reid_threshold:
@@ -193,13 +191,13 @@ class Anonymizer:
             if not pending:
                 break
         for f, r in zip(chunk, results):
-            f["tries"] = len(r["tries"])
-            f["tries_json"] = json.dumps(r["tries"])
-            f["guidance_final"] = r["guidance"]
-            f["unet_evals"] = self.rp.unet_evals_per_face(tries=f["tries"])
-            f["anon_crop"] = r["crop"]
-            f["method_applied"] = "reverse_personalization"
+            f.tries = len(r["tries"])
+            f.tries_json = json.dumps(r["tries"])
+            f.guidance_final = r["guidance"]
+            f.unet_evals = self.rp.unet_evals_per_face(tries=f.tries)
+            f.anon_crop = r["crop"]
+            f.method_applied = "reverse_personalization"
         for i in pending:
             if privacy.fallback_if_reidentified:
-                self._fallback(chunk[i], f"still re-identified after {chunk[i]['tries']} tries "
-                                         f"(last guidance {chunk[i]['guidance_final']})")
+                self._fallback(chunk[i], f"still re-identified after {chunk[i].tries} tries "
+                                         f"(last guidance {chunk[i].guidance_final})")

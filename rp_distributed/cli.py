@@ -42,6 +42,9 @@ def _summary_text(result, cfg, input_uri: str, output_uri: str) -> str:
     if result.redone_changed:
         lines.append(f"  redone           {result.redone_changed} inputs done earlier under other anonymization "
                      f"settings (fingerprint now {result.settings_fingerprint})")
+    if result.unrecorded:
+        lines.append(f"  unrecorded       {result.unrecorded} outputs had no manifest row (an earlier driver was killed "
+                     "before flushing it): redone")
     if result.renamed:
         lines.append(f"  renamed          {result.renamed} inputs got a distinct output key (their keys collided; "
                      "see notes in the manifest)")

@@ -144,3 +144,28 @@ def destroy_box(image: np.ndarray, box: np.ndarray, method: str, cfg, margin: fl
     else:
         out[ya:yb, xa:xb] = blur(np.ascontiguousarray(region), local_box, cfg.blur_strength)
     return out
+
+
+def apply_faces(image: np.ndarray, faces: list, feather: float, anon_cfg) -> str | None:
+    """Put every face's anonymized crop into ``image`` (in place), fail closed.
+
+    A face with no anonymized crop, or whose paste-back fails, gets ``anon_cfg.fallback`` on its box in the
+    image itself. Returns a reason when even that failed for some face: the image must then be withheld.
+    """
+    withheld = None
+    for f in faces:
+        if f.anon_crop is not None:
+            try:
+                paste_back(image, f.anon_crop, f.matrix, f.face_box, feather, out=image)
+                continue
+            except Exception as exc:  # noqa: BLE001 - fail closed: destroy the box in the image itself
+                f.add_error(f"merge failed: {type(exc).__name__}: {exc}"[:500])
+        if not f.face_error:
+            f.add_error("no anonymized crop")
+        try:
+            destroy_box(image, f.box, anon_cfg.fallback, anon_cfg, out=image)
+            f.method_applied = f"{anon_cfg.fallback} (image box)"
+        except Exception as exc:  # noqa: BLE001
+            withheld = f"face {f.face_index} could not be anonymized: {type(exc).__name__}: {exc}"[:500]
+            f.method_applied = None
+    return withheld

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -82,7 +83,6 @@ NOT_REGULAR = "not a regular file: not read"
 class InputFile:
     uri: str
     rel_path: str
-    size: int
     # Set when the file is listed but must not be read (a symlink leaving the input root, ...): the caller
     # records it as an error row with this reason instead of processing it.
     skip_reason: str | None = None
@@ -92,51 +92,75 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def _walk_local(root: str) -> dict[str, dict]:
-    """Files under a local folder, without following symlinked folders (so link loops cannot happen).
+def _walk_local(root: str):
+    """Files under a local folder as ``(path, skip_reason)``, streamed (``os.scandir``: no stat call per
+    regular file), without following symlinked folders (so link loops cannot happen).
 
     A symlinked file is followed only when its real path lies inside the root's real path; otherwise it
     is listed with a ``skip_reason`` and never opened. Hidden folders are not descended into.
     """
     real_root = os.path.realpath(root)
-    found: dict[str, dict] = {}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        # os.walk lists symlinked folders in dirnames but (followlinks=False) never descends into them.
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            info: dict = {"type": "file", "size": 0, "skip_reason": None}
+    stack = [root]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:  # removed or unreadable while listing
+            continue
+        for entry in entries:
             try:
-                lst = os.lstat(path)
+                if entry.is_dir():  # follows a link to tell; a linked folder is never descended
+                    if not entry.is_symlink() and not entry.name.startswith("."):
+                        stack.append(entry.path)
+                    continue
+                if entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    if not os.path.exists(target):
+                        yield entry.path, SYMLINK_BROKEN
+                    elif not _inside(target, real_root):
+                        yield entry.path, SYMLINK_OUTSIDE
+                    else:
+                        yield entry.path, None if os.path.isfile(target) else NOT_REGULAR
+                elif entry.is_file(follow_symlinks=False):
+                    yield entry.path, None
+                else:  # FIFO, socket, device: reading could block or never end
+                    yield entry.path, NOT_REGULAR
             except OSError:  # removed while listing
                 continue
-            if stat.S_ISLNK(lst.st_mode):
-                target = os.path.realpath(path)
-                if not os.path.exists(target):
-                    info["skip_reason"] = SYMLINK_BROKEN
-                elif not _inside(target, real_root):
-                    info["skip_reason"] = SYMLINK_OUTSIDE
-                else:
-                    st = os.stat(target)
-                    if stat.S_ISREG(st.st_mode):
-                        info["size"] = st.st_size
-                    else:
-                        info["skip_reason"] = NOT_REGULAR
-            elif stat.S_ISREG(lst.st_mode):
-                info["size"] = lst.st_size
-            else:  # FIFO, socket, device: reading could block or never end
-                info["skip_reason"] = NOT_REGULAR
-            found[path] = info
-    return found
+
+
+def list_paths(uri: str) -> list[str]:
+    """Paths (as the filesystem spells them) of every file under the folder or prefix ``uri``: one
+    listing, names only (local: ``os.scandir``; object stores: ``find``, paged by the store)."""
+    fs, root = filesystem(uri)
+    root = root.rstrip("/")
+    if not fs.exists(root):
+        return []
+    if isinstance(fs, LocalFileSystem):
+        return [path for path, _ in _walk_local(root)]
+    paths = fs.find(root)
+    fs.invalidate_cache()
+    return paths
 
 
 def list_inputs(input_uri: str, extensions: list[str], exclude_uri: str | None = None) -> list[InputFile]:
-    """Image files under ``input_uri`` (recursively), by extension, sorted by relative path.
+    """``list_inputs_table`` as ``InputFile`` objects (small listings; the planner uses the table)."""
+    t = list_inputs_table(input_uri, extensions, exclude_uri)
+    return [InputFile(uri=u, rel_path=r, skip_reason=k) for u, r, k in
+            zip(*(t[c].to_pylist() for c in ("uri", "rel_path", "skip_reason")))]
+
+
+LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("rel_path", pa.string()), ("skip_reason", pa.string())])
+
+
+def list_inputs_table(input_uri: str, extensions: list[str], exclude_uri: str | None = None) -> pa.Table:
+    """Image files under ``input_uri`` (recursively), by extension, sorted by relative path, as an Arrow
+    table (``LISTING_SCHEMA``): about 100 bytes an object on the driver, not an info dict.
 
     A single file URI lists just that file. Anything under ``exclude_uri`` (the output prefix, when it
     lies inside the input) is skipped, as are hidden files and folders. Local folders are walked without
     following symlinked folders; a symlinked file whose target lies outside the input root is listed with
-    ``skip_reason`` set (the caller records it, nothing reads it).
+    ``skip_reason`` set (the caller records it, nothing reads it). Object stores are listed by name
+    (``find`` without details; the store pages the listing) and the listing cache is dropped after.
     """
     fs, root = filesystem(input_uri)
     if not fs.exists(root):
@@ -149,20 +173,19 @@ def list_inputs(input_uri: str, extensions: list[str], exclude_uri: str | None =
     local = isinstance(fs, LocalFileSystem)
     if local and os.path.isfile(root):  # the file the user named (through a link or not): read it
         base = posixpath.dirname(root)
-        found = {root: {"type": "file", "size": os.path.getsize(root), "skip_reason": None}}
+        found = [(root, None)]
     elif local:
         base = root.rstrip("/")
         found = _walk_local(root)
     elif fs.isfile(root):
         base = posixpath.dirname(root)
-        found = {root: fs.info(root)}
+        found = [(root, None)]
     else:
         base = root.rstrip("/")
-        found = fs.find(root, detail=True)
-    files = []
-    for path, info in found.items():
-        if info.get("type", "file") != "file":
-            continue
+        found = ((path, None) for path in fs.find(root))  # names only
+        fs.invalidate_cache()  # s3fs/gcsfs keep every listed object's info dict otherwise
+    uris, rels, skips = [], [], []
+    for path, skip in found:
         if exclude and (path + "/").startswith(exclude):
             continue
         rel = path[len(base):].lstrip("/")
@@ -172,10 +195,12 @@ def list_inputs(input_uri: str, extensions: list[str], exclude_uri: str | None =
             continue
         if posixpath.splitext(rel)[1].lower() not in extensions:
             continue
-        files.append(InputFile(uri=_unstrip(fs, path), rel_path=rel, size=int(info.get("size") or 0),
-                               skip_reason=info.get("skip_reason")))
-    files.sort(key=lambda f: f.rel_path)
-    return files
+        uris.append(_unstrip(fs, path))
+        rels.append(rel)
+        skips.append(skip)
+    del found
+    table = pa.table([uris, rels, skips], schema=LISTING_SCHEMA)
+    return table.sort_by("rel_path")
 
 
 def read_bytes(uri: str, max_bytes: int) -> bytes:

@@ -46,6 +46,7 @@ SCHEMA = pa.schema([
     ("method_applied", pa.string()),      # what was applied to this face in the written image
     ("face_error", pa.string()),          # why the requested method was not the one applied
     ("params", pa.string()),              # JSON of the method's parameters
+    ("attribute_prompt", pa.string()),    # the text prompt this face was generated with (null: none)
     ("model", pa.string()),               # JSON of model identifiers (diffusion)
     ("seed", pa.int64()),
     ("guidance_final", pa.float32()),
@@ -88,6 +89,27 @@ def _clean(value):
     return value
 
 
+def face_row(image_row: dict, face, reid_threshold: float) -> dict:
+    """The manifest row of one face (a ``records.Face``) of an image whose image-level fields are
+    ``image_row``."""
+    row = dict(image_row)
+    box = [float(v) for v in face.box]
+    generated = face.method_applied is not None and face.method_applied.startswith("reverse_personalization")
+    exported = (None if face.reidentified is None or image_row["output_uri"] is None
+                else bool(face.reidentified) and not face.masked)
+    row.update(face_index=face.face_index, box_x0=box[0], box_y0=box[1], box_x1=box[2], box_y1=box[3],
+               det_score=face.det_score, face_size_px=max(box[2] - box[0], box[3] - box[1]),
+               method=face.method, method_applied=face.method_applied, face_error=face.face_error,
+               params=face.params, attribute_prompt=face.prompt if generated else None, model=face.model,
+               seed=face.seed, guidance_final=face.guidance_final, tries=face.tries, tries_json=face.tries_json,
+               unet_evals=face.unet_evals, reid_distance=face.reid_distance, reidentified=face.reidentified,
+               reid_threshold=reid_threshold, identity_exported=exported, score_error=face.score_error,
+               report_distance=face.report_distance, report_reidentified=face.report_reidentified,
+               face_still_detected=face.face_still_detected, pose_diff_deg=face.pose_diff_deg,
+               landmark_displacement=face.landmark_displacement, t_anonymize_s=face.t_anonymize_s)
+    return row
+
+
 def write_part(output_uri: str, manifest_dir: str, run_id: str, part: int, rows: list[dict]) -> str:
     table = pa.Table.from_pylist([normalize_row(r) for r in rows], schema=SCHEMA)
     buf = _io.BytesIO()
@@ -121,14 +143,23 @@ def read_manifest(output_uri: str, manifest_dir: str) -> pa.Table:
 RESUME_COLUMNS = ["input_uri", "status", "output_uri", "settings_fingerprint"]
 
 
+def _last_per_input(table: pa.Table) -> pa.Table:
+    """The last row of each ``input_uri`` of ``table`` (later rows are later)."""
+    import numpy as np
+
+    table = table.append_column("_row", pa.array(np.arange(table.num_rows)))
+    last = table.group_by("input_uri", use_threads=False).aggregate([("_row", "max")])
+    return table.take(last["_row_max"]).drop_columns(["_row"])
+
+
 def latest_outcomes(output_uri: str, manifest_dir: str, columns: list[str] = RESUME_COLUMNS) -> pa.Table:
     """The latest manifest row of each input, reading only ``columns`` of the parts (in parallel).
 
     Parts are named ``part-<run_id>-<n>`` with a time-ordered run id, so their sorted order is the
-    order they were written in; within a part, later rows are later."""
+    order they were written in; within a part, later rows are later. Each part is reduced to its last
+    row per input as it is read (a face row per face shrinks to one per image), so the driver holds
+    a few parts and the result, not the whole manifest."""
     from concurrent.futures import ThreadPoolExecutor
-
-    import numpy as np
 
     uris = part_uris(output_uri, manifest_dir)
     if not uris:
@@ -137,13 +168,11 @@ def latest_outcomes(output_uri: str, manifest_dir: str, columns: list[str] = RES
     def read(uri: str) -> pa.Table:
         fs, path = io.filesystem(uri)
         with fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns, schema=SCHEMA)
+            return _last_per_input(pq.read_table(f, columns=columns, schema=SCHEMA, use_threads=False))
 
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        table = pa.concat_tables(pool.map(read, uris))
-    table = table.append_column("_row", pa.array(np.arange(table.num_rows)))
-    last = table.group_by("input_uri").aggregate([("_row", "max")])
-    return table.take(last["_row_max"]).drop_columns(["_row"])
+    with ThreadPoolExecutor(max_workers=8) as pool:  # map keeps the parts' order
+        reduced = pa.concat_tables(pool.map(read, uris))
+    return _last_per_input(reduced)
 
 
 def remove_manifest(output_uri: str, manifest_dir: str) -> None:

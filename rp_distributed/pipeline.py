@@ -1,24 +1,24 @@
 """The anonymization job, top to bottom, as one streaming Ray Data pipeline.
 
-    list inputs (driver)                          {input_uri, rel_path, output_uri}
-      -> DetectFaces      CPU actor pool          + status, error, notes, width, height, timings,
-                                                    payload: ImagePayload(image, alpha, faces[...])
-      -> AnonymizeFaces   GPU (or CPU) actor pool   payload.faces[i] + anon_crop, method_applied, tries, ...
+    plan (driver, plan.py)                        {input_uri, rel_path, output_uri, stale_output_uri, error, notes}
+      -> DetectFaces      CPU actor pool          + status, error, notes, width, height, t_read_s, t_detect_s,
+                                                    payload: ImagePayload(source bytes, faces: [Face + crop])
+      -> AnonymizeFaces   GPU (or CPU) actor pool   each Face: + anon_crop, method_applied, tries, ...; - crop
       -> MergeAndWrite    CPU actor pool          -> manifest rows (one per face / per faceless image)
     manifest parts (driver)                       OUTPUT/_manifest/part-<run>-<n>.parquet
 
 Each stage is a small callable class built once per actor from the ``JobConfig``; its resources and
 pool size come from the config (``detection.resources``, ``anonymizer.resources``,
-``merge.resources``). Rows between stages hold scalar columns plus one ``ImagePayload`` object (pixels
-and face records, documented in ``FACE_RECORD``), which Ray stores as one opaque object per row so blocks
-always share a schema; the driver only ever sees the small manifest rows.
+``merge.resources``). Rows between stages hold scalar columns plus one ``records.ImagePayload`` (the
+image, as its encoded source bytes when smaller, and typed ``records.Face`` records), which Ray stores as
+one opaque object per row so blocks always share a schema; the driver only ever sees the small manifest
+rows. ``benchmarks/bench_boundaries.py`` measures the bytes each boundary carries.
 """
 
 from __future__ import annotations
 
 import array
 import hashlib
-import math
 import os
 import time
 import uuid
@@ -26,22 +26,14 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import compose, io, manifest
 from .anonymize import Anonymizer, DeviceFault, raise_if_device_fault
 from .config import JobConfig, StageResources
-
-FACE_RECORD = {
-    "face_index": "int, order in the image (largest face first)",
-    "box": "float32[4] x0,y0,x1,y1 image px", "det_score": "float", "landmarks": "float32[K,2] image px",
-    "small": "bool, below detection.min_face_size", "seed": "int, diffusion seed of this face",
-    "over_budget": "bool, beyond detection.max_faces: no crop, the fallback is applied on the image box",
-    "crop": "uint8[S,S,3] aligned crop", "matrix": "float32[2,3] image->crop", "face_box": "float32[4] crop px",
-    "kps5": "float32[5,2] crop px", "align_error": "str | None",
-    "anon_crop": "uint8[S,S,3] | None (set by AnonymizeFaces)", "method_applied": "str", "face_error": "str | None",
-    "tries / tries_json / guidance_final / unet_evals / t_anonymize_s": "reverse personalization bookkeeping",
-}
-
+from .records import Face, ImagePayload
+from .records import join_reasons as _join
 
 # -- helpers for Ray Data batches (dict of columns <-> list of row dicts) ----------------------------------
 
@@ -66,15 +58,6 @@ def _columns(rows: list[dict], keys: list[str] | None = None) -> dict:
         col[:] = [r.get(k) for r in rows]
         cols[k] = col
     return cols
-
-
-@dataclass
-class ImagePayload:
-    """The pixels and faces of one image as they travel between stages."""
-
-    image: np.ndarray | None = None  # HxWx3 uint8 RGB, EXIF orientation applied
-    alpha: np.ndarray | None = None  # HxW uint8, when the source had transparency
-    faces: list[dict] = field(default_factory=list)  # FACE_RECORD dicts
 
 
 def face_seed(base_seed: int, mode: str, rel_path: str, face_index: int) -> int:
@@ -141,22 +124,24 @@ class DetectFaces:
                        payload=ImagePayload(), t_detect_s=time.perf_counter() - t1)
             return row
         faces = []
+        prompt = cfg.diffusion.attribute_prompt if cfg.anonymizer.method == "reverse_personalization" else None
         for i, face in enumerate(found):
-            rec = {"face_index": i, "box": np.asarray(face.box, np.float32), "det_score": float(face.score),
-                   "landmarks": np.asarray(face.landmarks, np.float32),
-                   "small": face.size < cfg.detection.min_face_size,
-                   "over_budget": i >= cfg.detection.max_faces,
-                   "seed": face_seed(cfg.diffusion.seed, cfg.diffusion.seed_mode, row["rel_path"], i),
-                   "align_error": None}
+            rec = Face(face_index=i, box=np.asarray(face.box, np.float32), det_score=float(face.score),
+                       landmarks=np.asarray(face.landmarks, np.float32),
+                       seed=face_seed(cfg.diffusion.seed, cfg.diffusion.seed_mode, row["rel_path"], i),
+                       small=face.size < cfg.detection.min_face_size, over_budget=i >= cfg.detection.max_faces,
+                       prompt=prompt)
             faces.append(rec)
-            if rec["over_budget"]:  # no crop: merge applies the fallback on the image box
+            if rec.over_budget:  # no crop: merge applies the fallback on the image box
                 continue
             try:
                 aligned = self._align(rgb, face, cfg.alignment)
-                rec.update(crop=aligned.crop, matrix=aligned.matrix, face_box=aligned.face_box, kps5=aligned.kps5)
+                rec.crop, rec.matrix, rec.face_box, rec.kps5 = (aligned.crop, aligned.matrix, aligned.face_box,
+                                                                aligned.kps5)
             except Exception as exc:  # noqa: BLE001 - merge will destroy the box directly
-                rec["align_error"] = f"alignment failed: {type(exc).__name__}: {exc}"[:500]
+                rec.align_error = f"alignment failed: {type(exc).__name__}: {exc}"[:500]
         payload.faces = faces
+        payload.keep_smaller(data)  # lean boundary: the encoded source when it is smaller than the pixels
         row["t_detect_s"] = time.perf_counter() - t1
         return row
 
@@ -181,6 +166,9 @@ class AnonymizeFaces:
             for r in rows:
                 if r["status"] is None:
                     r.update(status="withheld", error=f"anonymizer failed: {type(exc).__name__}: {exc}"[:500])
+        for r in rows:  # lean boundary: the merge stage needs the anonymized crops, not the inputs
+            for f in r["payload"].faces:
+                f.crop = None
         return _columns(rows, KEYS_AFTER_DETECT)
 
 
@@ -199,27 +187,17 @@ def end_worker(exc: BaseException) -> None:
 # -- stage 3: merge back, score, write --------------------------------------------------------------------
 
 class MergeAndWrite:
-    def __init__(self, cfg: JobConfig, run_id: str, detector_name: str, fingerprint: str | None = None):
-        import dlib
+    """Paste the anonymized faces back (``compose.apply_faces``), check every written face
+    (``scoring.FaceChecks``), write the image, and return its manifest rows (``manifest.face_row``)."""
 
-        from .faces.dlib_backend import SHAPE68_FILE, resolve_model_files
-        from .scoring import ReidScorer
+    def __init__(self, cfg: JobConfig, run_id: str, detector_name: str, fingerprint: str | None = None):
+        from .scoring import FaceChecks
 
         self.cfg = cfg
         self.run_id = run_id
         self.detector_name = detector_name
         self.fingerprint = fingerprint
-        self.scorer = ReidScorer(cfg.privacy)
-        self.reporter = None
-        if cfg.privacy.report_recognizer:  # a second recognizer, for the report only
-            from .diffusion.identity import IdentityEmbedder
-            from .diffusion.loading import resolve_arcface
-
-            self.reporter = IdentityEmbedder(resolve_arcface(cfg.privacy.report_recognizer, cfg.diffusion.cache_dir),
-                                             cfg.privacy.report_providers)
-        shape68 = resolve_model_files(None, [SHAPE68_FILE], backend="merge/landmarks")[SHAPE68_FILE]
-        self._landmarks68 = dlib.shape_predictor(str(shape68))
-        self._dlib = dlib
+        self.checks = FaceChecks(cfg)
 
     def __call__(self, batch: dict) -> dict:
         out = []
@@ -248,130 +226,28 @@ class MergeAndWrite:
         t0 = time.perf_counter()
         cfg = self.cfg
         payload = row["payload"]
-        original = payload.image
+        original, alpha = payload.pixels(cfg.input.max_pixels)
         image = original.copy()
         faces = payload.faces
-        withheld = None
-        for f in faces:
-            if f.get("anon_crop") is not None:
-                try:
-                    compose.paste_back(image, f["anon_crop"], f["matrix"], f["face_box"], cfg.merge.feather, out=image)
-                    continue
-                except Exception as exc:  # noqa: BLE001 - fail closed: destroy the box in the image itself
-                    f["face_error"] = _join(f.get("face_error"), f"merge failed: {type(exc).__name__}: {exc}"[:500])
-            f["face_error"] = f.get("face_error") or "no anonymized crop"
-            try:
-                compose.destroy_box(image, f["box"], cfg.anonymizer.fallback, cfg.anonymizer, out=image)
-                f["method_applied"] = f"{cfg.anonymizer.fallback} (image box)"
-            except Exception as exc:  # noqa: BLE001
-                withheld = f"face {f['face_index']} could not be anonymized: {type(exc).__name__}: {exc}"[:500]
-                f["method_applied"] = None
+        withheld = compose.apply_faces(image, faces, cfg.merge.feather, cfg.anonymizer)
         if withheld is None:
-            self._score(original, image, faces)
+            self.checks(original, image, faces)
         status = "withheld" if withheld else ("ok" if faces else "no_face")
         output_uri = None
         if not withheld:
             try:
-                data = io.encode_image(image, payload.alpha, row["output_uri"], cfg.output.jpeg_quality)
+                data = io.encode_image(image, alpha, row["output_uri"], cfg.output.jpeg_quality)
                 io.write_atomic(row["output_uri"], data)
                 output_uri = row["output_uri"]
             except Exception as exc:  # noqa: BLE001
                 status, withheld = "error", f"write failed: {type(exc).__name__}: {exc}"[:500]
         withheld = _join(withheld, remove_stale_outputs(row, failed=output_uri is None))
-        t_merge = time.perf_counter() - t0
         base = self._base(row)
-        base.update(status=status, error=withheld, output_uri=output_uri, t_merge_s=t_merge)
+        base.update(status=status, error=withheld, output_uri=output_uri, t_merge_s=time.perf_counter() - t0)
         if not faces:
             return [base]
-        return [self._face_row(base, f) for f in faces]
-
-    def _utility(self, original: np.ndarray, image: np.ndarray, box: np.ndarray) -> dict:
-        """Head-pose change and landmark drift between the original and the written face (same box)."""
-        from .faces.align import head_pose, landmark_displacement
-
-        x0, y0, x1, y1 = [int(round(float(v))) for v in box]
-        rect = self._dlib.rectangle(x0, y0, x1 - 1, y1 - 1)
-        pts = [np.array([(p.x, p.y) for p in self._landmarks68(im, rect).parts()], np.float32)
-               for im in (original, image)]
-        pose = np.subtract(head_pose(pts[1]), head_pose(pts[0]))
-        return {"pose_diff_deg": float(np.abs(pose).max()), "landmark_displacement": landmark_displacement(*pts)}
-
-    def _report(self, original: np.ndarray, image: np.ndarray, f: dict) -> dict:
-        """Second recognizer's distance (1 - cosine) between the original and the written face, both
-        aligned on the detected face's 5 points (the method keeps the face where it was)."""
-        from .faces.align import five_points
-
-        kps = five_points(f["landmarks"])
-        before, after = self.reporter.embed_many([original, image], [kps, kps])
-        distance = float(1.0 - np.dot(before, after))
-        return {"report_distance": distance, "report_reidentified": distance < self.cfg.privacy.report_threshold}
-
-    def _mask(self, image: np.ndarray, f: dict, reason: str) -> None:
-        """Mask the face's box in ``image`` (in place) and say why in the face record."""
-        compose.destroy_box(image, f["box"], "mask", self.cfg.anonymizer, out=image)
-        f["face_error"] = _join(f.get("face_error"), reason)
-        f["method_applied"] = f"{f.get('method_applied')}+mask"
-
-    def _score(self, original: np.ndarray, image: np.ndarray, faces: list[dict]) -> None:
-        """Re-ID each written face with the independent recognizer, in ``image`` in place.
-
-        A face still re-identified is masked (``privacy.fallback_if_reidentified``). A face whose check
-        fails is masked too (fail closed): a face we could not verify is not exported as it is.
-        """
-        privacy = self.cfg.privacy
-        for f in faces:
-            try:
-                res = self.scorer.compare(original, image, f["box"])
-                if res.reidentified and privacy.fallback_if_reidentified and not is_masked(f.get("method_applied")):
-                    self._mask(image, f, "re-identified in the output: masked")
-                    res = self.scorer.compare(original, image, f["box"])
-                f.update(reid_distance=res.distance, reidentified=res.reidentified,
-                         face_still_detected=res.face_still_detected)
-            except Exception as exc:  # noqa: BLE001 - fail closed: a face we cannot check is masked
-                reason = f"re-ID check failed: {type(exc).__name__}: {exc}"[:300]
-                f["score_error"] = reason
-                if not is_masked(f.get("method_applied")):
-                    self._mask(image, f, f"{reason}: masked")
-            if self.reporter is not None:
-                try:
-                    f.update(self._report(original, image, f))
-                except Exception as exc:  # noqa: BLE001 - reporting only: record, never gate
-                    f["score_error"] = _join(f.get("score_error"), f"report recognizer failed: {type(exc).__name__}: {exc}"[:200])
-            try:
-                f.update(self._utility(original, image, f["box"]))
-            except Exception as exc:  # noqa: BLE001 - utility signals are informative only
-                f["score_error"] = _join(f.get("score_error"), f"utility signals failed: {type(exc).__name__}: {exc}"[:200])
-
-    def _face_row(self, base: dict, f: dict) -> dict:
-        row = dict(base)
-        box = [float(v) for v in f["box"]]
-        reidentified = f.get("reidentified")
-        row.update(face_index=f["face_index"], box_x0=box[0], box_y0=box[1], box_x1=box[2], box_y1=box[3],
-                   det_score=f["det_score"], face_size_px=max(box[2] - box[0], box[3] - box[1]),
-                   detector=self.detector_name, method=f.get("method"), method_applied=f.get("method_applied"),
-                   face_error=f.get("face_error") or None, params=f.get("params"), model=f.get("model"),
-                   seed=f.get("seed"), guidance_final=f.get("guidance_final"), tries=f.get("tries"),
-                   tries_json=f.get("tries_json"), unet_evals=f.get("unet_evals"),
-                   reid_distance=f.get("reid_distance"), reidentified=reidentified,
-                   reid_threshold=self.cfg.privacy.reid_threshold,
-                   identity_exported=(None if reidentified is None or base["output_uri"] is None
-                                      else bool(reidentified) and not is_masked(f.get("method_applied"))),
-                   score_error=f.get("score_error"), report_distance=f.get("report_distance"),
-                   report_reidentified=f.get("report_reidentified"),
-                   face_still_detected=f.get("face_still_detected"), pose_diff_deg=f.get("pose_diff_deg"),
-                   landmark_displacement=f.get("landmark_displacement"), t_anonymize_s=f.get("t_anonymize_s"))
-        return row
-
-
-def is_masked(method_applied: str | None) -> bool:
-    """Whether the written face's last applied method is a solid mask (no pixel of the face is left)."""
-    if not method_applied:
-        return False
-    return method_applied.split("+")[-1].split(" ")[0] == "mask"
-
-
-def _join(*reasons: str | None) -> str | None:
-    return "; ".join(r for r in reasons if r) or None
+        base["detector"] = self.detector_name
+        return [manifest.face_row(base, f, cfg.privacy.reid_threshold) for f in faces]
 
 
 def remove_stale_outputs(row: dict, failed: bool) -> str | None:
@@ -415,15 +291,23 @@ def _stage_kwargs(cfg: JobConfig, res: StageResources, isolate: bool = False) ->
 INPUT_ROWS_PER_BLOCK = 32
 
 
-def build_dataset(cfg: JobConfig, todo: list[dict], run_id: str, fingerprint: str | None = None,
-                  isolate: bool = False):
-    """The three stages over ``todo``; ``isolate``: one input per block and per batch."""
+def put_blocks(todo: pa.Table, rows_per_block: int = INPUT_ROWS_PER_BLOCK) -> list:
+    """The plan's rows as object-store blocks of ``rows_per_block`` rows; the driver keeps only the refs.
+
+    A worker that dies loses its task's whole input block (retried, then redone one by one): small blocks
+    keep what one poison input costs small, and give every stage enough blocks to use the whole cluster.
+    """
     import ray
 
-    # A worker that dies loses its task's whole input block (retried, then redone one by one): keep blocks
-    # small so one poison input costs few retries.
-    blocks = len(todo) if isolate else math.ceil(len(todo) / INPUT_ROWS_PER_BLOCK)
-    ds = ray.data.from_items(todo, override_num_blocks=max(1, blocks))
+    return [ray.put(todo.take(pa.array(range(i, min(i + rows_per_block, todo.num_rows)))))
+            for i in range(0, todo.num_rows, rows_per_block)]
+
+
+def build_dataset(cfg: JobConfig, blocks: list, run_id: str, fingerprint: str | None = None, isolate: bool = False):
+    """The three stages over the plan's ``blocks`` (``put_blocks``); ``isolate``: one input per batch."""
+    import ray
+
+    ds = ray.data.from_arrow_refs(blocks)
     with warnings.catch_warnings():
         # max_restarts / max_task_retries have no named parameter in Ray 2.60; they still go through
         # ray_remote_args, which warns that the catch-all is deprecated.
@@ -459,6 +343,7 @@ class JobResult:
     manifest_parts: list[str] = field(default_factory=list)
     wall_s: float = 0.0
     redone_changed: int = 0  # done earlier under other anonymization settings, redone now
+    unrecorded: int = 0  # outputs found with no manifest row (an earlier driver killed before its flush), redone
     renamed: int = 0  # inputs given a distinct output key (their natural keys collided)
     isolated: int = 0  # inputs of failed batches retried one by one
     settings_fingerprint: str = ""
@@ -474,11 +359,18 @@ def lost_input_row(row: dict, run_id: str, fingerprint: str, retries: int) -> di
             "notes": row.get("notes"), "settings_fingerprint": fingerprint}
 
 
-def _unfinished(todo: list[dict], seen: array.array) -> list[dict]:
-    """The rows of ``todo`` whose input produced no manifest row (``seen``: hashes of finished inputs)."""
-    done = np.frombuffer(seen, dtype=np.int64) if len(seen) else np.zeros(0, np.int64)
-    mask = np.isin(np.fromiter((hash(r["input_uri"]) for r in todo), np.int64, len(todo)), done)
-    return [r for r, finished in zip(todo, mask) if not finished]
+def _unfinished(blocks: list, seen: array.array) -> pa.Table:
+    """The plan rows in ``blocks`` whose input produced no manifest row (``seen``: hashes of finished inputs),
+    read back block by block from the object store."""
+    import ray
+
+    done = pa.array(np.frombuffer(seen, dtype=np.int64) if len(seen) else np.zeros(0, np.int64))
+    lost = []
+    for ref in blocks:
+        block = ray.get(ref)
+        hashes = pa.array(np.fromiter((hash(u) for u in block["input_uri"].to_pylist()), np.int64, block.num_rows))
+        lost.append(block.filter(pc.invert(pc.is_in(hashes, value_set=done))))
+    return pa.concat_tables(lost) if lost else pa.table({})
 
 
 def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = True) -> JobResult:
@@ -495,8 +387,9 @@ def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = Tr
     fingerprint = anonymization_fingerprint(cfg)
     plan = make_plan(cfg, input_uri, output_uri, fingerprint)
     result = JobResult(run_id=run_id, summary=manifest.summarize([]), skipped=plan.skipped,
-                       redone_changed=plan.redone_changed, renamed=plan.renamed, settings_fingerprint=fingerprint)
-    if not plan.todo:
+                       redone_changed=plan.redone_changed, unrecorded=plan.unrecorded, renamed=plan.renamed,
+                       settings_fingerprint=fingerprint)
+    if not plan.num_todo:
         result.wall_s = time.perf_counter() - t0
         return result
     ensure_ray(cfg)
@@ -506,7 +399,10 @@ def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = Tr
     # The driver keeps no rows: a streaming summary, the manifest buffer, and one 64-bit hash per finished
     # input (to find the inputs of failed blocks), 8 bytes an input instead of its rows.
     summary, buffer, seen = manifest.Summary(), [], array.array("q")
-    bar = tqdm(total=len(plan.todo), unit="img", desc="anonymizing", disable=not progress)
+    total = plan.num_todo
+    blocks = put_blocks(plan.table)  # the plan's rows now live in the object store, not on the driver
+    del plan
+    bar = tqdm(total=total, unit="img", desc="anonymizing", disable=not progress)
 
     out_cfg = cfg.output
     buffered = {"bytes": 0, "since": time.monotonic()}
@@ -537,16 +433,18 @@ def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = Tr
             take({k: _value(v.item() if isinstance(v, np.generic) else v) for k, v in row.items()})
 
     try:
-        stream(build_dataset(cfg, plan.todo, run_id, fingerprint))
-        lost = _unfinished(plan.todo, seen)
-        if len(lost) > cfg.ray.max_isolated_inputs:
-            raise RuntimeError(f"{len(lost)} inputs were lost to failed batches (more than "
+        stream(build_dataset(cfg, blocks, run_id, fingerprint))
+        lost = _unfinished(blocks, seen)
+        del blocks
+        if lost.num_rows > cfg.ray.max_isolated_inputs:
+            raise RuntimeError(f"{lost.num_rows} inputs were lost to failed batches (more than "
                                f"ray.max_isolated_inputs={cfg.ray.max_isolated_inputs}): a systemic failure, see "
                                "the Ray logs. What finished is in the manifest; rerun to resume.")
-        if lost:
-            result.isolated = len(lost)
-            stream(build_dataset(cfg, lost, run_id, fingerprint, isolate=True))
-            for r in _unfinished(lost, seen):
+        if lost.num_rows:
+            result.isolated = lost.num_rows
+            alone = put_blocks(lost, rows_per_block=1)
+            stream(build_dataset(cfg, alone, run_id, fingerprint, isolate=True))
+            for r in _unfinished(alone, seen).to_pylist():
                 take(lost_input_row(r, run_id, fingerprint, cfg.ray.max_task_retries))
     finally:
         bar.close()

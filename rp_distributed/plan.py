@@ -11,7 +11,8 @@ Fail-closed rules that live here:
   anonymization settings (``config.anonymization_fingerprint``) and the output exists; otherwise it is
   redone, and an earlier output at another key is deleted (``stale_output_uri``). Resume reads only
   four manifest columns, decides in Arrow, and learns which outputs exist from one listing of the
-  output prefix, not one request per key.
+  output prefix, not one request per key. An output with no manifest row (its driver was killed between
+  the write and the manifest flush) is redone, and counted (``unrecorded``).
 """
 
 from __future__ import annotations
@@ -34,13 +35,27 @@ class PlanError(ValueError):
     """Input and output prefixes that cannot be used together; the message says why."""
 
 
+TODO_SCHEMA = pa.schema([("input_uri", pa.string()), ("rel_path", pa.string()), ("output_uri", pa.string()),
+                         ("error", pa.string()), ("notes", pa.string()), ("stale_output_uri", pa.string())])
+
+
 @dataclass
 class Plan:
-    todo: list[dict] = field(default_factory=list)  # rows for the first stage
+    table: pa.Table = field(default_factory=TODO_SCHEMA.empty_table)  # rows for the first stage (TODO_SCHEMA)
     skipped: int = 0  # done earlier with the same settings
     redone_changed: int = 0  # done earlier under other anonymization settings: redone
     renamed: int = 0  # given a distinct output key because their natural keys collide
+    unrecorded: int = 0  # an output exists but no manifest row says how it was made (driver killed): redone
     refused: int = 0  # error rows made here (unsafe key, symlink out of the root, collision)
+
+    @property
+    def num_todo(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def todo(self) -> list[dict]:
+        """The rows as dicts (small plans and tests; the job hands ``table`` to Ray in blocks)."""
+        return self.table.to_pylist()
 
 
 def _norm(fs, path: str) -> str:
@@ -75,48 +90,56 @@ def distinct_key(target: str, rel_path: str) -> str:
     return f"{stem}~{hashlib.sha256(rel_path.encode()).hexdigest()[:8]}{ext}"
 
 
-def output_keys(rel_paths: list[str], output_uri: str, out_format: str, manifest_dir: str
-                ) -> dict[str, tuple[str | None, str | None, str | None]]:
-    """rel_path -> (output key, error, note). Exactly one of key and error is set."""
-    result: dict[str, tuple[str | None, str | None, str | None]] = {}
-    by_key: dict[str, list[str]] = defaultdict(list)
+def output_key_columns(rel_paths: list[str], output_uri: str, out_format: str, manifest_dir: str
+                       ) -> tuple[list[str | None], list[str | None], list[str | None]]:
+    """Per input (aligned with ``rel_paths``): output key, error, note. Exactly one of key and error is set."""
+    n = len(rel_paths)
+    keys: list[str | None] = [None] * n
+    errors: list[str | None] = [None] * n
+    notes: list[str | None] = [None] * n
     reserved = io.join_uri(output_uri, manifest_dir).rstrip("/") + "/"
-    for rel in rel_paths:
+    for i, rel in enumerate(rel_paths):
         try:
             key = io.join_uri(output_uri, io.output_rel_path(rel, out_format))
         except io.InputError as exc:
-            result[rel] = (None, str(exc), None)
+            errors[i] = str(exc)
             continue
         if key.startswith(reserved):
-            result[rel] = (None, f"output key {key} would lie inside the manifest folder {manifest_dir}/", None)
+            errors[i] = f"output key {key} would lie inside the manifest folder {manifest_dir}/"
             continue
-        by_key[key].append(rel)
-    final: dict[str, list[str]] = defaultdict(list)
-    for key, members in by_key.items():
-        if len(members) == 1:
-            result[members[0]] = (key, None, None)
-            final[key].append(members[0])
-            continue
-        note = f"output key renamed: {len(members)} inputs map to {key}"
-        for rel in members:
-            new = distinct_key(key, rel)
-            result[rel] = (new, None, note)
-            final[new].append(rel)
-    for key, members in final.items():  # a renamed key that meets another input's key: refuse both
-        if len(members) > 1:
-            for rel in members:
-                result[rel] = (None, f"output key {key} collides with another input's key", None)
-    return result
+        keys[i] = key
+    # Collisions are rare: find them in Arrow, then rename only their members.
+    counts = pa.table({"k": pa.array(keys, pa.string())}).group_by("k").aggregate([("k", "count")])
+    shared = counts.filter(pc.and_(pc.is_valid(counts["k"]), pc.greater(counts["k_count"], 1)))
+    if shared.num_rows:
+        size = dict(zip(shared["k"].to_pylist(), shared["k_count"].to_pylist()))
+        for i, key in enumerate(keys):
+            if key in size:
+                keys[i], notes[i] = distinct_key(key, rel_paths[i]), f"output key renamed: {size[key]} inputs map to {key}"
+        final: dict[str, list[int]] = defaultdict(list)  # a renamed key that meets another input's key: refuse
+        renamed = {keys[i] for i, note in enumerate(notes) if note}
+        for i, key in enumerate(keys):
+            if key in renamed:
+                final[key].append(i)
+        for key, members in final.items():
+            if len(members) > 1:
+                for i in members:
+                    keys[i], errors[i], notes[i] = None, f"output key {key} collides with another input's key", None
+    return keys, errors, notes
+
+
+def output_keys(rel_paths: list[str], output_uri: str, out_format: str, manifest_dir: str
+                ) -> dict[str, tuple[str | None, str | None, str | None]]:
+    """rel_path -> (output key, error, note): ``output_key_columns`` keyed by input."""
+    return dict(zip(rel_paths, zip(*output_key_columns(rel_paths, output_uri, out_format, manifest_dir))))
 
 
 def _existing_outputs(output_uri: str) -> pa.Array:
     """Relative paths of every object under the output prefix: one listing (paged by the store), not one
     request per key."""
-    fs, root = io.filesystem(output_uri)
-    root = root.rstrip("/")
-    if not fs.exists(root):
-        return pa.array([], pa.string())
-    return pa.array([p[len(root) + 1:] for p in fs.find(root)], pa.string())
+    _, root = io.filesystem(output_uri)
+    cut = len(root.rstrip("/")) + 1
+    return pa.array([p[cut:] for p in io.list_paths(output_uri)], pa.string())
 
 
 def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str) -> Plan:
@@ -127,44 +150,50 @@ def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str)
     latest = manifest.latest_outcomes(output_uri, out_cfg.manifest_dir)
     if out_cfg.overwrite:
         manifest.remove_manifest(output_uri, out_cfg.manifest_dir)
-    files = io.list_inputs(input_uri, cfg.input.extensions, exclude_uri=exclude or output_uri)
+    files = io.list_inputs_table(input_uri, cfg.input.extensions, exclude_uri=exclude or output_uri)
     if exclude is not None:
-        inside = [f.uri for f in files if (f.uri + "/").startswith(exclude.rstrip("/") + "/")]
-        if inside:
-            raise PlanError(f"the input listing did not exclude the output prefix {output_uri} (e.g. {inside[0]})")
-    keys = output_keys([f.rel_path for f in files], output_uri, out_cfg.format, out_cfg.manifest_dir)
-    errors = [getattr(f, "skip_reason", None) or keys[f.rel_path][1] for f in files]
-    writes = [None if err else keys[f.rel_path][0] for f, err in zip(files, errors)]
-    listed = pa.table({"_i": pa.array(range(len(files)), pa.int64()),
-                       "input_uri": pa.array([f.uri for f in files], pa.string()),
-                       "key": pa.array(writes, pa.string())})
+        inside = pc.starts_with(pc.binary_join_element_wise(files["uri"], "/", ""), exclude.rstrip("/") + "/")
+        if pc.any(inside).as_py():
+            example = files["uri"].filter(inside)[0].as_py()
+            raise PlanError(f"the input listing did not exclude the output prefix {output_uri} (e.g. {example})")
+    rels = files["rel_path"].to_pylist()
+    keys, key_errors, notes = output_key_columns(rels, output_uri, out_cfg.format, out_cfg.manifest_dir)
+    del rels
+    errors = pc.coalesce(files["skip_reason"], pa.array(key_errors, pa.string()))
+    writes = pc.if_else(pc.is_valid(errors), pa.scalar(None, pa.string()), pa.array(keys, pa.string()))
+    notes = pa.array(notes, pa.string())
+    del keys, key_errors
+    listed = pa.table({"_i": pa.array(range(files.num_rows), pa.int64()), "input_uri": files["uri"], "key": writes})
     done = latest.filter(pc.and_(pc.is_in(latest["status"], pa.array(manifest.DONE_STATUSES)),
                                  pc.is_valid(latest["output_uri"])))
     done = done.select(["input_uri", "output_uri", "settings_fingerprint"]).rename_columns(
         ["input_uri", "prev_key", "prev_fp"])
+    del latest
     joined = listed.join(done, keys="input_uri", join_type="left outer").sort_by("_i")
+    del listed, done
     has_prev = pc.is_valid(joined["prev_key"])
     same_fp = pc.fill_null(pc.equal(joined["prev_fp"], pa.scalar(fingerprint)), False)
     same_key = pc.fill_null(pc.equal(joined["prev_key"], joined["key"]), False)
-    skip = pa.array([False] * len(files)) if out_cfg.overwrite or not len(done) else pc.and_(same_key, same_fp)
-    if pc.any(skip).as_py():  # an output counts as done only if it is still there
-        prefix = len(output_uri.rstrip("/")) + 1
-        rel = pa.array([k[prefix:] if k else None for k in joined["key"].to_pylist()], pa.string())
-        skip = pc.and_(skip, pc.fill_null(pc.is_in(rel, value_set=_existing_outputs(output_uri)), False))
+    skip = (pa.array([False] * files.num_rows) if out_cfg.overwrite or not pc.any(has_prev).as_py()
+            else pc.and_(same_key, same_fp))
+    # One listing of the output prefix: an output counts as done only if it is still there, and an output
+    # with no manifest row (a driver killed between the write and the manifest flush) is redone.
+    root = output_uri.rstrip("/") + "/"
+    exists = pc.fill_null(pc.is_in(pc.utf8_slice_codeunits(joined["key"], len(root)),
+                                   value_set=_existing_outputs(output_uri)), False)
+    skip = pc.and_(skip, exists)
+    unrecorded = pc.and_(exists, pc.invert(has_prev))
     # An earlier output at a key no input writes now is stale (a changed format, a refused input).
-    targets = pa.array([w for w in writes if w], pa.string())
     stale = pc.and_(pc.and_(has_prev, pc.invert(same_key)),
-                    pc.invert(pc.fill_null(pc.is_in(joined["prev_key"], value_set=targets), False)))
-    plan = Plan(skipped=pc.sum(skip).as_py() or 0)
+                    pc.invert(pc.fill_null(pc.is_in(joined["prev_key"], value_set=writes.drop_null()), False)))
     changed = pc.and_(pc.and_(has_prev, pc.invert(same_fp)), pc.is_valid(joined["key"]))
-    plan.redone_changed = 0 if out_cfg.overwrite else (pc.sum(changed).as_py() or 0)
-    for f, err, skipped, stale_key, prev_key in zip(files, errors, skip.to_pylist(), stale.to_pylist(),
-                                                    joined["prev_key"].to_pylist()):
-        if skipped:
-            continue
-        key, _, note = keys[f.rel_path]
-        plan.refused += err is not None
-        plan.renamed += note is not None and err is None
-        plan.todo.append({"input_uri": f.uri, "rel_path": f.rel_path, "output_uri": None if err else key,
-                          "error": err, "notes": note, "stale_output_uri": prev_key if stale_key else None})
-    return plan
+    keep = pc.invert(skip)
+    table = pa.table({"input_uri": files["uri"], "rel_path": files["rel_path"], "output_uri": writes,
+                      "error": errors, "notes": notes,
+                      "stale_output_uri": pc.if_else(stale, joined["prev_key"], pa.scalar(None, pa.string()))},
+                     schema=TODO_SCHEMA).filter(keep)
+    return Plan(table=table, skipped=pc.sum(skip).as_py() or 0,
+                redone_changed=0 if out_cfg.overwrite else (pc.sum(changed).as_py() or 0),
+                unrecorded=0 if out_cfg.overwrite else (pc.sum(unrecorded).as_py() or 0),
+                renamed=pc.sum(pc.and_(pc.is_valid(table["notes"]), pc.is_null(table["error"]))).as_py() or 0,
+                refused=pc.sum(pc.is_valid(table["error"])).as_py() or 0)

@@ -142,3 +142,89 @@ class ReidScorer:
 
     def is_reidentified(self, distance: float) -> bool:
         return bool(distance < self.threshold)
+
+
+class FaceChecks:
+    """The checks of each written face, in the merge stage (built once per actor from a ``JobConfig``).
+
+    - the privacy gate: dlib's recognizer compares the original and the written face; a face still
+      re-identified is masked (``privacy.fallback_if_reidentified``), and so is a face whose check fails
+      (fail closed: a face we could not verify is not exported as it is);
+    - a second recognizer for the report (``privacy.report_recognizer``), never gating;
+    - utility signals: head-pose change and landmark drift (68 dlib points on the same box).
+    """
+
+    def __init__(self, cfg):
+        import dlib
+
+        from .faces.dlib_backend import SHAPE68_FILE
+
+        self.cfg = cfg
+        self.gate = ReidScorer(cfg.privacy)
+        self.reporter = None
+        if cfg.privacy.report_recognizer:
+            from .diffusion.identity import IdentityEmbedder
+            from .diffusion.loading import resolve_arcface
+
+            self.reporter = IdentityEmbedder(resolve_arcface(cfg.privacy.report_recognizer, cfg.diffusion.cache_dir),
+                                             cfg.privacy.report_providers)
+        shape68 = resolve_model_files(None, [SHAPE68_FILE], backend="merge/landmarks")[SHAPE68_FILE]
+        self._landmarks68 = dlib.shape_predictor(str(shape68))
+        self._dlib = dlib
+
+    def __call__(self, original: np.ndarray, image: np.ndarray, faces: list) -> None:
+        """Check every face of ``image`` (written in place when a face is masked); fills the faces' fields."""
+        for f in faces:
+            self._gate(original, image, f)
+            if self.reporter is not None:
+                try:
+                    distance = self.report_distance(original, image, f.landmarks)
+                    f.report_distance = distance
+                    f.report_reidentified = distance < self.cfg.privacy.report_threshold
+                except Exception as exc:  # noqa: BLE001 - reporting only: record, never gate
+                    f.add_score_error(f"report recognizer failed: {type(exc).__name__}: {exc}"[:200])
+            try:
+                f.pose_diff_deg, f.landmark_displacement = self.utility(original, image, f.box)
+            except Exception as exc:  # noqa: BLE001 - utility signals are informative only
+                f.add_score_error(f"utility signals failed: {type(exc).__name__}: {exc}"[:200])
+
+    def _mask(self, image: np.ndarray, f, reason: str) -> None:
+        from .compose import destroy_box
+
+        destroy_box(image, f.box, "mask", self.cfg.anonymizer, out=image)
+        f.add_error(reason)
+        f.method_applied = f"{f.method_applied}+mask"
+
+    def _gate(self, original: np.ndarray, image: np.ndarray, f) -> None:
+        try:
+            res = self.gate.compare(original, image, f.box)
+            if res.reidentified and self.cfg.privacy.fallback_if_reidentified and not f.masked:
+                self._mask(image, f, "re-identified in the output: masked")
+                res = self.gate.compare(original, image, f.box)
+            f.reid_distance, f.reidentified, f.face_still_detected = (res.distance, res.reidentified,
+                                                                      res.face_still_detected)
+        except Exception as exc:  # noqa: BLE001 - fail closed: a face we cannot check is masked
+            reason = f"re-ID check failed: {type(exc).__name__}: {exc}"[:300]
+            f.add_score_error(reason)
+            if not f.masked:
+                self._mask(image, f, f"{reason}: masked")
+
+    def report_distance(self, original: np.ndarray, image: np.ndarray, landmarks: np.ndarray) -> float:
+        """Second recognizer's distance (1 - cosine) between the original and the written face, both
+        aligned on the detected face's 5 points (the method keeps the face where it was)."""
+        from .faces.align import five_points
+
+        kps = five_points(landmarks)
+        before, after = self.reporter.embed_many([original, image], [kps, kps])
+        return float(1.0 - np.dot(before, after))
+
+    def utility(self, original: np.ndarray, image: np.ndarray, box) -> tuple[float, float]:
+        """(head-pose change in degrees, landmark displacement) between the original and the written face."""
+        from .faces.align import head_pose, landmark_displacement
+
+        x0, y0, x1, y1 = [int(round(float(v))) for v in box]
+        rect = self._dlib.rectangle(x0, y0, x1 - 1, y1 - 1)
+        pts = [np.array([(p.x, p.y) for p in self._landmarks68(im, rect).parts()], np.float32)
+               for im in (original, image)]
+        pose = np.subtract(head_pose(pts[1]), head_pose(pts[0]))
+        return float(np.abs(pose).max()), float(landmark_displacement(*pts))

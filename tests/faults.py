@@ -35,7 +35,7 @@ def install() -> None:
 
         generate = Anonymizer._generate_chunk
 
-        def faulty_generate(self, chunk):
+        def faulty_generate(self, chunk, *args):
             # The first process to get here breaks its "device" for good: every later call in that process
             # fails too, as after a real illegal-address error. Other processes (a restarted actor) work.
             try:
@@ -49,7 +49,7 @@ def install() -> None:
             if broken:
                 raise RuntimeError("CUDA error: an illegal memory access was encountered\n"
                                    "CUDA kernel errors might be asynchronously reported at some other API call")
-            return generate(self, chunk)
+            return generate(self, chunk, *args)
 
         Anonymizer._generate_chunk = faulty_generate
 

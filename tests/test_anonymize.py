@@ -3,6 +3,7 @@ and the whole Ray job with this method on the offline photos."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -35,7 +36,7 @@ def t1_faces(tiny_dir, t1_path):
 
 
 def _fresh(faces, n=3):
-    return [{k: v for k, v in f.items()} for f in faces[:n]]
+    return [dataclasses.replace(f) for f in faces[:n]]
 
 
 def test_escalation_runs_every_rung_then_falls_back(tiny_dir, t1_faces):
@@ -45,14 +46,14 @@ def test_escalation_runs_every_rung_then_falls_back(tiny_dir, t1_faces):
     faces = _fresh(t1_faces)
     Anonymizer(cfg)(faces)
     for f in faces:
-        tries = json.loads(f["tries_json"])
+        tries = json.loads(f.tries_json)
         assert [t["guidance"] for t in tries] == [-10.0, -14.0, -18.0]
         assert all(t["reid_distance"] is not None and t["reid_distance"] < 5.0 for t in tries)
-        assert f["tries"] == 3 and f["guidance_final"] == -18.0
-        assert f["unet_evals"] == 4 * STEPS * 3  # an inversion and a generation per rung
-        assert f["method_applied"] == "pixelate" and "still re-identified after 3 tries" in f["face_error"]
+        assert f.tries == 3 and f.guidance_final == -18.0
+        assert f.unet_evals == 4 * STEPS * 3  # an inversion and a generation per rung
+        assert f.method_applied == "pixelate" and "still re-identified after 3 tries" in f.face_error
         # Every rung produced a different face: guidance changes the output.
-    dists = [[t["reid_distance"] for t in json.loads(f["tries_json"])] for f in faces]
+    dists = [[t["reid_distance"] for t in json.loads(f.tries_json)] for f in faces]
     assert all(len(set(d)) == 3 for d in dists)
 
 
@@ -67,14 +68,13 @@ def test_an_escalated_face_equals_a_fresh_run_at_the_rung_guidance(tiny_dir, t1_
                        "privacy.guidance_ladder=[-15.0, -20.0]"))(fresh)
     reused = _fresh(t1_faces, 2)  # what the old escalation did: -10's inversion regenerated at -14
     a = Anonymizer(_rp_cfg(tiny_dir, "privacy.escalate=false"))
-    for f in reused:
-        f["id_embedding"] = a.embedder.embed(f["crop"], f["kps5"])
-    inv = a.rp.invert([f["crop"] for f in reused], [f["seed"] for f in reused])
-    old = a.rp.generate(inv, np.stack([f["id_embedding"] for f in reused]), None, [-14.0, -14.0])
+    ids = np.stack([a.embedder.embed(f.crop, f.kps5) for f in reused])
+    inv = a.rp.invert([f.crop for f in reused], [f.seed for f in reused])
+    old = a.rp.generate(inv, ids, None, [-14.0, -14.0])
     for f, g, o in zip(escalated, fresh, old):
-        assert f["tries"] == 2 and f["guidance_final"] == -14.0 and f["unet_evals"] == 8 * STEPS
-        assert np.abs(f["anon_crop"].astype(int) - g["anon_crop"].astype(int)).max() <= 1
-        assert np.abs(f["anon_crop"].astype(int) - o.astype(int)).mean() > 1  # a different function
+        assert f.tries == 2 and f.guidance_final == -14.0 and f.unet_evals == 8 * STEPS
+        assert np.abs(f.anon_crop.astype(int) - g.anon_crop.astype(int)).max() <= 1
+        assert np.abs(f.anon_crop.astype(int) - o.astype(int)).mean() > 1  # a different function
 
 
 def test_escalation_stops_at_the_first_rung_that_passes(tiny_dir, t1_faces):
@@ -82,10 +82,10 @@ def test_escalation_stops_at_the_first_rung_that_passes(tiny_dir, t1_faces):
     faces = _fresh(t1_faces)
     Anonymizer(cfg)(faces)
     for f in faces:
-        assert f["tries"] == 1 and f["guidance_final"] == -10.0 and f.get("face_error") is None
-        assert f["method_applied"] == "reverse_personalization"
-        assert f["anon_crop"].shape == f["crop"].shape and np.abs(
-            f["anon_crop"].astype(int) - f["crop"].astype(int)).mean() > 5
+        assert f.tries == 1 and f.guidance_final == -10.0 and f.face_error is None
+        assert f.method_applied == "reverse_personalization"
+        assert f.anon_crop.shape == f.crop.shape and np.abs(
+            f.anon_crop.astype(int) - f.crop.astype(int)).mean() > 5
 
 
 def test_stage_output_is_independent_of_the_batch(tiny_dir, t1_faces):
@@ -97,18 +97,18 @@ def test_stage_output_is_independent_of_the_batch(tiny_dir, t1_faces):
     for one in alone:
         anonymizer(one)
     for f, (g,) in zip(together, alone):
-        assert np.abs(f["anon_crop"].astype(int) - g["anon_crop"].astype(int)).max() <= 1
+        assert np.abs(f.anon_crop.astype(int) - g.anon_crop.astype(int)).max() <= 1
 
 
 def test_generation_failure_falls_back_for_that_face_only(tiny_dir, t1_faces):
     cfg = _rp_cfg(tiny_dir, "privacy.escalate=false", "anonymizer.fallback=mask")
     faces = _fresh(t1_faces)
-    faces[1]["crop"] = np.ascontiguousarray(faces[1]["crop"][:126, :126])  # not a size the VAE can take
+    faces[1].crop = np.ascontiguousarray(faces[1].crop[:126, :126])  # not a size the VAE can take
     Anonymizer(cfg)(faces)
-    assert faces[1]["method_applied"] == "mask" and "generation failed" in faces[1]["face_error"]
-    assert faces[1]["anon_crop"] is not None and faces[1]["anon_crop"].max() == 0
+    assert faces[1].method_applied == "mask" and "generation failed" in faces[1].face_error
+    assert faces[1].anon_crop is not None and faces[1].anon_crop.max() == 0
     for f in (faces[0], faces[2]):  # the rest of the chunk was retried one by one and succeeded
-        assert f["method_applied"] == "reverse_personalization" and f.get("face_error") is None
+        assert f.method_applied == "reverse_personalization" and f.face_error is None
 
 
 def test_a_device_fault_ends_the_stage_instead_of_falling_back(tiny_dir, t1_faces):
@@ -122,7 +122,7 @@ def test_a_device_fault_ends_the_stage_instead_of_falling_back(tiny_dir, t1_face
     faces = _fresh(t1_faces)
     with pytest.raises(DeviceFault, match="illegal memory access"):
         anonymizer(faces)
-    assert not any(f.get("method_applied") == "blur" for f in faces)
+    assert not any(f.method_applied == "blur" for f in faces)
 
 
 def test_out_of_memory_keeps_the_one_by_one_retry(tiny_dir, t1_faces):
@@ -139,7 +139,7 @@ def test_out_of_memory_keeps_the_one_by_one_retry(tiny_dir, t1_faces):
     anonymizer.rp.generate = small_memory
     faces = _fresh(t1_faces)
     anonymizer(faces)
-    assert all(f["method_applied"] == "reverse_personalization" and not f.get("face_error") for f in faces)
+    assert all(f.method_applied == "reverse_personalization" and not f.face_error for f in faces)
 
 
 @pytest.mark.parametrize("message,fatal", [
@@ -160,14 +160,14 @@ def test_small_faces_get_the_destructive_method(tiny_dir, t1_faces):
     cfg = _rp_cfg(tiny_dir, "detection.min_face_size=120", "privacy.escalate=false")
     faces = _fresh(t1_faces, 6)
     for f in faces:
-        f["small"] = max(f["box"][2] - f["box"][0], f["box"][3] - f["box"][1]) < 120
-    assert 0 < sum(f["small"] for f in faces) < 6
+        f.small = max(f.box[2] - f.box[0], f.box[3] - f.box[1]) < 120
+    assert 0 < sum(f.small for f in faces) < 6
     Anonymizer(cfg)(faces)
     for f in faces:
-        if f["small"]:
-            assert f["method_applied"] == "blur" and "smaller than detection.min_face_size" in f["face_error"]
+        if f.small:
+            assert f.method_applied == "blur" and "smaller than detection.min_face_size" in f.face_error
         else:
-            assert f["method_applied"] == "reverse_personalization"
+            assert f.method_applied == "reverse_personalization"
 
 
 def test_bad_model_source_fails_at_start_up(tiny_dir, tmp_path):

@@ -76,9 +76,9 @@ def test_a_failed_reid_check_masks_the_face_and_says_why(tmp_path, t1_path, t1_r
         calls.append(box)
         if len(calls) == 2:
             raise RuntimeError("recognizer exploded")
-        return type(merge.scorer).compare(merge.scorer, original, image, box)
+        return type(merge.checks.gate).compare(merge.checks.gate, original, image, box)
 
-    merge.scorer.compare = broken_compare
+    merge.checks.gate.compare = broken_compare
     out = tmp_path / "t1.png"
     rows = sorted(run_stages(cfg, t1_path, out, merge=merge), key=lambda r: r["face_index"])
     failed = rows[1]
@@ -150,6 +150,18 @@ def _done_run(tmp_path, t1_path, cfg):
     return src, out, row
 
 
+def test_an_output_without_a_manifest_row_is_redone(tmp_path, t1_path, astronaut_path):
+    """A driver killed between an output's write and its manifest flush leaves an output no row describes:
+    the rerun cannot know how it was made, so it redoes it (and says so), while a recorded one is skipped."""
+    blur = load_config(None, ["anonymizer.method=blur", "output.format=png"])
+    src, out, _ = _done_run(tmp_path, t1_path, blur)
+    shutil.copy(astronaut_path, src / "astronaut.png")
+    Image.open(astronaut_path).save(out / "astronaut.png")  # written, never recorded
+    plan = make_plan(blur, str(src), str(out), anonymization_fingerprint(blur))
+    assert plan.skipped == 1 and plan.unrecorded == 1
+    assert [r["rel_path"] for r in plan.todo] == ["astronaut.png"]
+
+
 def test_rerun_with_other_anonymization_settings_redoes_the_input(tmp_path, t1_path):
     blur = load_config(None, ["anonymizer.method=blur", "output.format=png"])
     src, out, row = _done_run(tmp_path, t1_path, blur)
@@ -204,7 +216,7 @@ def test_an_input_turned_into_a_refused_symlink_loses_its_earlier_output(tmp_pat
     assert row["status"] == "error" and not (out / "t1.png").exists()
 
 
-def test_a_stage_bug_becomes_an_error_row_and_leaves_no_output(tmp_path, t1_path):
+def test_a_stage_bug_becomes_an_error_row_and_leaves_no_output(tmp_path, t1_path, monkeypatch):
     from rp_distributed.pipeline import _columns, _rows
 
     cfg = load_config(None, ["anonymizer.method=blur", "output.format=png"])
@@ -216,7 +228,7 @@ def test_a_stage_bug_becomes_an_error_row_and_leaves_no_output(tmp_path, t1_path
     def bug(*args):  # injected: an unexpected exception after the output was written
         raise KeyError("bug")
 
-    merge._face_row = bug
+    monkeypatch.setattr(manifest, "face_row", bug)
     (r,) = _rows(merge(_columns([detected])))
     assert r["status"] == "error" and "merge stage failed: KeyError" in r["error"]
     assert not (out / "t1.png").exists()

@@ -126,7 +126,6 @@ def test_symlinks_outside_the_input_root_are_not_followed(tmp_path):
     assert io.read_bytes(by_rel["link_in.jpg"].uri, 100) == b"inside"
     for rel in ("link_out.jpg", "sub/sneaky.jpg"):
         assert by_rel[rel].skip_reason == "symlink to a file outside the input root: not followed", rel
-        assert by_rel[rel].size == 0  # nothing of the target is reported
     assert "symlink" in by_rel["dangling.jpg"].skip_reason
     assert not any("secret" in f.uri or "deep" in f.uri for f in files)
 

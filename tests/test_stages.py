@@ -1,0 +1,63 @@
+"""What crosses the stage boundaries (issue 8): the encoded source instead of decoded pixels, the crops to
+the anonymizer stage only, and typed face records. The stages run in this process, as the actors run them."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+from PIL import Image
+
+from rp_distributed.config import anonymization_fingerprint, load_config
+from rp_distributed.pipeline import AnonymizeFaces, DetectFaces, MergeAndWrite, _columns, _rows
+from rp_distributed.records import Face
+
+
+def _detect(cfg, src, out):
+    row = {"input_uri": str(src), "rel_path": src.name, "output_uri": str(out), "error": None, "notes": None,
+           "stale_output_uri": None}
+    return DetectFaces(cfg).process(row)
+
+
+def _through(stage, row):
+    (out,) = _rows(stage(_columns([row])))
+    return out
+
+
+def test_boundaries_carry_the_source_bytes_and_the_crops_only_to_the_anonymizer(tmp_path, t1_path, t1_rgb):
+    cfg = load_config(None, ["anonymizer.method=blur", "output.format=png"])
+    detected = _detect(cfg, t1_path, tmp_path / "t1.png")
+    payload = detected["payload"]
+    assert payload.image is None and payload.source == t1_path.read_bytes()
+    assert len(payload.faces) == 6 and all(isinstance(f, Face) and f.crop is not None for f in payload.faces)
+    crops = sum(f.crop.nbytes for f in payload.faces)
+    # What Ray stores for the row: the JPEG and the crops, not the 3.4 MB of decoded pixels.
+    assert len(pickle.dumps(detected, protocol=5)) < len(payload.source) + crops + 20_000 < t1_rgb.nbytes + crops
+    anonymized = _through(AnonymizeFaces(cfg), detected)
+    faces = anonymized["payload"].faces
+    assert all(f.crop is None and f.anon_crop is not None and f.method_applied == "blur" for f in faces)
+    assert len(pickle.dumps(anonymized, protocol=5)) < len(payload.source) + crops + 20_000
+
+
+def test_merging_from_the_source_bytes_writes_what_merging_from_pixels_writes(tmp_path, t1_path, t1_rgb):
+    cfg = load_config(None, ["anonymizer.method=pixelate", "output.format=png"])
+    fp = anonymization_fingerprint(cfg)
+    merge = MergeAndWrite(cfg, "run", "dlib", fp)
+    outputs = []
+    for name, as_pixels in (("from-bytes.png", False), ("from-pixels.png", True)):
+        row = _through(AnonymizeFaces(cfg), _detect(cfg, t1_path, tmp_path / name))
+        if as_pixels:  # what the stage shipped before: the decoded image
+            row["payload"].source, row["payload"].image = None, t1_rgb
+        rows = merge.process(row)
+        assert {r["status"] for r in rows} == {"ok"} and len(rows) == 6
+        outputs.append(np.asarray(Image.open(tmp_path / name)))
+    assert np.array_equal(outputs[0], outputs[1])
+    assert np.abs(outputs[0].astype(int) - t1_rgb.astype(int)).max() > 50  # the faces did change
+
+
+def test_an_image_whose_file_is_larger_than_its_pixels_travels_decoded(tmp_path, t1_rgb):
+    src = tmp_path / "t1.bmp"
+    Image.fromarray(t1_rgb).save(src)  # uncompressed: the pixels plus a header
+    assert src.stat().st_size > t1_rgb.nbytes
+    payload = _detect(load_config(None, ["anonymizer.method=blur"]), src, tmp_path / "out.bmp")["payload"]
+    assert payload.source is None and np.array_equal(payload.image, t1_rgb) and len(payload.faces) == 6
