@@ -119,6 +119,71 @@ def write_part(output_uri: str, manifest_dir: str, run_id: str, part: int, rows:
     return uri
 
 
+class PartWriter:
+    """Buffers manifest rows on the driver and writes them as parts: at ``rows_per_file`` rows, at
+    ``bytes_per_file`` bytes of row text, or once the oldest buffered row is ``flush_s`` old. The age is
+    checked on every row and by a timer thread, so a slow tail of the job cannot hold rows back (a driver
+    killed then loses at most ``flush_s`` of rows; the rerun redoes those inputs). Thread-safe."""
+
+    def __init__(self, output_uri: str, manifest_dir: str, run_id: str, rows_per_file: int, bytes_per_file: int,
+                 flush_s: float):
+        import threading
+
+        self.output_uri, self.manifest_dir, self.run_id = output_uri, manifest_dir, run_id
+        self.rows_per_file, self.bytes_per_file, self.flush_s = rows_per_file, bytes_per_file, flush_s
+        self.parts: list[str] = []
+        self._rows: list[dict] = []
+        self._bytes = 0
+        self._since = 0.0
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._timer = threading.Thread(target=self._tick, name="manifest-flush", daemon=True)
+        self._timer.start()
+
+    def add(self, row: dict) -> None:
+        import time
+
+        with self._lock:
+            self._raise()
+            if not self._rows:
+                self._since = time.monotonic()
+            self._rows.append(row)
+            self._bytes += sum(len(v) if isinstance(v, str) else 8 for v in row.values())
+            if (len(self._rows) >= self.rows_per_file or self._bytes >= self.bytes_per_file
+                    or time.monotonic() - self._since >= self.flush_s):
+                self._flush()
+
+    def close(self) -> None:
+        """Stop the timer and write what is buffered."""
+        self._stop.set()
+        self._timer.join()
+        with self._lock:
+            self._flush()
+            self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _flush(self) -> None:
+        if self._rows:
+            self.parts.append(write_part(self.output_uri, self.manifest_dir, self.run_id, len(self.parts), self._rows))
+        self._rows, self._bytes = [], 0
+
+    def _tick(self) -> None:
+        import time
+
+        while not self._stop.wait(min(self.flush_s / 4, 5.0)):
+            with self._lock:
+                if self._rows and time.monotonic() - self._since >= self.flush_s:
+                    try:
+                        self._flush()
+                    except Exception as exc:  # noqa: BLE001 - surfaces on the next add / close
+                        self._error = exc
+
+
 def part_uris(output_uri: str, manifest_dir: str) -> list[str]:
     fs, path = io.filesystem(manifest_uri(output_uri, manifest_dir))
     if not fs.exists(path):

@@ -321,18 +321,43 @@ def build_dataset(cfg: JobConfig, blocks: list, run_id: str, fingerprint: str | 
     return ds
 
 
-def ensure_ray(cfg: JobConfig) -> None:
-    """Join RAY_ADDRESS (or ``ray.address``) if set, else start a local Ray in this process."""
+def quiet_ray_data(verbose: bool = False) -> None:
+    """Ray Data's console chatter (execution banners, 'progress bars disabled') off unless ``verbose``; its
+    log file in the Ray session folder keeps everything."""
+    import logging
+
     import ray
 
+    ctx = ray.data.DataContext.get_current()
+    ctx.print_on_execution_start = verbose
+    for h in logging.getLogger("ray.data").handlers:
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            h.setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+def ensure_ray(cfg: JobConfig, verbose: bool = False) -> None:
+    """Join RAY_ADDRESS (or ``ray.address``) if set, else start a local Ray in this process.
+
+    Quiet unless ``verbose``: Ray's Python logging at ERROR, and the C++ components' log lines (which print
+    on the driver's stderr) at fatal, unless RAY_BACKEND_LOG_LEVEL is set. ``--verbose`` keeps Ray's defaults
+    and, on a local Ray, also forwards the workers' output."""
+    import logging
+
+    import ray
+
+    quiet_ray_data(verbose)
     if ray.is_initialized():
         return
+    level = logging.INFO if verbose else logging.ERROR
+    if not verbose:
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     address = os.environ.get("RAY_ADDRESS") or cfg.ray.address
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=level)
     else:
         # address="local": a new Ray in this process, never a cluster that `ray start` left on this machine.
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=verbose,
+                 logging_level=level)
 
 
 @dataclass
@@ -347,6 +372,8 @@ class JobResult:
     renamed: int = 0  # inputs given a distinct output key (their natural keys collided)
     isolated: int = 0  # inputs of failed batches retried one by one
     settings_fingerprint: str = ""
+    report_uri: str | None = None  # report.html beside the manifest (None: not written, see report_error)
+    report_error: str | None = None
 
 
 def lost_input_row(row: dict, run_id: str, fingerprint: str, retries: int) -> dict:
@@ -373,10 +400,37 @@ def _unfinished(blocks: list, seen: array.array) -> pa.Table:
     return pa.concat_tables(lost) if lost else pa.table({})
 
 
-def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = True) -> JobResult:
-    """Run the whole job; returns the summary. Manifest parts are written as rows stream in."""
+def _run_info(cfg: JobConfig, run_id: str, input_uri: str, output_uri: str, fingerprint: str, plan) -> dict:
+    from .config import config_to_dict
+
+    return {"run_id": run_id, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "input_uri": input_uri,
+            "output_uri": output_uri, "settings_fingerprint": fingerprint, "inputs_planned": plan.num_todo,
+            "inputs_skipped": plan.skipped, "config": config_to_dict(cfg)}
+
+
+def _end_of_run(result: JobResult, cfg: JobConfig, output_uri: str, info: dict | None, report: bool) -> None:
+    """Record the run's wall time beside its config, then write ``report.html``. A failure to write either is
+    kept in ``result.report_error`` and never fails the job: the manifest is what counts."""
+    from . import report as report_mod
+
+    try:
+        if info is not None:
+            info.update(wall_s=round(result.wall_s, 3), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        summary=result.summary)
+            report_mod.write_run_info(output_uri, cfg.output.manifest_dir, result.run_id, info)
+        if report:
+            result.report_uri = report_mod.write_report(output_uri, cfg.output.manifest_dir)
+    except Exception as exc:  # noqa: BLE001
+        result.report_error = f"{type(exc).__name__}: {exc}"[:500]
+
+
+def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = True, verbose: bool = False,
+            report: bool = True) -> JobResult:
+    """Run the whole job; returns the summary. Manifest parts are written as rows stream in, and at the end
+    ``report.html`` beside them (``report``). ``verbose``: Ray's own logging as Ray has it."""
     import ray
-    from tqdm import tqdm
+
+    from . import progress as progress_mod
 
     from .config import anonymization_fingerprint
     from .plan import make_plan
@@ -391,42 +445,37 @@ def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = Tr
                        settings_fingerprint=fingerprint)
     if not plan.num_todo:
         result.wall_s = time.perf_counter() - t0
+        if report and manifest.part_uris(output_uri, cfg.output.manifest_dir):
+            _end_of_run(result, cfg, output_uri, None, report)
         return result
-    ensure_ray(cfg)
+    from .report import write_run_info
+
+    info = _run_info(cfg, run_id, input_uri, output_uri, fingerprint, plan)
+    write_run_info(output_uri, cfg.output.manifest_dir, run_id, info)  # the report shows the run's config
+    ensure_ray(cfg, verbose)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = False  # our bar (Progress) shows each stage's state
+    progress_mod.register(ctx)
     ctx.max_errored_blocks = -1  # a batch that failed all its retries is redone below, input by input
     # The driver keeps no rows: a streaming summary, the manifest buffer, and one 64-bit hash per finished
     # input (to find the inputs of failed blocks), 8 bytes an input instead of its rows.
-    summary, buffer, seen = manifest.Summary(), [], array.array("q")
+    summary, seen = manifest.Summary(), array.array("q")
     total = plan.num_todo
     blocks = put_blocks(plan.table)  # the plan's rows now live in the object store, not on the driver
     del plan
-    bar = tqdm(total=total, unit="img", desc="anonymizing", disable=not progress)
+    bar = progress_mod.ACTIVE = progress_mod.Progress(total, enabled=progress)
 
     out_cfg = cfg.output
-    buffered = {"bytes": 0, "since": time.monotonic()}
-
-    def flush() -> None:
-        nonlocal buffer
-        if buffer:
-            result.manifest_parts.append(manifest.write_part(
-                output_uri, out_cfg.manifest_dir, run_id, len(result.manifest_parts), buffer))
-        buffer = []
-        buffered.update(bytes=0, since=time.monotonic())
+    writer = manifest.PartWriter(output_uri, out_cfg.manifest_dir, run_id, out_cfg.manifest_rows_per_file,
+                                 out_cfg.manifest_bytes_per_file, out_cfg.manifest_flush_s)
 
     def take(row: dict) -> None:
         summary.add(row)
-        if not buffer:
-            buffered["since"] = time.monotonic()
-        buffer.append(row)
-        buffered["bytes"] += sum(len(v) if isinstance(v, str) else 8 for v in row.values())
-        if row.get("face_index") in (None, 0):  # an input's first row
+        writer.add(row)
+        first = row.get("face_index") in (None, 0)  # an input's first row
+        if first:
             seen.append(hash(row["input_uri"]))
-            bar.update(1)
-        if (len(buffer) >= out_cfg.manifest_rows_per_file or buffered["bytes"] >= out_cfg.manifest_bytes_per_file
-                or time.monotonic() - buffered["since"] >= out_cfg.manifest_flush_s):
-            flush()
+        bar.add(images=int(first), faces=int(row.get("face_index") is not None))
 
     def stream(ds) -> None:
         for row in ds.iter_rows():
@@ -448,7 +497,10 @@ def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = Tr
                 take(lost_input_row(r, run_id, fingerprint, cfg.ray.max_task_retries))
     finally:
         bar.close()
-        flush()
+        progress_mod.ACTIVE = None
+        writer.close()
+        result.manifest_parts = writer.parts
     result.summary = summary.result()
     result.wall_s = time.perf_counter() - t0
+    _end_of_run(result, cfg, output_uri, info, report)
     return result

@@ -63,3 +63,32 @@ def test_summary_counts_and_escalation_rates():
     assert s["images"] == 3 and s["faces"] == 3 and s["failures"] == 1 and s["fallbacks"] == 1
     assert s["reid_rate"] == pytest.approx(1 / 3)
     assert s["reid_rate_first_try"] == pytest.approx(2 / 3) and s["escalated"] == 2
+
+
+def test_part_writer_cuts_parts_by_rows_and_bytes_and_flushes_old_rows_on_a_timer(tmp_path):
+    import time
+
+    def row(i):
+        return {"run_id": "r", "input_uri": f"in/{i}.jpg", "rel_path": f"{i}.jpg", "status": "no_face",
+                "error": "x" * 100}
+
+    by_rows = manifest.PartWriter(str(tmp_path / "a"), "_manifest", "r", 3, 10**9, 3600)
+    for i in range(7):
+        by_rows.add(row(i))
+    assert len(by_rows.parts) == 2
+    by_rows.close()
+    assert len(by_rows.parts) == 3 and manifest.read_manifest(str(tmp_path / "a"), "_manifest").num_rows == 7
+    by_bytes = manifest.PartWriter(str(tmp_path / "b"), "_manifest", "r", 10**6, 200, 3600)
+    for i in range(4):
+        by_bytes.add(row(i))
+    assert len(by_bytes.parts) == 2  # ~120 bytes a row: a part every 2 rows
+    by_bytes.close()
+    # No row arrives after the first: the timer thread still writes it once it is flush_s old.
+    timed = manifest.PartWriter(str(tmp_path / "c"), "_manifest", "r", 10**6, 10**9, 0.4)
+    timed.add(row(0))
+    deadline = time.monotonic() + 10
+    while not timed.parts and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(timed.parts) == 1 and manifest.read_manifest(str(tmp_path / "c"), "_manifest").num_rows == 1
+    timed.close()
+    assert len(timed.parts) == 1
