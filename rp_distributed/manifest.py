@@ -123,7 +123,11 @@ class PartWriter:
     """Buffers manifest rows on the driver and writes them as parts: at ``rows_per_file`` rows, at
     ``bytes_per_file`` bytes of row text, or once the oldest buffered row is ``flush_s`` old. The age is
     checked on every row and by a timer thread, so a slow tail of the job cannot hold rows back (a driver
-    killed then loses at most ``flush_s`` of rows; the rerun redoes those inputs). Thread-safe."""
+    killed then loses at most ``flush_s`` of rows; the rerun redoes those inputs). Thread-safe.
+
+    A part never ends inside an image: the face rows of one image (``num_faces`` of them, which arrive
+    together) are held until the last one is in. A part cut between them, followed by a killed driver,
+    would leave an image whose latest rows are an ``ok`` with faces missing, which resume would skip."""
 
     def __init__(self, output_uri: str, manifest_dir: str, run_id: str, rows_per_file: int, bytes_per_file: int,
                  flush_s: float):
@@ -132,7 +136,8 @@ class PartWriter:
         self.output_uri, self.manifest_dir, self.run_id = output_uri, manifest_dir, run_id
         self.rows_per_file, self.bytes_per_file, self.flush_s = rows_per_file, bytes_per_file, flush_s
         self.parts: list[str] = []
-        self._rows: list[dict] = []
+        self._rows: list[dict] = []  # complete images only
+        self._image: list[dict] = []  # the face rows of the image still arriving
         self._bytes = 0
         self._since = 0.0
         self._error: BaseException | None = None
@@ -146,19 +151,31 @@ class PartWriter:
 
         with self._lock:
             self._raise()
-            if not self._rows:
+            if not self._rows and not self._image:
                 self._since = time.monotonic()
-            self._rows.append(row)
             self._bytes += sum(len(v) if isinstance(v, str) else 8 for v in row.values())
+            if row.get("face_index") is None:  # an image-level row is a whole image
+                self._rows.append(row)
+            else:
+                if self._image and self._image[0]["input_uri"] != row["input_uri"]:
+                    self._rows.extend(self._image)  # cannot happen with whole batches; never drop rows
+                    self._image = []
+                self._image.append(row)
+                if len(self._image) < (row.get("num_faces") or 1):
+                    return
+                self._rows.extend(self._image)
+                self._image = []
             if (len(self._rows) >= self.rows_per_file or self._bytes >= self.bytes_per_file
                     or time.monotonic() - self._since >= self.flush_s):
                 self._flush()
 
     def close(self) -> None:
-        """Stop the timer and write what is buffered."""
+        """Stop the timer and write what is buffered (an image missing face rows too: nothing is dropped)."""
         self._stop.set()
         self._timer.join()
         with self._lock:
+            self._rows.extend(self._image)
+            self._image = []
             self._flush()
             self._raise()
 
@@ -170,14 +187,14 @@ class PartWriter:
     def _flush(self) -> None:
         if self._rows:
             self.parts.append(write_part(self.output_uri, self.manifest_dir, self.run_id, len(self.parts), self._rows))
-        self._rows, self._bytes = [], 0
+        self._rows, self._bytes = [], sum(len(v) if isinstance(v, str) else 8 for r in self._image for v in r.values())
 
     def _tick(self) -> None:
         import time
 
         while not self._stop.wait(min(self.flush_s / 4, 5.0)):
             with self._lock:
-                if self._rows and time.monotonic() - self._since >= self.flush_s:
+                if self._rows and time.monotonic() - self._since >= self.flush_s:  # whole images only
                     try:
                         self._flush()
                     except Exception as exc:  # noqa: BLE001 - surfaces on the next add / close

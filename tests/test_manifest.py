@@ -92,3 +92,18 @@ def test_part_writer_cuts_parts_by_rows_and_bytes_and_flushes_old_rows_on_a_time
     assert len(timed.parts) == 1 and manifest.read_manifest(str(tmp_path / "c"), "_manifest").num_rows == 1
     timed.close()
     assert len(timed.parts) == 1
+
+
+def test_a_part_never_ends_inside_an_image(tmp_path):
+    """Cut every 2 rows, an image of 3 faces still lands in one part: a driver killed after that part
+    must not leave an 'ok' image with faces missing, which resume would skip."""
+    writer = manifest.PartWriter(str(tmp_path), "_manifest", "r", 2, 10**9, 3600)
+    for i in range(3):
+        writer.add({"run_id": "r", "input_uri": "in/crowd.jpg", "rel_path": "crowd.jpg", "status": "ok",
+                    "num_faces": 3, "face_index": i})
+        assert len(writer.parts) == (1 if i == 2 else 0)
+    writer.add({"run_id": "r", "input_uri": "in/empty.jpg", "rel_path": "empty.jpg", "status": "no_face",
+                "num_faces": 0})
+    writer.close()
+    parts = [pq.read_table(p).to_pylist() for p in writer.parts]
+    assert [[r["rel_path"] for r in part] for part in parts] == [["crowd.jpg"] * 3, ["empty.jpg"]]
