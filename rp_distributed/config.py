@@ -90,7 +90,11 @@ class OutputConfig(_Section):
 class DetectionConfig(_Section):
     backend: Literal["dlib", "insightface", "face_alignment"] = "dlib"
     model: str = Field("hog", description="dlib: hog|cnn; insightface: pack name; face_alignment: sfd")
-    model_dir: str | None = Field(None, description="folder holding the backend's weights")
+    model_dir: str | None = Field(None, description="folder holding the backend's weights (insightface: also a "
+                                  "URI, synced once per node into cache_dir)")
+    lock_file: str | None = Field(None, description="models.lock.json of a tree written by `rp-anonymize models pull`: "
+                                  "model_dir must lie in it, and is checked (size, sha256) before loading")
+    cache_dir: str = Field("~/.cache/rp_distributed", description="node-local cache for model_dir URIs and lock_file")
     threshold: float = Field(0.0, description="minimum detection score (backend's own scale)")
     upsample: int = Field(1, ge=0, le=3, description="dlib: times to upsample before detecting")
     min_face_size: int = Field(24, ge=1, description="faces smaller (box side, px) get the fallback method")
@@ -139,9 +143,18 @@ class DiffusionConfig(_Section):
     """Reverse personalization (ALGORITHM.md); defaults are the paper's reference settings."""
 
     model: str = Field("stabilityai/stable-diffusion-xl-base-1.0", description="hub id, local folder or fsspec URI")
+    model_revision: str | None = Field(None, description="hub revision of `model` (a commit pins it; `models pull` "
+                                       "records the commit); with lock_file, must be the lock's")
+    variant: str | None = Field(None, description="diffusers weights variant: fp16 loads *.fp16.safetensors (half the "
+                                "bytes of the float32 files); null: the plain files")
     ip_adapter: str = Field("h94/IP-Adapter-FaceID", description="hub id, local folder or fsspec URI")
+    ip_adapter_revision: str | None = Field(None, description="hub revision of `ip_adapter`; with lock_file, must be "
+                                            "the lock's")
     ip_adapter_weight_name: str = "ip-adapter-faceid_sdxl.bin"
     arcface: str = Field("~/.insightface/models/buffalo_l/w600k_r50.onnx", description="ArcFace ONNX file or URI")
+    lock_file: str | None = Field(None, description="models.lock.json of a tree written by `rp-anonymize models pull`: "
+                                  "model, ip_adapter and arcface must lie in it; each node copies it once into "
+                                  "cache_dir, keyed by the lock's content, and checks size and sha256 of every file")
     cache_dir: str = Field("~/.cache/rp_distributed", description="local cache for models synced from URIs")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -318,15 +331,21 @@ def config_to_dict(cfg: JobConfig) -> dict:
 def anonymization_settings(cfg: JobConfig) -> dict:
     """The settings that decide what an exported face looks like (detection, alignment, the method and its
     parameters, the privacy gate, blending). Resources, paths of the run and output encoding are not in it."""
-    det = cfg.detection.model_dump(mode="json", exclude={"resources", "providers", "model_dir"})
+    det = cfg.detection.model_dump(mode="json", exclude={"resources", "providers", "model_dir", "lock_file",
+                                                         "cache_dir"})
     anon = cfg.anonymizer.model_dump(mode="json", exclude={"resources", "face_batch_size"})
     settings = {"detection": det, "alignment": cfg.alignment.model_dump(mode="json"), "anonymizer": anon,
                 "privacy": cfg.privacy.model_dump(mode="json", exclude={"report_recognizer", "report_threshold",
                                                                          "report_providers"}),
                 "merge": {"feather": cfg.merge.feather}}
     if cfg.anonymizer.method == "reverse_personalization":
-        settings["diffusion"] = cfg.diffusion.model_dump(
-            mode="json", exclude={"cache_dir", "device", "arcface_providers"})
+        diff = cfg.diffusion.model_dump(mode="json", exclude={"cache_dir", "device", "arcface_providers"})
+        # Revisions and the variant decide the weights, so they are in; unset, they are left out, which keeps the
+        # fingerprints of configs written before these keys existed.
+        for k in ("model_revision", "variant", "ip_adapter_revision", "lock_file"):
+            if diff.get(k) is None:
+                diff.pop(k, None)
+        settings["diffusion"] = diff
     return settings
 
 

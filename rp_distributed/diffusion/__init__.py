@@ -23,6 +23,8 @@ _EXPORTS = {
     "validate_adapter_state_dict": "loading",
     "validate_sdxl_folder": "loading",
     "sync_uri": "loading",
+    "sync_locked": "loading",
+    "model_lock": "loading",
 }
 
 __all__ = sorted(_EXPORTS)

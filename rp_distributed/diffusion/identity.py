@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .loading import ModelSourceError, resolve_arcface
+from .loading import ModelSourceError, model_lock, resolve_arcface
 
 
 class IdentityEmbedder:
@@ -26,7 +26,7 @@ class IdentityEmbedder:
 
     @classmethod
     def from_config(cls, cfg) -> "IdentityEmbedder":
-        return cls(resolve_arcface(cfg.arcface, cfg.cache_dir), cfg.arcface_providers)
+        return cls(resolve_arcface(cfg.arcface, cfg.cache_dir, model_lock(cfg)), cfg.arcface_providers)
 
     def embed_many(self, crops_rgb: list[np.ndarray], kps: list[np.ndarray]) -> np.ndarray:
         """[N, 512] float32. ``kps``: 5 landmarks (insightface order) in each crop's pixel coordinates."""

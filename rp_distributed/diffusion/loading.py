@@ -2,36 +2,34 @@
 
 A source is one of
 - an fsspec URI (``s3://``, ``gs://``, ``file://``, any ``scheme://``): synced once per node into
-  ``cache_dir/<sha256(uri)[:16]>`` under a file lock, with a completed-marker so a half-synced copy is redone.
-  Storage options come from the environment (for S3: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...,
-  which botocore reads itself);
+  ``cache_dir/<sha256(uri)[:16]>`` under a file lock, with a completed-marker so a half-synced copy is redone
+  (``modelstore.sync_uri``). Storage options come from the environment (for S3: ``AWS_ENDPOINT_URL``,
+  ``AWS_ACCESS_KEY_ID``, ..., which botocore reads itself);
 - a local path (absolute, ``~``, ``./`` or any existing path);
-- a Hugging Face hub id (``owner/name``), resolved by diffusers / huggingface_hub.
+- a Hugging Face hub id (``owner/name``), resolved by diffusers / huggingface_hub at ``model_revision`` /
+  ``ip_adapter_revision`` (unpinned when unset).
+
+With ``lock_file`` set (a tree written by ``rp-anonymize models pull``), every source must lie in that tree: the
+node copies the files the lock lists into ``cache_dir/lock-<lock digest>/``, checks size and sha256 of each,
+and loads from there (``modelstore.sync_locked``); the config's revisions and variant must be the lock's.
 
 Everything is checked at start-up; errors are ``ModelSourceError`` naming what is missing.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 
-SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+from ..modelstore import LockedModels, ModelSourceError, sync_locked, sync_uri  # noqa: F401 (re-exported)
+from .sdxl_files import SDXL_COMPONENTS, WEIGHT_COMPONENTS, weight_name_regex
 ADAPTER_IMAGE_PROJ_KEYS = ("proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias", "norm.weight", "norm.bias")
 ADAPTER_EXTENSIONS = (".bin", ".safetensors", ".pt", ".pth")
-_MARKER = ".complete"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
-class ModelSourceError(ValueError):
-    """A model source that cannot be used; the message names the source and what is wrong."""
 
 
 # --------------------------------------------------------------------------- sources
@@ -47,110 +45,35 @@ def source_kind(src: str) -> str:
     return "hub"
 
 
-def _cache_key(uri: str) -> str:
-    return hashlib.sha256(uri.encode()).hexdigest()[:16]
-
-
-def _inside_staging(staging: Path, sub: str, uri: str, key: str) -> Path:
-    """``staging / sub``, refusing a relative path that is absolute, has '..' parts or would resolve
-    outside ``staging`` (``ModelSourceError`` naming the key)."""
-    parts = sub.split("/")
-    bad = (not sub or sub.startswith("/") or "\\" in sub or "\x00" in sub
-           or any(p in (".", "..") for p in parts))
-    dst = staging / sub
-    if not bad:
-        real_staging = os.path.realpath(staging)
-        real = os.path.realpath(dst)
-        bad = not real.startswith(real_staging.rstrip(os.sep) + os.sep)
-    if bad:
-        raise ModelSourceError(f"cannot sync {uri}: unsafe key {key!r} (its path {sub!r} would leave the cache "
-                               "folder or is not a plain relative path); refusing the whole source")
-    return dst
-
-
-def sync_uri(uri: str, cache_dir: str | os.PathLike) -> Path:
-    """Copy the file or folder at ``uri`` into the node-local cache once; return the local path.
-
-    A folder maps to ``cache_dir/<key>/``; a single file to ``cache_dir/<key>/<basename>``.
-    """
-    import fsspec
-    from filelock import FileLock
-
-    cache = Path(os.path.expanduser(str(cache_dir)))
-    cache.mkdir(parents=True, exist_ok=True)
-    key = _cache_key(uri)
-    target = cache / key
-    marker = cache / (key + _MARKER)
-
-    def done() -> Path | None:
-        if marker.is_file() and target.is_dir():
-            rel = marker.read_text().strip()
-            return target / rel if rel else target
-        return None
-
-    if (hit := done()) is not None:
-        return hit
-    with FileLock(str(cache / (key + ".lock"))):
-        if (hit := done()) is not None:
-            return hit
-        try:
-            fs, rpath = fsspec.core.url_to_fs(uri)
-        except Exception as exc:  # unknown protocol, missing backend package
-            raise ModelSourceError(f"cannot open {uri}: {exc}") from exc
-        rpath = rpath.rstrip("/")
-        try:
-            fs.invalidate_cache()  # a listing cached by this process may predate the upload
-        except Exception:
-            pass
-        staging = cache / f"{key}.partial-{uuid.uuid4().hex[:8]}"
-        if target.exists():  # an earlier sync died half-way
-            shutil.rmtree(target, ignore_errors=True)
-        staging.mkdir()
-        try:
-            try:
-                is_file = fs.isfile(rpath)
-                files = [] if is_file else fs.find(rpath)
-            except Exception as exc:
-                raise ModelSourceError(f"cannot list {uri}: {exc}") from exc
-            if is_file:
-                rel = Path(rpath).name
-                fs.get_file(rpath, str(_inside_staging(staging, rel, uri, rpath)))
-            else:
-                if not files:
-                    raise ModelSourceError(f"{uri} does not exist (no file or folder there)")
-                rel = ""
-                # Every key is checked before anything is written: a key with '..' (S3 keeps them verbatim)
-                # or an absolute part would otherwise be written outside the cache.
-                plan = []
-                for f in files:
-                    sub = f[len(rpath) :].lstrip("/")
-                    if sub:
-                        plan.append((f, _inside_staging(staging, sub, uri, f)))
-                for f, dst in plan:
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    fs.get_file(f, str(dst))
-            os.replace(staging, target)
-            marker.write_text(rel)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-    hit = done()
-    assert hit is not None
-    return hit
-
-
-def resolve_local(src: str, cache_dir: str | os.PathLike) -> Path:
-    """A URI (synced) or a local path (expanded); hub ids are not handled here."""
+def resolve_local(src: str, cache_dir: str | os.PathLike, locked: LockedModels | None = None,
+                  key: str = "model source") -> Path:
+    """A URI (synced) or a local path (expanded); with ``locked``, the verified copy of a source in the pulled
+    tree. Hub ids are not handled here."""
+    if locked is not None:
+        return locked.local(src, key)
     if source_kind(src) == "uri":
         return sync_uri(src, cache_dir)
     return Path(os.path.expanduser(src))
 
 
+def model_lock(cfg) -> LockedModels | None:
+    """The node's verified copy of ``cfg.lock_file`` (synced and checked once per node), or None without one.
+    The config's revisions and variant must be the ones the lock records."""
+    lock_file = getattr(cfg, "lock_file", None)
+    if not lock_file:
+        return None
+    locked = sync_locked(lock_file, cfg.cache_dir)
+    locked.check_pin(cfg.model, "diffusion.model", "diffusion.model_revision", cfg.model_revision,
+                     cfg.variant, check_variant=True)
+    locked.check_pin(cfg.ip_adapter, "diffusion.ip_adapter", "diffusion.ip_adapter_revision", cfg.ip_adapter_revision)
+    return locked
+
+
 # --------------------------------------------------------------------------- SDXL folder
 
 
-def validate_sdxl_folder(path: Path, source: str | None = None) -> None:
-    """Raise ``ModelSourceError`` unless ``path`` is a diffusers SDXL folder with weights."""
+def validate_sdxl_folder(path: Path, source: str | None = None, variant: str | None = None) -> None:
+    """Raise ``ModelSourceError`` unless ``path`` is a diffusers SDXL folder with weights (of ``variant``)."""
     name = source or str(path)
     if not path.exists():
         raise ModelSourceError(f"diffusion.model: model folder {name} does not exist")
@@ -166,30 +89,43 @@ def validate_sdxl_folder(path: Path, source: str | None = None) -> None:
             raise ModelSourceError(f"diffusion.model: {name}: {comp}/config.json is missing")
         if not any(d.glob("*.safetensors")) and not any(d.glob("*.safetensors.index.json")):
             raise ModelSourceError(f"diffusion.model: {name}: no .safetensors weights in {comp}/")
+        if variant:
+            rx = weight_name_regex(WEIGHT_COMPONENTS[comp], variant)
+            if not any(rx.match(f.name) and f.suffix == ".safetensors" for f in d.iterdir()):
+                raise ModelSourceError(
+                    f"diffusion.model: {name}: no {variant} variant weights in {comp}/ (diffusion.variant={variant} "
+                    f"loads {WEIGHT_COMPONENTS[comp]}.{variant}.safetensors; set diffusion.variant: null for the plain "
+                    "files)")
 
 
-def resolve_model(src: str, cache_dir: str) -> str:
+def resolve_model(src: str, cache_dir: str, variant: str | None = None, locked: LockedModels | None = None) -> str:
     """Local folder (validated) for a path or URI; the hub id itself for a hub id."""
     kind = source_kind(src)
-    if kind == "hub":
+    if kind == "hub" and locked is None:
         return src
-    path = resolve_local(src, cache_dir)
-    validate_sdxl_folder(path, source=src)
+    path = resolve_local(src, cache_dir, locked, "diffusion.model")
+    validate_sdxl_folder(path, source=src, variant=variant)
     return str(path)
 
 
 # --------------------------------------------------------------------------- IP-Adapter
 
 
-def resolve_adapter_file(src: str, weight_name: str, cache_dir: str) -> Path:
+def resolve_adapter_file(src: str, weight_name: str, cache_dir: str, revision: str | None = None,
+                         locked: LockedModels | None = None) -> Path:
     """Local path of the adapter weights file. ``src`` is a folder/repo holding ``weight_name`` or the file."""
     kind = source_kind(src)
     direct = src.rstrip("/").endswith(ADAPTER_EXTENSIONS)
+    if locked is not None:
+        path = locked.local(src if direct else src.rstrip("/") + "/" + weight_name, "diffusion.ip_adapter")
+        if not path.is_file():
+            raise ModelSourceError(f"diffusion.ip_adapter: adapter file missing: {path}")
+        return path
     if kind == "hub":
         try:
             from huggingface_hub import hf_hub_download
 
-            return Path(hf_hub_download(src, weight_name))
+            return Path(hf_hub_download(src, weight_name, revision=revision))
         except Exception as exc:
             raise ModelSourceError(
                 f"diffusion.ip_adapter: cannot fetch {weight_name} from hub repo {src} ({type(exc).__name__}: {exc}); "
@@ -267,8 +203,11 @@ def validate_adapter_state_dict(sd, source: str, cross_attention_dim: int | None
 # --------------------------------------------------------------------------- ArcFace
 
 
-def resolve_arcface(src: str, cache_dir: str) -> Path:
-    path = resolve_local(src, cache_dir) if source_kind(src) == "uri" else Path(os.path.expanduser(src))
+def resolve_arcface(src: str, cache_dir: str, locked: LockedModels | None = None) -> Path:
+    if locked is not None:
+        path = locked.local(src, "diffusion.arcface")
+    else:
+        path = resolve_local(src, cache_dir) if source_kind(src) == "uri" else Path(os.path.expanduser(src))
     if not path.is_file():
         raise ModelSourceError(f"diffusion.arcface: ArcFace ONNX file {src} does not exist")
     return path

@@ -28,6 +28,7 @@ from .loading import (
     ModelSourceError,
     check_parameters,
     load_adapter_state_dict,
+    model_lock,
     resolve_adapter_file,
     resolve_device_dtype,
     resolve_model,
@@ -115,13 +116,20 @@ class ReversePersonalizer:
 
         check_parameters(cfg)
         device, dtype = resolve_device_dtype(cfg)
-        model_src = resolve_model(cfg.model, cfg.cache_dir)
-        adapter_file = resolve_adapter_file(cfg.ip_adapter, cfg.ip_adapter_weight_name, cfg.cache_dir)
+        locked = model_lock(cfg)  # a pulled tree: synced once per node, sizes and sha256 checked, pins compared
+        model_src = resolve_model(cfg.model, cfg.cache_dir, cfg.variant, locked)
+        adapter_file = resolve_adapter_file(cfg.ip_adapter, cfg.ip_adapter_weight_name, cfg.cache_dir,
+                                            cfg.ip_adapter_revision, locked)
         adapter_sd = load_adapter_state_dict(adapter_file)
         validate_adapter_state_dict(adapter_sd, cfg.ip_adapter)
+        extra = {}
+        if cfg.variant:
+            extra["variant"] = cfg.variant
+        if locked is None and source_kind(cfg.model) == "hub" and cfg.model_revision:
+            extra["revision"] = cfg.model_revision
         try:
             pipe = StableDiffusionXLPipeline.from_pretrained(
-                model_src, use_safetensors=True, add_watermarker=False, **_dtype_kwarg(dtype)
+                model_src, use_safetensors=True, add_watermarker=False, **extra, **_dtype_kwarg(dtype)
             )
         except Exception as exc:
             hint = " (hub ids need network access or a filled HF cache)" if source_kind(cfg.model) == "hub" else ""
@@ -139,10 +147,16 @@ class ReversePersonalizer:
         if pipe.vae.config.force_upcast:
             pipe.vae.to(torch.float32)
         pipe.set_progress_bar_config(disable=True)
+        # Provenance: the revisions (the lock's, which the config's must equal) and the lock file's sha256, so
+        # every manifest row names the exact weights (a lock lists size and sha256 of every file).
         info = {
             "model": cfg.model,
+            "model_revision": cfg.model_revision,
+            "variant": cfg.variant,
             "ip_adapter": cfg.ip_adapter,
+            "ip_adapter_revision": cfg.ip_adapter_revision,
             "ip_adapter_weight_name": cfg.ip_adapter_weight_name,
+            "lock_sha256": locked.digest if locked is not None else None,
             "scheduler": "DPMSolverMultistep sde-dpmsolver++ order 2",
             "skip": cfg.skip,
             "num_inversion_steps": cfg.num_inversion_steps,

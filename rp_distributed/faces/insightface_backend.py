@@ -1,8 +1,10 @@
 """insightface backend: SCRFD detector from a model pack folder (e.g. ``~/.insightface/models/buffalo_l``).
 
 ``cfg.model_dir`` is the pack folder itself (holding ``det_10g.onnx``) or a folder containing the pack
-named by ``cfg.model``; unset, it is ``~/.insightface/models/<cfg.model>``. SCRFD gives 5 keypoints in
-insightface order. Scores are SCRFD probabilities; ``cfg.threshold <= 0`` means SCRFD's own 0.5.
+named by ``cfg.model``; unset, it is ``~/.insightface/models/<cfg.model>``. A URI is synced once per node into
+``cfg.cache_dir``; with ``cfg.lock_file`` (a tree written by ``rp-anonymize models pull``) the folder must lie in
+that tree and is checked against the lock (size, sha256) first. SCRFD gives 5 keypoints in insightface order.
+Scores are SCRFD probabilities; ``cfg.threshold <= 0`` means SCRFD's own 0.5.
 """
 
 from __future__ import annotations
@@ -49,6 +51,23 @@ def resolve_detector_file(model_dir: str | None, pack: str | None) -> Path:
     )
 
 
+def local_model_dir(cfg) -> str | None:
+    """``cfg.model_dir`` as a local folder: through the lock file when one is set, synced when a URI."""
+    lock_file = getattr(cfg, "lock_file", None)
+    if lock_file:
+        from ..modelstore import ModelSourceError, sync_locked
+
+        if not cfg.model_dir:
+            raise ModelSourceError("detection.lock_file is set but detection.model_dir is not: name the pack folder "
+                                   "in the pulled tree (`rp-anonymize models pull` prints it)")
+        return str(sync_locked(lock_file, cfg.cache_dir).local(cfg.model_dir, "detection.model_dir"))
+    if cfg.model_dir and "://" in cfg.model_dir:
+        from ..modelstore import sync_uri
+
+        return str(sync_uri(cfg.model_dir, cfg.cache_dir))
+    return cfg.model_dir
+
+
 def _ctx_id(providers: list[str]) -> int:
     return 0 if any("CUDA" in p or "Tensorrt" in p for p in providers) else -1
 
@@ -58,7 +77,7 @@ class InsightFaceDetector(BaseDetector):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.model_file = resolve_detector_file(cfg.model_dir, cfg.model)
+        self.model_file = resolve_detector_file(local_model_dir(cfg), cfg.model)
         from insightface.model_zoo import get_model
 
         model = get_model(str(self.model_file), providers=list(cfg.providers))
