@@ -2,6 +2,7 @@
 
     rp-anonymize run INPUT_URI OUTPUT_URI [--config FILE] [--set key=value ...] [--overwrite]
     rp-anonymize models make-tiny DIR
+    rp-anonymize models pull --config FILE --to DEST [--write-config FILE]
     rp-anonymize demo [OUTPUT_DIR] [--config FILE]
     rp-anonymize config show [--config FILE] [--set key=value ...]
 """
@@ -83,6 +84,12 @@ def _cmd_make_tiny(args) -> int:
     return 0
 
 
+def _cmd_pull(args) -> int:
+    from .pull import main_pull
+
+    return main_pull(args)
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -115,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = msub.add_parser("make-tiny", help="write a tiny random-weight SDXL + FaceID adapter + ArcFace")
     tiny.add_argument("dir")
     tiny.set_defaults(func=_cmd_make_tiny)
+    pull = msub.add_parser(
+        "pull", help="fetch the models CONFIG needs (pinned revisions, its weights variant) into DEST, with "
+        "models.lock.json; prints the config lines that point the job at DEST")
+    pull.add_argument("--config", "-c", required=True, help="the job's config (its model sources and revisions)")
+    pull.add_argument("--to", required=True, metavar="DEST", help="local folder or object-store prefix (s3://...)")
+    pull.add_argument("--set", "-s", action="append", metavar="KEY=VALUE", help="override a config key")
+    pull.add_argument("--hf-cache", metavar="DIR", help="huggingface_hub cache (default: HF_HUB_CACHE / HF_HOME)")
+    pull.add_argument("--write-config", metavar="FILE", help="also write CONFIG with those lines merged in")
+    pull.set_defaults(func=_cmd_pull)
+
 
     demo = sub.add_parser("demo", help="run the main job on sample photos (tiny model if no real one)")
     demo.add_argument("output", nargs="?", default="demo-output")
