@@ -226,6 +226,15 @@ class RayConfig(_Section):
         "failure: the job stops (resumable) instead")
 
 
+class ReportConfig(_Section):
+    """``report.html`` beside the manifest (``rp-anonymize report``). Not an anonymization setting."""
+
+    include_originals: bool = Field(
+        False, description="also embed each gallery face's ORIGINAL crop (identifiable!) next to the anonymized one")
+    gallery_size: int = Field(24, ge=0, le=1000, description="anonymized faces shown as thumbnails")
+    thumbnail_px: int = Field(112, ge=32, le=512, description="gallery thumbnail side, px")
+
+
 class JobConfig(_Section):
     input: InputConfig = InputConfig()
     output: OutputConfig = OutputConfig()
@@ -236,6 +245,7 @@ class JobConfig(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     merge: MergeConfig = MergeConfig()
     ray: RayConfig = RayConfig()
+    report: ReportConfig = ReportConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobConfig":

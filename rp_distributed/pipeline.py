@@ -18,6 +18,7 @@ rows. ``benchmarks/bench_boundaries.py`` measures the bytes each boundary carrie
 from __future__ import annotations
 
 import array
+import contextlib
 import hashlib
 import os
 import time
@@ -335,12 +336,36 @@ def quiet_ray_data(verbose: bool = False) -> None:
             h.setLevel(logging.INFO if verbose else logging.ERROR)
 
 
+@contextlib.contextmanager
+def _native_stderr_aside():
+    """Send what native code writes on file descriptor 2 to a temporary file for the block, and show it only
+    if the block raises (Ray's C++ start-up lines print there, below Python's logging)."""
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def ensure_ray(cfg: JobConfig, verbose: bool = False) -> None:
     """Join RAY_ADDRESS (or ``ray.address``) if set, else start a local Ray in this process.
 
-    Quiet unless ``verbose``: Ray's Python logging at ERROR, and the C++ components' log lines (which print
-    on the driver's stderr) at fatal, unless RAY_BACKEND_LOG_LEVEL is set. ``--verbose`` keeps Ray's defaults
-    and, on a local Ray, also forwards the workers' output."""
+    Quiet unless ``verbose``: Ray's Python logging at ERROR, its C++ log lines (the driver prints them on
+    stderr) at fatal unless RAY_BACKEND_LOG_LEVEL is set, and what Ray's native code prints while starting
+    is shown only if the start fails. ``--verbose`` keeps Ray's defaults and, on a local Ray, forwards the
+    workers' output too."""
     import logging
 
     import ray
@@ -352,12 +377,13 @@ def ensure_ray(cfg: JobConfig, verbose: bool = False) -> None:
     if not verbose:
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     address = os.environ.get("RAY_ADDRESS") or cfg.ray.address
-    if address:
-        ray.init(address=address, log_to_driver=True, logging_level=level)
-    else:
-        # address="local": a new Ray in this process, never a cluster that `ray start` left on this machine.
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=verbose,
-                 logging_level=level)
+    with contextlib.nullcontext() if verbose else _native_stderr_aside():
+        if address:
+            ray.init(address=address, log_to_driver=True, logging_level=level)
+        else:
+            # address="local": a new Ray in this process, never a cluster that `ray start` left on this machine.
+            ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=verbose,
+                     logging_level=level)
 
 
 @dataclass
