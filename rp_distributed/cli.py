@@ -5,6 +5,9 @@
     rp-anonymize models pull --config FILE --to DEST [--write-config FILE]
     rp-anonymize demo [OUTPUT_DIR] [--config FILE]
     rp-anonymize config show [--config FILE] [--set key=value ...]
+    rp-anonymize estimate INPUT_URI [--config FILE] [--sample N] [--device H100|A100|L4]
+    rp-anonymize inspect OUTPUT_URI [--failed]
+    rp-anonymize report OUTPUT_URI [--include-originals]
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 
 from .config import ConfigError, config_to_dict, load_config
 from .plan import PlanError
+from .preflight import PreflightError
 
 
 def _summary_text(result, cfg, input_uri: str, output_uri: str) -> str:
@@ -61,6 +65,10 @@ def _summary_text(result, cfg, input_uri: str, output_uri: str) -> str:
         f"  wall time        {result.wall_s:.1f} s",
         f"  manifest         {len(result.manifest_parts)} new part(s) under {output_uri.rstrip('/')}/{cfg.output.manifest_dir}/",
     ]
+    if getattr(result, "report_error", None):
+        lines.append(f"  report           not written: {result.report_error}")
+    if getattr(result, "report_uri", None):
+        lines.append(f"  report           {result.report_uri}")
     return "\n".join(lines)
 
 
@@ -69,10 +77,46 @@ def _cmd_run(args) -> int:
     if args.overwrite:
         overrides.append("output.overwrite=true")
     cfg = load_config(args.config, overrides)
+    from . import preflight
+
+    preflight.check(cfg)  # every model file the stages will load is there, before Ray starts
     from .pipeline import run_job
 
-    result = run_job(cfg, args.input_uri, args.output_uri, progress=not args.no_progress)
+    result = run_job(cfg, args.input_uri, args.output_uri, progress=not args.no_progress, verbose=args.verbose)
     print(_summary_text(result, cfg, args.input_uri, args.output_uri))
+    return 0
+
+
+def _manifest_dir(args) -> str:
+    if args.manifest_dir:
+        return args.manifest_dir
+    return load_config(args.config, []).output.manifest_dir if args.config else "_manifest"
+
+
+def _cmd_report(args) -> int:
+    from . import manifest, report
+
+    mdir = _manifest_dir(args)
+    if not manifest.part_uris(args.output_uri, mdir):
+        raise FileNotFoundError(f"no manifest under {args.output_uri.rstrip('/')}/{mdir}/ (has a run written one?)")
+    print(report.write_report(args.output_uri, mdir, include_originals=True if args.include_originals else None))
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from . import report
+
+    facts = report.load(args.output_uri, _manifest_dir(args))
+    print(report.inspect_text(facts, args.output_uri, failed=args.failed))
+    return 0
+
+
+def _cmd_estimate(args) -> int:
+    from . import estimate
+
+    cfg = load_config(args.config, args.set or [])
+    e = estimate.estimate(cfg, args.input_uri, sample=args.sample, device=args.device, utilization=args.utilization)
+    print(json.dumps(e, indent=2) if args.json else estimate.estimate_text(e))
     return 0
 
 
@@ -115,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", "-s", action="append", metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--overwrite", action="store_true", help="redo inputs that are already done")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--verbose", "-v", action="store_true", help="show Ray's own start-up and log output")
     run.set_defaults(func=_cmd_run)
 
     models = sub.add_parser("models", help="model utilities")
@@ -132,12 +177,37 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--write-config", metavar="FILE", help="also write CONFIG with those lines merged in")
     pull.set_defaults(func=_cmd_pull)
 
-
     demo = sub.add_parser("demo", help="run the main job on sample photos (tiny model if no real one)")
     demo.add_argument("output", nargs="?", default="demo-output")
     demo.add_argument("--config", "-c", help="default: configs/local.yaml")
     demo.add_argument("--set", "-s", action="append", metavar="KEY=VALUE")
     demo.set_defaults(func=_cmd_demo)
+
+    est = sub.add_parser("estimate", help="count faces on a sample and estimate UNet evaluations and GPU-hours")
+    est.add_argument("input_uri")
+    est.add_argument("--config", "-c", help="YAML config (default: built-in defaults)")
+    est.add_argument("--set", "-s", action="append", metavar="KEY=VALUE", help="override a config key")
+    est.add_argument("--sample", type=int, default=20, metavar="N", help="inputs to detect faces on (default 20)")
+    est.add_argument("--device", default="H100", choices=["H100", "A100", "L4"], help="GPU for the time estimate")
+    est.add_argument("--utilization", type=float, default=0.5, metavar="U",
+                     help="assumed fraction of the device's peak matmul rate (default 0.5)")
+    est.add_argument("--json", action="store_true", help="print the figures as JSON")
+    est.set_defaults(func=_cmd_estimate)
+
+    ins = sub.add_parser("inspect", help="summary of a finished or partial run, from its manifest")
+    ins.add_argument("output_uri")
+    ins.add_argument("--failed", action="store_true", help="also list failed inputs and fallback reasons")
+    ins.add_argument("--config", "-c", help="the run's config (for output.manifest_dir)")
+    ins.add_argument("--manifest-dir", help="manifest folder under OUTPUT_URI (default _manifest)")
+    ins.set_defaults(func=_cmd_inspect)
+
+    rep = sub.add_parser("report", help="(re)build report.html beside the manifest of OUTPUT_URI")
+    rep.add_argument("output_uri")
+    rep.add_argument("--include-originals", action="store_true",
+                     help="embed the ORIGINAL face next to each anonymized one (identifiable; off by default)")
+    rep.add_argument("--config", "-c", help="the run's config (for output.manifest_dir)")
+    rep.add_argument("--manifest-dir", help="manifest folder under OUTPUT_URI (default _manifest)")
+    rep.set_defaults(func=_cmd_report)
 
     conf = sub.add_parser("config", help="config utilities")
     csub = conf.add_subparsers(dest="config_command", required=True)
@@ -154,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"rp-anonymize: {exc}", file=sys.stderr)
+        return 2
+    except PreflightError as exc:  # one line: the key, what is wrong, the fix
+        print(f"rp-anonymize: error: {exc.line()}", file=sys.stderr)
         return 2
     except (FileNotFoundError, PlanError) as exc:
         print(f"rp-anonymize: {exc}", file=sys.stderr)

@@ -106,4 +106,6 @@ def run_demo(output: str, config: str | None, overrides: list[str], input_dir: s
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     result = run_job(cfg, input_dir, output)
     print(_summary_text(result, cfg, input_dir, output))
+    if result.report_uri:
+        print(f"\ndemo: open the report in a browser: {result.report_uri}")
     return 0
