@@ -353,6 +353,10 @@ def encode_image(rgb: np.ndarray, alpha: np.ndarray | None, rel_path: str, jpeg_
     return buf.getvalue()
 
 
+PARTIAL_WRITE_SUFFIX = ".tmp-"  # + 32 hex digits: a local write in progress (or cut short by a killed worker)
+PARTIAL_WRITE = re.compile(re.escape(PARTIAL_WRITE_SUFFIX) + r"[0-9a-f]{32}$")
+
+
 def write_atomic(uri: str, data: bytes) -> None:
     """Write ``data`` at ``uri`` so readers see the old object or the whole new one, never a part.
 
@@ -361,7 +365,7 @@ def write_atomic(uri: str, data: bytes) -> None:
     fs, path = filesystem(uri)
     if isinstance(fs, LocalFileSystem):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        tmp = f"{path}{PARTIAL_WRITE_SUFFIX}{uuid.uuid4().hex}"
         try:
             with open(tmp, "wb") as f:
                 f.write(data)

@@ -136,10 +136,17 @@ def output_keys(rel_paths: list[str], output_uri: str, out_format: str, manifest
 
 def _existing_outputs(output_uri: str) -> pa.Array:
     """Relative paths of every object under the output prefix: one listing (paged by the store), not one
-    request per key."""
-    _, root = io.filesystem(output_uri)
+    request per key. Temporary files of local writes cut short (a merge worker killed mid-write) are
+    deleted on the way."""
+    fs, root = io.filesystem(output_uri)
     cut = len(root.rstrip("/")) + 1
-    return pa.array([p[cut:] for p in io.list_paths(output_uri)], pa.string())
+    rels = []
+    for path in io.list_paths(output_uri):
+        if io.PARTIAL_WRITE.search(path):  # a write its worker never finished (killed): not an output
+            fs.rm_file(path)
+            continue
+        rels.append(path[cut:])
+    return pa.array(rels, pa.string())
 
 
 def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str) -> Plan:

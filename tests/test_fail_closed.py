@@ -157,9 +157,12 @@ def test_an_output_without_a_manifest_row_is_redone(tmp_path, t1_path, astronaut
     src, out, _ = _done_run(tmp_path, t1_path, blur)
     shutil.copy(astronaut_path, src / "astronaut.png")
     Image.open(astronaut_path).save(out / "astronaut.png")  # written, never recorded
+    partial = out / ("t1.png" + io.PARTIAL_WRITE_SUFFIX + "0" * 32)  # a merge worker killed mid-write
+    partial.write_bytes(b"half")
     plan = make_plan(blur, str(src), str(out), anonymization_fingerprint(blur))
     assert plan.skipped == 1 and plan.unrecorded == 1
     assert [r["rel_path"] for r in plan.todo] == ["astronaut.png"]
+    assert not partial.exists()
 
 
 def test_rerun_with_other_anonymization_settings_redoes_the_input(tmp_path, t1_path):
