@@ -76,8 +76,9 @@ class OutputConfig(_Section):
     manifest_rows_per_file: int = Field(100_000, ge=1, description="a manifest part is written at this many rows")
     manifest_bytes_per_file: int = Field(64 * 1024 * 1024, ge=1024,
                                          description="... or when its rows' text reaches this many bytes")
-    manifest_flush_s: float = Field(300.0, gt=0, description="... or when its oldest row is this old (a driver "
-                                    "that dies loses at most this much; those inputs are redone on rerun)")
+    manifest_flush_s: float = Field(300.0, gt=0, description="... or when its oldest row is this old. A driver "
+                                    "that dies loses the rows of this long, plus those Ray had not yet handed it "
+                                    "(up to about two blocks); a rerun redoes those inputs")
 
     @field_validator("manifest_dir")
     @classmethod
