@@ -617,9 +617,9 @@ def inspect_text(f: Facts, output_uri: str, failed: bool = False, limit: int = 2
     if len(f.first_try):
         lines.append(f"  re-ID            first try: median distance {_q(f.first_try, 0.5):.3f}, "
                      f"{100 * (s['reid_rate_first_try'] or 0):.1f}% re-identified; {s['escalated']} escalated; "
-                     f"exported: median {_fmt(_q(f.final, 0.5), '.3f')} (threshold {_fmt(f.threshold, 'g')})")
+                     f"output check: median {_fmt(_q(f.final, 0.5), '.3f')} (threshold {_fmt(f.threshold, 'g')})")
     elif len(f.final):
-        lines.append(f"  re-ID            exported: median distance {_q(f.final, 0.5):.3f} "
+        lines.append(f"  re-ID            output check: median distance {_q(f.final, 0.5):.3f} "
                      f"(threshold {_fmt(f.threshold, 'g')})")
     if f.unet_evals:
         lines.append(f"  diffusion        {f.tries} tries, {f.unet_evals} UNet image evaluations")
