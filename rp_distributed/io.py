@@ -124,8 +124,14 @@ def _walk_local(root: str):
                     yield entry.path, None
                 else:  # FIFO, socket, device: reading could block or never end
                     yield entry.path, NOT_REGULAR
-            except OSError:  # removed while listing
+            except FileNotFoundError:  # removed while listing
                 continue
+            except OSError:  # a link loop (ELOOP), a target we may not stat (EACCES): listed, never read
+                try:
+                    if entry.is_symlink():
+                        yield entry.path, SYMLINK_BROKEN
+                except OSError:
+                    continue
 
 
 def list_paths(uri: str) -> list[str]:

@@ -137,6 +137,7 @@ class PartWriter:
         self.rows_per_file, self.bytes_per_file, self.flush_s = rows_per_file, bytes_per_file, flush_s
         self.parts: list[str] = []
         self._rows: list[dict] = []  # complete images only
+        self.dropped = 0  # face rows of an incomplete image left out at close
         self._image: list[dict] = []  # the face rows of the image still arriving
         self._bytes = 0
         self._since = 0.0
@@ -150,7 +151,6 @@ class PartWriter:
         import time
 
         with self._lock:
-            self._raise()
             if not self._rows and not self._image:
                 self._since = time.monotonic()
             self._bytes += sum(len(v) if isinstance(v, str) else 8 for v in row.values())
@@ -158,23 +158,25 @@ class PartWriter:
                 self._rows.append(row)
             else:
                 if self._image and self._image[0]["input_uri"] != row["input_uri"]:
-                    self._rows.extend(self._image)  # cannot happen with whole batches; never drop rows
-                    self._image = []
+                    self._image = []  # cannot happen (an image's rows arrive together): never write it partial
                 self._image.append(row)
-                if len(self._image) < (row.get("num_faces") or 1):
-                    return
-                self._rows.extend(self._image)
-                self._image = []
-            if (len(self._rows) >= self.rows_per_file or self._bytes >= self.bytes_per_file
-                    or time.monotonic() - self._since >= self.flush_s):
+                if len(self._image) >= (row.get("num_faces") or 1):
+                    self._rows.extend(self._image)
+                    self._image = []
+            if self._rows and (len(self._rows) >= self.rows_per_file or self._bytes >= self.bytes_per_file
+                               or time.monotonic() - self._since >= self.flush_s):
                 self._flush()
+            self._raise()  # a failed timer flush: its rows are still buffered, and so is this one
 
     def close(self) -> None:
-        """Stop the timer and write what is buffered (an image missing face rows too: nothing is dropped)."""
+        """Stop the timer and write the whole images buffered."""
         self._stop.set()
         self._timer.join()
         with self._lock:
-            self._rows.extend(self._image)
+            # An image whose face rows did not all arrive (the job was interrupted) is not written: rows saying
+            # "ok" with faces missing would make resume skip it. Its output, if any, has no row: the rerun
+            # redoes it (plan.unrecorded).
+            self.dropped = len(self._image)
             self._image = []
             self._flush()
             self._raise()
@@ -188,6 +190,10 @@ class PartWriter:
         if self._rows:
             self.parts.append(write_part(self.output_uri, self.manifest_dir, self.run_id, len(self.parts), self._rows))
         self._rows, self._bytes = [], sum(len(v) if isinstance(v, str) else 8 for r in self._image for v in r.values())
+        if self._image:  # the image still arriving starts the next part's clock
+            import time
+
+            self._since = time.monotonic()
 
     def _tick(self) -> None:
         import time

@@ -228,6 +228,9 @@ class MergeAndWrite:
         cfg = self.cfg
         payload = row["payload"]
         original, alpha = payload.pixels(cfg.input.max_pixels)
+        if original.shape[:2] != (row["height"], row["width"]):  # a decoder that differs from detection's
+            raise ValueError(f"decoded {original.shape[1]}x{original.shape[0]} here but "
+                             f"{row['width']}x{row['height']} at detection: the face boxes would not match")
         image = original.copy()
         faces = payload.faces
         withheld = compose.apply_faces(image, faces, cfg.merge.feather, cfg.anonymizer)
@@ -412,17 +415,22 @@ def lost_input_row(row: dict, run_id: str, fingerprint: str, retries: int) -> di
             "notes": row.get("notes"), "settings_fingerprint": fingerprint}
 
 
-def _unfinished(blocks: list, seen: array.array) -> pa.Table:
-    """The plan rows in ``blocks`` whose input produced no manifest row (``seen``: hashes of finished inputs),
-    read back block by block from the object store."""
+def _unfinished(blocks: list, seen: array.array, total: int) -> pa.Table:
+    """The plan rows in ``blocks`` (``total`` rows) whose input produced no manifest row (``seen``: hashes of
+    finished inputs), read back from the object store only when some are missing."""
     import ray
 
-    done = pa.array(np.frombuffer(seen, dtype=np.int64) if len(seen) else np.zeros(0, np.int64))
+    done = np.unique(np.frombuffer(seen, dtype=np.int64))  # sorted, once
+    if len(done) >= total:
+        return pa.table({})
     lost = []
     for ref in blocks:
         block = ray.get(ref)
-        hashes = pa.array(np.fromiter((hash(u) for u in block["input_uri"].to_pylist()), np.int64, block.num_rows))
-        lost.append(block.filter(pc.invert(pc.is_in(hashes, value_set=done))))
+        hashes = np.fromiter((hash(u) for u in block["input_uri"].to_pylist()), np.int64, block.num_rows)
+        at = np.minimum(np.searchsorted(done, hashes), max(len(done) - 1, 0))
+        finished = (done[at] == hashes) if len(done) else np.zeros(len(hashes), bool)
+        if not finished.all():
+            lost.append(block.filter(pa.array(~finished)))
     return pa.concat_tables(lost) if lost else pa.table({})
 
 
@@ -509,7 +517,7 @@ def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = Tr
 
     try:
         stream(build_dataset(cfg, blocks, run_id, fingerprint))
-        lost = _unfinished(blocks, seen)
+        lost = _unfinished(blocks, seen, total)
         del blocks
         if lost.num_rows > cfg.ray.max_isolated_inputs:
             raise RuntimeError(f"{lost.num_rows} inputs were lost to failed batches (more than "
@@ -518,8 +526,9 @@ def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = Tr
         if lost.num_rows:
             result.isolated = lost.num_rows
             alone = put_blocks(lost, rows_per_block=1)
+            finished_before = len(np.unique(np.frombuffer(seen, dtype=np.int64)))
             stream(build_dataset(cfg, alone, run_id, fingerprint, isolate=True))
-            for r in _unfinished(alone, seen).to_pylist():
+            for r in _unfinished(alone, seen, finished_before + lost.num_rows).to_pylist():
                 take(lost_input_row(r, run_id, fingerprint, cfg.ray.max_task_retries))
     finally:
         bar.close()

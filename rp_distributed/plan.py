@@ -171,6 +171,7 @@ def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str)
     notes = pa.array(notes, pa.string())
     del keys, key_errors
     listed = pa.table({"_i": pa.array(range(files.num_rows), pa.int64()), "input_uri": files["uri"], "key": writes})
+    recorded = pc.is_in(files["uri"], value_set=latest["input_uri"])  # any manifest row at all
     done = latest.filter(pc.and_(pc.is_in(latest["status"], pa.array(manifest.DONE_STATUSES)),
                                  pc.is_valid(latest["output_uri"])))
     done = done.select(["input_uri", "output_uri", "settings_fingerprint"]).rename_columns(
@@ -186,10 +187,13 @@ def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str)
     # One listing of the output prefix: an output counts as done only if it is still there, and an output
     # with no manifest row (a driver killed between the write and the manifest flush) is redone.
     root = output_uri.rstrip("/") + "/"
-    exists = pc.fill_null(pc.is_in(pc.utf8_slice_codeunits(joined["key"], len(root)),
-                                   value_set=_existing_outputs(output_uri)), False)
+    if out_cfg.overwrite:  # everything is redone: nothing to learn from the listing
+        exists = pa.array([False] * files.num_rows)
+    else:
+        exists = pc.fill_null(pc.is_in(pc.utf8_slice_codeunits(joined["key"], len(root)),
+                                       value_set=_existing_outputs(output_uri)), False)
     skip = pc.and_(skip, exists)
-    unrecorded = pc.and_(exists, pc.invert(has_prev))
+    unrecorded = pc.and_(exists, pc.invert(recorded))
     # An earlier output at a key no input writes now is stale (a changed format, a refused input).
     stale = pc.and_(pc.and_(has_prev, pc.invert(same_key)),
                     pc.invert(pc.fill_null(pc.is_in(joined["prev_key"], value_set=writes.drop_null()), False)))

@@ -207,3 +207,13 @@ def test_extensions_and_cap_defaults_match_the_decoder():
     assert load_config(None, ["input.extensions=[JPG, .png]"]).input.extensions == [".jpg", ".png"]
     with pytest.raises(ConfigError, match="input.extensions.*unsupported extension"):
         load_config(None, ["input.extensions=[.jpg, .gif]"])
+
+
+def test_a_self_referencing_link_is_listed_as_broken_not_dropped(tmp_path):
+    import os
+
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    os.symlink("loop.jpg", tmp_path / "loop.jpg")  # ELOOP when followed
+    by_rel = {f.rel_path: f for f in io.list_inputs(str(tmp_path), [".jpg"])}
+    assert sorted(by_rel) == ["a.jpg", "loop.jpg"]
+    assert by_rel["loop.jpg"].skip_reason and "symlink" in by_rel["loop.jpg"].skip_reason

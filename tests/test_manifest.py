@@ -107,3 +107,14 @@ def test_a_part_never_ends_inside_an_image(tmp_path):
     writer.close()
     parts = [pq.read_table(p).to_pylist() for p in writer.parts]
     assert [[r["rel_path"] for r in part] for part in parts] == [["crowd.jpg"] * 3, ["empty.jpg"]]
+
+
+def test_an_image_cut_short_at_close_is_left_out_so_resume_redoes_it(tmp_path):
+    writer = manifest.PartWriter(str(tmp_path), "_manifest", "r", 100, 10**9, 3600)
+    writer.add({"run_id": "r", "input_uri": "in/a.jpg", "rel_path": "a.jpg", "status": "no_face", "num_faces": 0})
+    for i in range(2):  # 2 of 3 face rows arrived, then the job was interrupted
+        writer.add({"run_id": "r", "input_uri": "in/b.jpg", "rel_path": "b.jpg", "status": "ok", "num_faces": 3,
+                    "face_index": i, "output_uri": "out/b.jpg"})
+    writer.close()
+    assert writer.dropped == 2
+    assert manifest.latest_outcomes(str(tmp_path), "_manifest")["input_uri"].to_pylist() == ["in/a.jpg"]
