@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from . import compose, io, manifest
 from .anonymize import Anonymizer, DeviceFault, raise_if_device_fault
