@@ -3,7 +3,8 @@
 Writes N small real images (insightface's aligned Tom_Hanks_54745.png, one face, for one input in
 ``--face-every``; 96x96 crops of scikit-image's coffee, no face, for the rest), runs the real job on a
 local Ray in a fresh driver process with ``anonymizer.method=blur``, and reports the driver's peak RSS
-(the Ray workers are other processes) and images/s. The driver's memory must not grow with the dataset:
+(the Ray workers are other processes), split at the end into its private memory and the pages of Ray's
+shared-memory object store it touched while reading result blocks, and images/s. The driver's memory must not grow with the dataset:
 compare 1K and 20K.
 
     python benchmarks/bench_driver.py --images 1000
@@ -60,8 +61,13 @@ def measure(src: str, out: str) -> None:
     t0 = time.perf_counter()
     result = run_job(cfg, src, out, progress=False)
     wall = time.perf_counter() - t0
+    status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
     print(json.dumps({"wall_s": round(wall, 1), "images_per_s": round(result.summary["images"] / wall, 1),
                       "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+                      # At the end: the driver's private memory, and pages of Ray's shared-memory object store
+                      # it has touched reading result blocks (shared with the raylet, bounded by the store).
+                      "driver_private_mib": int(status["RssAnon"].split()[0]) // 1024,
+                      "driver_object_store_pages_mib": int(status["RssShmem"].split()[0]) // 1024,
                       "images": result.summary["images"], "faces": result.summary["faces"],
                       "by_status": result.summary["by_status"]}))
 
