@@ -81,7 +81,7 @@ def test_ray_job_submit_runs_the_job_on_a_cluster(ray_head, tmp_path, t1_path, t
     config.write_text(yaml.safe_dump(config_to_dict(cfg)))
     cmd = ["ray", "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
            "python", "jobs/anonymize.py", "s3://cluster-in/photos", "s3://cluster-out/anon", "-c", str(config),
-           "--no-progress"]
+           "--no-progress", "--verbose"]  # verbose: Ray says whether it joined or started a cluster
     for _ in range(24):  # the job agent may start after the dashboard answers: Ray says to try again
         job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500)
         said = job.stdout + job.stderr
