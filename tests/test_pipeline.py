@@ -104,10 +104,10 @@ def test_same_format_output_strips_metadata(ray_session, tmp_path):
     exif[0x8825] = {1: "N", 2: (45.0, 30.0, 0.0)}  # GPSInfo
     t1.save(src / "t1.jpg", "JPEG", quality=95, exif=exif)
     out = tmp_path / "out"
-    # Manifest parts are cut by rows (4 here): 6 face rows make two parts that read as one manifest.
+    # Manifest parts are cut by rows (4 here), but never inside an image: its 6 face rows make one part.
     result = run_job(load_config(None, ["anonymizer.method=pixelate", "output.manifest_rows_per_file=4"]),
                      str(src), str(out), progress=False)
-    assert len(result.manifest_parts) == 2 == len(manifest.part_uris(str(out), "_manifest"))
+    assert len(result.manifest_parts) == 1 == len(manifest.part_uris(str(out), "_manifest"))
     written = Image.open(out / "t1.jpg")
     assert written.format == "JPEG"
     assert len(written.getexif()) == 0 and b"SecretCam" not in (out / "t1.jpg").read_bytes()
@@ -122,12 +122,12 @@ def test_faces_still_recognizable_in_the_output_are_masked(ray_session, tmp_path
     shutil.copy(t1_path, src / "t1.jpg")
     out = tmp_path / "out"
     # A 1-pixel blur leaves every face recognizable.
-    # A flush timer shorter than the time between rows writes one part per row.
+    # A flush timer shorter than the time between rows writes a part as soon as an image's rows are all in.
     cfg = load_config(None, ["anonymizer.method=blur", "output.format=png", "anonymizer.blur_strength=0.0001",
                              "output.manifest_flush_s=0.000001"])
     first = run_job(cfg, str(src), str(out), progress=False)
     rows = _manifest(out)
-    assert len(rows) == 6 and len(first.manifest_parts) == 6
+    assert len(rows) == 6 and len(first.manifest_parts) == 1
     masked = [r for r in rows if r["method_applied"] == "blur+mask"]
     assert len(masked) >= 5, [r["reid_distance"] for r in rows]
     assert all("re-identified in the output: masked" in r["face_error"] for r in masked)
