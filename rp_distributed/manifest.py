@@ -12,6 +12,7 @@ import io as _io
 import json
 import math
 import posixpath
+import time
 from collections.abc import Iterable
 
 import pyarrow as pa
@@ -119,6 +120,11 @@ def write_part(output_uri: str, manifest_dir: str, run_id: str, part: int, rows:
     return uri
 
 
+def _row_bytes(row: dict) -> int:
+    """A manifest row's size as PartWriter counts it: its strings' lengths, 8 bytes for anything else."""
+    return sum(len(v) if isinstance(v, str) else 8 for v in row.values())
+
+
 class PartWriter:
     """Buffers manifest rows on the driver and writes them as parts: at ``rows_per_file`` rows, at
     ``bytes_per_file`` bytes of row text, or once the oldest buffered row is ``flush_s`` old. The age is
@@ -148,12 +154,10 @@ class PartWriter:
         self._timer.start()
 
     def add(self, row: dict) -> None:
-        import time
-
         with self._lock:
             if not self._rows and not self._image:
                 self._since = time.monotonic()
-            self._bytes += sum(len(v) if isinstance(v, str) else 8 for v in row.values())
+            self._bytes += _row_bytes(row)
             if row.get("face_index") is None:  # an image-level row is a whole image
                 self._rows.append(row)
             else:
@@ -189,15 +193,11 @@ class PartWriter:
     def _flush(self) -> None:
         if self._rows:
             self.parts.append(write_part(self.output_uri, self.manifest_dir, self.run_id, len(self.parts), self._rows))
-        self._rows, self._bytes = [], sum(len(v) if isinstance(v, str) else 8 for r in self._image for v in r.values())
+        self._rows, self._bytes = [], sum(_row_bytes(r) for r in self._image)
         if self._image:  # the image still arriving starts the next part's clock
-            import time
-
             self._since = time.monotonic()
 
     def _tick(self) -> None:
-        import time
-
         while not self._stop.wait(min(self.flush_s / 4, 5.0)):
             with self._lock:
                 if self._rows and time.monotonic() - self._since >= self.flush_s:  # whole images only

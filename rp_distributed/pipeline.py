@@ -414,12 +414,17 @@ def lost_input_row(row: dict, run_id: str, fingerprint: str, retries: int) -> di
             "notes": row.get("notes"), "settings_fingerprint": fingerprint}
 
 
+def _finished(seen: array.array) -> np.ndarray:
+    """The distinct hashes of finished inputs, sorted."""
+    return np.unique(np.frombuffer(seen, dtype=np.int64))
+
+
 def _unfinished(blocks: list, seen: array.array, total: int) -> pa.Table:
     """The plan rows in ``blocks`` (``total`` rows) whose input produced no manifest row (``seen``: hashes of
     finished inputs), read back from the object store only when some are missing."""
     import ray
 
-    done = np.unique(np.frombuffer(seen, dtype=np.int64))  # sorted, once
+    done = _finished(seen)
     if len(done) >= total:
         return pa.table({})
     lost = []
@@ -525,7 +530,7 @@ def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = Tr
         if lost.num_rows:
             result.isolated = lost.num_rows
             alone = put_blocks(lost, rows_per_block=1)
-            finished_before = len(np.unique(np.frombuffer(seen, dtype=np.int64)))
+            finished_before = len(_finished(seen))
             stream(build_dataset(cfg, alone, run_id, fingerprint, isolate=True))
             for r in _unfinished(alone, seen, finished_before + lost.num_rows).to_pylist():
                 take(lost_input_row(r, run_id, fingerprint, cfg.ray.max_task_retries))
