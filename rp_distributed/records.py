@@ -39,6 +39,9 @@ class Face:
     face_box: np.ndarray | None = None  # float32[4] the face in crop px
     kps5: np.ndarray | None = None  # float32[5, 2] crop px
     align_error: str | None = None
+    id_embedding: np.ndarray | None = None  # float32[512] unit ArcFace embedding of the crop (reverse
+    #   personalization only; made here on the CPU so the GPU actor does not wait for it)
+    id_keypoints: str | None = None  # where the embedding's 5 keypoints came from: detector | template
     # -- AnonymizeFaces ----------------------------------------------------------------------------------
     anon_crop: np.ndarray | None = None  # uint8[S, S, 3]; None: merge destroys the image box instead
     method: str | None = None  # requested
