@@ -169,3 +169,30 @@ def apply_faces(image: np.ndarray, faces: list, feather: float, anon_cfg) -> str
             withheld = f"face {f.face_index} could not be anonymized: {type(exc).__name__}: {exc}"[:500]
             f.method_applied = None
     return withheld
+
+
+def replace_whole(image: np.ndarray, faces: list, anon_cfg) -> str | None:
+    """``input.mode: aligned``: the image is the face. Its anonymized crop, brought back to the image's size
+    (``faces.align.crop_to_image``: the centre padding cut off), replaces every pixel, in place; a face with no
+    anonymized crop, or whose crop cannot be brought back, gets ``anon_cfg.fallback`` on the whole image.
+    Returns a reason when even that failed: the image must then be withheld."""
+    from .faces.align import crop_to_image
+
+    h, w = image.shape[:2]
+    withheld = None
+    for f in faces:
+        if f.anon_crop is not None:
+            try:
+                image[...] = crop_to_image(f.anon_crop, image.shape)
+                continue
+            except Exception as exc:  # noqa: BLE001 - fail closed: destroy the whole image
+                f.add_error(f"merge failed: {type(exc).__name__}: {exc}"[:500])
+        if not f.face_error:
+            f.add_error("no anonymized crop")
+        try:
+            destroy_box(image, np.array([0, 0, w, h], np.float32), anon_cfg.fallback, anon_cfg, margin=0.0, out=image)
+            f.method_applied = f"{anon_cfg.fallback} (whole image)"
+        except Exception as exc:  # noqa: BLE001
+            withheld = f"face {f.face_index} could not be anonymized: {type(exc).__name__}: {exc}"[:500]
+            f.method_applied = None
+    return withheld

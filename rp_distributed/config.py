@@ -55,6 +55,23 @@ class InputConfig(_Section):
     extensions: list[str] = list(IMAGE_EXTENSIONS)
     max_pixels: int = Field(64_000_000, gt=0, description="decompression-bomb cap on decoded pixels")
     max_bytes: int = Field(200 * 1024 * 1024, gt=0, description="largest file read")
+    # Input modes (issue 10; rp_distributed/annotations.py).
+    mode: Literal["detect", "aligned", "annotations"] = Field(
+        "detect", description="detect: find faces with detection.backend; aligned: every image is one aligned face "
+        "(CelebA-HQ, FFHQ): no detection, no paste-back, the output has the input's size; annotations: faces "
+        "(boxes, optional 5 or 68 landmarks) come from the `annotations` table, no detection")
+    annotations: str | None = Field(
+        None, description="annotations mode: Parquet, CSV or JSON-lines table (file or URI) with columns "
+        "path, x0, y0, x1, y1 and optional score, landmarks (10 or 136 numbers: 5 or 68 x,y points)")
+    annotations_path_column: str = Field("path", description="the annotations table's key: the input's path "
+                                         "relative to the input prefix, or its full URI")
+    annotations_missing: Literal["detect", "skip", "withhold"] = Field(
+        "detect", description="an image with no annotation rows: detect (run the detector on it), skip (the table "
+        "is authoritative: no rows, no faces; written as no_face), withhold (nothing written, status withheld)")
+    aligned_keypoints: Literal["template", "detector"] = Field(
+        "template", description="aligned mode: the face's 5 keypoints (identity embedding, face box) from the "
+        "alignment template's canonical positions, or from detection.backend run inside the image (largest "
+        "face; none found: the template, noted)")
 
     @field_validator("extensions")
     @classmethod
@@ -66,6 +83,43 @@ class InputConfig(_Section):
         if unsupported:  # the decoder refuses other formats (io.ACCEPTED_FORMATS): say so at start-up
             raise ValueError(f"unsupported extension(s) {unsupported}; supported: {', '.join(IMAGE_EXTENSIONS)}")
         return out
+
+    @model_validator(mode="after")
+    def _annotations_named(self) -> "InputConfig":
+        if self.mode == "annotations" and not self.annotations:
+            raise ValueError("input.mode=annotations needs input.annotations (the table's file or URI)")
+        return self
+
+
+class PromptsConfig(_Section):
+    """Attribute prompts per image or per face from a side table (issue 10; rp_distributed/annotations.py).
+
+    Each row names an image (``path_column``) and optionally one face of it, by ``face_index`` (this job's
+    numbering: largest first) or by a box ``x0, y0, x1, y1`` (the detected face overlapping it most, IoU at
+    least ``box_iou``); a row naming neither applies to every face of the image. The prompt is the
+    ``prompt_column``, or ``template`` filled from the row's columns (``"a photo of {age_group} {sex}"``).
+    Faces without a row use ``diffusion.attribute_prompt``. Reverse personalization only."""
+
+    table: str | None = Field(None, description="Parquet, CSV or JSON-lines table (file or URI); null: no table")
+    path_column: str = "path"
+    prompt_column: str = "prompt"
+    template: str | None = Field(None, description="str.format template over the row's columns; null: the "
+                                 "prompt_column as it is")
+    box_iou: float = Field(0.5, gt=0, le=1, description="least IoU between a row's box and the face it names")
+
+    @field_validator("template")
+    @classmethod
+    def _fields(cls, v: str | None) -> str | None:
+        if v is not None:
+            import string
+
+            try:
+                names = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+            except ValueError as exc:
+                raise ValueError(f"not a valid template: {exc}") from None
+            if not names or any(not n or not n.isidentifier() for n in names):
+                raise ValueError("needs named fields only, e.g. 'a photo of {age_group} {sex}'")
+        return v
 
 
 class OutputConfig(_Section):
@@ -247,6 +301,7 @@ class JobConfig(_Section):
     merge: MergeConfig = MergeConfig()
     ray: RayConfig = RayConfig()
     report: ReportConfig = ReportConfig()
+    prompts: PromptsConfig = PromptsConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobConfig":
@@ -357,6 +412,11 @@ def anonymization_settings(cfg: JobConfig) -> dict:
             if diff.get(k) is None:
                 diff.pop(k, None)
         settings["diffusion"] = diff
+        if cfg.prompts.table:  # the table's URI, not its content: a table rewritten in place is not noticed
+            settings["prompts"] = cfg.prompts.model_dump(mode="json")
+    if cfg.input.mode != "detect":  # left out in detect mode: fingerprints of earlier configs are kept
+        settings["input"] = cfg.input.model_dump(mode="json", include={
+            "mode", "annotations", "annotations_path_column", "annotations_missing", "aligned_keypoints"})
     return settings
 
 

@@ -48,6 +48,7 @@ SCHEMA = pa.schema([
     ("face_error", pa.string()),          # why the requested method was not the one applied
     ("params", pa.string()),              # JSON of the method's parameters
     ("attribute_prompt", pa.string()),    # the text prompt this face was generated with (null: none)
+    ("id_keypoints", pa.string()),        # where the face's 5 keypoints came from: detector | template | ...
     ("model", pa.string()),               # JSON of model identifiers (diffusion)
     ("seed", pa.int64()),
     ("guidance_final", pa.float32()),
@@ -101,7 +102,8 @@ def face_row(image_row: dict, face, reid_threshold: float) -> dict:
     row.update(face_index=face.face_index, box_x0=box[0], box_y0=box[1], box_x1=box[2], box_y1=box[3],
                det_score=face.det_score, face_size_px=max(box[2] - box[0], box[3] - box[1]),
                method=face.method, method_applied=face.method_applied, face_error=face.face_error,
-               params=face.params, attribute_prompt=face.prompt if generated else None, model=face.model,
+               params=face.params, attribute_prompt=face.prompt if generated else None,
+               id_keypoints=face.id_keypoints, model=face.model,
                seed=face.seed, guidance_final=face.guidance_final, tries=face.tries, tries_json=face.tries_json,
                unet_evals=face.unet_evals, reid_distance=face.reid_distance, reidentified=face.reidentified,
                reid_threshold=reid_threshold, identity_exported=exported, score_error=face.score_error,

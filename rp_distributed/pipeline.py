@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from . import compose, io, manifest
+from . import annotations, compose, io, manifest
 from .anonymize import Anonymizer, DeviceFault, raise_if_device_fault
 from .config import JobConfig, StageResources
 from .records import Face, ImagePayload
@@ -69,14 +69,39 @@ def face_seed(base_seed: int, mode: str, rel_path: str, face_index: int) -> int:
 
 # -- stage 1: read, decode, detect, align -----------------------------------------------------------------
 
+@dataclass
+class _Found:
+    """The faces of one image before alignment, whichever ``input.mode`` found them."""
+
+    faces: list  # faces.DetectedFace, image px, largest first
+    source: str  # the detector's name, or "annotations"
+    keypoints: str  # where their landmarks came from: detector | annotations
+    predict: list[bool] = field(default_factory=list)  # per face: no landmarks given, predict them in the box
+    notes: list[str] = field(default_factory=list)
+    withheld: str | None = None  # a reason to write nothing for this image
+
+
 class DetectFaces:
+    """Read, decode, find the faces (``input.mode``: detect, annotations, aligned), align them, choose each
+    face's prompt (``prompts.table``) and, for reverse personalization, make its ArcFace identity embedding
+    here on the CPU, so the GPU actor does not wait for it."""
+
     def __init__(self, cfg: JobConfig):
         from .faces import build_detector
         from .faces.align import align
 
         self.cfg = cfg
-        self.detector = build_detector(cfg.detection)
+        mode = cfg.input.mode
+        needs_detector = (mode == "detect" or (mode == "annotations" and cfg.input.annotations_missing == "detect")
+                          or (mode == "aligned" and cfg.input.aligned_keypoints == "detector"))
+        self.detector = build_detector(cfg.detection) if needs_detector else None
         self._align = align
+        self._box_landmarks = None  # dlib's 68-point predictor, for annotated boxes without landmarks (lazy)
+        self.embedder = None
+        if cfg.anonymizer.method == "reverse_personalization":  # lazy import: detect-only/blur jobs need no ArcFace
+            from .diffusion.identity import IdentityEmbedder
+
+            self.embedder = IdentityEmbedder.from_config(cfg.diffusion)
 
     def __call__(self, batch: dict) -> dict:
         out = []
@@ -117,33 +142,151 @@ class DetectFaces:
                    t_read_s=time.perf_counter() - t0)
         t1 = time.perf_counter()
         try:
-            found = self.detector.detect(rgb)
+            if cfg.input.mode == "aligned":
+                payload.faces_from, notes = "aligned", []
+                faces = [self._aligned_face(row["rel_path"], rgb, notes)]
+            else:
+                found = self._find(row, rgb)
+                if found.withheld:  # fail closed: nothing is written for this image, the manifest says why
+                    row.update(status="withheld", error=found.withheld, payload=ImagePayload(),
+                               notes=_join(row["notes"], *found.notes) or "", t_detect_s=time.perf_counter() - t1)
+                    return row
+                payload.faces_from, notes = found.source, found.notes
+                faces = self._align_faces(row["rel_path"], rgb, found)
         except Exception as exc:  # noqa: BLE001 - cannot know where the faces are: withhold
             raise_if_device_fault(exc)  # a detector on a broken GPU: restart the worker instead
             row.update(status="withheld", error=f"face detection failed: {type(exc).__name__}: {exc}"[:500],
                        payload=ImagePayload(), t_detect_s=time.perf_counter() - t1)
             return row
-        faces = []
-        prompt = cfg.diffusion.attribute_prompt if cfg.anonymizer.method == "reverse_personalization" else None
-        for i, face in enumerate(found):
-            rec = Face(face_index=i, box=np.asarray(face.box, np.float32), det_score=float(face.score),
-                       landmarks=np.asarray(face.landmarks, np.float32),
-                       seed=face_seed(cfg.diffusion.seed, cfg.diffusion.seed_mode, row["rel_path"], i),
-                       small=face.size < cfg.detection.min_face_size, over_budget=i >= cfg.detection.max_faces,
-                       prompt=prompt)
-            faces.append(rec)
-            if rec.over_budget:  # no crop: merge applies the fallback on the image box
-                continue
-            try:
-                aligned = self._align(rgb, face, cfg.alignment)
-                rec.crop, rec.matrix, rec.face_box, rec.kps5 = (aligned.crop, aligned.matrix, aligned.face_box,
-                                                                aligned.kps5)
-            except Exception as exc:  # noqa: BLE001 - merge will destroy the box directly
-                rec.align_error = f"alignment failed: {type(exc).__name__}: {exc}"[:500]
+        notes = notes + self._choose_prompts(row, faces)
+        self._embed(faces)
+        row["notes"] = _join(row["notes"], *notes) or ""
         payload.faces = faces
         payload.keep_smaller(data)  # lean boundary: the encoded source when it is smaller than the pixels
         row["t_detect_s"] = time.perf_counter() - t1
         return row
+
+    # -- where the faces are -------------------------------------------------------------------------------
+    def _find(self, row: dict, rgb: np.ndarray) -> _Found:
+        """The faces of ``rgb`` from the detector, or (annotations mode) from the plan row's own table rows."""
+        from . import annotations
+
+        cfg = self.cfg
+        if cfg.input.mode == "annotations":
+            if row.get("annotations") is not None:
+                a = annotations.faces_from_rows(row["annotations"], rgb.shape)
+                if a.unlocatable:  # a face we know of and cannot place: nothing may be written
+                    return _Found([], "annotations", "annotations", notes=a.notes,
+                                  withheld=_join(*a.unlocatable, "a face the annotations name cannot be located"))
+                return _Found(a.faces, "annotations", "annotations", a.needs_landmarks, a.notes)
+            missing = cfg.input.annotations_missing
+            if missing == "withhold":
+                return _Found([], "annotations", "annotations",
+                              withheld="no annotation rows for this image (input.annotations_missing=withhold)")
+            if missing == "skip":
+                return _Found([], "annotations", "annotations",
+                              notes=["no annotation rows: no faces (input.annotations_missing=skip)"])
+            note = ["no annotation rows: faces detected (input.annotations_missing=detect)"]
+        else:
+            note = []
+        found = self.detector.detect(rgb)
+        return _Found(found, cfg.detection.backend, "detector", [False] * len(found), note)
+
+    def _align_faces(self, rel_path: str, rgb: np.ndarray, found: _Found) -> list[Face]:
+        cfg = self.cfg
+        faces = []
+        for i, face in enumerate(found.faces):
+            rec = Face(face_index=i, box=np.asarray(face.box, np.float32), det_score=float(face.score),
+                       landmarks=np.asarray(face.landmarks, np.float32),
+                       seed=face_seed(cfg.diffusion.seed, cfg.diffusion.seed_mode, rel_path, i),
+                       small=face.size < cfg.detection.min_face_size, over_budget=i >= cfg.detection.max_faces)
+            faces.append(rec)
+            if rec.over_budget:  # no crop: merge applies the fallback on the image box
+                continue
+            try:
+                keypoints = found.keypoints
+                if found.predict and found.predict[i]:  # an annotated box without landmarks: predict them
+                    if self._box_landmarks is None:
+                        from .faces.dlib_backend import BoxLandmarks
+
+                        self._box_landmarks = BoxLandmarks()
+                    face.landmarks = rec.landmarks = self._box_landmarks(rgb, face.box)
+                    keypoints = "predictor"
+                aligned = self._align(rgb, face, cfg.alignment)
+                rec.crop, rec.matrix, rec.face_box, rec.kps5 = (aligned.crop, aligned.matrix, aligned.face_box,
+                                                                aligned.kps5)
+                rec.id_keypoints = keypoints
+            except Exception as exc:  # noqa: BLE001 - merge will destroy the box directly
+                rec.align_error = f"alignment failed: {type(exc).__name__}: {exc}"[:500]
+        return faces
+
+    def _aligned_face(self, rel_path: str, rgb: np.ndarray, notes: list[str]) -> Face:
+        """``input.mode: aligned``: the whole image is the one face (centre-padded to a square when it is not
+        one, resized to ``alignment.face_size``). Its keypoints and face box come from the alignment template,
+        or from the detector run in the image (``input.aligned_keypoints``; none found: the template, noted)."""
+        from .faces import align as al
+
+        cfg, a = self.cfg, self.cfg.alignment
+        crop, matrix = al.whole_image_crop(rgb, a.face_size)
+        kps5, face_box = al.template_in_crop(a.face_size, a.padding, a.shift), al.template_box_in_crop(
+            a.face_size, a.padding, a.shift)
+        keypoints, score = "template", 1.0
+        if cfg.input.aligned_keypoints == "detector":
+            found = self.detector.detect(rgb)
+            if found:
+                best = found[0]  # largest first
+                kps5 = al.transform_points(al.five_points(best.landmarks), matrix)
+                face_box, keypoints, score = al.box_through(best.box, matrix), "detector", float(best.score)
+            else:
+                notes.append("aligned input: the detector found no face in it: template keypoints")
+        inverse = al.invert_matrix(matrix)
+        h, w = rgb.shape[:2]
+        box = al.box_through(face_box, inverse)
+        box = np.clip(box, 0, [w, h, w, h]).astype(np.float32)
+        size = float(max(box[2] - box[0], box[3] - box[1]))
+        return Face(face_index=0, box=box, det_score=score, landmarks=al.transform_points(kps5, inverse),
+                    seed=face_seed(cfg.diffusion.seed, cfg.diffusion.seed_mode, rel_path, 0),
+                    small=size < cfg.detection.min_face_size, crop=crop, matrix=matrix, face_box=face_box,
+                    kps5=kps5, id_keypoints=keypoints)
+
+    # -- per-face conditioning -----------------------------------------------------------------------------
+    def _choose_prompts(self, row: dict, faces: list[Face]) -> list[str]:
+        """Each face's attribute prompt (reverse personalization only): its ``prompts.table`` row if one names it
+        (``""`` there: no prompt), else ``diffusion.attribute_prompt``. Returns the notes of rows ignored."""
+        from . import annotations
+
+        cfg = self.cfg
+        if cfg.anonymizer.method != "reverse_personalization":
+            return []
+        chosen, notes = [annotations.UNSET] * len(faces), []
+        if row.get("prompts") is not None:
+            chosen, notes = annotations.prompts_for_faces(row["prompts"], [f.box for f in faces], cfg.prompts.box_iou)
+        for f, p in zip(faces, chosen):
+            f.prompt = cfg.diffusion.attribute_prompt if p is annotations.UNSET else (p or None)
+        return notes
+
+    def _embed(self, faces: list[Face]) -> None:
+        """ArcFace identity embeddings of the faces that have a crop and keypoints. A failure sets nothing: the
+        anonymizer then embeds the face itself, and falls back to the destructive method if that fails too."""
+        if self.embedder is None:
+            return
+        todo = [f for f in faces if f.crop is not None and f.kps5 is not None]
+        if not todo:
+            return
+        try:
+            embs = self.embedder.embed_many([f.crop for f in todo], [f.kps5 for f in todo])
+        except Exception as exc:  # noqa: BLE001 - one by one, so one bad face cannot cost the others theirs
+            raise_if_device_fault(exc)
+            embs = []
+            for f in todo:
+                try:
+                    embs.append(self.embedder.embed(f.crop, f.kps5))
+                except Exception as exc1:  # noqa: BLE001
+                    raise_if_device_fault(exc1)
+                    embs.append(None)
+        for f, e in zip(todo, embs):
+            if e is not None and np.isfinite(e).all():
+                f.id_embedding = np.asarray(e, np.float32)
 
 
 KEYS_AFTER_DETECT = ["input_uri", "rel_path", "output_uri", "stale_output_uri", "status", "error", "notes",
@@ -232,9 +375,15 @@ class MergeAndWrite:
                              f"{row['width']}x{row['height']} at detection: the face boxes would not match")
         image = original.copy()
         faces = payload.faces
-        withheld = compose.apply_faces(image, faces, cfg.merge.feather, cfg.anonymizer)
+        whole = payload.faces_from == "aligned"  # the image is the face: replaced, not pasted into
+        if whole:
+            withheld = compose.replace_whole(image, faces, cfg.anonymizer)
+        else:
+            withheld = compose.apply_faces(image, faces, cfg.merge.feather, cfg.anonymizer)
         if withheld is None:
             self.checks(original, image, faces)
+            if whole and any(f.masked for f in faces):  # a re-identified aligned face: the mask covers it all
+                image[...] = np.asarray(cfg.anonymizer.mask_color, np.uint8)
         status = "withheld" if withheld else ("ok" if faces else "no_face")
         output_uri = None
         if not withheld:
@@ -249,7 +398,7 @@ class MergeAndWrite:
         base.update(status=status, error=withheld, output_uri=output_uri, t_merge_s=time.perf_counter() - t0)
         if not faces:
             return [base]
-        base["detector"] = self.detector_name
+        base["detector"] = payload.faces_from or self.detector_name
         return [manifest.face_row(base, f, cfg.privacy.reid_threshold) for f in faces]
 
 
@@ -499,6 +648,7 @@ def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = Tr
     # input (to find the inputs of failed blocks), 8 bytes an input instead of its rows.
     summary, seen = manifest.Summary(), array.array("q")
     total = plan.num_todo
+    orphans = plan.orphans  # side-table rows naming images that are not in the input: one error row per path
     blocks = put_blocks(plan.table)  # the plan's rows now live in the object store, not on the driver
     del plan
     bar = progress_mod.ACTIVE = progress_mod.Progress(total, enabled=progress)
@@ -520,6 +670,10 @@ def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = Tr
             take({k: _value(v.item() if isinstance(v, np.generic) else v) for k, v in row.items()})
 
     try:
+        for orphan in orphans:  # not take(): they are no plan input, so not counted as finished inputs
+            row = annotations.orphan_row(orphan, input_uri, run_id, fingerprint)
+            summary.add(row)
+            writer.add(row)
         stream(build_dataset(cfg, blocks, run_id, fingerprint))
         lost = _unfinished(blocks, seen, total)
         del blocks

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 
-from . import io, manifest
+from . import annotations, io, manifest
 from .config import JobConfig
 
 
@@ -47,6 +47,9 @@ class Plan:
     renamed: int = 0  # given a distinct output key because their natural keys collide
     unrecorded: int = 0  # an output exists but no manifest row says how it was made (driver killed): redone
     refused: int = 0  # error rows made here (unsafe key, symlink out of the root, collision)
+    # Paths the side tables (input.annotations, prompts.table) name that are not in the input listing:
+    # {path, table, rows}; the job records one manifest error row for each (annotations.orphan_row).
+    orphans: list[dict] = field(default_factory=list)
 
     @property
     def num_todo(self) -> int:
@@ -202,8 +205,15 @@ def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str)
     table = pa.table({"input_uri": files["uri"], "rel_path": files["rel_path"], "output_uri": writes,
                       "error": errors, "notes": notes,
                       "stale_output_uri": pc.if_else(stale, joined["prev_key"], pa.scalar(None, pa.string()))},
-                     schema=TODO_SCHEMA).filter(keep)
-    return Plan(table=table, skipped=pc.sum(skip).as_py() or 0,
+                     schema=TODO_SCHEMA)
+    # The side tables are joined in on the driver, before resume's filter (so rows for inputs that are done
+    # are not taken for rows naming missing images): each input row carries its own table rows (annotations.py).
+    try:
+        table, orphans = annotations.attach(cfg, table)
+    except annotations.TableError as exc:
+        raise PlanError(str(exc)) from None
+    table = table.filter(keep)
+    return Plan(table=table, orphans=orphans, skipped=pc.sum(skip).as_py() or 0,
                 redone_changed=0 if out_cfg.overwrite else (pc.sum(changed).as_py() or 0),
                 unrecorded=0 if out_cfg.overwrite else (pc.sum(unrecorded).as_py() or 0),
                 renamed=pc.sum(pc.and_(pc.is_valid(table["notes"]), pc.is_null(table["error"]))).as_py() or 0,

@@ -41,7 +41,8 @@ class Face:
     align_error: str | None = None
     id_embedding: np.ndarray | None = None  # float32[512] unit ArcFace embedding of the crop (reverse
     #   personalization only; made here on the CPU so the GPU actor does not wait for it)
-    id_keypoints: str | None = None  # where the embedding's 5 keypoints came from: detector | template
+    id_keypoints: str | None = None  # where the 5 keypoints (crop, embedding) came from: detector | template
+    #   (aligned mode) | annotations (the table's landmarks) | predictor (dlib's 68 points in an annotated box)
     # -- AnonymizeFaces ----------------------------------------------------------------------------------
     anon_crop: np.ndarray | None = None  # uint8[S, S, 3]; None: merge destroys the image box instead
     method: str | None = None  # requested
@@ -94,6 +95,9 @@ class ImagePayload:
     image: np.ndarray | None = None  # HxWx3 uint8 RGB, EXIF orientation applied
     alpha: np.ndarray | None = None  # HxW uint8, when the source had transparency (with ``image`` only)
     faces: list[Face] = field(default_factory=list)
+    # Where the faces came from: the detector's name, "annotations" (input.mode: annotations) or "aligned"
+    # (input.mode: aligned: the whole image is the one face; merge replaces it instead of pasting back).
+    faces_from: str | None = None
 
     def keep_smaller(self, data: bytes) -> None:
         """Ship ``data`` (the encoded source) instead of the decoded pixels when it is smaller."""

@@ -264,3 +264,44 @@ def landmark_displacement(a: np.ndarray, b: np.ndarray, face_size: float | None 
     if norm <= 0:
         raise ValueError("landmark_displacement: degenerate landmarks and no face_size")
     return float(np.linalg.norm(pa - pb, axis=1).mean() / norm)
+
+
+# --- aligned inputs (input.mode: aligned): the whole image is the crop ------------------------------
+
+def whole_image_crop(image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(crop, matrix): the whole ``image`` as a ``size`` x ``size`` crop, and the (2, 3) image -> crop matrix.
+
+    A non-square image is centre-padded to a square first (its edge mirrored, as ``align``'s border), so faces
+    keep their proportions; ``crop_to_image`` cuts the padding off again. Shrinking uses area averaging (no
+    aliasing), enlarging Lanczos."""
+    h, w = image.shape[:2]
+    side = max(h, w)
+    left, top = (side - w) // 2, (side - h) // 2
+    square = cv2.copyMakeBorder(np.ascontiguousarray(image), top, side - h - top, left, side - w - left,
+                                cv2.BORDER_REFLECT_101) if side != min(h, w) else np.ascontiguousarray(image)
+    interp = cv2.INTER_AREA if size < side else cv2.INTER_LANCZOS4
+    crop = square if size == side else cv2.resize(square, (size, size), interpolation=interp)
+    k = size / side
+    matrix = np.array([[k, 0.0, left * k], [0.0, k, top * k]], np.float32)
+    return crop.astype(np.uint8, copy=False), matrix
+
+
+def crop_to_image(crop: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The inverse of ``whole_image_crop``: ``crop`` resized back to the square and the padding cut off, an
+    image of ``shape[:2]``."""
+    h, w = shape[:2]
+    side = max(h, w)
+    left, top = (side - w) // 2, (side - h) // 2
+    size = crop.shape[0]
+    interp = cv2.INTER_AREA if side < size else cv2.INTER_LANCZOS4
+    square = crop if side == size else cv2.resize(np.ascontiguousarray(crop), (side, side), interpolation=interp)
+    return np.ascontiguousarray(square[top:top + h, left:left + w])
+
+
+def template_box_in_crop(face_size: int, padding: float = 0.40, shift: float = 0.07) -> np.ndarray:
+    """(4,) float32: the mean face's unit square (brows to below the mouth) in a ``face_size`` crop with this
+    framing: the face box of an aligned crop whose keypoints are the template's (``template_in_crop``)."""
+    k = face_size / crop_side_in_units(padding)
+    lo = (np.array([0.0, 0.0]) - [0.5, 0.5 - shift]) * k + face_size / 2
+    hi = (np.array([1.0, 1.0]) - [0.5, 0.5 - shift]) * k + face_size / 2
+    return np.concatenate([lo, hi]).astype(np.float32)

@@ -114,3 +114,21 @@ class DlibDetector(BaseDetector):
         zoom = float(self.cfg.tile_zoom)
         big = tile if zoom == 1.0 else cv2.resize(tile, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_LINEAR)
         return [shift_face(f, 0.0, 0.0, 1.0 / zoom) for f in self._run(big, 0)]
+
+
+class BoxLandmarks:
+    """dlib's 68-point shape predictor run in a given box (annotation rows with a box and no landmarks): the
+    same predictor the dlib backend fits to its own detections."""
+
+    def __init__(self, model_dir: str | None = None):
+        import dlib
+
+        path = resolve_model_files(model_dir, [SHAPE68_FILE], backend="annotations/landmarks")[SHAPE68_FILE]
+        self._dlib = dlib
+        self._shape = dlib.shape_predictor(str(path))
+
+    def __call__(self, image: np.ndarray, box: np.ndarray) -> np.ndarray:
+        """(68, 2) float32 image points of the face in ``box`` (x0, y0, x1, y1, image px; exclusive end)."""
+        x0, y0, x1, y1 = (int(round(float(v))) for v in np.asarray(box).reshape(4))
+        rect = self._dlib.rectangle(x0, y0, x1 - 1, y1 - 1)
+        return shape_to_array(self._shape(np.ascontiguousarray(image), rect))

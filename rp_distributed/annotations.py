@@ -1,0 +1,382 @@
+"""Side tables keyed by input path (issue 10): face annotations (``input.mode: annotations``) and attribute
+prompts per image or per face (``prompts.table``).
+
+Both are read once, on the driver, with pyarrow (Parquet, CSV or JSON lines, through fsspec, so ``s3://``
+works), and **joined into the plan**: each plan row carries its own table rows as a small ``list<struct>``
+column (``annotations``, ``prompts``; null when the table has no row for it), shipped with it in the plan's
+32-input blocks. At 10M images this costs the driver one vectorized join (index_in, a stable sort, offsets)
+and a few tens of bytes per face in the object store, where reading the table in every DetectFaces actor
+would cost each actor the whole table's memory and a full read. Table rows that name no listed input are
+returned apart (``Joined.orphans``); the job records one manifest row per such path.
+
+Keys: a table's path column is matched against the input's ``rel_path`` (relative to the input prefix, with a
+leading ``./`` or ``/`` ignored) and against its full URI. Row numbers in reasons count the table's data rows
+from 0 (a CSV's header is not a row).
+
+What is checked where: the driver checks what needs no image (numbers that do not parse, a template field that
+is missing); the worker (``faces_from_rows``) checks what needs the image (a box outside it). A bad row never
+fails the job: it is reported in the image's ``notes`` (or, when it names a face we cannot locate, the image is
+withheld: fail closed).
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import string
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import io
+from .faces import DetectedFace
+
+ANNOTATION = pa.struct([("row", pa.int64()), ("x0", pa.float64()), ("y0", pa.float64()), ("x1", pa.float64()),
+                        ("y1", pa.float64()), ("score", pa.float64()), ("landmarks", pa.list_(pa.float64())),
+                        ("error", pa.string())])
+PROMPT = pa.struct([("row", pa.int64()), ("face_index", pa.int64()), ("x0", pa.float64()), ("y0", pa.float64()),
+                    ("x1", pa.float64()), ("y1", pa.float64()), ("prompt", pa.string()), ("error", pa.string())])
+BOX = ("x0", "y0", "x1", "y1")
+
+
+class TableError(ValueError):
+    """A side table that cannot be used at all (unreadable, no path column): a start-up error naming it."""
+
+
+# -- reading ----------------------------------------------------------------------------------------------
+
+def read_table(uri: str, what: str) -> pa.Table:
+    """The table at ``uri`` by its extension: ``.parquet``/``.pq``, ``.csv``, ``.jsonl``/``.ndjson``/``.json``
+    (JSON lines). ``what`` names the config key in errors."""
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    name = uri.lower().rsplit("?", 1)[0]
+    try:
+        fs, path = io.filesystem(uri)
+        with fs.open(path, "rb") as f:
+            if name.endswith((".parquet", ".pq")):
+                return pq.read_table(f)
+            if name.endswith(".csv"):
+                # Paths stay text (a column of numbers-looking names must not become integers).
+                return pacsv.read_csv(f)
+            if name.endswith((".jsonl", ".ndjson", ".json")):
+                return pajson.read_json(f)
+    except Exception as exc:  # noqa: BLE001 - say which key and file
+        raise TableError(f"{what}: cannot read {uri}: {type(exc).__name__}: {exc}"[:500]) from None
+    raise TableError(f"{what}: {uri} is not a .parquet, .csv or .jsonl table")
+
+
+# -- columns ----------------------------------------------------------------------------------------------
+
+def _floats(table: pa.Table, name: str, errors: list) -> pa.Array:
+    """Column ``name`` as float64 (nulls where absent); a text value that is not a number is an error of its row."""
+    n = table.num_rows
+    if name not in table.column_names:
+        return pa.nulls(n, pa.float64())
+    col = table[name].combine_chunks()
+    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_null(col.type):
+        return pc.cast(col, pa.float64())
+    out = []
+    for i, v in enumerate(col.to_pylist()):  # text (a CSV column with a bad cell): row by row
+        try:
+            out.append(None if v is None or v == "" else float(v))
+        except (TypeError, ValueError):
+            errors[i] = _join(errors[i], f"{name}={v!r} is not a number")
+            out.append(None)
+    return pa.array(out, pa.float64())
+
+
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf", re.IGNORECASE)
+
+
+def _landmarks(table: pa.Table, errors: list) -> pa.Array:
+    """The optional ``landmarks`` column as one flat ``list<float64>`` per row: a list of numbers, a list of
+    [x, y] points (Parquet, JSON lines), or text of numbers ("x y x y ...", "[[x, y], ...]": CSV)."""
+    n = table.num_rows
+    typ = pa.list_(pa.float64())
+    if "landmarks" not in table.column_names:
+        return pa.nulls(n, typ)
+    col = table["landmarks"].combine_chunks()
+    t = col.type
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        if pa.types.is_fixed_size_list(t):
+            col = pc.cast(col, pa.list_(t.value_type))
+        inner = col.type.value_type
+        if pa.types.is_list(inner) or pa.types.is_large_list(inner) or pa.types.is_fixed_size_list(inner):
+            if pa.types.is_fixed_size_list(inner):
+                col = pc.cast(col, pa.list_(pa.list_(inner.value_type)))
+            # [[x, y], ...]: point lists flattened per row, vectorized (outer offsets into inner offsets)
+            outer = np.asarray(col.offsets)
+            points = col.values
+            offsets = np.asarray(points.offsets)[outer]
+            flat = pc.cast(points.values, pa.float64())
+            return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), flat, mask=col.is_null())
+        return pc.cast(col, typ)
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        out = []
+        for v in col.to_pylist():
+            out.append(None if not v else [float(x) for x in _NUMBER.findall(v)])
+        return pa.array(out, typ)
+    for i in range(n):
+        errors[i] = _join(errors[i], f"landmarks column of type {t} is not numbers: ignored")
+    return pa.nulls(n, typ)
+
+
+def _join(*parts: str | None) -> str | None:
+    return "; ".join(p for p in parts if p) or None
+
+
+def annotation_structs(table: pa.Table) -> pa.Array:
+    """``ANNOTATION`` structs of an annotations table's rows, in table order."""
+    errors: list[str | None] = [None] * table.num_rows
+    for k in BOX:
+        if k not in table.column_names:
+            raise TableError(f"input.annotations: the table has no {k} column (needs x0, y0, x1, y1)")
+    cols = {k: _floats(table, k, errors) for k in BOX}
+    score = _floats(table, "score", errors)
+    lms = _landmarks(table, errors)
+    return pa.StructArray.from_arrays(
+        [pa.array(np.arange(table.num_rows)), *cols.values(), score, lms, pa.array(errors, pa.string())],
+        fields=list(ANNOTATION))
+
+
+def prompt_structs(table: pa.Table, prompt_column: str, template: str | None) -> pa.Array:
+    """``PROMPT`` structs of a prompt table's rows: the prompt column, or ``template`` filled per row."""
+    n = table.num_rows
+    errors: list[str | None] = [None] * n
+    if template is None:
+        if prompt_column not in table.column_names:
+            raise TableError(f"prompts.table: no {prompt_column!r} column (prompts.prompt_column) and no "
+                             "prompts.template")
+        prompts = pc.cast(table[prompt_column].combine_chunks(), pa.string()).to_pylist()
+        for i, p in enumerate(prompts):
+            if p is None:
+                errors[i] = f"{prompt_column} is empty"
+    else:
+        names = sorted({f for _, f, _, _ in string.Formatter().parse(template) if f})
+        absent = [k for k in names if k not in table.column_names]
+        if absent:
+            raise TableError(f"prompts.template names column(s) {absent} the table does not have")
+        values = {k: table[k].to_pylist() for k in names}
+        prompts = []
+        for i in range(n):
+            row = {k: values[k][i] for k in names}
+            missing = [k for k, v in row.items() if v is None or v == ""]
+            if missing:
+                errors[i] = f"template field(s) {missing} empty"
+                prompts.append(None)
+            else:
+                prompts.append(template.format_map(row))
+    if "face_index" in table.column_names:
+        face_index = pc.cast(table["face_index"].combine_chunks(), pa.int64())
+    else:
+        face_index = pa.nulls(n, pa.int64())
+    boxes = [_floats(table, k, errors) for k in BOX]
+    return pa.StructArray.from_arrays(
+        [pa.array(np.arange(n)), face_index, *boxes, pa.array(prompts, pa.string()), pa.array(errors, pa.string())],
+        fields=list(PROMPT))
+
+
+# -- the join into the plan -------------------------------------------------------------------------------
+
+@dataclass
+class Joined:
+    column: pa.Array  # list<struct> per input (null: the table has no row for it)
+    orphans: list[tuple[str, list[int]]] = field(default_factory=list)  # (path as written, rows) not listed
+
+
+def _key(path: str) -> str:
+    p = path.replace("\\", "/")
+    while p.startswith("./"):
+        p = p[2:]
+    return posixpath.normpath(p.lstrip("/")) if not re.match(r"^[a-z][a-z0-9+.-]*://", p) else p
+
+
+def join(keys: pa.ChunkedArray | pa.Array, structs: pa.Array, rel_paths: pa.Array, input_uris: pa.Array) -> Joined:
+    """Group ``structs`` (aligned with ``keys``) by the input they name: a ``list<struct>`` column aligned with
+    ``rel_paths``/``input_uris`` (the plan's listing), and the rows that name no listed input."""
+    n = len(rel_paths)
+    keys = pc.cast(keys, pa.string())
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    by_uri = pc.index_in(keys, value_set=input_uris)  # full URIs (and local absolute paths) as listed
+    by_rel = pc.index_in(keys, value_set=rel_paths)
+    at = pc.coalesce(by_uri, by_rel)
+    loose = pc.is_null(at)
+    if pc.any(loose).as_py():  # "./a.jpg", "/a.jpg", "a//b.jpg": normalised, then matched again
+        fixed = pa.array([_key(k) if k is not None else None for k in keys.filter(loose).to_pylist()], pa.string())
+        refound = pc.index_in(fixed, value_set=rel_paths).to_numpy(zero_copy_only=False)
+        full = at.to_numpy(zero_copy_only=False).astype(float)
+        full[np.flatnonzero(loose.to_numpy(zero_copy_only=False))] = refound
+        at = pa.array(full, mask=np.isnan(full)).cast(pa.int64())
+    valid = pc.is_valid(at)
+    orphans: dict[str, list[int]] = {}
+    missing = pc.invert(valid)
+    if pc.any(missing).as_py():
+        rows = np.flatnonzero(missing.to_numpy(zero_copy_only=False))
+        for r, k in zip(rows.tolist(), keys.take(pa.array(rows)).to_pylist()):
+            orphans.setdefault(k if k is not None else "(empty path)", []).append(r)
+    idx = at.filter(valid).to_numpy()
+    kept = structs.filter(valid)
+    order = np.argsort(idx, kind="stable")  # table order within an input
+    counts = np.bincount(idx, minlength=n) if len(idx) else np.zeros(n, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    column = pa.ListArray.from_arrays(pa.array(offsets), kept.take(pa.array(order)), mask=pa.array(counts == 0))
+    return Joined(column=column, orphans=list(orphans.items()))
+
+
+def attach(cfg, table: pa.Table) -> tuple[pa.Table, list[dict]]:
+    """The plan's listing ``table`` (``input_uri``, ``rel_path``) with the side tables the config names joined
+    in as columns, and one record per path the tables name that is not listed (``{path, table, rows}``)."""
+    orphans: list[dict] = []
+    sides = []
+    if cfg.input.mode == "annotations":
+        t = read_table(cfg.input.annotations, "input.annotations")
+        key = cfg.input.annotations_path_column
+        if key not in t.column_names:
+            raise TableError(f"input.annotations: {cfg.input.annotations} has no {key!r} column "
+                             "(input.annotations_path_column)")
+        sides.append(("annotations", cfg.input.annotations, t[key], annotation_structs(t)))
+    if cfg.prompts.table and cfg.anonymizer.method == "reverse_personalization":
+        p = cfg.prompts
+        t = read_table(p.table, "prompts.table")
+        if p.path_column not in t.column_names:
+            raise TableError(f"prompts.table: {p.table} has no {p.path_column!r} column (prompts.path_column)")
+        sides.append(("prompts", p.table, t[p.path_column], prompt_structs(t, p.prompt_column, p.template)))
+    for name, uri, keys, structs in sides:
+        joined = join(keys, structs, table["rel_path"].combine_chunks(), table["input_uri"].combine_chunks())
+        table = table.append_column(name, joined.column)
+        orphans.extend({"path": k, "table": uri, "rows": rows} for k, rows in joined.orphans)
+    return table, orphans
+
+
+def orphan_row(orphan: dict, input_uri: str, run_id: str, fingerprint: str) -> dict:
+    """The manifest row of a path a side table names that is not in the input (status error, nothing written)."""
+    path = orphan["path"]
+    uri = path
+    if not re.match(r"^[a-z][a-z0-9+.-]*://", path) and not path.startswith("/"):
+        try:
+            uri = io.join_uri(input_uri, _key(path))
+        except io.InputError:  # a path leaving the input prefix: recorded as written
+            pass
+    rows = orphan["rows"]
+    shown = ", ".join(map(str, rows[:20])) + (f" and {len(rows) - 20} more" if len(rows) > 20 else "")
+    return {"run_id": run_id, "input_uri": uri, "rel_path": path, "output_uri": None, "status": "error",
+            "error": f"{orphan['table']}: row(s) {shown} name an image that is not in the input: ignored",
+            "settings_fingerprint": fingerprint}
+
+
+# -- the worker side: one image's rows --------------------------------------------------------------------
+
+def _rows(value) -> list[dict]:
+    """A plan cell as Ray hands it (an array of dicts, a list, or None) as a list of dicts."""
+    if value is None:
+        return []
+    return [dict(r) for r in list(value)]
+
+
+@dataclass
+class AnnotatedFaces:
+    faces: list[DetectedFace]  # in image px, largest first (as detectors give them)
+    needs_landmarks: list[bool]  # per face: the row had no usable landmarks (predict them in the box)
+    notes: list[str]  # rows reported and ignored, one reason per row
+    unlocatable: list[str]  # rows naming a face we cannot place: the image must be withheld
+
+
+def faces_from_rows(value, shape: tuple[int, ...]) -> AnnotatedFaces:
+    """The faces an image's annotation rows give, checked against its decoded ``shape``.
+
+    A box wholly outside the image is reported and ignored (no face of this image is there); one partly outside
+    is clipped; landmarks that are not 5 or 68 points are reported and the face aligned from its box. A row whose
+    box is missing or not a box is a face we know of and cannot locate: ``unlocatable`` (withhold the image)."""
+    h, w = shape[:2]
+    faces, needs, notes, bad = [], [], [], []
+    for r in _rows(value):
+        row = int(r["row"])
+        if r.get("error") and any(k in r["error"] for k in BOX):
+            bad.append(f"annotations row {row}: {r['error']}")
+            continue
+        box = np.array([r.get(k) if r.get(k) is not None else np.nan for k in BOX], np.float64)
+        if not np.isfinite(box).all() or box[2] <= box[0] or box[3] <= box[1]:
+            bad.append(f"annotations row {row}: box {box.tolist()} is not a box (x0 < x1, y0 < y1)")
+            continue
+        if box[2] <= 0 or box[3] <= 0 or box[0] >= w or box[1] >= h:
+            notes.append(f"annotations row {row}: box {_fmt(box)} lies outside the {w}x{h} image: ignored")
+            continue
+        clipped = np.array([max(box[0], 0), max(box[1], 0), min(box[2], w), min(box[3], h)])
+        if not np.array_equal(clipped, box):
+            notes.append(f"annotations row {row}: box {_fmt(box)} clipped to the {w}x{h} image")
+        lm = r.get("landmarks")
+        lm = None if lm is None else np.asarray(list(lm), np.float64)
+        need = lm is None
+        if lm is not None and (lm.size not in (10, 136) or not np.isfinite(lm).all()):
+            notes.append(f"annotations row {row}: landmarks have {lm.size} values (need 10 or 136 finite "
+                         "numbers: 5 or 68 x,y points): aligned from the box")
+            lm, need = None, True
+        if r.get("error"):
+            notes.append(f"annotations row {row}: {r['error']}")
+        score = r.get("score")
+        score = 1.0 if score is None or not np.isfinite(score) else float(score)
+        faces.append(DetectedFace(box=clipped.astype(np.float32), score=score,
+                                  landmarks=(lm.reshape(-1, 2) if lm is not None else np.zeros((0, 2))).astype(np.float32)))
+        needs.append(need)
+    order = sorted(range(len(faces)), key=lambda i: (-faces[i].size, -faces[i].score))  # as detectors sort
+    return AnnotatedFaces([faces[i] for i in order], [needs[i] for i in order], notes, bad)
+
+
+def _fmt(box) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in box) + "]"
+
+
+UNSET = object()  # no table row names this face
+
+
+def prompts_for_faces(value, boxes: list[np.ndarray], box_iou: float) -> tuple[list, list[str]]:
+    """Per face (``boxes`` in image px, in face order): the table's prompt, or ``UNSET`` when no row names it;
+    and the notes of rows reported (an error in the row, a face index or box that names no face).
+
+    A row with ``face_index`` names that face; one with a box names the face it overlaps most (IoU at least
+    ``box_iou``); one with neither names every face of the image. The most specific row wins."""
+    from .faces.backends import box_iou as iou
+
+    n = len(boxes)
+    by_index: dict[int, str] = {}
+    by_box: dict[int, tuple[float, str]] = {}
+    whole: str | object = UNSET
+    notes = []
+    for r in _rows(value):
+        row = int(r["row"])
+        if r.get("error"):
+            notes.append(f"prompts row {row}: {r['error']}: ignored")
+            continue
+        prompt = r["prompt"]
+        if r.get("face_index") is not None:
+            i = int(r["face_index"])
+            if 0 <= i < n:
+                by_index[i] = prompt
+            else:
+                notes.append(f"prompts row {row}: face_index {i} names no face (the image has {n}): ignored")
+            continue
+        box = [r.get(k) for k in BOX]
+        if all(v is not None for v in box):
+            scores = [iou(np.asarray(box, np.float32), b) for b in boxes]
+            best = int(np.argmax(scores)) if scores else -1
+            if best < 0 or scores[best] < box_iou:
+                notes.append(f"prompts row {row}: box {_fmt(box)} overlaps no face (IoU >= {box_iou:g}): ignored")
+            elif best not in by_box or scores[best] > by_box[best][0]:
+                by_box[best] = (scores[best], prompt)
+            continue
+        whole = prompt
+    out = []
+    for i in range(n):
+        if i in by_index:
+            out.append(by_index[i])
+        elif i in by_box:
+            out.append(by_box[i][1])
+        else:
+            out.append(whole)
+    return out, notes

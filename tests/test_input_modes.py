@@ -1,0 +1,288 @@
+"""Input modes (issue 10): aligned face datasets, bring-your-own detections, attribute prompts per face from a
+side table. The stages run in this process as the actors run them (one Ray job at the end), on the offline
+photos, with the tiny random model at 64 px and 4 inversion steps where diffusion is needed."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from rp_distributed import annotations, compose, manifest
+from rp_distributed.anonymize import Anonymizer
+from rp_distributed.config import anonymization_fingerprint, load_config
+from rp_distributed.faces.align import five_points, template_in_crop
+from rp_distributed.pipeline import AnonymizeFaces, DetectFaces, MergeAndWrite, _columns, _rows
+from tests.conftest import insightface_image
+
+STEPS = 4
+
+
+def _blur_cfg(*extra):
+    return load_config(None, ["anonymizer.method=blur", "output.format=png", "alignment.face_size=128", *extra])
+
+
+def _rp_cfg(tiny_dir, *extra):
+    return load_config(None, [
+        "anonymizer.method=reverse_personalization", f"diffusion.model={tiny_dir}/sdxl",
+        f"diffusion.ip_adapter={tiny_dir}/ip-adapter", f"diffusion.arcface={tiny_dir}/arcface/w600k_r50.onnx",
+        "diffusion.device=cpu", "diffusion.dtype=float32", f"diffusion.num_inversion_steps={STEPS}",
+        "alignment.face_size=64", "anonymizer.face_batch_size=3", "privacy.escalate=false", "output.format=png",
+        *extra])
+
+
+def _row(path, out=None, rel=None, **cols) -> dict:
+    return {"input_uri": str(path), "rel_path": rel or path.name, "output_uri": str(out) if out else "x",
+            "error": None, "notes": None, "stale_output_uri": None, **cols}
+
+
+def _through(stage, row):
+    (out,) = _rows(stage(_columns([row])))
+    return out
+
+
+def _merge(cfg, row) -> list[dict]:
+    return MergeAndWrite(cfg, "run", cfg.detection.backend, anonymization_fingerprint(cfg)).process(row)
+
+
+def _with_table(cfg, path, rel) -> dict:
+    """The plan row of one input with the side tables the config names joined in, as the plan does."""
+    listing = pa.table({"input_uri": [str(path)], "rel_path": [rel]})
+    table, orphans = annotations.attach(cfg, listing)
+    assert not orphans
+    return table.to_pylist()[0]
+
+
+# -- aligned mode -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def aligned_crops(tmp_path_factory, t1_path):
+    """128 px crops of t1.jpg's three largest faces, cut by our own aligner (the pipeline's first stage)."""
+    folder = tmp_path_factory.mktemp("aligned")
+    faces = DetectFaces(_blur_cfg()).process(_row(t1_path))["payload"].faces
+    paths = []
+    for f in faces[:3]:
+        paths.append(folder / f"face{f.face_index}.png")
+        Image.fromarray(f.crop).save(paths[-1])
+    return paths, [f.kps5 for f in faces[:3]]
+
+
+def test_aligned_mode_on_our_own_aligned_crops(tmp_path, aligned_crops):
+    cfg = _blur_cfg("input.mode=aligned")
+    template = template_in_crop(128, cfg.alignment.padding, cfg.alignment.shift)
+    by_detector = DetectFaces(_blur_cfg("input.mode=aligned", "input.aligned_keypoints=detector"))
+    paths, kps = aligned_crops
+    for path, cut_at in zip(paths, kps):
+        image = np.asarray(Image.open(path))
+        row = DetectFaces(cfg).process(_row(path, tmp_path / path.name))
+        (face,) = row["payload"].faces
+        # The crop is the image itself (already face_size): no detection, no warp.
+        assert np.array_equal(face.crop, image) and np.allclose(face.matrix, [[1, 0, 0], [0, 1, 0]])
+        assert face.id_keypoints == "template" and np.allclose(face.kps5, template)
+        assert row["payload"].faces_from == "aligned"
+        # The detector run in the crop finds the face where our aligner put it (the keypoints the crop was cut
+        # at, within 5 px of 128: dlib refits its landmarks); the template is the mean face's: near, not equal (a least-squares fit).
+        (det,) = by_detector.process(_row(path))["payload"].faces
+        assert det.id_keypoints == "detector"
+        assert np.linalg.norm(det.kps5 - cut_at, axis=1).mean() < 5.0
+        assert np.linalg.norm(det.kps5 - template, axis=1).mean() < 0.1 * 128
+        # No paste-back: the anonymized crop is the written image, at the input's size, all of it changed.
+        rows = _merge(cfg, _through(AnonymizeFaces(cfg), row))
+        assert [r["status"] for r in rows] == ["ok"] and rows[0]["id_keypoints"] == "template"
+        assert rows[0]["detector"] == "aligned" and rows[0]["method_applied"].startswith("blur")
+        written = np.asarray(Image.open(tmp_path / path.name))
+        assert written.shape == image.shape and not np.array_equal(written, image)
+        assert np.abs(written.astype(int) - image.astype(int))[:16].mean() > 2  # far from the face box too
+
+    # A non-square aligned image (128 wide, 100 high) at face_size 64: centre-padded in, the output keeps its size.
+    cut = tmp_path / "wide.png"
+    Image.fromarray(np.asarray(Image.open(paths[0]))[14:114]).save(cut)
+    cfg64 = _blur_cfg("input.mode=aligned", "alignment.face_size=64")
+    row = DetectFaces(cfg64).process(_row(cut, tmp_path / "out-wide.png"))
+    assert row["payload"].faces[0].crop.shape == (64, 64, 3)
+    _merge(cfg64, _through(AnonymizeFaces(cfg64), row))
+    assert np.asarray(Image.open(tmp_path / "out-wide.png")).shape == (100, 128, 3)
+
+
+def test_aligned_mode_on_tom_hanks_with_reverse_personalization(tmp_path, tiny_dir):
+    """insightface's bundled 112 px ArcFace-aligned crop, anonymized as one aligned face."""
+    src = insightface_image("Tom_Hanks_54745.png")
+    image = np.asarray(Image.open(src).convert("RGB"))
+    cfg = _rp_cfg(tiny_dir, "input.mode=aligned", "input.aligned_keypoints=detector")
+    stage = DetectFaces(cfg)
+    row = stage.process(_row(src, tmp_path / "tom.png"))
+    (face,) = row["payload"].faces
+    assert face.crop.shape == (64, 64, 3) and face.id_keypoints == "detector"
+    # The detector's keypoints, back in image px, sit at ArcFace's own 112 px template (how it was aligned).
+    from insightface.utils.face_align import arcface_dst
+
+    assert np.linalg.norm(face.kps5 * 112 / 64 - arcface_dst, axis=1).mean() < 6.0
+    # The identity embedding was made here, on the CPU stage: unit norm, the embedder's own result.
+    assert face.id_embedding.shape == (512,) and abs(np.linalg.norm(face.id_embedding) - 1) < 1e-4
+    assert np.allclose(face.id_embedding, stage.embedder.embed(face.crop, face.kps5), atol=1e-5)
+    rows = _merge(cfg, _through(AnonymizeFaces(cfg), row))
+    (r,) = rows
+    assert r["status"] == "ok" and r["method_applied"].startswith("reverse_personalization")
+    assert r["id_keypoints"] == "detector" and r["image_width"] == 112
+    written = np.asarray(Image.open(tmp_path / "tom.png"))
+    assert written.shape == image.shape and np.abs(written.astype(int) - image.astype(int)).mean() > 10
+
+
+def test_aligned_mode_fallbacks_cover_the_whole_image(tmp_path, tiny_dir, aligned_crops):
+    path = aligned_crops[0][0]
+    image = np.asarray(Image.open(path))
+    cfg = _rp_cfg(tiny_dir, "input.mode=aligned", "anonymizer.fallback=mask", "alignment.face_size=128")
+    row = DetectFaces(cfg).process(_row(path, tmp_path / "gen-fails.png"))
+    anonymizer = Anonymizer(cfg)
+
+    def broken(*a, **k):
+        raise RuntimeError("generation exploded")
+
+    anonymizer.rp.generate = broken
+    anonymizer(row["payload"].faces)
+    (r,) = _merge(cfg, row)
+    assert r["method_applied"].startswith("mask") and "generation exploded" in r["face_error"]
+    written = np.asarray(Image.open(tmp_path / "gen-fails.png"))
+    assert written.shape == image.shape and (written == 0).all()  # every pixel, not just the face box
+    # No anonymized crop at all (merge's own fallback): the whole image, too.
+    face = dataclasses.replace(row["payload"].faces[0], anon_crop=None, face_error=None, method_applied=None)
+    out = image.copy()
+    assert compose.replace_whole(out, [face], cfg.anonymizer) is None
+    assert face.method_applied == "mask (whole image)" and (out == 0).all()
+
+
+# -- annotations mode ---------------------------------------------------------------------------------------
+
+def _table_from(faces, path, landmarks=True, shuffle=True) -> str:
+    rows = [{"path": "t1.jpg", "x0": float(f.box[0]), "y0": float(f.box[1]), "x1": float(f.box[2]),
+             "y1": float(f.box[3]), "score": f.det_score,
+             **({"landmarks": f.landmarks.tolist()} if landmarks else {})} for f in faces]
+    if shuffle:
+        random.Random(0).shuffle(rows)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+def test_annotations_from_detect_modes_own_faces_reproduce_them(tmp_path, tiny_dir, t1_path):
+    """Fed detect mode's own boxes and landmarks (in another order), annotations mode gives the same faces: the
+    same order, seeds, crops, keypoints and identity embeddings, and the same written image."""
+    rp = _rp_cfg(tiny_dir, "alignment.face_size=128")
+    detected = DetectFaces(rp).process(_row(t1_path))
+    faces = detected["payload"].faces
+    assert len(faces) == 6
+    for landmarks, keypoints in ((True, "annotations"), (False, "predictor")):
+        uri = _table_from(faces, tmp_path / f"ann-{landmarks}.parquet", landmarks=landmarks)
+        cfg = _rp_cfg(tiny_dir, "alignment.face_size=128", "input.mode=annotations", f"input.annotations={uri}")
+        row = DetectFaces(cfg).process(_with_table(cfg, t1_path, "t1.jpg") | _row(t1_path))
+        got = row["payload"].faces
+        assert row["payload"].faces_from == "annotations" and row["notes"] == ""
+        assert [g.face_index for g in got] == [f.face_index for f in faces]
+        for f, g in zip(faces, got):
+            assert np.array_equal(f.box, g.box) and f.seed == g.seed and f.det_score == g.det_score
+            assert np.array_equal(f.landmarks, g.landmarks)  # box only: dlib's predictor, as the dlib backend
+            assert np.array_equal(f.crop, g.crop) and np.array_equal(f.kps5, g.kps5)
+            assert np.array_equal(f.id_embedding, g.id_embedding) and g.id_keypoints == keypoints
+    # The written images are byte-identical (blur: the anonymizer adds nothing of its own here).
+    blur = _blur_cfg()
+    uri = _table_from(faces, tmp_path / "ann.parquet")
+    ann_cfg = _blur_cfg("input.mode=annotations", f"input.annotations={uri}")
+    for cfg, name, extra in ((blur, "detect.png", {}), (ann_cfg, "annotations.png", _with_table(ann_cfg, t1_path, "t1.jpg"))):
+        row = DetectFaces(cfg).process(extra | _row(t1_path, tmp_path / name, rel="t1.jpg"))
+        rows = _merge(cfg, _through(AnonymizeFaces(cfg), row))
+        assert len(rows) == 6 and {r["status"] for r in rows} == {"ok"}
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "detect.png")),
+                          np.asarray(Image.open(tmp_path / "annotations.png")))
+
+
+@pytest.mark.slow
+def test_annotations_job_reports_bad_rows_missing_images_and_images_without_rows(ray_session, tmp_path, t1_path):
+    """One Ray job: the annotations travel in the plan's blocks; every problem is a manifest entry, none fatal."""
+    import shutil
+
+    src = tmp_path / "in"
+    (src / "people").mkdir(parents=True)
+    shutil.copy(t1_path, src / "people" / "t1.jpg")
+    shutil.copy(insightface_image("mask_white.jpg"), src / "no_rows.jpg")
+    faces = DetectFaces(_blur_cfg()).process(_row(t1_path))["payload"].faces
+    lines = ["path,x0,y0,x1,y1,landmarks"]
+    for f in faces:  # box only for even faces, 68 points as text for odd ones
+        lm = " ".join(f"{v:g}" for v in f.landmarks.ravel()) if f.face_index % 2 else ""
+        lines.append(f"people/t1.jpg,{','.join(f'{v:g}' for v in f.box)},\"{lm}\"")
+    lines.append(f"{src}/people/t1.jpg,5000,5000,5100,5100,")  # row 6: outside the image, by full path
+    lines.append("people/gone.jpg,1,1,20,20,")  # row 7: an image that is not in the input
+    (tmp_path / "ann.csv").write_text("\n".join(lines) + "\n")
+    cfg = _blur_cfg("input.mode=annotations", f"input.annotations={tmp_path / 'ann.csv'}",
+                    "input.annotations_missing=withhold")
+    from rp_distributed.pipeline import run_job
+
+    result = run_job(cfg, str(src), str(tmp_path / "out"), progress=False, report=False)
+    rows = manifest.read_manifest(str(tmp_path / "out"), "_manifest").to_pylist()
+    t1 = [r for r in rows if r["rel_path"] == "people/t1.jpg"]
+    assert len(t1) == 6 and {r["status"] for r in t1} == {"ok"} and {r["detector"] for r in t1} == {"annotations"}
+    assert {r["id_keypoints"] for r in t1} == {"annotations", "predictor"}
+    assert "annotations row 6: box [5000, 5000, 5100, 5100] lies outside the 1280x886 image: ignored" in t1[0]["notes"]
+    (nr,) = [r for r in rows if r["rel_path"] == "no_rows.jpg"]
+    assert nr["status"] == "withheld" and "input.annotations_missing=withhold" in nr["error"]
+    assert nr["output_uri"] is None and not (tmp_path / "out" / "no_rows.png").exists()
+    (gone,) = [r for r in rows if r["rel_path"] == "people/gone.jpg"]
+    assert gone["status"] == "error" and "row(s) 7 name an image that is not in the input" in gone["error"]
+    assert result.summary["by_status"] == {"ok": 1, "no_face": 0, "withheld": 1, "error": 1}
+
+
+# -- attribute prompts from a side table --------------------------------------------------------------------
+
+def test_side_table_prompts_reach_exactly_the_faces_they_name(tmp_path, tiny_dir, t1_path):
+    base = ["diffusion.attribute_prompt=a photo of a person", "detection.max_faces=4"]
+    plain = _rp_cfg(tiny_dir, *base)
+    faces = DetectFaces(plain).process(_row(t1_path))["payload"].faces
+    b3 = faces[3].box
+    table = tmp_path / "prompts.csv"
+    table.write_text("path,face_index,x0,y0,x1,y1,age,sex\n"
+                     "t1.jpg,1,,,,,old,man\n"                                        # face 1 by index
+                     f"t1.jpg,,{b3[0] + 2:g},{b3[1] - 1:g},{b3[2]:g},{b3[3] + 3:g},young,woman\n"  # face 3 by box
+                     "t1.jpg,9,,,,,old,woman\n")                                       # no such face
+    cfg = _rp_cfg(tiny_dir, *base, f"prompts.table={table}", "prompts.template=a photo of an {age} {sex}")
+    runs = {}
+    for name, c, extra in (("plain", plain, {}), ("table", cfg, _with_table(cfg, t1_path, "t1.jpg"))):
+        row = DetectFaces(c).process(extra | _row(t1_path, tmp_path / f"{name}.png", rel="t1.jpg"))
+        runs[name] = row
+        _through(AnonymizeFaces(c), row)  # batches of 3: faces with different prompts share UNet calls
+    want = ["a photo of a person", "a photo of an old man", "a photo of a person", "a photo of an young woman"]
+    got = runs["table"]["payload"].faces
+    assert [f.prompt for f in got[:4]] == want
+    assert "prompts row 2: face_index 9 names no face" in runs["table"]["notes"]
+    for i, (f, g) in enumerate(zip(runs["plain"]["payload"].faces[:4], got)):
+        assert f.method_applied == g.method_applied == "reverse_personalization"
+        if i in (1, 3):
+            assert np.abs(f.anon_crop.astype(int) - g.anon_crop.astype(int)).mean() > 1, i
+        else:
+            assert np.array_equal(f.anon_crop, g.anon_crop), i
+    # The manifest records the prompt each face was generated with.
+    rows = sorted(_merge(cfg, runs["table"]), key=lambda r: r["face_index"])
+    assert [r["attribute_prompt"] for r in rows[:4]] == want
+    assert [r["attribute_prompt"] for r in rows[4:]] == [None, None]  # beyond max_faces: blurred, not generated
+
+
+def test_a_batch_mixing_prompts_equals_the_faces_run_one_by_one(tiny_dir, t1_path):
+    cfg = _rp_cfg(tiny_dir)
+    faces = DetectFaces(cfg).process(_row(t1_path))["payload"].faces[:3]
+    for f, p in zip(faces, ["an old man", None, "a young woman"]):
+        f.prompt = p
+    anonymizer = Anonymizer(cfg)
+    together = [dataclasses.replace(f) for f in faces]
+    anonymizer(together)  # one chunk of 3 (anonymizer.face_batch_size=3)
+    for f, t in zip(faces, together):
+        (alone,) = [dataclasses.replace(f)]
+        anonymizer([alone])
+        assert alone.prompt == t.prompt and alone.method_applied == t.method_applied == "reverse_personalization"
+        # As the stage's batch-independence test: equal up to float rounding across batch shapes (<= 1 level).
+        assert np.abs(alone.anon_crop.astype(int) - t.anon_crop.astype(int)).max() <= 1
+    # ... and the prompt does change the face it is given (the comparison above can fail).
+    other = dataclasses.replace(faces[0], prompt=None)
+    anonymizer([other])
+    assert np.abs(other.anon_crop.astype(int) - together[0].anon_crop.astype(int)).mean() > 1
