@@ -46,8 +46,26 @@ def _through(stage, row):
     return out
 
 
-def _merge(cfg, row) -> list[dict]:
-    return MergeAndWrite(cfg, "run", cfg.detection.backend, anonymization_fingerprint(cfg)).process(row)
+@pytest.fixture(scope="module")
+def merge():
+    """One merge stage for every test here (its checks load dlib's models once); it reads only settings these
+    tests share (privacy, feather, output encoding), and the payload says whether the input was aligned."""
+    cfg = _blur_cfg()
+    return MergeAndWrite(cfg, "run", cfg.detection.backend, anonymization_fingerprint(cfg)).process
+
+
+@pytest.fixture(scope="module")
+def rp_anonymizer(tiny_dir):
+    """One tiny-model anonymizer (64 px, no escalation, mask fallback) for every diffusion test here."""
+    return Anonymizer(_rp_cfg(tiny_dir, "anonymizer.fallback=mask"))
+
+
+@pytest.fixture(scope="module")
+def t1_rp(tiny_dir, t1_path):
+    """t1.jpg's faces as reverse personalization's first stage makes them at 64 px (crops, embeddings)."""
+    row = DetectFaces(_rp_cfg(tiny_dir)).process(_row(t1_path))
+    assert len(row["payload"].faces) == 6
+    return row["payload"].faces
 
 
 def _with_table(cfg, path, rel) -> dict:
@@ -72,7 +90,7 @@ def aligned_crops(tmp_path_factory, t1_path):
     return paths, [f.kps5 for f in faces[:3]]
 
 
-def test_aligned_mode_on_our_own_aligned_crops(tmp_path, aligned_crops):
+def test_aligned_mode_on_our_own_aligned_crops(tmp_path, aligned_crops, merge):
     cfg = _blur_cfg("input.mode=aligned")
     template = template_in_crop(128, cfg.alignment.padding, cfg.alignment.shift)
     by_detector = DetectFaces(_blur_cfg("input.mode=aligned", "input.aligned_keypoints=detector"))
@@ -92,7 +110,7 @@ def test_aligned_mode_on_our_own_aligned_crops(tmp_path, aligned_crops):
         assert np.linalg.norm(det.kps5 - cut_at, axis=1).mean() < 5.0
         assert np.linalg.norm(det.kps5 - template, axis=1).mean() < 0.1 * 128
         # No paste-back: the anonymized crop is the written image, at the input's size, all of it changed.
-        rows = _merge(cfg, _through(AnonymizeFaces(cfg), row))
+        rows = merge(_through(AnonymizeFaces(cfg), row))
         assert [r["status"] for r in rows] == ["ok"] and rows[0]["id_keypoints"] == "template"
         assert rows[0]["detector"] == "aligned" and rows[0]["method_applied"].startswith("blur")
         written = np.asarray(Image.open(tmp_path / path.name))
@@ -105,11 +123,11 @@ def test_aligned_mode_on_our_own_aligned_crops(tmp_path, aligned_crops):
     cfg64 = _blur_cfg("input.mode=aligned", "alignment.face_size=64")
     row = DetectFaces(cfg64).process(_row(cut, tmp_path / "out-wide.png"))
     assert row["payload"].faces[0].crop.shape == (64, 64, 3)
-    _merge(cfg64, _through(AnonymizeFaces(cfg64), row))
+    merge(_through(AnonymizeFaces(cfg64), row))
     assert np.asarray(Image.open(tmp_path / "out-wide.png")).shape == (100, 128, 3)
 
 
-def test_aligned_mode_on_tom_hanks_with_reverse_personalization(tmp_path, tiny_dir):
+def test_aligned_mode_on_tom_hanks_with_reverse_personalization(tmp_path, tiny_dir, rp_anonymizer, merge):
     """insightface's bundled 112 px ArcFace-aligned crop, anonymized as one aligned face."""
     src = insightface_image("Tom_Hanks_54745.png")
     image = np.asarray(Image.open(src).convert("RGB"))
@@ -125,27 +143,27 @@ def test_aligned_mode_on_tom_hanks_with_reverse_personalization(tmp_path, tiny_d
     # The identity embedding was made here, on the CPU stage: unit norm, the embedder's own result.
     assert face.id_embedding.shape == (512,) and abs(np.linalg.norm(face.id_embedding) - 1) < 1e-4
     assert np.allclose(face.id_embedding, stage.embedder.embed(face.crop, face.kps5), atol=1e-5)
-    rows = _merge(cfg, _through(AnonymizeFaces(cfg), row))
-    (r,) = rows
+    rp_anonymizer(row["payload"].faces)
+    (r,) = merge(row)
     assert r["status"] == "ok" and r["method_applied"].startswith("reverse_personalization")
     assert r["id_keypoints"] == "detector" and r["image_width"] == 112
     written = np.asarray(Image.open(tmp_path / "tom.png"))
     assert written.shape == image.shape and np.abs(written.astype(int) - image.astype(int)).mean() > 10
 
 
-def test_aligned_mode_fallbacks_cover_the_whole_image(tmp_path, tiny_dir, aligned_crops):
+def test_aligned_mode_fallbacks_cover_the_whole_image(tmp_path, tiny_dir, aligned_crops, rp_anonymizer, merge,
+                                                     monkeypatch):
     path = aligned_crops[0][0]
     image = np.asarray(Image.open(path))
-    cfg = _rp_cfg(tiny_dir, "input.mode=aligned", "anonymizer.fallback=mask", "alignment.face_size=128")
+    cfg = _rp_cfg(tiny_dir, "input.mode=aligned", "anonymizer.fallback=mask")
     row = DetectFaces(cfg).process(_row(path, tmp_path / "gen-fails.png"))
-    anonymizer = Anonymizer(cfg)
 
     def broken(*a, **k):
         raise RuntimeError("generation exploded")
 
-    anonymizer.rp.generate = broken
-    anonymizer(row["payload"].faces)
-    (r,) = _merge(cfg, row)
+    monkeypatch.setattr(rp_anonymizer.rp, "generate", broken)
+    rp_anonymizer(row["payload"].faces)
+    (r,) = merge(row)
     assert r["method_applied"].startswith("mask") and "generation exploded" in r["face_error"]
     written = np.asarray(Image.open(tmp_path / "gen-fails.png"))
     assert written.shape == image.shape and (written == 0).all()  # every pixel, not just the face box
@@ -168,13 +186,14 @@ def _table_from(faces, path, landmarks=True, shuffle=True) -> str:
     return str(path)
 
 
-def test_annotations_from_detect_modes_own_faces_reproduce_them(tmp_path, tiny_dir, t1_path):
+def test_annotations_from_detect_modes_own_faces_reproduce_them(tmp_path, tiny_dir, t1_path, t1_rgb):
     """Fed detect mode's own boxes and landmarks (in another order), annotations mode gives the same faces: the
-    same order, seeds, crops, keypoints and identity embeddings, and the same written image."""
+    same order, seeds, crops, keypoints and identity embeddings, and the same anonymized image."""
     rp = _rp_cfg(tiny_dir, "alignment.face_size=128")
-    detected = DetectFaces(rp).process(_row(t1_path))
-    faces = detected["payload"].faces
+    faces = DetectFaces(rp).process(_row(t1_path))["payload"].faces
     assert len(faces) == 6
+    blur = Anonymizer(_blur_cfg())
+    images = []
     for landmarks, keypoints in ((True, "annotations"), (False, "predictor")):
         uri = _table_from(faces, tmp_path / f"ann-{landmarks}.parquet", landmarks=landmarks)
         cfg = _rp_cfg(tiny_dir, "alignment.face_size=128", "input.mode=annotations", f"input.annotations={uri}")
@@ -187,16 +206,14 @@ def test_annotations_from_detect_modes_own_faces_reproduce_them(tmp_path, tiny_d
             assert np.array_equal(f.landmarks, g.landmarks)  # box only: dlib's predictor, as the dlib backend
             assert np.array_equal(f.crop, g.crop) and np.array_equal(f.kps5, g.kps5)
             assert np.array_equal(f.id_embedding, g.id_embedding) and g.id_keypoints == keypoints
-    # The written images are byte-identical (blur: the anonymizer adds nothing of its own here).
-    blur = _blur_cfg()
-    uri = _table_from(faces, tmp_path / "ann.parquet")
-    ann_cfg = _blur_cfg("input.mode=annotations", f"input.annotations={uri}")
-    for cfg, name, extra in ((blur, "detect.png", {}), (ann_cfg, "annotations.png", _with_table(ann_cfg, t1_path, "t1.jpg"))):
-        row = DetectFaces(cfg).process(extra | _row(t1_path, tmp_path / name, rel="t1.jpg"))
-        rows = _merge(cfg, _through(AnonymizeFaces(cfg), row))
-        assert len(rows) == 6 and {r["status"] for r in rows} == {"ok"}
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "detect.png")),
-                          np.asarray(Image.open(tmp_path / "annotations.png")))
+        # Anonymized and merged as the stages do it (blur: nothing of the anonymizer's own), the same image.
+        for batch in ([dataclasses.replace(f) for f in faces], got) if landmarks else (got,):
+            blur(batch)
+            image = t1_rgb.copy()
+            assert compose.apply_faces(image, batch, 0.08, blur.acfg) is None
+            images.append(image)
+    assert not np.array_equal(images[0], t1_rgb)
+    assert all(np.array_equal(images[0], im) for im in images[1:])
 
 
 @pytest.mark.slow
@@ -236,53 +253,46 @@ def test_annotations_job_reports_bad_rows_missing_images_and_images_without_rows
 
 # -- attribute prompts from a side table --------------------------------------------------------------------
 
-def test_side_table_prompts_reach_exactly_the_faces_they_name(tmp_path, tiny_dir, t1_path):
-    base = ["diffusion.attribute_prompt=a photo of a person", "detection.max_faces=4"]
-    plain = _rp_cfg(tiny_dir, *base)
-    faces = DetectFaces(plain).process(_row(t1_path))["payload"].faces
-    b3 = faces[3].box
+def test_side_table_prompts_reach_exactly_the_faces_they_name(tmp_path, tiny_dir, t1_path, t1_rp, rp_anonymizer):
+    job_prompt = "a photo of a person"
+    b3 = t1_rp[3].box
     table = tmp_path / "prompts.csv"
     table.write_text("path,face_index,x0,y0,x1,y1,age,sex\n"
                      "t1.jpg,1,,,,,old,man\n"                                        # face 1 by index
                      f"t1.jpg,,{b3[0] + 2:g},{b3[1] - 1:g},{b3[2]:g},{b3[3] + 3:g},young,woman\n"  # face 3 by box
                      "t1.jpg,9,,,,,old,woman\n")                                       # no such face
-    cfg = _rp_cfg(tiny_dir, *base, f"prompts.table={table}", "prompts.template=a photo of an {age} {sex}")
-    runs = {}
-    for name, c, extra in (("plain", plain, {}), ("table", cfg, _with_table(cfg, t1_path, "t1.jpg"))):
-        row = DetectFaces(c).process(extra | _row(t1_path, tmp_path / f"{name}.png", rel="t1.jpg"))
-        runs[name] = row
-        _through(AnonymizeFaces(c), row)  # batches of 3: faces with different prompts share UNet calls
-    want = ["a photo of a person", "a photo of an old man", "a photo of a person", "a photo of an young woman"]
-    got = runs["table"]["payload"].faces
-    assert [f.prompt for f in got[:4]] == want
-    assert "prompts row 2: face_index 9 names no face" in runs["table"]["notes"]
-    for i, (f, g) in enumerate(zip(runs["plain"]["payload"].faces[:4], got)):
+    cfg = _rp_cfg(tiny_dir, f"diffusion.attribute_prompt={job_prompt}", f"prompts.table={table}",
+                  "prompts.template=a photo of an {age} {sex}")
+    row = DetectFaces(cfg).process(_with_table(cfg, t1_path, "t1.jpg") | _row(t1_path))
+    got = row["payload"].faces[:4]
+    want = [job_prompt, "a photo of an old man", job_prompt, "a photo of an young woman"]
+    assert [f.prompt for f in got] == want
+    assert "prompts row 2: face_index 9 names no face" in row["notes"]
+    plain = [dataclasses.replace(f, prompt=job_prompt) for f in t1_rp[:4]]  # the same faces, the job's prompt
+    for batch in (plain, got):
+        rp_anonymizer(batch)  # chunks of 3: faces with different prompts share UNet calls
+    for i, (f, g) in enumerate(zip(plain, got)):
         assert f.method_applied == g.method_applied == "reverse_personalization"
         if i in (1, 3):
             assert np.abs(f.anon_crop.astype(int) - g.anon_crop.astype(int)).mean() > 1, i
         else:
             assert np.array_equal(f.anon_crop, g.anon_crop), i
     # The manifest records the prompt each face was generated with.
-    rows = sorted(_merge(cfg, runs["table"]), key=lambda r: r["face_index"])
-    assert [r["attribute_prompt"] for r in rows[:4]] == want
-    assert [r["attribute_prompt"] for r in rows[4:]] == [None, None]  # beyond max_faces: blurred, not generated
+    image_row = {"output_uri": "x"}
+    assert [manifest.face_row(image_row, g, 0.6)["attribute_prompt"] for g in got] == want
 
 
-def test_a_batch_mixing_prompts_equals_the_faces_run_one_by_one(tiny_dir, t1_path):
-    cfg = _rp_cfg(tiny_dir)
-    faces = DetectFaces(cfg).process(_row(t1_path))["payload"].faces[:3]
-    for f, p in zip(faces, ["an old man", None, "a young woman"]):
-        f.prompt = p
-    anonymizer = Anonymizer(cfg)
+def test_a_batch_mixing_prompts_equals_the_faces_run_one_by_one(t1_rp, rp_anonymizer):
+    faces = [dataclasses.replace(f, prompt=p) for f, p in zip(t1_rp, ["an old man", None, "a young woman"])]
     together = [dataclasses.replace(f) for f in faces]
-    anonymizer(together)  # one chunk of 3 (anonymizer.face_batch_size=3)
+    rp_anonymizer(together)  # one chunk of 3 (anonymizer.face_batch_size=3)
     for f, t in zip(faces, together):
-        (alone,) = [dataclasses.replace(f)]
-        anonymizer([alone])
+        alone = dataclasses.replace(f)
+        rp_anonymizer([alone])
         assert alone.prompt == t.prompt and alone.method_applied == t.method_applied == "reverse_personalization"
         # As the stage's batch-independence test: equal up to float rounding across batch shapes (<= 1 level).
         assert np.abs(alone.anon_crop.astype(int) - t.anon_crop.astype(int)).max() <= 1
-    # ... and the prompt does change the face it is given (the comparison above can fail).
+    # ... and the prompt does change the face it is given (so the comparison above can fail).
     other = dataclasses.replace(faces[0], prompt=None)
-    anonymizer([other])
+    rp_anonymizer([other])
     assert np.abs(other.anon_crop.astype(int) - together[0].anon_crop.astype(int)).mean() > 1
