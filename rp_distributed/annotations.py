@@ -272,11 +272,16 @@ def orphan_row(orphan: dict, input_uri: str, run_id: str, fingerprint: str) -> d
 
 # -- the worker side: one image's rows --------------------------------------------------------------------
 
+def _absent(v) -> bool:
+    return v is None or (isinstance(v, (float, np.floating)) and np.isnan(v))
+
+
 def _rows(value) -> list[dict]:
-    """A plan cell as Ray hands it (an array of dicts, a list, or None) as a list of dicts."""
-    if value is None:
+    """A plan cell as Ray hands it (an array of dicts, a list, or None) as a list of dicts, a null field as None
+    (however the conversion spelled it: None or NaN)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
         return []
-    return [dict(r) for r in list(value)]
+    return [{k: None if _absent(v) else v for k, v in dict(r).items()} for r in list(value)]
 
 
 @dataclass

@@ -1,8 +1,11 @@
 """The anonymization job, top to bottom, as one streaming Ray Data pipeline.
 
     plan (driver, plan.py)                        {input_uri, rel_path, output_uri, stale_output_uri, error, notes}
+                                                    [+ annotations, prompts: the side tables' rows, annotations.py]
       -> DetectFaces      CPU actor pool          + status, error, notes, width, height, t_read_s, t_detect_s,
-                                                    payload: ImagePayload(source bytes, faces: [Face + crop])
+                                                    payload: ImagePayload(source bytes, faces: [Face + crop,
+                                                    prompt, id_embedding]); faces by input.mode: detect,
+                                                    annotations (the row's table rows) or aligned (the image)
       -> AnonymizeFaces   GPU (or CPU) actor pool   each Face: + anon_crop, method_applied, tries, ...; - crop
       -> MergeAndWrite    CPU actor pool          -> manifest rows (one per face / per faceless image)
     manifest parts (driver)                       OUTPUT/_manifest/part-<run>-<n>.parquet
@@ -330,7 +333,8 @@ def end_worker(exc: BaseException) -> None:
 # -- stage 3: merge back, score, write --------------------------------------------------------------------
 
 class MergeAndWrite:
-    """Paste the anonymized faces back (``compose.apply_faces``), check every written face
+    """Paste the anonymized faces back (``compose.apply_faces``; an aligned input is replaced whole,
+    ``compose.replace_whole``), check every written face
     (``scoring.FaceChecks``), write the image, and return its manifest rows (``manifest.face_row``)."""
 
     def __init__(self, cfg: JobConfig, run_id: str, detector_name: str, fingerprint: str | None = None):
