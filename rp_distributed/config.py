@@ -226,6 +226,22 @@ class DiffusionConfig(_Section):
         "per_face", description="fixed: every face uses `seed` (reference); per_face: derived from seed, input and face index"
     )
     arcface_providers: list[str] = ["CPUExecutionProvider"]
+    # The hot loop (issue 13).
+    unet_batch_size: int | Literal["auto"] = Field(
+        "auto", description="(timestep, face) samples per UNet call, each carried by both guidance branches; "
+        "inversion packs its 100 independent calls per face into calls of this size. auto: on CUDA the largest "
+        "size a peak-memory probe at start-up fits into 85% of free memory (at most 64); on CPU 8")
+    compile: bool = Field(False, description="torch.compile the UNet (channels_last, every call padded to "
+                          "unet_batch_size so escalation tails never recompile)")
+    sdpa_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = Field(
+        "auto", description="scaled-dot-product attention kernel; auto: torch's choice")
+
+    @field_validator("unet_batch_size")
+    @classmethod
+    def _positive_batch(cls, v):
+        if v != "auto" and not 1 <= int(v) <= 256:
+            raise ValueError(f"must be 'auto' or in [1, 256], got {v}")
+        return v
 
     @field_validator("guidance_scale")
     @classmethod

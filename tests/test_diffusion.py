@@ -125,16 +125,81 @@ def test_fidelity_against_expected():
 # --------------------------------------------------------------------------- solver properties
 
 
-def test_inversion_conditioning_reconstructs_x0(rp, crops, ids):
-    inv = rp.invert(crops[:2], [0, 1])
-    assert inv.zs.shape == (STEPS, 2, 4, SIZE // 2, SIZE // 2)
+def sequential_invert(rp, crops, seeds, g: float = -10.0):
+    """The inversion loop as ALGORITHM.md writes it: one UNet call per step and the re-anchoring
+    x_{t_{i+1}} := mu_i + sigma_i z_i, with the library's step (its math is pinned by the fidelity case):
+    the reference the batched inversion must match to rounding."""
+    from rp_distributed.diffusion.reverse import Inversion
+
+    ac = rp.pipe.scheduler.alphas_cumprod.to(torch.float64)
+    alpha, sigma = torch.sqrt(ac).tolist(), torch.sqrt(1 - ac).tolist()
+    ts = [int(t) for t in rp.timesteps()]
+    x0 = rp.encode(crops)
+    b = len(crops)
+    noise = torch.empty((len(ts),) + tuple(x0.shape))
+    for j, seed in enumerate(seeds):
+        gen = torch.Generator().manual_seed(seed)
+        for i in reversed(range(len(ts))):
+            noise[i, j] = torch.randn(tuple(x0.shape[1:]), generator=gen)
+    xs = [alpha[t] * x0 + sigma[t] * noise[i] for i, t in enumerate(ts)] + [x0]
+    cond = rp.build_conditioning([None] * b, None, (crops[0].shape[0], crops[0].shape[1]))
+    gs = torch.full((b, 1, 1, 1), g)
+    zs, prev = torch.empty_like(noise), None
+    for i, t in enumerate(ts):
+        eps = rp._eps(xs[i], torch.full((b,), t), cond, gs)
+        mu, std, prev = rp._step(xs[i], eps, i, prev)
+        zs[i] = (xs[i + 1] - mu) / std
+        xs[i + 1] = mu + std * zs[i]
+    return Inversion(x0=x0, xT=xs[0], zs=zs, seeds=list(seeds), image_size=tuple(crops[0].shape[:2]),
+                     timesteps=np.array(ts))
+
+
+def test_inversion_conditioning_reconstructs_x0(rp, seq_inv, ids):
+    """Generation replays the inversion recurrence exactly: on the sequential inversion, the inversion
+    conditioning returns x0 to float32 rounding (bit-exact replay of the same operations)."""
+    inv = seq_inv
     _, lat = rp.generate(inv, conditioning="inversion", return_latents=True)
     assert (lat - inv.x0).abs().max().item() < 1e-5
     # a zero identity without prompt is the inversion conditioning (x0 again); a real identity moves away
     zeros = np.zeros((2, 512), np.float32)
-    _, lat_g = rp.generate(inv.select([0, 1, 0, 1]), np.concatenate([zeros, ids[:2]]), return_latents=True)
-    assert (lat_g[:2] - inv.x0).abs().max().item() < 1e-5
-    assert (lat_g[2:] - inv.x0).abs().max().item() > 1e-2
+    _, lat_g = rp.generate(inv, zeros, return_latents=True)
+    assert (lat_g - inv.x0).abs().max().item() < 1e-5
+    _, lat_i = rp.generate(inv, ids[:2], return_latents=True)
+    assert (lat_i - inv.x0).abs().max().item() > 1e-2
+
+
+@pytest.fixture(scope="module")
+def seq_inv(rp, crops):
+    return sequential_invert(rp, crops[:2], [0, 5])
+
+
+@pytest.mark.parametrize("batch_size", [3, 64])
+def test_batched_inversion_matches_sequential_loop(rp, crops, ids, seq_inv, batch_size):
+    """Issue 13: the inversion's N x B independent UNet calls run as ceil(N*B / batch_size) calls over
+    (timestep x face) and equal the sequential loop to rounding: z to ~6e-6 relative (measured), the
+    generated faces to the batch-composition tolerance. (On the tiny random model the reconstruction chain
+    amplifies 1-ulp differences a lot: perturbing x_T by 1e-7 moves the reconstruction ~2%, so bit-exact
+    replay is checked on the sequential inversion above, and here z and the generated latents are.)"""
+    seq = seq_inv
+    calls = []
+    hook = rp.unet.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    old_bs = rp.batch_size
+    try:
+        rp.batch_size = batch_size
+        inv = rp.invert(crops[:2], [0, 5])
+    finally:
+        rp.batch_size = old_bs
+        hook.remove()
+    n_samples = STEPS * 2
+    assert len(calls) == -(-n_samples // batch_size)  # ceil
+    assert sum(calls) == 2 * n_samples  # both guidance branches of every sample, once
+    assert torch.equal(inv.xT, seq.xT) and torch.equal(inv.x0, seq.x0)
+    assert rel(inv.zs, seq.zs) < 1e-4
+    for i in range(STEPS):
+        assert rel(inv.zs[i], seq.zs[i]) < 1e-4
+    _, lat = rp.generate(inv, ids[:2], return_latents=True)
+    _, lat_seq = rp.generate(seq, ids[:2], return_latents=True)
+    assert rel(lat, lat_seq) < 1e-3
 
 
 def test_unet_call_batch_invariance(rp, ids):
@@ -142,9 +207,10 @@ def test_unet_call_batch_invariance(rp, ids):
     x = torch.randn(3, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(0))
     prompts = [None, "an old man", None]
     g = torch.tensor([-10.0, -15.0, -10.0]).view(3, 1, 1, 1)
-    batched = rp._eps(x, 200, rp.build_conditioning(prompts, torch.from_numpy(ids), (SIZE, SIZE)), g)
+    t = torch.full((3,), 200)
+    batched = rp._eps(x, t, rp.build_conditioning(prompts, torch.from_numpy(ids), (SIZE, SIZE)), g)
     for i in range(3):
-        alone = rp._eps(x[i : i + 1], 200, rp.build_conditioning(prompts[i : i + 1], torch.from_numpy(ids[i : i + 1]),
+        alone = rp._eps(x[i : i + 1], t[:1], rp.build_conditioning(prompts[i : i + 1], torch.from_numpy(ids[i : i + 1]),
                                                                   (SIZE, SIZE)), g[i : i + 1])
         assert rel(alone, batched[i : i + 1]) < 3e-5
 

@@ -53,6 +53,42 @@ def inversion_timesteps(skip: float, num_steps: int) -> np.ndarray:
     return np.linspace(1000 - skip * 1000 - 1, 1, num_steps).astype(np.int64)
 
 
+# Columns of ``solver_table``: per step i, the coefficients of the DPM-Solver++ (2M, SDE) step from
+# timesteps[i] to the next timestep (train timestep 0 after the last).
+A_S, S_S, C_X, C_D, C_D1, STD = range(6)
+
+
+def solver_table(timesteps: np.ndarray, alpha: Sequence[float], sigma: Sequence[float]) -> torch.Tensor:
+    """float32 [N, 6]: alpha_s, sigma_s, c_x, c_d, c_d1, std per step, computed in float64.
+
+    x0 = (x - sigma_s eps) / alpha_s;  mu = c_x x + c_d x0 + c_d1 (x0 - x0_prev);  x_next = mu + std z,
+    with c_d1 = 0.5 c_d / r0 (0 on the first step: first order)."""
+    rows = []
+    lam = [math.log(alpha[int(t)]) - math.log(sigma[int(t)]) for t in timesteps]
+    for i, t in enumerate(timesteps):
+        t_next = int(timesteps[i + 1]) if i + 1 < len(timesteps) else 0
+        a_t, s_t = alpha[t_next], sigma[t_next]
+        h = (math.log(a_t) - math.log(s_t)) - lam[i]
+        c_x = s_t / sigma[int(t)] * math.exp(-h)
+        c_d = a_t * (1.0 - math.exp(-2.0 * h))
+        c_d1 = 0.0 if i == 0 else 0.5 * c_d * h / (lam[i] - lam[i - 1])  # 0.5 c_d / r0, r0 = h_prev / h
+        rows.append((alpha[int(t)], sigma[int(t)], c_x, c_d, c_d1, s_t * math.sqrt(1.0 - math.exp(-2.0 * h))))
+    return torch.tensor(rows, dtype=torch.float64).to(torch.float32)
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample vector [M] viewed to broadcast over latents [M, C, h, w] (or [N, B, C, h, w] with [N, 1])."""
+    return v.view(v.shape + (1,) * (like.dim() - v.dim()))
+
+
+def plan_batch_size(peak_one: int, peak_two: int, free: int, fraction: float = 0.85, cap: int = 64) -> int:
+    """The largest UNet batch (samples, each carried by both branches) whose extrapolated peak memory fits in
+    ``fraction`` of ``free`` bytes, from peaks measured at batch 1 and 2 (linear in the batch; at least 1)."""
+    per = max(peak_two - peak_one, 1)
+    base = max(peak_one - per, 0)
+    return int(max(1, min(cap, (fraction * free - base) // per)))
+
+
 @dataclass
 class Inversion:
     """Inverted latents of B faces. ``zs[i]`` is the noise of the step leaving ``timesteps[i]``."""
@@ -104,7 +140,13 @@ class ReversePersonalizer:
         self._alpha = torch.sqrt(ac).tolist()
         self._sigma = torch.sqrt(1.0 - ac).tolist()
         self._timesteps = inversion_timesteps(cfg.skip, cfg.num_inversion_steps)
+        # Everything the step loop reads lives on the device from here on: no host-to-device copy (and no
+        # launch-queue drain, no break in a CUDA graph) inside the loop (issue 13).
+        self._t_dev = torch.as_tensor(self._timesteps, dtype=torch.long, device=device)
+        self._sched = solver_table(self._timesteps, self._alpha, self._sigma).to(device)
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.batch_size = 8 if cfg.unet_batch_size == "auto" else int(cfg.unet_batch_size)
+        self.compiled = False
         self.model_info = dict(model_info or {})
         self.model_info.update(device=str(device), dtype=str(dtype).replace("torch.", ""))
 
@@ -264,45 +306,51 @@ class ReversePersonalizer:
 
     # ------------------------------------------------------------------ math
 
-    def _coef(self, t: int) -> tuple[float, float, float]:
-        a, s = self._alpha[t], self._sigma[t]
-        return a, s, math.log(a) - math.log(s)
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, cond: _Conditioning) -> torch.Tensor:
+        """Raw UNet noise predictions [2M, C, h, w] for rows [negative ; positive] of M samples at per-sample
+        timesteps ``t`` [M] (device long). Compiled: every call is padded to ``batch_size`` samples, so the
+        graph sees one shape (escalation tails and last chunks do not recompile)."""
+        m = x.shape[0]
+        rows = [torch.cat([x, x]).to(self.dtype), torch.cat([t, t]), cond.text, cond.pooled, cond.time_ids, cond.ids]
+        pad = self.batch_size - m if self.compiled else 0
+        if pad > 0:  # repeat sample 0 in both halves; its extra rows are dropped below
+            rows = [torch.cat([r[:m], r[:1].expand(pad, *r.shape[1:]), r[m:], r[m:m + 1].expand(pad, *r.shape[1:])])
+                    for r in rows]
+        inp, ts, text, pooled, time_ids, ids = rows
+        with self._attention():
+            out = self.unet(inp, ts, encoder_hidden_states=text,
+                            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids, "image_embeds": [ids]},
+                            return_dict=False)[0]
+        if pad > 0:
+            out = torch.cat([out[:m], out[m + pad:2 * m + pad]])
+        return out
+
+    def _attention(self):
+        import contextlib
+
+        if self.cfg.sdpa_backend == "auto":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                   "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[self.cfg.sdpa_backend]
+        return sdpa_kernel(backend)
 
     @torch.no_grad()
-    def _eps(self, x: torch.Tensor, t: int, cond: _Conditioning, g: torch.Tensor) -> torch.Tensor:
-        """Guided noise prediction eps_neg + g * (eps_pos - eps_neg), float32."""
-        inp = torch.cat([x, x]).to(self.dtype)
-        out = self.unet(
-            inp,
-            torch.tensor(t, dtype=torch.long, device=self.device),
-            encoder_hidden_states=cond.text,
-            added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": cond.time_ids, "image_embeds": [cond.ids]},
-            return_dict=False,
-        )[0].to(torch.float32)
-        neg, pos = out.chunk(2)
+    def _eps(self, x: torch.Tensor, t: torch.Tensor, cond: _Conditioning, g: torch.Tensor) -> torch.Tensor:
+        """Guided noise prediction eps_neg + g * (eps_pos - eps_neg) in float32; ``g`` [M, 1, 1, 1]."""
+        neg, pos = self._unet(x, t, cond).to(torch.float32).chunk(2)
         return neg + g * (pos - neg)
 
     def _step(self, x: torch.Tensor, eps: torch.Tensor, i: int, prev_x0: torch.Tensor | None):
         """DPM-Solver++ (2M, SDE) step from timesteps[i] to the next one (train timestep 0 after the last).
-        Returns (mu, noise_std, x0_pred)."""
-        ts = self._timesteps
-        t = int(ts[i])
-        t_next = int(ts[i + 1]) if i + 1 < len(ts) else 0
-        a_s, s_s, l_s = self._coef(t)
-        a_t, s_t, l_t = self._coef(t_next)
-        h = l_t - l_s
-        x0 = (x - s_s * eps) / a_s
-        c_x = s_t / s_s * math.exp(-h)
-        c_d = a_t * (1.0 - math.exp(-2.0 * h))
-        if prev_x0 is None:
-            mu = c_x * x + c_d * x0
-        else:
-            _, _, l_prev = self._coef(int(ts[i - 1]))
-            r0 = (l_s - l_prev) / h
-            d1 = (1.0 / r0) * (x0 - prev_x0)
-            mu = c_x * x + c_d * x0 + 0.5 * c_d * d1
-        std = s_t * math.sqrt(1.0 - math.exp(-2.0 * h))
-        return mu, std, x0
+        Returns (mu, noise_std, x0_pred); the coefficients are device scalars (no host sync)."""
+        c = self._sched[i]
+        x0 = (x - c[S_S] * eps) / c[A_S]
+        mu = c[C_X] * x + c[C_D] * x0
+        if prev_x0 is not None:
+            mu = mu + c[C_D1] * (x0 - prev_x0)
+        return mu, c[STD], x0
 
     def _check_crops(self, crops) -> tuple[int, int]:
         if not len(crops):
@@ -328,37 +376,77 @@ class ReversePersonalizer:
 
     # ------------------------------------------------------------------ public
 
-    @torch.no_grad()
-    def invert(self, crops: Sequence[np.ndarray], seeds: Sequence[int],
-               guidance_scales: Sequence[float] | None = None) -> Inversion:
-        """Edit-friendly inversion of B crops (RGB uint8, one size); one seeded CPU generator per face.
+    def latent_shape(self, size: tuple[int, int]) -> tuple[int, int, int]:
+        f = self.pipe.vae_scale_factor
+        return (self.unet.config.in_channels, size[0] // f, size[1] // f)
 
-        guidance_scales: per face, the g the inversion's noise maps belong to; generation must use the
-        same g (ALGORITHM.md). None = ``cfg.guidance_scale`` for all."""
-        size = self._check_crops(crops)
-        if len(seeds) != len(crops):
-            raise ValueError(f"{len(crops)} crops but {len(seeds)} seeds")
-        g = self._guidance(guidance_scales, len(crops))
-        ts = self._timesteps
-        n, b = len(ts), len(crops)
-        x0 = self.encode(crops)
-        # Noisy latents x_{t_i} = alpha x0 + sigma noise_i; per face, one draw per timestep in ascending t.
-        noise = torch.empty((n,) + tuple(x0.shape), dtype=torch.float32)
+    def draw_noise(self, seeds: Sequence[int], latent_shape: tuple[int, int, int]) -> torch.Tensor:
+        """The inversion's noise [N, B, C, h, w] float32 on the CPU: per face one seeded CPU generator, one
+        draw of the latent's shape per timestep in ascending t (the reference's stream, whatever the batch).
+        Pure CPU work with the GIL released: callers may draw the next chunk's noise in a thread while the
+        device works (``invert(noise=...)``)."""
+        n = len(self._timesteps)
+        noise = torch.empty((n, len(seeds)) + tuple(latent_shape), dtype=torch.float32)
         for j, seed in enumerate(seeds):
             gen = torch.Generator("cpu").manual_seed(int(seed))
             for i in reversed(range(n)):
-                noise[i, j] = torch.randn((1,) + tuple(x0.shape[1:]), generator=gen, dtype=self.dtype)[0].float()
-        noise = noise.to(self.device)
-        xs = [self._alpha[int(t)] * x0 + self._sigma[int(t)] * noise[i] for i, t in enumerate(ts)] + [x0]
-        cond = self.build_conditioning([None] * b, None, size)
-        zs = torch.empty((n,) + tuple(x0.shape), dtype=torch.float32, device=self.device)
-        prev = None
-        for i, t in enumerate(ts):
-            eps = self._eps(xs[i], int(t), cond, g)
-            mu, std, prev = self._step(xs[i], eps, i, prev)
-            zs[i] = (xs[i + 1] - mu) / std
-            xs[i + 1] = mu + std * zs[i]
-        return Inversion(x0=x0, xT=xs[0], zs=zs, seeds=[int(s) for s in seeds], image_size=size, timesteps=ts.copy())
+                noise[i, j] = torch.randn((1,) + tuple(latent_shape), generator=gen, dtype=self.dtype)[0]
+        return noise
+
+    def _repeat_cond(self, cond: _Conditioning, m: int) -> _Conditioning:
+        """A one-sample conditioning ([neg ; pos], 2 rows) for M samples: rows [neg x M ; pos x M]."""
+        def rep(t):
+            return torch.cat([t[:1].expand(m, *t.shape[1:]), t[1:].expand(m, *t.shape[1:])])
+
+        return _Conditioning(rep(cond.text), rep(cond.pooled), rep(cond.ids), rep(cond.time_ids))
+
+    @torch.no_grad()
+    def invert(self, crops: Sequence[np.ndarray], seeds: Sequence[int],
+               guidance_scales: Sequence[float] | None = None, noise: torch.Tensor | None = None) -> Inversion:
+        """Edit-friendly inversion of B crops (RGB uint8, one size); one seeded CPU generator per face.
+
+        guidance_scales: per face, the g the inversion's noise maps belong to; generation must use the
+        same g (ALGORITHM.md). None = ``cfg.guidance_scale`` for all. noise: ``draw_noise(seeds, ...)``,
+        drawn here when None.
+
+        Batched (issue 13): every UNet input x_{t_i} = alpha_i x0 + sigma_i noise_i is known up front, so the
+        N x B noise predictions run as a few calls of ``batch_size`` (timestep, face) samples with per-sample
+        timesteps; the solver then runs over all steps at once. The sequential loop's re-anchoring
+        x_{t_{i+1}} := mu_i + std_i z_i is the identity in exact arithmetic, so the result equals the loop's to
+        rounding, and generating with the inversion conditioning still returns x0."""
+        size = self._check_crops(crops)
+        if len(seeds) != len(crops):
+            raise ValueError(f"{len(crops)} crops but {len(seeds)} seeds")
+        n, b = len(self._timesteps), len(crops)
+        g = self._guidance(guidance_scales, b)
+        x0 = self.encode(crops)
+        if noise is None:
+            noise = self.draw_noise(seeds, tuple(x0.shape[1:]))
+        if tuple(noise.shape) != (n,) + tuple(x0.shape):
+            raise ValueError(f"noise must be {(n,) + tuple(x0.shape)}, got {tuple(noise.shape)}")
+        noise = noise.to(self.device, non_blocking=True)
+        sc = self._sched.view(n, 1, 1, 1, 1, 6)  # per step, broadcast over [N, B, C, h, w]
+        xs = sc[..., A_S] * x0 + sc[..., S_S] * noise  # [N, B, C, h, w]: the UNet inputs of all steps
+        del noise
+        flat_x = xs.view((n * b,) + tuple(x0.shape[1:]))
+        flat_t = self._t_dev.repeat_interleave(b)
+        flat_g = g.repeat(n, 1, 1, 1)
+        one = self.build_conditioning([None], None, size)
+        eps = torch.empty_like(flat_x)
+        for start in range(0, n * b, self.batch_size):
+            end = min(start + self.batch_size, n * b)
+            eps[start:end] = self._eps(flat_x[start:end], flat_t[start:end], self._repeat_cond(one, end - start),
+                                       flat_g[start:end])
+        eps = eps.view_as(xs)
+        x0_pred = (xs - sc[..., S_S] * eps) / sc[..., A_S]
+        del eps
+        mu = sc[..., C_X] * xs + sc[..., C_D] * x0_pred
+        mu[1:] += sc[1:, ..., C_D1] * (x0_pred[1:] - x0_pred[:-1])
+        del x0_pred
+        x_next = torch.cat([xs[1:], x0[None]])
+        zs = (x_next - mu) / sc[..., STD]
+        return Inversion(x0=x0, xT=xs[0].clone(), zs=zs, seeds=[int(s) for s in seeds], image_size=size,
+                         timesteps=self._timesteps.copy())
 
     @torch.no_grad()
     def generate(
@@ -376,12 +464,14 @@ class ReversePersonalizer:
         attribute_prompts: per face, None/"" = no prompt; None for the list = ``cfg.attribute_prompt`` for all.
         guidance_scales: per face; None = ``cfg.guidance_scale`` for all.
         conditioning="inversion" reuses the inversion conditioning (returns the input, a self-check).
+        Faces sharing a call may have different prompts, identities and guidance: all are per-sample rows.
+        More faces than ``batch_size`` run as several calls of at most ``batch_size`` faces.
         Returns uint8 HxWx3 images, or (images, final latents [B, C, h, w] float32) with ``return_latents``.
         """
         b = len(inv)
         g = self._guidance(guidance_scales, b)
         if conditioning == "inversion":
-            cond = self.build_conditioning([None] * b, None, inv.image_size)
+            cond = self._repeat_cond(self.build_conditioning([None], None, inv.image_size), b)
         elif conditioning == "generation":
             if id_embeddings is None:
                 raise ValueError("generation needs id_embeddings")
@@ -398,15 +488,26 @@ class ReversePersonalizer:
             cond = self.build_conditioning(list(attribute_prompts), ids, inv.image_size)
         else:
             raise ValueError(f"conditioning must be 'generation' or 'inversion', got {conditioning!r}")
-        x = inv.xT.to(self.device)
-        zs = inv.zs.to(self.device)
-        prev = None  # solver history reset (ALGORITHM.md)
-        for i, t in enumerate(self._timesteps):
-            eps = self._eps(x, int(t), cond, g)
-            mu, std, prev = self._step(x, eps, i, prev)
-            x = mu + std * zs[i]
+        xT, zs = inv.xT.to(self.device), inv.zs.to(self.device)
+        finals = []
+        for start in range(0, b, self.batch_size):
+            end = min(start + self.batch_size, b)
+            rows = torch.cat([torch.arange(start, end), torch.arange(b + start, b + end)]).to(self.device)
+            part = _Conditioning(cond.text[rows], cond.pooled[rows], cond.ids[rows], cond.time_ids[rows])
+            finals.append(self._generate_latents(xT[start:end], zs[:, start:end], part, g[start:end]))
+        x = torch.cat(finals)
         images = self.decode(x)
         return (images, x) if return_latents else images
+
+    def _generate_latents(self, x: torch.Tensor, zs: torch.Tensor, cond: _Conditioning, g: torch.Tensor):
+        """The generation loop for at most ``batch_size`` faces; the solver history starts empty (ALGORITHM.md)."""
+        prev = None
+        m = x.shape[0]
+        for i in range(len(self._timesteps)):
+            eps = self._eps(x, self._t_dev[i].expand(m), cond, g)
+            mu, std, prev = self._step(x, eps, i, prev)
+            x = mu + std * zs[i]
+        return x
 
     def anonymize(self, crops, id_embeddings, attribute_prompts=None, seeds=None, guidance_scales=None):
         """invert + generate; returns uint8 RGB crops."""
