@@ -296,3 +296,31 @@ def test_a_batch_mixing_prompts_equals_the_faces_run_one_by_one(t1_rp, rp_anonym
     other = dataclasses.replace(faces[0], prompt=None)
     rp_anonymizer([other])
     assert np.abs(other.anon_crop.astype(int) - together[0].anon_crop.astype(int)).mean() > 1
+
+
+@pytest.mark.slow
+def test_prompt_rows_survive_the_plans_blocks_through_ray(ray_session, tmp_path, tiny_dir, t1_path):
+    """The prompts column crosses Ray's block conversion (list<struct> cells, null fields) intact: the detection
+    stage run by Ray Data on the plan's own blocks gives each face the prompt the table names."""
+    import ray
+
+    from rp_distributed.pipeline import KEYS_AFTER_DETECT, put_blocks
+    from rp_distributed.plan import make_plan
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.open(t1_path).save(src / "t1.jpg")
+    table = tmp_path / "prompts.jsonl"
+    table.write_text('{"path": "t1.jpg", "face_index": 2, "prompt": "an old man"}\n'
+                     '{"path": "t1.jpg", "prompt": "a person"}\n')
+    cfg = _rp_cfg(tiny_dir, f"prompts.table={table}")
+    plan = make_plan(cfg, str(src), str(tmp_path / "out"), anonymization_fingerprint(cfg))
+    assert plan.table.column_names[-1] == "prompts" and not plan.orphans
+    ds = ray.data.from_arrow_refs(put_blocks(plan.table)).map_batches(
+        DetectFaces, fn_constructor_args=(cfg,), compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
+        batch_size=1, batch_format="numpy", zero_copy_batch=False)
+    (row,) = ds.take_all()
+    assert set(row) == set(KEYS_AFTER_DETECT)
+    faces = row["payload"].faces
+    assert [f.prompt for f in faces] == ["a person", "a person", "an old man", "a person", "a person", "a person"]
+    assert all(f.id_embedding is not None for f in faces)
