@@ -466,3 +466,111 @@ def test_out_of_range_parameters(rp, crops):
         rp.generate(inv, np.zeros((2, 512), np.float32))
     with pytest.raises(ValueError, match="finite guidance"):
         rp.generate(inv, np.zeros((1, 512), np.float32), guidance_scales=[float("inf")])
+
+
+# --------------------------------------------------------------------------- the hot loop (issue 13)
+
+class HostTraffic:
+    """Records the torch calls inside a block that move data between host and device or wait for the
+    device: tensors made from host values (torch.tensor, as_tensor, from_numpy), reads back (item, tolist,
+    numpy, cpu, bool/int/float of a tensor, nonzero) and ``.to`` another device. On a GPU each is a blocking
+    copy that drains the launch queue and breaks CUDA-graph capture; on the CPU they are visible here."""
+
+    HOST_CALLS = {"tensor", "as_tensor", "from_numpy", "item", "tolist", "numpy", "cpu", "__bool__", "__int__",
+                  "__float__", "__index__", "nonzero", "asarray"}
+
+    def __init__(self):
+        from torch.overrides import TorchFunctionMode
+
+        found = self.found = []
+        host = self.HOST_CALLS
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                name = getattr(func, "__name__", str(func))
+                if name in host:
+                    found.append(name)
+                elif name == "to" and args and isinstance(args[0], torch.Tensor):
+                    dev = [a for a in list(args[1:]) + list((kwargs or {}).values())
+                           if isinstance(a, (torch.device, str)) or (isinstance(a, torch.Tensor) and a is not args[0])]
+                    for d in dev:
+                        d = d.device if isinstance(d, torch.Tensor) else torch.device(d)
+                        if d != args[0].device:
+                            found.append(f"to({d})")
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def test_host_traffic_recorder_catches_syncs():
+    """The recorder below can fail: a per-call torch.tensor(t) and an .item() are caught."""
+    x = torch.ones(3)
+    with HostTraffic() as rec:
+        y = x + torch.tensor(5, dtype=torch.long)
+        _ = y.sum().item()
+        _ = y.to("meta")
+    assert "tensor" in rec.found and "item" in rec.found and "to(meta)" in rec.found
+
+
+def test_no_host_traffic_inside_the_step_loops(rp, crops, ids, monkeypatch):
+    """No UNet call of the inversion and no step of generation makes a tensor from a host value, reads a value
+    back or moves data between devices: timesteps, solver coefficients and noise are on the device before
+    the loops start (issue 13: torch.tensor(t) per call was a blocking copy 200+ times per face on a GPU)."""
+    recs = []
+    eps, gen = rp._eps, rp._generate_latents
+
+    def eps_recorded(*a, **k):
+        with HostTraffic() as rec:
+            out = eps(*a, **k)
+        recs.append(("inversion UNet call", rec.found))
+        return out
+
+    def gen_recorded(*a, **k):
+        with HostTraffic() as rec:
+            out = gen(*a, **k)
+        recs.append(("generation loop", rec.found))
+        return out
+
+    monkeypatch.setattr(rp, "_eps", eps_recorded)
+    inv = rp.invert(crops[:2], [0, 1])
+    monkeypatch.setattr(rp, "_eps", eps)
+    monkeypatch.setattr(rp, "_generate_latents", gen_recorded)
+    rp.generate(inv, ids[:2], ["an old man", None])
+    assert [r[0] for r in recs].count("generation loop") == 1 and len(recs) > 1
+    assert all(not found for _, found in recs), recs
+
+
+def test_padded_calls_equal_unpadded(rp, ids):
+    """Compiled UNets see one batch shape: a call padded to batch_size returns the same predictions."""
+    x = torch.randn(3, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(1))
+    cond = rp.build_conditioning([None, "an old man", None], torch.from_numpy(ids), (SIZE, SIZE))
+    t = torch.tensor([250, 120, 3])
+    plain = rp._unet(x, t, cond)
+    calls = []
+    hook = rp.unet.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    rp.compiled, old_bs = True, rp.batch_size
+    try:
+        rp.batch_size = 7
+        padded = rp._unet(x, t, cond)
+    finally:
+        rp.compiled, rp.batch_size = False, old_bs
+        hook.remove()
+    assert calls == [14] and padded.shape == plain.shape
+    assert rel(padded, plain) < 3e-5
+
+
+def test_plan_batch_size():
+    from rp_distributed.diffusion.reverse import plan_batch_size
+
+    gib = 2 ** 30
+    # 3 GiB per sample, 10 GiB fixed, 60 GiB free: floor((0.85 * 60 - 10) / 3) = 13
+    assert plan_batch_size(13 * gib, 16 * gib, 60 * gib) == 13
+    assert plan_batch_size(13 * gib, 16 * gib, 1 * gib) == 1  # never below 1 (OOM is retried per face)
+    assert plan_batch_size(gib, gib + 1, 80 * gib) == 64  # capped

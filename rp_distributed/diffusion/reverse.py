@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -39,6 +40,7 @@ from .loading import (
 log = logging.getLogger(__name__)
 
 ID_DIM = 512
+VAE_BATCH = 4  # faces per VAE call: a 1024 px decode holds several GB of activations per face
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict:
@@ -153,7 +155,57 @@ class ReversePersonalizer:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_config(cls, cfg) -> "ReversePersonalizer":
+    def from_config(cls, cfg, face_size: int = 1024) -> "ReversePersonalizer":
+        """``face_size``: the crop side the job runs at (``alignment.face_size``), for the memory probe."""
+        rp = cls._load(cfg)
+        rp.setup_hot_loop(face_size)
+        return rp
+
+    def setup_hot_loop(self, face_size: int) -> None:
+        """UNet batch size (a peak-memory probe on CUDA when ``unet_batch_size: auto``), then compilation."""
+        if self.cfg.unet_batch_size == "auto" and self.device.type == "cuda":
+            self.batch_size = self.probe_batch_size((face_size, face_size))
+            log.info("unet_batch_size auto: %d samples per UNet call at %d px", self.batch_size, face_size)
+        self.model_info["unet_batch_size"] = self.batch_size
+        if self.cfg.compile:
+            self.compile((face_size, face_size))
+
+    def _dummy_call(self, m: int, size: tuple[int, int]) -> torch.Tensor:
+        x = torch.zeros((m,) + self.latent_shape(size), dtype=torch.float32, device=self.device)
+        cond = self._repeat_cond(self.build_conditioning([None], None, size), m)
+        g = torch.full((m, 1, 1, 1), float(self.cfg.guidance_scale), device=self.device)
+        return self._eps(x, self._t_dev[:1].expand(m), cond, g)
+
+    @torch.no_grad()
+    def probe_batch_size(self, size: tuple[int, int]) -> int:
+        """Measure the peak memory of a guided UNet call at 1 and 2 samples and extrapolate (``plan_batch_size``)."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        peaks = []
+        for m in (1, 2):
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._dummy_call(m, size)
+            torch.cuda.synchronize(self.device)
+            peaks.append(torch.cuda.max_memory_allocated(self.device) - base)
+        torch.cuda.empty_cache()
+        return plan_batch_size(peaks[0], peaks[1], free)
+
+    def compile(self, size: tuple[int, int]) -> None:
+        """torch.compile the UNet (static shapes, channels_last); every call is then padded to ``batch_size``
+        samples, so one graph serves inversion chunks, generation and escalation tails. Compiles now, on a
+        dummy call, so the first face does not pay for it."""
+        self.unet.to(memory_format=torch.channels_last)
+        self.unet = torch.compile(self.pipe.unet, dynamic=False)
+        self.compiled = True
+        t0 = time.perf_counter()
+        self._dummy_call(1, size)
+        self.model_info["compiled"] = True
+        log.info("UNet compiled in %.1f s (batch %d at %s)", time.perf_counter() - t0, self.batch_size, size)
+
+    @classmethod
+    def _load(cls, cfg) -> "ReversePersonalizer":
         from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
 
         check_parameters(cfg)
@@ -230,7 +282,8 @@ class ReversePersonalizer:
         """x0 = VAE latent (mode) x scaling factor, float32 [B, C, h, w]."""
         img = torch.from_numpy(np.stack([np.asarray(c) for c in crops])).permute(0, 3, 1, 2)
         img = (img.to(torch.float32) / 255.0) * 2.0 - 1.0
-        lat = self.vae.encode(img.to(self.device, self._vae_dtype)).latent_dist.mode()
+        lat = torch.cat([self.vae.encode(part.to(self.device, self._vae_dtype)).latent_dist.mode()
+                         for part in img.split(VAE_BATCH)])
         cfg = self.vae.config
         if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
             mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(lat)
@@ -250,7 +303,7 @@ class ReversePersonalizer:
             lat = lat * std / cfg.scaling_factor + mean
         else:
             lat = lat / cfg.scaling_factor
-        img = self.vae.decode(lat, return_dict=False)[0]
+        img = torch.cat([self.vae.decode(part, return_dict=False)[0] for part in lat.split(VAE_BATCH)])
         img = (img.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         if output == "float":
             return list(img)
@@ -306,6 +359,7 @@ class ReversePersonalizer:
 
     # ------------------------------------------------------------------ math
 
+    @torch.no_grad()
     def _unet(self, x: torch.Tensor, t: torch.Tensor, cond: _Conditioning) -> torch.Tensor:
         """Raw UNet noise predictions [2M, C, h, w] for rows [negative ; positive] of M samples at per-sample
         timesteps ``t`` [M] (device long). Compiled: every call is padded to ``batch_size`` samples, so the
@@ -359,7 +413,7 @@ class ReversePersonalizer:
         if len(shapes) != 1:
             raise ValueError(f"all crops of a batch must have one size, got {sorted(shapes)}")
         (shape,) = shapes
-        mult = self.pipe.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        mult = self.pipe.vae_scale_factor * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
         if len(shape) != 3 or shape[2] != 3 or shape[0] % mult or shape[1] % mult:
             raise ValueError(f"crops must be HxWx3 with H, W multiples of {mult}, got {shape}")
         if any(np.asarray(c).dtype != np.uint8 for c in crops):
@@ -378,7 +432,7 @@ class ReversePersonalizer:
 
     def latent_shape(self, size: tuple[int, int]) -> tuple[int, int, int]:
         f = self.pipe.vae_scale_factor
-        return (self.unet.config.in_channels, size[0] // f, size[1] // f)
+        return (self.pipe.unet.config.in_channels, size[0] // f, size[1] // f)
 
     def draw_noise(self, seeds: Sequence[int], latent_shape: tuple[int, int, int]) -> torch.Tensor:
         """The inversion's noise [N, B, C, h, w] float32 on the CPU: per face one seeded CPU generator, one
