@@ -47,9 +47,10 @@ class TableError(ValueError):
 
 # -- reading ----------------------------------------------------------------------------------------------
 
-def read_table(uri: str, what: str) -> pa.Table:
+def read_table(uri: str, what: str, text_columns: tuple[str, ...] = ()) -> pa.Table:
     """The table at ``uri`` by its extension: ``.parquet``/``.pq``, ``.csv``, ``.jsonl``/``.ndjson``/``.json``
-    (JSON lines). ``what`` names the config key in errors."""
+    (JSON lines). ``what`` names the config key in errors; ``text_columns`` are read as text from a CSV (a path
+    such as ``007`` must not become the integer 7)."""
     import pyarrow.csv as pacsv
     import pyarrow.json as pajson
     import pyarrow.parquet as pq
@@ -61,8 +62,8 @@ def read_table(uri: str, what: str) -> pa.Table:
             if name.endswith((".parquet", ".pq")):
                 return pq.read_table(f)
             if name.endswith(".csv"):
-                # Paths stay text (a column of numbers-looking names must not become integers).
-                return pacsv.read_csv(f)
+                types = {c: pa.string() for c in text_columns}
+                return pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types=types))
             if name.endswith((".jsonl", ".ndjson", ".json")):
                 return pajson.read_json(f)
     except Exception as exc:  # noqa: BLE001 - say which key and file
@@ -235,15 +236,15 @@ def attach(cfg, table: pa.Table) -> tuple[pa.Table, list[dict]]:
     orphans: list[dict] = []
     sides = []
     if cfg.input.mode == "annotations":
-        t = read_table(cfg.input.annotations, "input.annotations")
         key = cfg.input.annotations_path_column
+        t = read_table(cfg.input.annotations, "input.annotations", (key,))
         if key not in t.column_names:
             raise TableError(f"input.annotations: {cfg.input.annotations} has no {key!r} column "
                              "(input.annotations_path_column)")
         sides.append(("annotations", cfg.input.annotations, t[key], annotation_structs(t)))
     if cfg.prompts.table and cfg.anonymizer.method == "reverse_personalization":
         p = cfg.prompts
-        t = read_table(p.table, "prompts.table")
+        t = read_table(p.table, "prompts.table", (p.path_column, p.prompt_column))
         if p.path_column not in t.column_names:
             raise TableError(f"prompts.table: {p.table} has no {p.path_column!r} column (prompts.path_column)")
         sides.append(("prompts", p.table, t[p.path_column], prompt_structs(t, p.prompt_column, p.template)))

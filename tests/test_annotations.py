@@ -96,6 +96,14 @@ def test_bad_rows_are_reported_row_by_row(tmp_path):
     assert all(f"row {i}" not in notes + bad for i in (0,))
 
 
+def test_csv_paths_that_look_like_numbers_stay_text(tmp_path):
+    (tmp_path / "t.csv").write_text("path,x0,y0,x1,y1\n007,1,1,2,2\n")
+    listing = pa.table({"input_uri": ["/in/007"], "rel_path": ["007"]})
+    cfg = load_config(None, ["input.mode=annotations", f"input.annotations={tmp_path}/t.csv"])
+    table, orphans = ann.attach(cfg, listing)
+    assert not orphans and table["annotations"][0].as_py()[0]["row"] == 0
+
+
 def test_unreadable_or_keyless_tables_are_start_up_errors(tmp_path):
     cfg = load_config(None, ["input.mode=annotations", f"input.annotations={tmp_path}/none.parquet"])
     with pytest.raises(ann.TableError, match="input.annotations: cannot read"):
