@@ -178,6 +178,14 @@ def _configs() -> dict[str, tuple[str, Setup | None, str, dict]]:
     add("bf16+noise_fp32", "bfloat16", None, "bf16, inversion noise drawn in float32 (draw_noise rounds it)",
         noise_f32=True)
 
+    def vae32(model):
+        from diffusers import AutoencoderKL
+
+        exact = AutoencoderKL.from_pretrained(str(model.cfg.model), subfolder="vae", torch_dtype=F32)
+        model.vae.load_state_dict(exact.state_dict())  # from_config upcasts a VAE loaded in the model dtype
+    add("bf16+vae_weights_fp32", "bfloat16", vae32,
+        "bf16, the upcast VAE's weights reloaded in float32 (from_config rounds them to bf16 on loading)")
+
     def text32(model):
         model.pipe.text_encoder.to(F32)
         model.pipe.text_encoder_2.to(F32)
