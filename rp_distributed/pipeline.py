@@ -235,7 +235,12 @@ class DetectFaces:
             a.face_size, a.padding, a.shift)
         keypoints, score = "template", 1.0
         if cfg.input.aligned_keypoints == "detector":
-            found = self.detector.detect(rgb)
+            try:
+                found = self.detector.detect(rgb)
+            except Exception as exc:  # noqa: BLE001 - the face is the whole image either way: the template
+                raise_if_device_fault(exc)
+                found = []
+                notes.append(f"aligned input: the detector failed ({type(exc).__name__}: {exc})"[:300])
             if found:
                 best = found[0]  # largest first
                 kps5 = al.transform_points(al.five_points(best.landmarks), matrix)

@@ -216,6 +216,36 @@ def test_annotations_from_detect_modes_own_faces_reproduce_them(tmp_path, tiny_d
     assert all(np.array_equal(images[0], im) for im in images[1:])
 
 
+def test_images_without_annotation_rows_follow_annotations_missing(tmp_path, t1_path):
+    table = tmp_path / "other.csv"
+    table.write_text("path,x0,y0,x1,y1\nsomething_else.jpg,1,1,30,30\n")
+    rows = {}
+    for missing in ("detect", "skip", "withhold"):
+        cfg = _blur_cfg("input.mode=annotations", f"input.annotations={table}", f"input.annotations_missing={missing}")
+        listing = pa.table({"input_uri": [str(t1_path)], "rel_path": ["t1.jpg"]})
+        planned, orphans = annotations.attach(cfg, listing)
+        assert orphans[0]["rows"] == [0] and planned["annotations"][0].as_py() is None
+        rows[missing] = DetectFaces(cfg).process(_row(t1_path, rel="t1.jpg"))
+    detect, skip, withhold = rows["detect"], rows["skip"], rows["withhold"]
+    assert detect["status"] is None and len(detect["payload"].faces) == 6 and detect["payload"].faces_from == "dlib"
+    assert "no annotation rows: faces detected" in detect["notes"]
+    assert skip["status"] is None and skip["payload"].faces == [] and "no annotation rows: no faces" in skip["notes"]
+    assert withhold["status"] == "withheld" and "input.annotations_missing=withhold" in withhold["error"]
+    assert withhold["payload"].faces == [] and withhold["payload"].source is None  # nothing to write from
+
+
+def test_aligned_mode_keeps_the_template_when_the_detector_fails(aligned_crops):
+    stage = DetectFaces(_blur_cfg("input.mode=aligned", "input.aligned_keypoints=detector"))
+
+    def broken(image):
+        raise RuntimeError("detector down")
+
+    stage.detector.detect = broken
+    row = stage.process(_row(aligned_crops[0][0]))
+    (face,) = row["payload"].faces
+    assert row["status"] is None and face.id_keypoints == "template" and "the detector failed" in row["notes"]
+
+
 @pytest.mark.slow
 def test_annotations_job_reports_bad_rows_missing_images_and_images_without_rows(ray_session, tmp_path, t1_path):
     """One Ray job: the annotations travel in the plan's blocks; every problem is a manifest entry, none fatal."""
