@@ -188,6 +188,12 @@ def prompt_structs(table: pa.Table, prompt_column: str, template: str | None) ->
 class Joined:
     column: pa.Array  # list<struct> per input (null: the table has no row for it)
     orphans: list[tuple[str, list[int]]] = field(default_factory=list)  # (path as written, rows) not listed
+    more_orphans: int = 0  # further such paths, beyond MAX_ORPHAN_PATHS, counted only
+
+
+# Paths named by a table but not in the input get a manifest row each, up to this many per table; the last row
+# counts the rest (a table keyed the wrong way would otherwise add a row per image it names).
+MAX_ORPHAN_PATHS = 10_000
 
 
 def _key(path: str) -> str:
@@ -215,19 +221,23 @@ def join(keys: pa.ChunkedArray | pa.Array, structs: pa.Array, rel_paths: pa.Arra
         full[np.flatnonzero(loose.to_numpy(zero_copy_only=False))] = refound
         at = pa.array(full, mask=np.isnan(full)).cast(pa.int64())
     valid = pc.is_valid(at)
-    orphans: dict[str, list[int]] = {}
+    orphans: list[tuple[str, list[int]]] = []
     missing = pc.invert(valid)
-    if pc.any(missing).as_py():
-        rows = np.flatnonzero(missing.to_numpy(zero_copy_only=False))
-        for r, k in zip(rows.tolist(), keys.take(pa.array(rows)).to_pylist()):
-            orphans.setdefault(k if k is not None else "(empty path)", []).append(r)
+    more = 0
+    if pc.any(missing).as_py():  # grouped in Arrow: a table keyed the wrong way can miss every image
+        lost = pa.table({"k": keys.filter(missing), "row": pa.array(np.flatnonzero(missing.to_numpy(zero_copy_only=False)))})
+        groups = lost.group_by("k", use_threads=False).aggregate([("row", "list")])
+        more = max(groups.num_rows - MAX_ORPHAN_PATHS, 0)
+        groups = groups.slice(0, MAX_ORPHAN_PATHS)
+        orphans = [(k if k is not None else "(empty path)", rows)
+                   for k, rows in zip(groups["k"].to_pylist(), groups["row_list"].to_pylist())]
     idx = at.filter(valid).to_numpy()
     kept = structs.filter(valid)
     order = np.argsort(idx, kind="stable")  # table order within an input
     counts = np.bincount(idx, minlength=n) if len(idx) else np.zeros(n, np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     column = pa.ListArray.from_arrays(pa.array(offsets), kept.take(pa.array(order)), mask=pa.array(counts == 0))
-    return Joined(column=column, orphans=list(orphans.items()))
+    return Joined(column=column, orphans=orphans, more_orphans=more)
 
 
 def attach(cfg, table: pa.Table) -> tuple[pa.Table, list[dict]]:
@@ -251,7 +261,10 @@ def attach(cfg, table: pa.Table) -> tuple[pa.Table, list[dict]]:
     for name, uri, keys, structs in sides:
         joined = join(keys, structs, table["rel_path"].combine_chunks(), table["input_uri"].combine_chunks())
         table = table.append_column(name, joined.column)
-        orphans.extend({"path": k, "table": uri, "rows": rows} for k, rows in joined.orphans)
+        found = [{"path": k, "table": uri, "rows": rows} for k, rows in joined.orphans]
+        if joined.more_orphans:
+            found[-1]["more"] = joined.more_orphans
+        orphans.extend(found)
     return table, orphans
 
 
@@ -266,9 +279,11 @@ def orphan_row(orphan: dict, input_uri: str, run_id: str, fingerprint: str) -> d
             pass
     rows = orphan["rows"]
     shown = ", ".join(map(str, rows[:20])) + (f" and {len(rows) - 20} more" if len(rows) > 20 else "")
+    error = f"{orphan['table']}: row(s) {shown} name an image that is not in the input: ignored"
+    if orphan.get("more"):
+        error += f"; {orphan['more']} more paths of this table are not in the input (not listed one by one)"
     return {"run_id": run_id, "input_uri": uri, "rel_path": path, "output_uri": None, "status": "error",
-            "error": f"{orphan['table']}: row(s) {shown} name an image that is not in the input: ignored",
-            "settings_fingerprint": fingerprint}
+            "error": error, "settings_fingerprint": fingerprint}
 
 
 # -- the worker side: one image's rows --------------------------------------------------------------------

@@ -96,6 +96,19 @@ def test_bad_rows_are_reported_row_by_row(tmp_path):
     assert all(f"row {i}" not in notes + bad for i in (0,))
 
 
+def test_paths_not_in_the_input_are_listed_up_to_a_cap(monkeypatch):
+    monkeypatch.setattr(ann, "MAX_ORPHAN_PATHS", 2)
+    keys = pa.array(["x.jpg", "a.jpg", "y.jpg", "x.jpg", "z.jpg", None])
+    structs = ann.annotation_structs(pa.table({"x0": [1.0] * 6, "y0": [1.0] * 6, "x1": [2.0] * 6, "y1": [2.0] * 6}))
+    joined = ann.join(keys, structs, LISTING["rel_path"].combine_chunks(), LISTING["input_uri"].combine_chunks())
+    assert joined.orphans == [("x.jpg", [0, 3]), ("y.jpg", [2])] and joined.more_orphans == 2  # z.jpg, the empty one
+    assert [r["row"] for r in joined.column[0].as_py()] == [1]
+    last = ann.orphan_row({"path": "y.jpg", "table": "t.csv", "rows": [2], "more": 2}, "/data/in", "run", "fp")
+    assert last["error"].endswith("; 2 more paths of this table are not in the input (not listed one by one)")
+    empty = ann.join(pa.array([], pa.string()), structs.slice(0, 0), pa.array([], pa.string()), pa.array([], pa.string()))
+    assert len(empty.column) == 0 and not empty.orphans
+
+
 def test_csv_paths_that_look_like_numbers_stay_text(tmp_path):
     (tmp_path / "t.csv").write_text("path,x0,y0,x1,y1\n007,1,1,2,2\n")
     listing = pa.table({"input_uri": ["/in/007"], "rel_path": ["007"]})
