@@ -88,7 +88,12 @@ def estimate(cfg: JobConfig, input_uri: str, sample: int = 20, device: str = "H1
     listing = io.list_inputs_table(input_uri, cfg.input.extensions)
     n = listing.num_rows
     idx = sample_indices(n, max(1, sample)) if n else []
-    rows = listing.take(idx).to_pylist() if idx else []
+    rows = []
+    if idx:  # the side tables (input.annotations, prompts.table) joined in as the plan does
+        from .annotations import attach
+
+        picked = listing.take(idx)
+        rows = attach(cfg, picked.append_column("input_uri", picked["uri"]))[0].to_pylist()
     stage = DetectFaces(cfg) if rows else None
     rp = cfg.anonymizer.method == "reverse_personalization"
     counts = dict(images=len(rows), with_faces=0, without_faces=0, unreadable=0, faces=0, diffusion_faces=0,
@@ -96,7 +101,8 @@ def estimate(cfg: JobConfig, input_uri: str, sample: int = 20, device: str = "H1
     per_image = []
     for r in rows:
         out = stage.process({"input_uri": r["uri"], "rel_path": r["rel_path"], "output_uri": None,
-                             "stale_output_uri": None, "error": r["skip_reason"], "notes": None})
+                             "stale_output_uri": None, "error": r["skip_reason"], "notes": None,
+                             "annotations": r.get("annotations"), "prompts": r.get("prompts")})
         if out["status"] in ("error", "withheld"):
             counts["unreadable"] += 1
             per_image.append({"rel_path": r["rel_path"], "faces": 0, "diffusion_faces": 0, "error": out["error"]})

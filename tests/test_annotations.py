@@ -189,3 +189,20 @@ def test_config_refuses_an_annotations_mode_without_a_table_and_bad_templates():
                                                         "prompts.table=p.csv"]))}
     assert len(fps) == 3
     assert "input" not in __import__("rp_distributed.config", fromlist=["x"]).anonymization_settings(base)
+
+
+def test_estimate_counts_the_faces_the_annotations_give(tmp_path, t1_path, astronaut_path):
+    """``rp-anonymize estimate`` joins the table as the plan does: the faces counted are the table's."""
+    import shutil
+
+    from rp_distributed.estimate import estimate
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(t1_path, src / "t1.jpg")
+    shutil.copy(astronaut_path, src / "astronaut.png")
+    (tmp_path / "t.csv").write_text("path,x0,y0,x1,y1\nt1.jpg,100,100,200,200\nt1.jpg,300,100,400,200\n")
+    cfg = load_config(None, ["input.mode=annotations", f"input.annotations={tmp_path}/t.csv",
+                             "input.annotations_missing=skip"])
+    got = estimate(cfg, str(src), sample=2)
+    assert got["sample"]["faces"] == 2 and got["sample"]["with_faces"] == 1 and got["sample"]["without_faces"] == 1
