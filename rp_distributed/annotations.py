@@ -318,7 +318,8 @@ def faces_from_rows(value, shape: tuple[int, ...]) -> AnnotatedFaces:
     faces, needs, notes, bad = [], [], [], []
     for r in _rows(value):
         row = int(r["row"])
-        if r.get("error") and any(k in r["error"] for k in BOX):
+        problems = r["error"].split("; ") if r.get("error") else []
+        if any(p.split("=", 1)[0] in BOX for p in problems):  # a box cell that is not a number
             bad.append(f"annotations row {row}: {r['error']}")
             continue
         box = np.array([r.get(k) if r.get(k) is not None else np.nan for k in BOX], np.float64)
