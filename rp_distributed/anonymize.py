@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -68,9 +69,16 @@ class Anonymizer:
             from .diffusion import IdentityEmbedder, ReversePersonalizer
             from .scoring import ReidScorer
 
-            self.rp = ReversePersonalizer.from_config(cfg.diffusion)
+            self.rp = ReversePersonalizer.from_config(cfg.diffusion, face_size=cfg.alignment.face_size)
             self.embedder = IdentityEmbedder.from_config(cfg.diffusion)
             self.scorer = ReidScorer(cfg.privacy) if cfg.privacy.escalate else None
+            # One background thread: noise draws and re-ID descriptors (dlib's recognizer is not safe to
+            # call from two threads at once), overlapping the device's work on the next chunk.
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anonymizer-cpu")
+        size = cfg.anonymizer.face_batch_size
+        if size == "auto":  # on CUDA the probe's UNet batch; the CPU gains little from larger batches
+            size = self.rp.batch_size if self.rp is not None and self.rp.device.type == "cuda" else 4
+        self.face_batch_size = int(size)
 
     # -- manifest fields ---------------------------------------------------------------------------------
     def params(self) -> str:
@@ -132,72 +140,106 @@ class Anonymizer:
 
     # -- reverse personalization ---------------------------------------------------------------------------
     def _reverse_personalize(self, faces: list[Face]) -> None:
-        ready, ids = [], []
+        """All faces through rung 0 in chunks of ``face_batch_size``; the faces still re-identified after a
+        rung are pooled across chunks into full chunks for the next, stronger rung (issue 13: escalation
+        tails do not run as small batches). CPU work stays off the device's path: the ArcFace embedding is
+        made by the detection stage, the next chunk's noise is drawn and each generated face's re-ID check
+        runs in a background thread while the device works on the following chunk."""
+        ready = []
         for f in faces:
-            try:
-                ids.append(self.embedder.embed(f.crop, f.kps5))
-                ready.append(f)
-            except Exception as exc:  # noqa: BLE001
-                raise_if_device_fault(exc)
-                self._fallback(f, f"identity embedding failed: {_err(exc)}")
-        n = self.acfg.face_batch_size
-        for start in range(0, len(ready), n):
-            chunk, chunk_ids = ready[start:start + n], ids[start:start + n]
-            t0 = time.perf_counter()
-            try:
-                self._generate_chunk(chunk, chunk_ids)
-            except Exception as exc:  # noqa: BLE001 - retry one by one so one bad face cannot sink others
-                raise_if_device_fault(exc)
-                if len(chunk) == 1:
-                    self._fallback(chunk[0], f"generation failed: {_err(exc)}")
-                else:
-                    for f, emb in zip(chunk, chunk_ids):
-                        try:
-                            self._generate_chunk([f], [emb])
-                        except Exception as exc1:  # noqa: BLE001
-                            raise_if_device_fault(exc1)
-                            self._fallback(f, f"generation failed: {_err(exc1)}")
-            per_face = (time.perf_counter() - t0) / len(chunk)
-            for f in chunk:
-                f.t_anonymize_s = per_face
-
-    def _generate_chunk(self, chunk: list[Face], id_embeddings: list[np.ndarray]) -> None:
+            if f.id_embedding is None:  # the detection stage could not embed it: try here
+                try:
+                    f.id_embedding = self.embedder.embed(f.crop, f.kps5)
+                except Exception as exc:  # noqa: BLE001
+                    raise_if_device_fault(exc)
+                    self._fallback(f, f"identity embedding failed: {_err(exc)}")
+                    continue
+            f.tries, f.tries_json, f.t_anonymize_s = 0, "[]", 0.0
+            ready.append(f)
         privacy, d = self.cfg.privacy, self.cfg.diffusion
-        crops = [f.crop for f in chunk]
-        ids = np.stack(id_embeddings).astype(np.float32)
-        prompts = [f.prompt for f in chunk]
-        seeds = [int(f.seed) for f in chunk]
         ladder = [d.guidance_scale] + list(privacy.guidance_ladder)
         tries = privacy.max_tries if self.scorer is not None else 1
-        results: list[dict] = [{"tries": []} for _ in chunk]
-        pending = list(range(len(chunk)))
+        originals: dict[int, Future] = {}  # id(face) -> descriptor of its input crop, computed once
+        pending = ready
         for attempt in range(tries):
-            # Each rung is the method run at its own g: its inversion's noise maps belong to that g
-            # (ALGORITHM.md, "Stronger guidance"). The faces escalating together share both calls.
-            g = [ladder[attempt]] * len(pending)
-            inv = self.rp.invert([crops[i] for i in pending], [seeds[i] for i in pending], g)
-            outs = self.rp.generate(inv, ids[pending], [prompts[i] for i in pending], g)
-            g = g[0]
+            g = ladder[attempt]
+            checks = self._run_rung(pending, g, originals)
             still = []
-            for i, out in zip(pending, outs):
-                dist = None
-                if self.scorer is not None:  # same recognizer as the final check, on the aligned crops
-                    dist = self.scorer.compare(crops[i], out, chunk[i].face_box).distance
-                results[i]["tries"].append({"guidance": g, "reid_distance": _finite(dist)})
-                results[i]["crop"], results[i]["guidance"] = out, g
-                if dist is not None and dist < privacy.reid_threshold:
-                    still.append(i)
+            for f, out, check in checks:
+                dist, err = None, None
+                if check is not None:
+                    try:
+                        dist = self.scorer.distance(originals[id(f)].result(), check.result())
+                    except Exception as exc:  # noqa: BLE001 - a face we could not verify is not kept as it is
+                        err = f"re-identification check failed: {_err(exc)}"
+                tries_list = json.loads(f.tries_json) + [{"guidance": g, "reid_distance": _finite(dist)}]
+                f.tries, f.tries_json = len(tries_list), json.dumps(tries_list)
+                f.anon_crop, f.guidance_final, f.method_applied = out, g, "reverse_personalization"
+                f.unet_evals = self.rp.unet_evals_per_face(tries=f.tries)
+                if err is not None:
+                    self._fallback(f, err)
+                elif dist is not None and dist < privacy.reid_threshold:
+                    still.append(f)
             pending = still
             if not pending:
                 break
-        for f, r in zip(chunk, results):
-            f.tries = len(r["tries"])
-            f.tries_json = json.dumps(r["tries"])
-            f.guidance_final = r["guidance"]
-            f.unet_evals = self.rp.unet_evals_per_face(tries=f.tries)
-            f.anon_crop = r["crop"]
-            f.method_applied = "reverse_personalization"
-        for i in pending:
+        for f in pending:
             if privacy.fallback_if_reidentified:
-                self._fallback(chunk[i], f"still re-identified after {chunk[i].tries} tries "
-                                         f"(last guidance {chunk[i].guidance_final})")
+                self._fallback(f, f"still re-identified after {f.tries} tries (last guidance {f.guidance_final})")
+
+    def _run_rung(self, faces: list[Face], g: float, originals: dict) -> list[tuple[Face, np.ndarray, "Future | None"]]:
+        """One rung (inversion and generation at guidance ``g``) for ``faces`` in full chunks. Returns
+        (face, generated crop, future of its anonymized descriptor or None) for the faces that were generated;
+        faces whose generation failed have fallen back already."""
+        n = self.face_batch_size
+        chunks = [faces[i:i + n] for i in range(0, len(faces), n)]
+        shape = self.rp.latent_shape(faces[0].crop.shape[:2]) if faces else None
+        noise_next = self.pool.submit(self.rp.draw_noise, [int(f.seed) for f in chunks[0]], shape) if chunks else None
+        done = []
+        for k, chunk in enumerate(chunks):
+            noise = noise_next.result()
+            if k + 1 < len(chunks):  # drawn on the CPU while the device runs this chunk
+                noise_next = self.pool.submit(self.rp.draw_noise, [int(f.seed) for f in chunks[k + 1]], shape)
+            t0 = time.perf_counter()
+            outs = self._generate_chunk(chunk, g, noise)
+            per_face = (time.perf_counter() - t0) / len(chunk)
+            for f, out in zip(chunk, outs):
+                f.t_anonymize_s = (f.t_anonymize_s or 0.0) + per_face
+                if out is None:
+                    continue
+                check = None
+                if self.scorer is not None:  # same recognizer as the final check, on the aligned crops
+                    if id(f) not in originals:
+                        originals[id(f)] = self.pool.submit(self.scorer.descriptor, f.crop, f.face_box)
+                    check = self.pool.submit(self.scorer.descriptor, out, f.face_box)
+                done.append((f, out, check))
+        return done
+
+    def _generate_chunk(self, chunk: list[Face], g: float, noise) -> list[np.ndarray | None]:
+        """Invert and generate ``chunk`` at guidance ``g``; on an error, retry one face at a time so one bad face
+        cannot sink the others (an out-of-memory batch too). A face that fails alone falls back (None)."""
+        try:
+            return self._invert_generate(chunk, g, noise)
+        except Exception as exc:  # noqa: BLE001
+            raise_if_device_fault(exc)
+            if len(chunk) == 1:
+                self._fallback(chunk[0], f"generation failed: {_err(exc)}")
+                return [None]
+        outs = []
+        for j, f in enumerate(chunk):
+            try:
+                outs.append(self._invert_generate([f], g, noise[:, j:j + 1]))
+                outs[-1] = outs[-1][0]
+            except Exception as exc1:  # noqa: BLE001
+                raise_if_device_fault(exc1)
+                self._fallback(f, f"generation failed: {_err(exc1)}")
+                outs.append(None)
+        return outs
+
+    def _invert_generate(self, chunk: list[Face], g: float, noise) -> list[np.ndarray]:
+        # Each rung is the method run at its own g: its inversion's noise maps belong to that g
+        # (ALGORITHM.md, "Stronger guidance"). Faces with different prompts share the calls.
+        gs = [g] * len(chunk)
+        inv = self.rp.invert([f.crop for f in chunk], [int(f.seed) for f in chunk], gs, noise=noise)
+        ids = np.stack([f.id_embedding for f in chunk]).astype(np.float32)
+        return self.rp.generate(inv, ids, [f.prompt for f in chunk], gs)

@@ -190,7 +190,16 @@ class AnonymizerConfig(_Section):
     blur_strength: float = Field(0.12, gt=0, le=1, description="Gaussian sigma as a fraction of face size")
     pixelate_blocks: int = Field(10, ge=2, le=256)
     mask_color: tuple[int, int, int] = (0, 0, 0)
-    face_batch_size: int = Field(4, ge=1, le=64, description="faces per diffusion batch (one UNet call carries 2x)")
+    face_batch_size: int | Literal["auto"] = Field(
+        4, description="faces per diffusion chunk (a generation UNet call carries 2x); auto: on CUDA the UNet "
+        "batch size the memory probe chose (diffusion.unet_batch_size), on CPU 4")
+
+    @field_validator("face_batch_size")
+    @classmethod
+    def _batch_range(cls, v):
+        if v != "auto" and not 1 <= int(v) <= 64:
+            raise ValueError(f"must be 'auto' or in [1, 64], got {v}")
+        return v
     resources: StageResources = StageResources(concurrency=1, num_cpus=0.5, batch_size=2)
 
 
@@ -233,6 +242,8 @@ class DiffusionConfig(_Section):
         "size a peak-memory probe at start-up fits into 85% of free memory (at most 64); on CPU 8")
     compile: bool = Field(False, description="torch.compile the UNet (channels_last, every call padded to "
                           "unet_batch_size so escalation tails never recompile)")
+    compile_backend: str = Field("inductor", description="torch.compile backend (inductor; aot_eager traces "
+                                 "without generating code, for checking graph capture)")
     sdpa_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = Field(
         "auto", description="scaled-dot-product attention kernel; auto: torch's choice")
 

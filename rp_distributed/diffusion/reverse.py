@@ -197,7 +197,7 @@ class ReversePersonalizer:
         samples, so one graph serves inversion chunks, generation and escalation tails. Compiles now, on a
         dummy call, so the first face does not pay for it."""
         self.unet.to(memory_format=torch.channels_last)
-        self.unet = torch.compile(self.pipe.unet, dynamic=False)
+        self.unet = torch.compile(self.pipe.unet, dynamic=False, backend=self.cfg.compile_backend)
         self.compiled = True
         t0 = time.perf_counter()
         self._dummy_call(1, size)
