@@ -77,6 +77,34 @@ def test_an_escalated_face_equals_a_fresh_run_at_the_rung_guidance(tiny_dir, t1_
         assert np.abs(f.anon_crop.astype(int) - o.astype(int)).mean() > 1  # a different function
 
 
+def test_escalation_pools_the_re_identified_faces_of_all_chunks(tiny_dir, t1_faces):
+    """Issue 13: the faces still re-identified after a rung are pooled across chunks, so the next rung runs
+    full chunks (here one chunk of 2, not two chunks of 1), and the re-ID checks of a rung are all gathered
+    before the next one starts."""
+    anonymizer = Anonymizer(_rp_cfg(tiny_dir, "privacy.guidance_ladder=[-14.0]", "privacy.max_tries=2"))
+    order = []
+
+    def distance(original, anonymized):  # injected: the 1st and 5th face checked on rung 0 are re-identified
+        order.append(len(order))
+        return 0.1 if len(order) in (1, 5) else 1.0
+
+    calls = []
+    generate = anonymizer.rp.generate
+
+    def counted(inv, *args, **kwargs):
+        calls.append(len(inv))
+        return generate(inv, *args, **kwargs)
+
+    anonymizer.scorer.distance = distance
+    anonymizer.rp.generate = counted
+    faces = _fresh(t1_faces, 6)
+    anonymizer(faces)
+    assert calls == [3, 3, 2]
+    assert [f.tries for f in faces] == [2, 1, 1, 1, 2, 1]
+    assert [f.guidance_final for f in faces] == [-14.0, -10.0, -10.0, -10.0, -14.0, -10.0]
+    assert all(f.method_applied == "reverse_personalization" and f.face_error is None for f in faces)
+
+
 def test_escalation_stops_at_the_first_rung_that_passes(tiny_dir, t1_faces):
     cfg = _rp_cfg(tiny_dir, "privacy.reid_threshold=0.0001")  # nothing is re-identified
     faces = _fresh(t1_faces)

@@ -365,7 +365,10 @@ class ReversePersonalizer:
         timesteps ``t`` [M] (device long). Compiled: every call is padded to ``batch_size`` samples, so the
         graph sees one shape (escalation tails and last chunks do not recompile)."""
         m = x.shape[0]
-        rows = [torch.cat([x, x]).to(self.dtype), torch.cat([t, t]), cond.text, cond.pooled, cond.time_ids, cond.ids]
+        # contiguous: broadcasting in invert() can hand out permuted strides, which a compiled graph would
+        # treat as a new input (a recompile)
+        rows = [torch.cat([x, x]).to(self.dtype).contiguous(), torch.cat([t, t]), cond.text, cond.pooled,
+                cond.time_ids, cond.ids]
         pad = self.batch_size - m if self.compiled else 0
         if pad > 0:  # repeat sample 0 in both halves; its extra rows are dropped below
             rows = [torch.cat([r[:m], r[:1].expand(pad, *r.shape[1:]), r[m:], r[m:m + 1].expand(pad, *r.shape[1:])])
