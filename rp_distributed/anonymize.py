@@ -72,9 +72,10 @@ class Anonymizer:
             self.rp = ReversePersonalizer.from_config(cfg.diffusion, face_size=cfg.alignment.face_size)
             self.embedder = IdentityEmbedder.from_config(cfg.diffusion)
             self.scorer = ReidScorer(cfg.privacy) if cfg.privacy.escalate else None
-            # One background thread: noise draws and re-ID descriptors (dlib's recognizer is not safe to
-            # call from two threads at once), overlapping the device's work on the next chunk.
-            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anonymizer-cpu")
+            # Background threads overlapping the device's work: one draws the next chunk's noise, one makes
+            # re-ID descriptors (one thread: dlib's recognizer is not safe to call from two at once).
+            self.noise_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anonymizer-noise")
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anonymizer-reid")
         size = cfg.anonymizer.face_batch_size
         if size == "auto":  # on CUDA the probe's UNet batch; the CPU gains little from larger batches
             size = self.rp.batch_size if self.rp is not None and self.rp.device.type == "cuda" else 4
@@ -160,6 +161,8 @@ class Anonymizer:
         ladder = [d.guidance_scale] + list(privacy.guidance_ladder)
         tries = privacy.max_tries if self.scorer is not None else 1
         originals: dict[int, Future] = {}  # id(face) -> descriptor of its input crop, computed once
+        if self.scorer is not None:  # queued now: made while the device runs the first chunk
+            originals = {id(f): self.pool.submit(self.scorer.descriptor, f.crop, f.face_box) for f in ready}
         pending = ready
         for attempt in range(tries):
             g = ladder[attempt]
@@ -194,12 +197,15 @@ class Anonymizer:
         n = self.face_batch_size
         chunks = [faces[i:i + n] for i in range(0, len(faces), n)]
         shape = self.rp.latent_shape(faces[0].crop.shape[:2]) if faces else None
-        noise_next = self.pool.submit(self.rp.draw_noise, [int(f.seed) for f in chunks[0]], shape) if chunks else None
+        def draw(chunk):
+            return self.noise_pool.submit(self.rp.draw_noise, [int(f.seed) for f in chunk], shape)
+
+        noise_next = draw(chunks[0]) if chunks else None
         done = []
         for k, chunk in enumerate(chunks):
             noise = noise_next.result()
             if k + 1 < len(chunks):  # drawn on the CPU while the device runs this chunk
-                noise_next = self.pool.submit(self.rp.draw_noise, [int(f.seed) for f in chunks[k + 1]], shape)
+                noise_next = draw(chunks[k + 1])
             t0 = time.perf_counter()
             outs = self._generate_chunk(chunk, g, noise)
             per_face = (time.perf_counter() - t0) / len(chunk)
@@ -209,8 +215,6 @@ class Anonymizer:
                     continue
                 check = None
                 if self.scorer is not None:  # same recognizer as the final check, on the aligned crops
-                    if id(f) not in originals:
-                        originals[id(f)] = self.pool.submit(self.scorer.descriptor, f.crop, f.face_box)
                     check = self.pool.submit(self.scorer.descriptor, out, f.face_box)
                 done.append((f, out, check))
         return done
