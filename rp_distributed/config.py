@@ -247,6 +247,18 @@ class DiffusionConfig(_Section):
     sdpa_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = Field(
         "auto", description="scaled-dot-product attention kernel; auto: torch's choice")
 
+    allow_bfloat16: bool = Field(False, description="run dtype bfloat16 anyway (logged as a warning): its error is "
+                                 "not closed, see README 'Reduced precision'")
+
+    @model_validator(mode="after")
+    def _bfloat16_refused(self):
+        if self.dtype == "bfloat16" and not self.allow_bfloat16:
+            raise ValueError(
+                "dtype=bfloat16 is refused: the negative guidance (x10 per step, 200 steps) amplifies its rounding "
+                "to 2.7e-1 relative on the final latent of the shared fidelity case (float16: 3.4e-2); use float16 "
+                "or float32, or set diffusion.allow_bfloat16=true to run it anyway (README, 'Reduced precision')")
+        return self
+
     @field_validator("unet_batch_size")
     @classmethod
     def _positive_batch(cls, v):
@@ -432,7 +444,11 @@ def anonymization_settings(cfg: JobConfig) -> dict:
                                                                          "report_providers"}),
                 "merge": {"feather": cfg.merge.feather}}
     if cfg.anonymizer.method == "reverse_personalization":
-        diff = cfg.diffusion.model_dump(mode="json", exclude={"cache_dir", "device", "arcface_providers"})
+        # How the loop is executed (batching, compilation, attention kernel) is left out: it changes results by
+        # rounding only (tests/test_diffusion.py), like the device.
+        diff = cfg.diffusion.model_dump(mode="json", exclude={"cache_dir", "device", "arcface_providers",
+                                                              "unet_batch_size", "compile", "compile_backend",
+                                                              "sdpa_backend", "allow_bfloat16"})
         # Revisions and the variant decide the weights, so they are in; unset, they are left out, which keeps the
         # fingerprints of configs written before these keys existed.
         for k in ("model_revision", "variant", "ip_adapter_revision", "lock_file"):
