@@ -118,7 +118,11 @@ class Anonymizer:
             else:
                 primary.append(f)
         if self.method == "reverse_personalization":
-            self._reverse_personalize(primary)
+            try:
+                self._reverse_personalize(primary)
+            except Exception as exc:  # noqa: BLE001 - a device fault anywhere on this path must restart the actor
+                raise_if_device_fault(exc)
+                raise
         else:
             for f in primary:
                 t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 
 - ``RP_TEST_POISON``: bytes; a worker whose decoder is handed an input containing them dies at once
   (``os._exit``), as a native decoder crash or an out-of-memory kill would end it.
-- ``RP_TEST_DEVICE_FAULT_FLAG``: a file path; the first process to run a diffusion chunk writes its pid
+- ``RP_TEST_DEVICE_FAULT_FLAG``: a file path; the first process to run diffusion on a chunk writes its pid
   there and from then on raises a CUDA illegal-address error on every chunk (its device is broken);
   every other process, such as the restarted actor, works.
 """
@@ -33,7 +33,7 @@ def install() -> None:
     if flag:
         from rp_distributed.anonymize import Anonymizer
 
-        generate = Anonymizer._generate_chunk
+        generate = Anonymizer._invert_generate
 
         def faulty_generate(self, chunk, *args):
             # The first process to get here breaks its "device" for good: every later call in that process
@@ -51,7 +51,7 @@ def install() -> None:
                                    "CUDA kernel errors might be asynchronously reported at some other API call")
             return generate(self, chunk, *args)
 
-        Anonymizer._generate_chunk = faulty_generate
+        Anonymizer._invert_generate = faulty_generate
 
 
 def run_with_faults(config_json: str, input_uri: str, output_uri: str) -> None:

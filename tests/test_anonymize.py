@@ -153,6 +153,19 @@ def test_a_device_fault_ends_the_stage_instead_of_falling_back(tiny_dir, t1_face
     assert not any(f.method_applied == "blur" for f in faces)
 
 
+def test_a_device_fault_outside_the_chunk_also_ends_the_stage(tiny_dir, t1_faces):
+    """A CUDA error raised off the chunk's own path (here: the noise handed over by the background thread)
+    still ends the actor instead of withholding its images as a user error."""
+    anonymizer = Anonymizer(_rp_cfg(tiny_dir, "privacy.escalate=false"))
+
+    def broken(*args, **kwargs):  # injected
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    anonymizer.rp.draw_noise = broken
+    with pytest.raises(DeviceFault, match="illegal memory access"):
+        anonymizer(_fresh(t1_faces))
+
+
 def test_out_of_memory_keeps_the_one_by_one_retry(tiny_dir, t1_faces):
     import torch
 
