@@ -101,9 +101,9 @@ def test_float16_stage_close_to_float32_and_finite(rp16, rp32, run32, crop, idv)
     # the inversion's state is float32 (the solver runs in float32) and finite
     for t in (inv.x0, inv.xT, inv.zs):
         assert t.dtype == torch.float32 and _finite(t)
-    # the VAE encode ran in float32 in both, but the upcast VAE's weights went through float16 on loading
-    # (from_pretrained in the model dtype, then .to(float32)): measured 5.0e-4 relative on x0
-    assert rel(inv.x0, inv32.x0) < 2e-3
+    # the VAE encode ran in float32 in both, with float32 weights read from the files (casting the float16
+    # pipeline's VAE left weights rounded to float16: 5.0e-4 relative on x0 before the fix)
+    assert rel(inv.x0, inv32.x0) < 1e-6
     # float16's stored noises differ from float32's by the UNet's rounding only
     assert rel(inv.zs, inv32.zs) < 0.05
 
@@ -138,11 +138,11 @@ def test_float16_decode_upcasts(rp16, rp32, run32):
     assert np.isfinite(c).all() and np.abs(c - b).max() < 2e-2
 
 
-@pytest.mark.slow  # ~80 s on 2 shared cores
+@pytest.mark.slow
 def test_float16_guidance_stays_finite_at_strong_guidance(rp16, crop, idv):
-    """The escalation ladder's strongest rungs amplify float16 rounding most: still finite."""
-    inv = rp16.invert([crop, crop], [0, 0], [-10.0, -30.0])
-    images, lat = rp16.generate(inv, np.concatenate([idv, idv]), None, [-10.0, -30.0], return_latents=True)
+    """The escalation ladder's strongest rungs amplify float16 rounding most: still finite at g = -30."""
+    inv = rp16.invert([crop], [0], [-30.0])
+    images, lat = rp16.generate(inv, idv, None, [-30.0], return_latents=True)
     assert _finite(lat) and _finite(inv.zs)
     assert all(im.dtype == np.uint8 and im.shape == (SIZE, SIZE, 3) for im in images)
 
@@ -166,16 +166,16 @@ def test_float16_anonymizer_stage(tiny_dir, t1_path):
     from rp_distributed.anonymize import Anonymizer
     from rp_distributed.pipeline import DetectFaces
 
-    cfg16 = _job_cfg(tiny_dir, "float16")
+    cfg16 = _job_cfg(tiny_dir, "float16", "diffusion.num_inversion_steps=2")
     row = DetectFaces(cfg16).process({"input_uri": str(t1_path), "rel_path": "t1.jpg", "output_uri": "x"})
-    faces = row["payload"].faces[:3]
-    assert len(faces) == 3
+    faces = row["payload"].faces[:2]
+    assert len(faces) == 2
     f16 = [dataclasses.replace(f) for f in faces]
     f32 = [dataclasses.replace(f) for f in faces]
     a16 = Anonymizer(cfg16)
     assert a16.rp.dtype == torch.float16
     a16(f16)
-    Anonymizer(_job_cfg(tiny_dir, "float32"))(f32)
+    Anonymizer(_job_cfg(tiny_dir, "float32", "diffusion.num_inversion_steps=2"))(f32)
     for f, g in zip(f16, f32):
         assert f.anon_crop is not None and f.anon_crop.dtype == np.uint8 and f.anon_crop.shape == f.crop.shape
         assert f.method_applied == g.method_applied, (f.method_applied, f.face_error)
@@ -185,20 +185,21 @@ def test_float16_anonymizer_stage(tiny_dir, t1_path):
         assert np.abs(f.anon_crop.astype(int) - f.crop.astype(int)).mean() > 2
 
 
-@pytest.mark.slow  # ~250 s on 2 shared cores (Ray start-up, 6 faces)
-def test_float16_job(ray_session, tiny_dir, tmp_path, t1_path):
+@pytest.mark.slow
+def test_float16_job(ray_session, tiny_dir, tmp_path, astronaut_path):
     from rp_distributed import manifest
     from rp_distributed.pipeline import run_job
 
     src = tmp_path / "in"
     src.mkdir()
-    shutil.copy(t1_path, src / "t1.jpg")
+    shutil.copy(astronaut_path, src / "astronaut.png")
     out = tmp_path / "out"
     result = run_job(_job_cfg(tiny_dir, "float16", "diffusion.num_inversion_steps=2"), str(src), str(out),
                      progress=False)
     rows = manifest.read_manifest(str(out), "_manifest").to_pylist()
-    assert result.summary["faces"] == 6 and len(rows) == 6
+    assert result.summary["faces"] == len(rows) >= 1
     for r in rows:
         assert r["status"] == "ok" and json.loads(r["model"])["dtype"] == "float16"
-    written = np.asarray(Image.open(out / "t1.png").convert("RGB"))
-    assert written.shape == np.asarray(Image.open(t1_path)).shape
+    written = np.asarray(Image.open(out / "astronaut.png").convert("RGB"))
+    source = np.asarray(Image.open(astronaut_path).convert("RGB"))
+    assert written.shape == source.shape and np.abs(written.astype(int) - source.astype(int)).max() > 0

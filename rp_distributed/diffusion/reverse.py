@@ -204,6 +204,23 @@ class ReversePersonalizer:
         self.model_info["compiled"] = True
         log.info("UNet compiled in %.1f s (batch %d at %s)", time.perf_counter() - t0, self.batch_size, size)
 
+    @staticmethod
+    def _float32_vae(vae, model_src, extra: dict):
+        """The VAE in float32 (its config asks for upcasting). Casting the half-precision pipeline's VAE would
+        keep weights already rounded to the model dtype (5e-4 on the tiny model's latent, issue 13), so the VAE
+        is read again from its files in float32. Where the files are half precision (SDXL's fp16 variant)
+        both give the same weights."""
+        if vae.dtype == torch.float32:
+            return vae
+        from diffusers import AutoencoderKL
+
+        try:
+            return AutoencoderKL.from_pretrained(model_src, subfolder="vae", use_safetensors=True, **extra,
+                                                 **_dtype_kwarg(torch.float32))
+        except Exception as exc:  # noqa: BLE001 - the cast VAE still works, slightly less exact
+            log.warning("VAE upcast: cannot read %s/vae in float32 (%s); casting the loaded one", model_src, exc)
+            return vae.to(torch.float32)
+
     @classmethod
     def _load(cls, cfg) -> "ReversePersonalizer":
         from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
@@ -243,7 +260,7 @@ class ReversePersonalizer:
         pipe.set_ip_adapter_scale(cfg.ip_adapter_scale)
         pipe.to(device)
         if pipe.vae.config.force_upcast:
-            pipe.vae.to(torch.float32)
+            pipe.vae = cls._float32_vae(pipe.vae, model_src, extra).to(device)
         pipe.set_progress_bar_config(disable=True)
         # Provenance: the revisions (the lock's, which the config's must equal) and the lock file's sha256, so
         # every manifest row names the exact weights (a lock lists size and sha256 of every file).
