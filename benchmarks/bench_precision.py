@@ -130,7 +130,8 @@ class Case:
 
         cfg = DiffusionConfig(model=str(self.fid / "tiny" / "sdxl"), ip_adapter=str(self.fid / "tiny"),
                               ip_adapter_weight_name="ip-adapter-faceid_tiny.bin", device="cpu", dtype=dtype,
-                              num_inversion_steps=self.steps, unet_batch_size=self.unet_batch_size)
+                              num_inversion_steps=self.steps, unet_batch_size=self.unet_batch_size,
+                              allow_bfloat16=dtype == "bfloat16")
         return ReversePersonalizer.from_config(cfg)
 
     def run(self, model, g: float = -10.0, noise: torch.Tensor | None = None) -> np.ndarray:
