@@ -180,6 +180,13 @@ class AlignmentConfig(_Section):
     shift: float = Field(0.07, ge=-0.5, le=0.5, description="framing shift toward the forehead")
 
 
+def _auto_or_range(v, lo: int, hi: int):
+    """A batch size: "auto" or an int in [lo, hi]."""
+    if v != "auto" and not lo <= int(v) <= hi:
+        raise ValueError(f"must be 'auto' or in [{lo}, {hi}], got {v}")
+    return v
+
+
 Method = Literal["blur", "pixelate", "mask", "reverse_personalization"]
 Fallback = Literal["blur", "pixelate", "mask"]
 
@@ -197,9 +204,7 @@ class AnonymizerConfig(_Section):
     @field_validator("face_batch_size")
     @classmethod
     def _batch_range(cls, v):
-        if v != "auto" and not 1 <= int(v) <= 64:
-            raise ValueError(f"must be 'auto' or in [1, 64], got {v}")
-        return v
+        return _auto_or_range(v, 1, 64)
     resources: StageResources = StageResources(concurrency=1, num_cpus=0.5, batch_size=2)
 
 
@@ -262,9 +267,7 @@ class DiffusionConfig(_Section):
     @field_validator("unet_batch_size")
     @classmethod
     def _positive_batch(cls, v):
-        if v != "auto" and not 1 <= int(v) <= 256:
-            raise ValueError(f"must be 'auto' or in [1, 256], got {v}")
-        return v
+        return _auto_or_range(v, 1, 256)
 
     @field_validator("guidance_scale")
     @classmethod
