@@ -46,7 +46,8 @@ def main() -> None:
     args = p.parse_args()
 
     from rp_distributed.config import load_config
-    from rp_distributed.diffusion import IdentityEmbedder, ReversePersonalizer
+    from rp_distributed.diffusion import ReversePersonalizer
+    from rp_distributed.faces.arcface import IdentityEmbedder
 
     model = Path(args.model)
     sdxl = model / "sdxl" if (model / "sdxl").is_dir() else model

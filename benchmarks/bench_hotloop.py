@@ -53,8 +53,8 @@ def cpu_components(steps: int) -> dict:
     import torch
 
     from rp_distributed.config import DiffusionConfig
-    from rp_distributed.diffusion import IdentityEmbedder, ReversePersonalizer, make_tiny
-    from rp_distributed.diffusion.reverse import A_S, C_D, C_D1, C_X, S_S, STD
+    from rp_distributed.diffusion import ReversePersonalizer, make_tiny, solver
+    from rp_distributed.faces.arcface import IdentityEmbedder
     from rp_distributed.scoring import ReidScorer
 
     crop, box, kps = real_crop_1024()
@@ -77,24 +77,16 @@ def cpu_components(steps: int) -> dict:
                                   .astype(np.uint8))
     # the inversion's vectorized solver over all steps for one face (on a GPU: a few elementwise kernels)
     n = steps
-    sc = rp._sched.view(n, 1, 1, 1, 1, 6)
     xs = torch.randn((n, 1) + shape)
     eps = torch.randn_like(xs)
     x0 = torch.randn((1,) + shape)
-
-    def solver():
-        x0p = (xs - sc[..., S_S] * eps) / sc[..., A_S]
-        mu = sc[..., C_X] * xs + sc[..., C_D] * x0p
-        mu[1:] += sc[1:, ..., C_D1] * (x0p[1:] - x0p[:-1])
-        return (torch.cat([xs[1:], x0[None]]) - mu) / sc[..., STD]
-
-    out["inversion_solver_cpu"] = timed(solver)
+    out["inversion_solver_cpu"] = timed(lambda: solver.noise_maps(rp.table, xs, x0, eps))
     x = torch.randn((1,) + shape)
 
     def gen_steps():
         y, prev = x, None
         for i in range(n):
-            mu, std, prev = rp._step(y, eps[i], i, prev)
+            mu, std, prev = solver.step(rp.table[i], y, eps[i], prev)
             y = mu + std * eps[i]
         return y
 

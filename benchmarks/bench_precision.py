@@ -183,7 +183,7 @@ def _configs() -> dict[str, tuple[str, Setup | None, str, dict]]:
         from diffusers import AutoencoderKL
 
         exact = AutoencoderKL.from_pretrained(str(model.cfg.model), subfolder="vae", torch_dtype=F32)
-        model.vae.load_state_dict(exact.state_dict())  # from_config upcasts a VAE loaded in the model dtype
+        model.codec.vae.load_state_dict(exact.state_dict())  # from_config upcasts a VAE loaded in the model dtype
     add("bf16+vae_weights_fp32", "bfloat16", vae32,
         "bf16, the upcast VAE's weights reloaded in float32 (from_config rounds them to bf16 on loading)")
 
@@ -263,7 +263,7 @@ def unet_call_errors(case: Case, model32, others: dict, ts=(299, 150, 1)) -> lis
     rows = []
     pipe = model32.pipe
     with torch.no_grad():
-        x0 = model32.encode([case.crop])
+        x0 = model32.codec.encode([case.crop])
         emb, _, pooled, _ = pipe.encode_prompt(prompt=[""], device="cpu", num_images_per_prompt=1,
                                                do_classifier_free_guidance=False)
     ac = pipe.scheduler.alphas_cumprod.to(torch.float64)

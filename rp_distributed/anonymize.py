@@ -66,7 +66,8 @@ class Anonymizer:
         self.method = cfg.anonymizer.method
         self.rp = self.embedder = self.scorer = None
         if self.method == "reverse_personalization":
-            from .diffusion import IdentityEmbedder, ReversePersonalizer
+            from .diffusion import ReversePersonalizer
+            from .faces.arcface import IdentityEmbedder
             from .scoring import ReidScorer
 
             self.rp = ReversePersonalizer.from_config(cfg.diffusion, face_size=cfg.alignment.face_size)

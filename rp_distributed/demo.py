@@ -40,6 +40,7 @@ def copy_samples(folder: Path) -> list[Path]:
 def models_present(cfg: JobConfig) -> tuple[bool, str]:
     """Whether the diffusion models the config names can be loaded here without downloading."""
     from .diffusion import loading
+    from .faces.arcface import resolve_arcface
 
     d = cfg.diffusion
     try:
@@ -55,7 +56,7 @@ def models_present(cfg: JobConfig) -> tuple[bool, str]:
             hf_hub_download(d.ip_adapter, d.ip_adapter_weight_name, local_files_only=True)
         else:
             loading.resolve_adapter_file(d.ip_adapter, d.ip_adapter_weight_name, d.cache_dir)
-        loading.resolve_arcface(d.arcface, d.cache_dir)
+        resolve_arcface(d.arcface, d.cache_dir)
     except Exception as exc:  # noqa: BLE001 - any reason means "not usable here"
         return False, f"{type(exc).__name__}: {exc}"
     return True, ""

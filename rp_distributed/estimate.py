@@ -5,7 +5,7 @@ sample of them in this process (no Ray), and counts faces the way the anonymizer
 below ``detection.min_face_size``, beyond ``detection.max_faces`` or whose alignment failed gets the
 fallback method, not diffusion (``anonymize.Anonymizer``), so it costs no UNet evaluation. Every other face
 costs ``4 x len(timesteps)`` UNet image evaluations per try (``ReversePersonalizer.unet_evals_per_face``,
-with the timesteps from ``diffusion.reverse.inversion_timesteps``: no model is loaded), one try at least and
+with the timesteps from ``diffusion.solver.inversion_timesteps``: no model is loaded), one try at least and
 ``privacy.max_tries`` at most when ``privacy.escalate``. On the sample photos themselves the face and UNet
 counts are those of a real run (exact with escalation off; within the range with it on).
 
@@ -57,7 +57,7 @@ def tflop_at(piece: str, side: int) -> float:
 
 def unet_evals_per_try(cfg: JobConfig) -> int:
     """UNet image evaluations of one try on one face: an inversion and a generation, each 2 branches x N steps."""
-    from .diffusion.reverse import inversion_timesteps
+    from .diffusion.solver import inversion_timesteps
 
     return 4 * len(inversion_timesteps(cfg.diffusion.skip, cfg.diffusion.num_inversion_steps))
 

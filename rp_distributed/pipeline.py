@@ -102,7 +102,7 @@ class DetectFaces:
         self._box_landmarks = None  # dlib's 68-point predictor, for annotated boxes without landmarks (lazy)
         self.embedder = None
         if cfg.anonymizer.method == "reverse_personalization":  # lazy import: detect-only/blur jobs need no ArcFace
-            from .diffusion.identity import IdentityEmbedder
+            from .faces.arcface import IdentityEmbedder
 
             self.embedder = IdentityEmbedder.from_config(cfg.diffusion)
 

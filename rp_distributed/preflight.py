@@ -63,6 +63,7 @@ def _one_line(exc: BaseException) -> str:
 
 def check_diffusion(cfg: JobConfig) -> None:
     from .diffusion import loading
+    from .faces.arcface import resolve_arcface
 
     d = cfg.diffusion
     tiny = _tiny_root(cfg)
@@ -111,7 +112,7 @@ def check_diffusion(cfg: JobConfig) -> None:
         _uri_exists("diffusion.arcface", d.arcface, "ArcFace ONNX file")
     else:
         try:
-            loading.resolve_arcface(d.arcface, d.cache_dir)
+            resolve_arcface(d.arcface, d.cache_dir)
         except loading.ModelSourceError as exc:
             raise PreflightError("diffusion.arcface", _one_line(exc), fix_tiny or (
                 f"put insightface's buffalo_l/w600k_r50.onnx there, set diffusion.arcface, {pull}")) from None

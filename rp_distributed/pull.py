@@ -33,11 +33,11 @@ from pathlib import Path
 
 from .config import JobConfig, apply_overrides
 from .diffusion import sdxl_files
+from .model_sources import source_kind
 from .modelstore import LOCK_FORMAT, LOCK_NAME, ModelSourceError, _url_to_fs, is_uri, join, location
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _CHUNK = 8 * 1024 * 1024
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
 @dataclass
@@ -70,14 +70,6 @@ class PullResult:
                 "# Merge these lines into the job's config (or use --write-config); nodes then load from DEST only,\n"
                 "# check every file against the lock, and cache by the lock's content.\n")
         return head + yaml.safe_dump(self.settings, sort_keys=False)
-
-
-def _kind(src: str) -> str:
-    if is_uri(src):
-        return "uri"
-    if src.startswith(("/", "~", ".")) or os.path.exists(os.path.expanduser(src)) or not _HUB_ID.match(src):
-        return "local"
-    return "hub"
 
 
 def _commit_of(path: str | os.PathLike) -> str | None:
@@ -132,7 +124,7 @@ def _hub_error(key: str, repo: str, revision: str | None, exc: Exception) -> Mod
 def _sdxl(cfg: JobConfig, hf_cache: str | None) -> tuple[list[_File], dict]:
     d = cfg.diffusion
     src, rev, variant = d.model, d.model_revision, d.variant
-    kind = _kind(src)
+    kind = source_kind(src)
     if kind == "hub":
         from huggingface_hub import snapshot_download
 
@@ -163,7 +155,7 @@ def _sdxl(cfg: JobConfig, hf_cache: str | None) -> tuple[list[_File], dict]:
 def _adapter(cfg: JobConfig, hf_cache: str | None) -> tuple[list[_File], dict]:
     d = cfg.diffusion
     src, rev, name = d.ip_adapter, d.ip_adapter_revision, d.ip_adapter_weight_name
-    kind = _kind(src)
+    kind = source_kind(src)
     if kind == "hub":
         from huggingface_hub import hf_hub_download
 

@@ -163,8 +163,7 @@ class FaceChecks:
         self.gate = ReidScorer(cfg.privacy)
         self.reporter = None
         if cfg.privacy.report_recognizer:
-            from .diffusion.identity import IdentityEmbedder
-            from .diffusion.loading import resolve_arcface
+            from .faces.arcface import IdentityEmbedder, resolve_arcface
 
             self.reporter = IdentityEmbedder(resolve_arcface(cfg.privacy.report_recognizer, cfg.diffusion.cache_dir),
                                              cfg.privacy.report_providers)

@@ -21,9 +21,10 @@ import torch
 from PIL import Image
 
 from rp_distributed.config import DiffusionConfig
-from rp_distributed.diffusion import IdentityEmbedder, ModelSourceError, ReversePersonalizer, make_tiny
+from rp_distributed.diffusion import ModelSourceError, ReversePersonalizer, make_tiny, solver
 from rp_distributed.diffusion.loading import check_parameters, source_kind, sync_uri
-from rp_distributed.diffusion.reverse import inversion_timesteps
+from rp_distributed.diffusion.solver import inversion_timesteps
+from rp_distributed.faces.arcface import IdentityEmbedder
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -117,7 +118,7 @@ def test_fidelity_against_expected():
     images, latent = model.generate(inv, idv, return_latents=True)
     err = rel(latent.numpy(), exp["latent"])
     assert err < 2e-4, f"final latent {err:.2e} relative from expected (a different algorithm?)"
-    img = model.decode(latent, output="float")[0]
+    img = model.codec.decode(latent, output="float")[0]
     assert np.abs(img - exp["image"]).max() < 2e-3
     assert np.abs(images[0].astype(np.float32) / 255 - exp["image"]).max() <= 1 / 255 + 2e-3
 
@@ -134,7 +135,7 @@ def sequential_invert(rp, crops, seeds, g: float = -10.0):
     ac = rp.pipe.scheduler.alphas_cumprod.to(torch.float64)
     alpha, sigma = torch.sqrt(ac).tolist(), torch.sqrt(1 - ac).tolist()
     ts = [int(t) for t in rp.timesteps()]
-    x0 = rp.encode(crops)
+    x0 = rp.codec.encode(crops)
     b = len(crops)
     noise = torch.empty((len(ts),) + tuple(x0.shape))
     for j, seed in enumerate(seeds):
@@ -146,8 +147,8 @@ def sequential_invert(rp, crops, seeds, g: float = -10.0):
     gs = torch.full((b, 1, 1, 1), g)
     zs, prev = torch.empty_like(noise), None
     for i, t in enumerate(ts):
-        eps = rp._eps(xs[i], torch.full((b,), t), cond, gs)
-        mu, std, prev = rp._step(xs[i], eps, i, prev)
+        eps = rp.guided.eps(xs[i], torch.full((b,), t), cond, gs)
+        mu, std, prev = solver.step(rp.table[i], xs[i], eps, prev)
         zs[i] = (xs[i + 1] - mu) / std
         xs[i + 1] = mu + std * zs[i]
     return Inversion(x0=x0, xT=xs[0], zs=zs, seeds=list(seeds), image_size=tuple(crops[0].shape[:2]),
@@ -183,12 +184,12 @@ def test_batched_inversion_matches_sequential_loop(rp, crops, ids, seq_inv, batc
     seq = seq_inv
     calls = []
     hook = rp.unet.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
-    old_bs = rp.batch_size
+    old_bs = rp.guided.batch_size
     try:
-        rp.batch_size = batch_size
+        rp.guided.batch_size = batch_size
         inv = rp.invert(crops[:2], [0, 5])
     finally:
-        rp.batch_size = old_bs
+        rp.guided.batch_size = old_bs
         hook.remove()
     n_samples = STEPS * 2
     assert len(calls) == -(-n_samples // batch_size)  # ceil
@@ -208,9 +209,9 @@ def test_unet_call_batch_invariance(rp, ids):
     prompts = [None, "an old man", None]
     g = torch.tensor([-10.0, -15.0, -10.0]).view(3, 1, 1, 1)
     t = torch.full((3,), 200)
-    batched = rp._eps(x, t, rp.build_conditioning(prompts, torch.from_numpy(ids), (SIZE, SIZE)), g)
+    batched = rp.guided.eps(x, t, rp.build_conditioning(prompts, torch.from_numpy(ids), (SIZE, SIZE)), g)
     for i in range(3):
-        alone = rp._eps(x[i : i + 1], t[:1], rp.build_conditioning(prompts[i : i + 1], torch.from_numpy(ids[i : i + 1]),
+        alone = rp.guided.eps(x[i : i + 1], t[:1], rp.build_conditioning(prompts[i : i + 1], torch.from_numpy(ids[i : i + 1]),
                                                                   (SIZE, SIZE)), g[i : i + 1])
         assert rel(alone, batched[i : i + 1]) < 3e-5
 
@@ -241,8 +242,8 @@ def test_batch_invariance_and_select(rp, crops, ids):
 def test_conditioning_layout(rp, ids):
     cond = rp.build_conditioning(["an old man", None], torch.from_numpy(ids[:2]), (SIZE, SIZE))
     assert cond.text.shape[0] == 4 and cond.ids.shape == (4, 1, 1, 512) and cond.time_ids.shape == (4, 6)
-    empty_e, empty_p = rp._encode_texts([""])
-    prompt_e, prompt_p = rp._encode_texts(["an old man"])
+    empty_e, empty_p = rp.conditioning.encode_texts([""])
+    prompt_e, prompt_p = rp.conditioning.encode_texts(["an old man"])
     # negative half first: attribute prompt (or zeros) and the null identity
     assert torch.equal(cond.text[0], prompt_e[0]) and torch.equal(cond.pooled[0], prompt_p[0])
     assert not torch.any(cond.text[1]) and not torch.any(cond.pooled[1])
@@ -524,7 +525,7 @@ def test_no_host_traffic_inside_the_step_loops(rp, crops, ids, monkeypatch):
     back or moves data between devices: timesteps, solver coefficients and noise are on the device before
     the loops start (issue 13: torch.tensor(t) per call was a blocking copy 200+ times per face on a GPU)."""
     recs = []
-    eps, gen = rp._eps, rp._generate_latents
+    eps, gen = rp.guided.eps, rp.sample
 
     def eps_recorded(*a, **k):
         with HostTraffic() as rec:
@@ -538,10 +539,10 @@ def test_no_host_traffic_inside_the_step_loops(rp, crops, ids, monkeypatch):
         recs.append(("generation loop", rec.found))
         return out
 
-    monkeypatch.setattr(rp, "_eps", eps_recorded)
+    monkeypatch.setattr(rp.guided, "eps", eps_recorded)
     inv = rp.invert(crops[:2], [0, 1])
-    monkeypatch.setattr(rp, "_eps", eps)
-    monkeypatch.setattr(rp, "_generate_latents", gen_recorded)
+    monkeypatch.setattr(rp.guided, "eps", eps)
+    monkeypatch.setattr(rp, "sample", gen_recorded)
     rp.generate(inv, ids[:2], ["an old man", None])
     assert [r[0] for r in recs].count("generation loop") == 1 and len(recs) > 1
     assert all(not found for _, found in recs), recs
@@ -552,22 +553,22 @@ def test_padded_calls_equal_unpadded(rp, ids):
     x = torch.randn(3, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(1))
     cond = rp.build_conditioning([None, "an old man", None], torch.from_numpy(ids), (SIZE, SIZE))
     t = torch.tensor([250, 120, 3])
-    plain = rp._unet(x, t, cond)
+    plain = rp.guided.raw(x, t, cond)
     calls = []
     hook = rp.unet.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
-    rp.compiled, old_bs = True, rp.batch_size
+    rp.guided.compiled, old_bs = True, rp.guided.batch_size
     try:
-        rp.batch_size = 7
-        padded = rp._unet(x, t, cond)
+        rp.guided.batch_size = 7
+        padded = rp.guided.raw(x, t, cond)
     finally:
-        rp.compiled, rp.batch_size = False, old_bs
+        rp.guided.compiled, rp.guided.batch_size = False, old_bs
         hook.remove()
     assert calls == [14] and padded.shape == plain.shape
     assert rel(padded, plain) < 3e-5
 
 
 def test_plan_batch_size():
-    from rp_distributed.diffusion.reverse import plan_batch_size
+    from rp_distributed.diffusion.guided_unet import plan_batch_size
 
     gib = 2 ** 30
     # 3 GiB per sample, 10 GiB fixed, 60 GiB free: floor((0.85 * 60 - 10) / 3) = 13

@@ -170,7 +170,8 @@ def test_the_job_runs_from_an_s3_dest(pulled, ray_session, tmp_path, astronaut_p
 def test_the_pulled_weights_are_the_source_weights(pulled, tiny_dir):
     """Loaded from the local DEST and from the S3 DEST (synced, checked), the model anonymizes exactly as from
     the source folder."""
-    from rp_distributed.diffusion import IdentityEmbedder, ReversePersonalizer
+    from rp_distributed.diffusion import ReversePersonalizer
+    from rp_distributed.faces.arcface import IdentityEmbedder
 
     cfg, root = pulled["cfg"], pulled["root"]
     crop, idv = _crop_and_id()

@@ -84,8 +84,8 @@ def test_float16_models_and_vae_upcast(rp16):
     assert rp16.dtype == torch.float16 and rp16.model_info["dtype"] == "float16"
     assert next(rp16.unet.parameters()).dtype == torch.float16
     # SDXL's VAE overflows in float16: its config asks for float32 and the model keeps it there
-    assert rp16.vae.config.force_upcast
-    assert {p.dtype for p in rp16.vae.parameters()} == {torch.float32}
+    assert rp16.codec.vae.config.force_upcast
+    assert {p.dtype for p in rp16.codec.vae.parameters()} == {torch.float32}
 
 
 def test_float16_stage_close_to_float32_and_finite(rp16, rp32, run32, crop, idv):
@@ -131,10 +131,10 @@ def test_float16_stage_close_to_float32_and_finite(rp16, rp32, run32, crop, idv)
 def test_float16_decode_upcasts(rp16, rp32, run32):
     """decode of the float16 model runs the float32 VAE: a float16 latent handed in decodes like float32's."""
     _, _, lat32 = run32
-    a = rp16.decode(lat32, output="float")[0]
-    b = rp32.decode(lat32, output="float")[0]
+    a = rp16.codec.decode(lat32, output="float")[0]
+    b = rp32.codec.decode(lat32, output="float")[0]
     assert np.isfinite(a).all() and np.abs(a - b).max() < 2e-2  # float16-rounded VAE weights (see above)
-    c = rp16.decode(lat32.to(torch.float16), output="float")[0]  # a half latent is upcast, not decoded in half
+    c = rp16.codec.decode(lat32.to(torch.float16), output="float")[0]  # a half latent is upcast, not decoded in half
     assert np.isfinite(c).all() and np.abs(c - b).max() < 2e-2
 
 

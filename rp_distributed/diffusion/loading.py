@@ -20,53 +20,16 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
 
 import torch
 
+from ..model_sources import model_lock, resolve_local, source_kind  # noqa: F401 (re-exported)
 from ..modelstore import LockedModels, ModelSourceError, sync_locked, sync_uri  # noqa: F401 (re-exported)
 from .sdxl_files import SDXL_COMPONENTS, WEIGHT_COMPONENTS, weight_name_regex
+
 ADAPTER_IMAGE_PROJ_KEYS = ("proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias", "norm.weight", "norm.bias")
 ADAPTER_EXTENSIONS = (".bin", ".safetensors", ".pt", ".pth")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
-# --------------------------------------------------------------------------- sources
-
-
-def source_kind(src: str) -> str:
-    """'uri', 'local' or 'hub'."""
-    if "://" in src:
-        return "uri"
-    expanded = os.path.expanduser(src)
-    if src.startswith(("/", "~", ".")) or os.path.exists(expanded) or not _HUB_ID.match(src):
-        return "local"
-    return "hub"
-
-
-def resolve_local(src: str, cache_dir: str | os.PathLike, locked: LockedModels | None = None,
-                  key: str = "model source") -> Path:
-    """A URI (synced) or a local path (expanded); with ``locked``, the verified copy of a source in the pulled
-    tree. Hub ids are not handled here."""
-    if locked is not None:
-        return locked.local(src, key)
-    if source_kind(src) == "uri":
-        return sync_uri(src, cache_dir)
-    return Path(os.path.expanduser(src))
-
-
-def model_lock(cfg) -> LockedModels | None:
-    """The node's verified copy of ``cfg.lock_file`` (synced and checked once per node), or None without one.
-    The config's revisions and variant must be the ones the lock records."""
-    lock_file = getattr(cfg, "lock_file", None)
-    if not lock_file:
-        return None
-    locked = sync_locked(lock_file, cfg.cache_dir)
-    locked.check_pin(cfg.model, "diffusion.model", "diffusion.model_revision", cfg.model_revision,
-                     cfg.variant, check_variant=True)
-    locked.check_pin(cfg.ip_adapter, "diffusion.ip_adapter", "diffusion.ip_adapter_revision", cfg.ip_adapter_revision)
-    return locked
 
 
 # --------------------------------------------------------------------------- SDXL folder
@@ -198,19 +161,6 @@ def validate_adapter_state_dict(sd, source: str, cross_attention_dim: int | None
         if absent or len(kv) != len(need):
             raise ModelSourceError(f"{where}: ip_adapter has {len(kv) // 2} layers, the UNet has "
                                    f"{n_cross_attn_layers} cross-attention layers (missing e.g. {absent[:2]})")
-
-
-# --------------------------------------------------------------------------- ArcFace
-
-
-def resolve_arcface(src: str, cache_dir: str, locked: LockedModels | None = None) -> Path:
-    if locked is not None:
-        path = locked.local(src, "diffusion.arcface")
-    else:
-        path = resolve_local(src, cache_dir) if source_kind(src) == "uri" else Path(os.path.expanduser(src))
-    if not path.is_file():
-        raise ModelSourceError(f"diffusion.arcface: ArcFace ONNX file {src} does not exist")
-    return path
 
 
 # --------------------------------------------------------------------------- parameters, device

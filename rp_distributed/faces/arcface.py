@@ -1,10 +1,28 @@
-"""ArcFace identity embeddings (insightface ``buffalo_l`` recognizer, ``w600k_r50.onnx``)."""
+"""ArcFace identity embeddings (insightface ``buffalo_l`` recognizer, ``w600k_r50.onnx``) through onnxruntime:
+the conditioning identity of reverse personalization (made on the CPU detection actors) and the report's
+second recognizer. No torch here."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 
-from .loading import ModelSourceError, model_lock, resolve_arcface
+from ..model_sources import model_lock, resolve_local, source_kind
+from ..modelstore import LockedModels, ModelSourceError
+
+
+def resolve_arcface(src: str, cache_dir: str, locked: LockedModels | None = None) -> Path:
+    """The local ONNX file of ``src`` (a file or a URI synced once per node; with ``locked``, the pulled tree's
+    verified copy)."""
+    if locked is not None:
+        path = locked.local(src, "diffusion.arcface")
+    else:
+        path = resolve_local(src, cache_dir) if source_kind(src) == "uri" else Path(os.path.expanduser(src))
+    if not path.is_file():
+        raise ModelSourceError(f"diffusion.arcface: ArcFace ONNX file {src} does not exist")
+    return path
 
 
 class IdentityEmbedder:
