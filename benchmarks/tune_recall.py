@@ -27,9 +27,8 @@ from rp_distributed.detection_config import DetectionConfig, PassConfig  # noqa:
 from rp_distributed.faces.ensemble import EnsembleDetector, pass_name  # noqa: E402
 from rp_distributed.faces.rotate import face_back, rotated  # noqa: E402
 
-CANDIDATES = ([("centerface", 1.0, a) for a in (0, 30, -30, 45, -45, 60, -60, 90, -90)]
-              + [("centerface", s, 0) for s in (1.5, 2.0, 3.0)] + [("centerface", 2.0, a) for a in (45, -45, 90, -90)]
-              + [("dlib_hog", 2.0, 0)])
+CANDIDATES = ([("centerface", 1.0, a) for a in (0, 90, -90, 45, -45)]
+              + [("centerface", s, 0) for s in (2.0, 1.5)])
 FLOOR = {"centerface": 0.1, "dlib_hog": -0.3}
 
 

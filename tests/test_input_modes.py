@@ -18,17 +18,18 @@ from rp_distributed.anonymize import Anonymizer
 from rp_distributed.config import anonymization_fingerprint, load_config
 from rp_distributed.faces.align import five_points, template_in_crop
 from rp_distributed.pipeline import AnonymizeFaces, DetectFaces, MergeAndWrite, _columns, _rows
+from tests.conftest import FAST_DETECTION
 from tests.conftest import insightface_image
 
 STEPS = 4
 
 
 def _blur_cfg(*extra):
-    return load_config(None, ["anonymizer.method=blur", "output.format=png", "alignment.face_size=128", *extra])
+    return load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png", "alignment.face_size=128", *extra])
 
 
 def _rp_cfg(tiny_dir, *extra):
-    return load_config(None, [
+    return load_config(None, [*FAST_DETECTION, 
         "anonymizer.method=reverse_personalization", f"diffusion.model={tiny_dir}/sdxl",
         f"diffusion.ip_adapter={tiny_dir}/ip-adapter", f"diffusion.arcface={tiny_dir}/arcface/w600k_r50.onnx",
         "diffusion.device=cpu", "diffusion.dtype=float32", f"diffusion.num_inversion_steps={STEPS}",

@@ -5,8 +5,10 @@ half the member's smallest size are seen), once per angle of ``rotations`` (a ro
 upright; boxes and landmarks are mapped back, ``rotate.py``). A pass whose input would be longer than
 ``max_pass_px`` runs on overlapping tiles of that side, plus a coarse whole-image pass for the faces too big for a
 tile. Detections of all passes that overlap (IoU ``merge_iou``, or one box mostly inside another of similar size)
-are one face: the best-scoring CenterFace detection (a member with 5 landmarks and a probability) represents it,
-else the best of the others, and ``found_by`` names every pass that saw it.
+are one face. The detection that saw it most nearly upright represents it (its landmarks are the good ones: a
+detector's landmarks on a face it saw on its side are poor), CenterFace before dlib, then by score; ``found_by``
+names every pass that saw it. A rotated copy's corners are the image mirrored: detections centred there are
+dropped.
 
 Low confidence: a face whose best CenterFace score is below ``generate_above`` and that no second member found is
 marked ``confident=False``; the anonymizer gives it the fallback method, never a GPU generation.
@@ -83,6 +85,30 @@ def pass_name(member: str, scale: float, angle: float) -> str:
     return f"{member}@{scale:g}x" + (f"/rot{angle:+g}" if angle else "")
 
 
+def pass_angle(tag: str) -> float:
+    """The rotation of the copy a pass ran on, from its name."""
+    return float(tag.split("/rot")[1]) if "/rot" in tag else 0.0
+
+
+def tilt_in_pass(face: DetectedFace) -> float:
+    """How far from upright (degrees, 0..180) the face lay in the copy its pass saw: the eye line's angle in the
+    image less the copy's rotation. A detector's landmarks are good on a face it saw near upright, poor on one it
+    saw on its side, so the least tilted detection of a face represents it."""
+    from .align import five_points
+
+    p = five_points(face.landmarks)
+    eyes = math.degrees(math.atan2(float(p[1, 1] - p[0, 1]), float(p[1, 0] - p[0, 0])))
+    return abs((eyes - pass_angle(face.found_by[0]) + 180.0) % 360.0 - 180.0)
+
+
+def inside(box: np.ndarray, matrix: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """Whether a box of a rotated copy is centred on the image (not on the mirrored border around it)."""
+    inv = cv2.invertAffineTransform(np.asarray(matrix, np.float64))
+    cx, cy = (float(box[0]) + float(box[2])) / 2, (float(box[1]) + float(box[3])) / 2
+    x, y = inv[:, :2] @ np.array([cx, cy]) + inv[:, 2]
+    return 0.0 <= x <= shape[1] and 0.0 <= y <= shape[0]
+
+
 @dataclass
 class _Cluster:
     rep: DetectedFace
@@ -134,7 +160,8 @@ class EnsembleDetector:
                     faces = self._run_pass(member, image, p.scale, threshold)
                 else:
                     copy, matrix = rotated(image, angle)
-                    faces = [face_back(f, matrix, image.shape) for f in self._run_pass(member, copy, p.scale, threshold)]
+                    faces = [face_back(f, matrix, image.shape) for f in self._run_pass(member, copy, p.scale, threshold)
+                             if inside(f.box, matrix, image.shape)]
                 found += [replace(f, found_by=tag) for f in faces if f.box[2] > f.box[0] and f.box[3] > f.box[1]]
         faces = self.merge(found)
         faces.sort(key=lambda f: (-f.size, -f.score))
@@ -176,6 +203,9 @@ class EnsembleDetector:
                 clusters.append(_Cluster(rep=f, members=[f]))
         out = []
         for c in clusters:
+            # The least tilted detection (in 15 degree steps), CenterFace first, then by score.
+            c.rep = min(c.members, key=lambda m: (round(tilt_in_pass(m) / 15.0), not m.found_by[0].startswith(
+                "centerface"), -m.score))
             tags = tuple(sorted({t for m in c.members for t in m.found_by}))
             kinds = {t.split("@")[0] for t in tags}
             best_cf = max((m.score for m in c.members if m.found_by[0].startswith("centerface")), default=0.0)
