@@ -78,6 +78,7 @@ CONFIGS = {
     "cf@1x rot0/±45/±90": lambda: Ours(_ens(_cf(rotations=(0, 90, -90, 45, -45)))),
     "default": lambda: Ours(DetectionConfig()),
     "default+audit": lambda: Ours(DetectionConfig(passes=list(DetectionConfig().passes) + list(AUDIT_PASSES))),
+    "audit alone": lambda: Ours(DetectionConfig(passes=list(AUDIT_PASSES))),
 }
 
 

@@ -2,7 +2,8 @@
 
 Faces come from photos that ship inside installed packages: insightface's ``t1.jpg`` (six people) and
 ``Tom_Hanks_54745.png``, scikit-image's ``astronaut`` and ``camera``, matplotlib's ``grace_hopper.jpg``, and the
-100 face patches of scikit-image's ``lfw_subset`` (25 px, grey). Backgrounds are scikit-image photos without
+100 face patches of scikit-image's ``lfw_subset`` (25 px, grey; half the faces of 24 px and less, the other half
+are photo faces shrunk with their context). Backgrounds are scikit-image photos without
 people (coffee, chelsea the cat, rocket, brick, grass, gravel, the Hubble deep field, a motorcycle, the moon, a
 page of text).
 
@@ -164,7 +165,10 @@ def make_composite(sources: list[SourceFace], rng: np.random.Generator, index: i
     boxes, buckets, names = [], [], []
     for _ in range(faces):
         bucket, s, angle = _spec(rng)
-        pool = [f for f in sources if f.small_only == (s <= 24)] if s <= 24 else [f for f in sources if not f.small_only]
+        # A small face is a photo's face shrunk with its context (hair, head) or, half the time, an LFW patch (a
+        # tight crop: no context at all, the hardest kind).
+        lfw = s <= 24 and rng.random() < 0.5
+        pool = [f for f in sources if f.small_only == lfw]
         src = pool[rng.integers(len(pool))]
         rgb, alpha, box = _patch(src, s, angle)
         n = rgb.shape[0]
