@@ -87,8 +87,19 @@ def test_covered_fraction():
     face = np.array([100, 100, 200, 200], np.float32)
     assert covered_fraction(np.array([110, 110, 190, 190]), [face]) == 1.0
     assert covered_fraction(np.array([300, 300, 350, 350]), [face]) == 0.0
-    assert 0.4 < covered_fraction(np.array([150, 100, 250, 200]), [face]) < 0.7  # half inside (+ the grown rim)
+    assert 0.7 < covered_fraction(np.array([150, 100, 250, 200]), [face]) < 0.9  # half inside, + the grown rim
     assert covered_fraction(np.array([5, 5, 5, 9]), []) == 1.0  # an empty box is nothing to anonymize
+
+
+def test_is_anonymized_tells_the_same_face_from_a_small_face_beside_it():
+    from rp_distributed.audit import is_anonymized
+
+    face = np.array([100, 100, 200, 200], np.float32)  # dlib-style eyes-to-lip box of a big face
+    head = np.array([50, 130, 240, 320])  # a detector's larger box around that (blurred) head: mostly outside
+    assert covered_fraction(head, [face]) < 0.5 and is_anonymized(head, [face], 0.5)
+    child = np.array([212, 212, 242, 242])  # a small face just below-right: centred in the grown rim, 3x smaller
+    assert is_anonymized(child, [face], 0.5) is False
+    assert is_anonymized(np.array([120, 120, 180, 180]), [face], 0.5)
 
 
 def test_audit_columns_are_appended_and_old_parts_read_as_null(tmp_path):

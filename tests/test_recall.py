@@ -12,9 +12,9 @@ from rp_distributed.faces import build_detector
 
 # The slice: seed 3 (neither the tuning seed 1 nor the reported seed 2), 6 images of 640x480, 4 faces each.
 SLICE = dict(seed=3, count=6, size=(640, 480), faces=4)
-# Measured on the slice when the default was chosen (BENCHMARKS.md): the default's recall may not drop below it.
-DEFAULT_RECALL_FLOOR = None
-DEFACE_RECALL = None
+# Measured on the slice when the default was chosen (BENCHMARKS.md, "Recall"): the default found 19 of its 23 faces
+# (every face but 4 of the 8 of 24 px and less) with no false detection; deface at its defaults found 15.
+DEFAULT_RECALL_FLOOR = 19 / 23
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +33,18 @@ def _recall(detect, images) -> tuple[float, float]:
 
 
 def test_default_detection_recall_does_not_drop_on_the_ci_slice(slice_images):
+    from benchmarks.bench_recall import Deface
+
     det = build_detector(DetectionConfig())
 
-    def detect(image):
+    def ours(image):
         faces = det.detect(image)
         return np.array([f.box for f in faces], np.float32).reshape(-1, 4), np.array([f.score for f in faces])
 
-    recall, false = _recall(detect, slice_images)
-    assert sum(len(c.boxes) for c in slice_images) >= 20
-    assert recall >= DEFAULT_RECALL_FLOOR, f"default recall {recall:.3f} fell below {DEFAULT_RECALL_FLOOR}"
-    assert recall > DEFACE_RECALL  # deface at its defaults on the same slice (measured: DEFACE_RECALL)
+    assert sum(len(c.boxes) for c in slice_images) == 23
+    recall, false = _recall(ours, slice_images)
+    assert recall >= DEFAULT_RECALL_FLOOR - 1e-9, f"default recall {recall:.3f} fell below {DEFAULT_RECALL_FLOOR:.3f}"
+    assert false <= 1 / len(slice_images)  # measured: none
+    deface = Deface()
+    deface_recall, _ = _recall(lambda image: deface(image)[:2], slice_images)
+    assert recall > deface_recall  # deface at its defaults, same images (measured: 15 of 23)
