@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from . import annotations, compose, io, manifest
 from .anonymize import Anonymizer, DeviceFault, raise_if_device_fault
+from .audit import OutputAudit
 from .config import JobConfig, StageResources
 from .records import Face, ImagePayload
 from .records import join_reasons as _join
@@ -194,8 +195,7 @@ class DetectFaces:
             note = []
         found = self.detector.detect(rgb)
         cost = getattr(self.detector, "cost", None)  # the ensemble's: passes run, megapixels seen
-        if cost is not None:
-            row.update(detect_passes=cost.passes, detect_mpix=cost.mpix)
+        row.update(detect_passes=getattr(cost, "passes", None), detect_mpix=getattr(cost, "mpix", None))
         return _Found(found, cfg.detection.backend, "detector", [False] * len(found), note)
 
     def _align_faces(self, rel_path: str, rgb: np.ndarray, found: _Found) -> list[Face]:
@@ -354,11 +354,7 @@ class MergeAndWrite:
         self.detector_name = detector_name
         self.fingerprint = fingerprint
         self.checks = FaceChecks(cfg)
-        self.audit = None
-        if cfg.merge.audit.enabled:
-            from .audit import OutputAudit
-
-            self.audit = OutputAudit(cfg)
+        self.audit = OutputAudit(cfg) if cfg.merge.audit.enabled else None
 
     def __call__(self, batch: dict) -> dict:
         out = []

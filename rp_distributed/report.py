@@ -436,6 +436,14 @@ def _fmt(v, spec: str = ".3g") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
+def _privacy_line(s: dict) -> str:
+    """Identity exported, and beside it the faces the first detection pass missed (found by the output audit)."""
+    exported = s["identity_exported"]
+    return (f"<p class=\"{'bad' if exported else 'ok'}\">Faces exported with identity information: "
+            f"<b>{exported}</b> of {s['reid_scored']} scored (must be 0). Faces the first detection pass missed, "
+            f"found on the output by the audit and anonymized: <b>{s['missed_by_first_pass']}</b>.</p>")
+
+
 def render(f: Facts, output_uri: str, include_originals: bool, gallery_size: int = 24, thumbnail_px: int = 112) -> str:
     """The report's HTML."""
     s = f.summary
@@ -456,10 +464,7 @@ def render(f: Facts, output_uri: str, include_originals: bool, gallery_size: int
     else:
         parts.append("<p class=\"ok\">Originals are <b>not embedded</b>: the gallery shows anonymized output "
                      "only (report.include_originals: false).</p>")
-    exported = s["identity_exported"]
-    parts.append(f"<p class=\"{'bad' if exported else 'ok'}\">Faces exported with identity information: "
-                 f"<b>{exported}</b> of {s['reid_scored']} scored (must be 0). Faces the first detection pass "
-                 f"missed, found on the output by the audit and anonymized: <b>{s['missed_by_first_pass']}</b>.</p>")
+    parts.append(_privacy_line(s))
     parts.append("<p id=\"render-check\" class=\"note\">(render check runs on load)</p>")
 
     # outcomes
