@@ -115,3 +115,22 @@ def test_audit_columns_are_appended_and_old_parts_read_as_null(tmp_path):
                    tmp_path / "_manifest" / "part-r-00000.parquet")
     table = manifest.read_manifest(str(tmp_path), "_manifest")
     assert table.column("audit").to_pylist() == [None] and table.column("run_id").to_pylist() == ["r"]
+
+
+def test_the_summary_and_report_show_missed_faces_next_to_identity_exported():
+    from rp_distributed import cli, report
+    from rp_distributed.pipeline import JobResult
+
+    rows = [{"face_index": 0, "status": "ok", "num_faces": 2, "reidentified": False, "identity_exported": False},
+            {"face_index": 1, "status": "ok", "num_faces": 2, "audit": True, "face_error": "missed by the first "
+             "detection pass: found on the output by the audit", "reidentified": False, "identity_exported": False}]
+    summary = manifest.summarize(rows)
+    assert summary["missed_by_first_pass"] == 1 and summary["faces"] == 2
+    text = cli._summary_text(JobResult(run_id="r", summary=summary, skipped=0), load_config(None, []), "in", "out")
+    lines = text.splitlines()
+    i = next(k for k, line in enumerate(lines) if "identity exported" in line)
+    assert "first pass missed 1 faces: found on the output by the audit, blur applied" in lines[i + 1]
+    off = load_config(None, ["merge.audit.enabled=false"])
+    assert "not audited" in cli._summary_text(JobResult(run_id="r", summary=summary, skipped=0), off, "in", "out")
+    assert "first detection pass missed, found on the output by the audit and anonymized: <b>1</b>" in \
+        report._privacy_line(summary)

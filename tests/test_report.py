@@ -167,6 +167,7 @@ def test_inspect_and_report_commands(rp_run, capsys):
     assert f"faces            {result.summary['faces']}:" in text
     assert "error    broken.jpg: empty file (0 bytes)" in text
     assert "identity exported 0.0%" in text
+    assert f"first pass missed {result.summary['missed_by_first_pass']} faces" in text
 
     # Rebuilt on request, with originals only when asked for, and saying so.
     page = out / "_manifest" / "report.html"
