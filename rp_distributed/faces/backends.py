@@ -114,8 +114,8 @@ def shift_face(face: DetectedFace, dx: float, dy: float, scale: float = 1.0) -> 
     """``face`` with box and landmarks scaled by ``scale`` then moved by ``(dx, dy)``."""
     off = np.array([dx, dy], np.float32)
     box = face.box * np.float32(scale) + np.tile(off, 2)
-    return DetectedFace(box=box.astype(np.float32), score=face.score, landmarks=(face.landmarks * scale + off).astype(np.float32),
-                        found_by=face.found_by)
+    return DetectedFace(box=box.astype(np.float32), score=face.score,
+                        landmarks=(face.landmarks * scale + off).astype(np.float32), found_by=face.found_by)
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> float:
