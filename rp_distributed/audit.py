@@ -5,8 +5,9 @@ So after paste-back and the re-ID checks, ``OutputAudit`` runs a detector pass *
 (``merge.audit.passes``: by default CenterFace at another magnification, 1.5x) on the written
 pixels. A detection that is none of the anonymized faces (``is_anonymized``: less than ``merge.audit.covered`` of
 it inside an anonymized face's box, and not centred in one at about its size) is a face the first pass missed:
-``anonymizer.fallback`` destroys it in the image, and it becomes a face of its own (``records.Face`` with ``audit=True``; a manifest row with ``detector: audit``, its box,
-``found_by`` and ``method_applied``), counted in the summary as "faces the first pass missed".
+``anonymizer.fallback`` destroys it in the image, and it becomes a face of its own (``records.Face`` with
+``audit=True``; a manifest row with ``detector: audit``, its box, ``found_by`` and ``method_applied``), counted in
+the summary as "faces the first pass missed".
 
 Faces the first pass found, anonymized by generation, are still faces: the audit sees them again, inside their
 boxes, and leaves them alone. A failing audit withholds the image (we cannot say it holds no missed face).
