@@ -386,7 +386,8 @@ def anonymization_settings(cfg: JobConfig) -> dict:
     settings = {"detection": det, "alignment": cfg.alignment.model_dump(mode="json"), "anonymizer": anon,
                 "privacy": cfg.privacy.model_dump(mode="json", exclude={"report_recognizer", "report_threshold",
                                                                          "report_providers"}),
-                "merge": {"feather": cfg.merge.feather}}
+                "merge": {"feather": cfg.merge.feather,  # the audit decides which missed faces are destroyed
+                          "audit": cfg.merge.audit.model_dump(mode="json", exclude={"providers"})}}
     if cfg.anonymizer.method == "reverse_personalization":
         # How the loop is executed (batching, compilation, attention kernel) is left out: it changes results by
         # rounding only (tests/test_diffusion.py), like the device.

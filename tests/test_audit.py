@@ -134,3 +134,13 @@ def test_the_summary_and_report_show_missed_faces_next_to_identity_exported():
     assert "not audited" in cli._summary_text(JobResult(run_id="r", summary=summary, skipped=0), off, "in", "out")
     assert "first detection pass missed, found on the output by the audit and anonymized: <b>1</b>" in \
         report._privacy_line(summary)
+
+
+def test_the_audit_settings_are_part_of_the_fingerprint():
+    """A rerun with the audit turned off (or changed) redoes its inputs: the audit decides what is destroyed."""
+    from rp_distributed.config import anonymization_fingerprint
+
+    base = anonymization_fingerprint(load_config(None, []))
+    assert anonymization_fingerprint(load_config(None, ["merge.audit.enabled=false"])) != base
+    assert anonymization_fingerprint(load_config(None, ["merge.audit.covered=0.7"])) != base
+    assert anonymization_fingerprint(load_config(None, ["merge.audit.providers=[CUDAExecutionProvider]"])) == base
