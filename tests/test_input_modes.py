@@ -189,8 +189,9 @@ def _table_from(faces, path, landmarks=True, shuffle=True) -> str:
 
 def test_annotations_from_detect_modes_own_faces_reproduce_them(tmp_path, tiny_dir, t1_path, t1_rgb):
     """Fed detect mode's own boxes and landmarks (in another order), annotations mode gives the same faces: the
-    same order, seeds, crops, keypoints and identity embeddings, and the same anonymized image."""
-    rp = _rp_cfg(tiny_dir, "alignment.face_size=128")
+    same order, seeds, crops, keypoints and identity embeddings, and the same anonymized image. Detect mode runs
+    dlib here: a box without landmarks gets dlib's 68-point predictor, the landmarks the dlib backend gives."""
+    rp = _rp_cfg(tiny_dir, "alignment.face_size=128", "detection.backend=dlib")
     faces = DetectFaces(rp).process(_row(t1_path))["payload"].faces
     assert len(faces) == 6
     blur = Anonymizer(_blur_cfg())
