@@ -229,7 +229,7 @@ def test_images_without_annotation_rows_follow_annotations_missing(tmp_path, t1_
         assert orphans[0]["rows"] == [0] and planned["annotations"][0].as_py() is None
         rows[missing] = DetectFaces(cfg).process(_row(t1_path, rel="t1.jpg"))
     detect, skip, withhold = rows["detect"], rows["skip"], rows["withhold"]
-    assert detect["status"] is None and len(detect["payload"].faces) == 6 and detect["payload"].faces_from == "dlib"
+    assert detect["status"] is None and len(detect["payload"].faces) == 6 and detect["payload"].faces_from == "ensemble"
     assert "no annotation rows: faces detected" in detect["notes"]
     assert skip["status"] is None and skip["payload"].faces == [] and "no annotation rows: no faces" in skip["notes"]
     assert withhold["status"] == "withheld" and "input.annotations_missing=withhold" in withhold["error"]
