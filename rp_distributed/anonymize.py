@@ -116,6 +116,9 @@ class Anonymizer:
                 f.add_error(f.align_error)
             elif f.small and self.method == "reverse_personalization":
                 self._fallback(f, f"face smaller than detection.min_face_size={self.cfg.detection.min_face_size}px")
+            elif f.low_confidence and self.method == "reverse_personalization":
+                self._fallback(f, f"low-confidence detection (score {f.det_score:.2f} below detection.generate_above="
+                                  f"{self.cfg.detection.generate_above}, one member): no GPU generation")
             else:
                 primary.append(f)
         if self.method == "reverse_personalization":

@@ -21,6 +21,14 @@ from .plan import PlanError
 from .preflight import PreflightError
 
 
+def _missed_text(s: dict, cfg) -> str:
+    """The output audit's count, shown beside identity exported."""
+    if not cfg.merge.audit.enabled:
+        return "not audited (merge.audit.enabled: false): faces the detector missed are exported untouched"
+    return (f"{s['missed_by_first_pass']} faces: found on the output by the audit, {cfg.anonymizer.fallback} applied "
+            "(manifest rows with audit=true)")
+
+
 def _summary_text(result, cfg, input_uri: str, output_uri: str) -> str:
     s = result.summary
     rate = "n/a" if s["reid_rate"] is None else f"{100 * s['reid_rate']:.1f}% ({s['identity_exported']}/{s['reid_scored']})"
@@ -37,6 +45,7 @@ def _summary_text(result, cfg, input_uri: str, output_uri: str) -> str:
         f"  failures         {s['failures']} images (error or withheld; reasons in the manifest)",
         f"  identity exported {rate}: written faces the recognizer still matches (distance < "
         f"{cfg.privacy.reid_threshold}), not masked",
+        f"  first pass missed {_missed_text(s, cfg)}",
     ]
     if s["report_reid_rate"] is not None:
         lines.append(f"  second opinion   {100 * s['report_reid_rate']:.1f}% matched by {cfg.privacy.report_recognizer} "

@@ -11,44 +11,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from .config_base import StageResources, _Section  # noqa: F401 - re-exported
+from .detection_config import AuditConfig, DetectionConfig, PassConfig  # noqa: F401 - re-exported
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
-
-
-class StageResources(_Section):
-    """Ray resources of one stage: a pool of ``concurrency`` actors, each with these resources.
-
-    ``concurrency: 8`` is a fixed pool; ``concurrency: [2, 8]`` an autoscaling one (Ray Data grows it from 2
-    to 8 actors while inputs queue and the cluster has room, e.g. as KubeRay adds GPU nodes).
-    """
-
-    concurrency: int | tuple[int, int] = Field(1, description="actors: N, or [min, max] to autoscale")
-    num_cpus: float = Field(0.5, ge=0)
-    num_gpus: float = Field(0, ge=0)
-    batch_size: int = Field(4, ge=1, description="rows per Ray Data batch")
-
-    @field_validator("concurrency")
-    @classmethod
-    def _pool(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
-        lo, hi = (v, v) if isinstance(v, int) else v
-        if lo < 1 or hi < lo:
-            raise ValueError(f"must be N >= 1 or [min, max] with 1 <= min <= max (got {v})")
-        return v
-
-    @property
-    def pool_bounds(self) -> tuple[int, int]:
-        """(min, max) actors."""
-        c = self.concurrency
-        return (c, c) if isinstance(c, int) else (c[0], c[1])
 
 
 class InputConfig(_Section):
@@ -140,38 +112,6 @@ class OutputConfig(_Section):
         if not v or v.startswith("/") or ".." in Path(v).parts or "\\" in v:
             raise ValueError("must be a relative folder name inside the output prefix")
         return v
-
-
-class DetectionConfig(_Section):
-    backend: Literal["dlib", "insightface", "face_alignment"] = "dlib"
-    model: str = Field("hog", description="dlib: hog|cnn; insightface: pack name; face_alignment: sfd")
-    model_dir: str | None = Field(None, description="folder holding the backend's weights (insightface: also a "
-                                  "URI, synced once per node into cache_dir)")
-    lock_file: str | None = Field(None, description="models.lock.json of a tree written by `rp-anonymize models pull`: "
-                                  "model_dir must lie in it, and is checked (size, sha256) before loading")
-    cache_dir: str = Field("~/.cache/rp_distributed", description="node-local cache for model_dir URIs and lock_file")
-    threshold: float = Field(0.0, description="minimum detection score (backend's own scale)")
-    upsample: int = Field(1, ge=0, le=3, description="dlib: times to upsample before detecting")
-    min_face_size: int = Field(24, ge=1, description="faces smaller (box side, px) get the fallback method")
-    max_faces: int = Field(
-        64, ge=1,
-        description="faces per image given the requested method, largest first; every further face gets "
-        "anonymizer.fallback on its box",
-    )
-    tile_above_px: int = Field(
-        2000, ge=256,
-        description="images whose long side exceeds this get a coarse whole-image pass plus overlapping tiles "
-        "seen at a higher magnification, so small faces in large photos are found (insightface also tiles "
-        "smaller images whose 640 px resize would shrink a min_face_size face below what SCRFD sees)",
-    )
-    tile_px: int = Field(1024, ge=128, le=4096, description="tile side, image px (insightface: also its tile input)")
-    tile_zoom: float = Field(
-        3.0, ge=1.0, le=8.0,
-        description="dlib: tiles are magnified this much before detecting (3: faces from ~20 px, about 2x the "
-        "CPU of one upsample-1 pass on a 12 MP photo; 2.5: from ~25 px, about 1.3x)",
-    )
-    providers: list[str] = ["CPUExecutionProvider"]
-    resources: StageResources = StageResources(concurrency=1, num_cpus=0.5, batch_size=4)
 
 
 class AlignmentConfig(_Section):
@@ -306,6 +246,7 @@ class PrivacyConfig(_Section):
 
 class MergeConfig(_Section):
     feather: float = Field(0.08, ge=0, le=0.5, description="blend-mask feather, fraction of face size")
+    audit: AuditConfig = AuditConfig()
     resources: StageResources = StageResources(concurrency=1, num_cpus=0.25, batch_size=4)
 
 
@@ -445,7 +386,8 @@ def anonymization_settings(cfg: JobConfig) -> dict:
     settings = {"detection": det, "alignment": cfg.alignment.model_dump(mode="json"), "anonymizer": anon,
                 "privacy": cfg.privacy.model_dump(mode="json", exclude={"report_recognizer", "report_threshold",
                                                                          "report_providers"}),
-                "merge": {"feather": cfg.merge.feather}}
+                "merge": {"feather": cfg.merge.feather,  # the audit decides which missed faces are destroyed
+                          "audit": cfg.merge.audit.model_dump(mode="json", exclude={"providers"})}}
     if cfg.anonymizer.method == "reverse_personalization":
         # How the loop is executed (batching, compilation, attention kernel) is left out: it changes results by
         # rounding only (tests/test_diffusion.py), like the device.

@@ -67,6 +67,15 @@ SCHEMA = pa.schema([
     ("landmark_displacement", pa.float32()),
     ("t_read_s", pa.float32()), ("t_detect_s", pa.float32()),
     ("t_anonymize_s", pa.float32()), ("t_merge_s", pa.float32()),
+    # Added later (older parts read them as null): detection cost, the passes that found each face, and the output
+    # audit (faces the first pass missed, found on the image about to be written and anonymized there).
+    ("found_by", pa.string()),            # detector passes that found the face; "audit: ..." on an audit row
+    ("low_confidence", pa.bool_()),       # an ensemble's low-confidence detection: fallback, never generation
+    ("audit", pa.bool_()),                # this face was missed by the first pass and found by the audit
+    ("audit_faces", pa.int32()),          # image-level: faces the audit found outside every anonymized box
+    ("detect_passes", pa.int32()),        # image-level: detector runs (passes x rotations x tiles) on this image
+    ("detect_mpix", pa.float32()),        # image-level: megapixels the detector saw (magnified, rotated copies)
+    ("t_audit_s", pa.float32()),          # image-level: seconds of the output audit
 ])
 
 
@@ -109,7 +118,10 @@ def face_row(image_row: dict, face, reid_threshold: float) -> dict:
                reid_threshold=reid_threshold, identity_exported=exported, score_error=face.score_error,
                report_distance=face.report_distance, report_reidentified=face.report_reidentified,
                face_still_detected=face.face_still_detected, pose_diff_deg=face.pose_diff_deg,
-               landmark_displacement=face.landmark_displacement, t_anonymize_s=face.t_anonymize_s)
+               landmark_displacement=face.landmark_displacement, t_anonymize_s=face.t_anonymize_s,
+               found_by=face.found_by, low_confidence=face.low_confidence, audit=face.audit)
+    if face.audit:
+        row["detector"] = "audit"
     return row
 
 
@@ -304,6 +316,7 @@ class Summary:
         self.faces = self.exported = self.masked_matches = self.scored = self.fallbacks = 0
         self.first_scored = self.first_reid = self.escalated = 0
         self.report_scored = self.report_reid = 0
+        self.audit_found = self.low_confidence = 0
         self.pose = _Histogram(180.0, 1801)
         self.drift = _Histogram(10.0, 10001)
 
@@ -314,6 +327,8 @@ class Summary:
             return
         self.faces += 1
         self.fallbacks += bool(r.get("face_error"))
+        self.audit_found += bool(r.get("audit"))
+        self.low_confidence += bool(r.get("low_confidence"))
         if r.get("reidentified") is not None:
             self.scored += 1
             # A recognizer match on a box we masked is no identity left (often a false detection).
@@ -344,6 +359,9 @@ class Summary:
                 # be 0 with privacy.fallback_if_reidentified); their rate among the scored faces.
                 "identity_exported": self.exported, "reid_rate": rate(self.exported, self.scored),
                 "matched_masked": self.masked_matches,
+                # Faces the first detection pass missed: found on the output by the audit, anonymized there (their
+                # rows have audit=true). Low-confidence detections got the fallback, not generation.
+                "missed_by_first_pass": self.audit_found, "low_confidence": self.low_confidence,
                 # The second recognizer's rate (reporting only), masked boxes included.
                 "report_reid_rate": rate(self.report_reid, self.report_scored),
                 # Re-ID rate of the first generation, before the escalation ladder (reverse personalization).

@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from . import annotations, compose, io, manifest
 from .anonymize import Anonymizer, DeviceFault, raise_if_device_fault
+from .audit import OutputAudit
 from .config import JobConfig, StageResources
 from .records import Face, ImagePayload
 from .records import join_reasons as _join
@@ -124,7 +125,7 @@ class DetectFaces:
         payload = ImagePayload()
         plan_error, plan_notes = row.get("error"), row.get("notes")
         row.update(payload=payload, notes=plan_notes or "", error=None, status=None, width=None, height=None,
-                   t_read_s=None, t_detect_s=None)
+                   t_read_s=None, t_detect_s=None, detect_passes=None, detect_mpix=None)
         if plan_error:  # refused at plan time (unsafe or colliding key, symlink out of the root)
             row.update(status="error", error=plan_error)
             return row
@@ -193,6 +194,8 @@ class DetectFaces:
         else:
             note = []
         found = self.detector.detect(rgb)
+        cost = getattr(self.detector, "cost", None)  # the ensemble's: passes run, megapixels seen
+        row.update(detect_passes=getattr(cost, "passes", None), detect_mpix=getattr(cost, "mpix", None))
         return _Found(found, cfg.detection.backend, "detector", [False] * len(found), note)
 
     def _align_faces(self, rel_path: str, rgb: np.ndarray, found: _Found) -> list[Face]:
@@ -202,7 +205,8 @@ class DetectFaces:
             rec = Face(face_index=i, box=np.asarray(face.box, np.float32), det_score=float(face.score),
                        landmarks=np.asarray(face.landmarks, np.float32),
                        seed=face_seed(cfg.diffusion.seed, cfg.diffusion.seed_mode, rel_path, i),
-                       small=face.size < cfg.detection.min_face_size, over_budget=i >= cfg.detection.max_faces)
+                       small=face.size < cfg.detection.min_face_size, over_budget=i >= cfg.detection.max_faces,
+                       found_by="; ".join(face.found_by) or None, low_confidence=not face.confident)
             faces.append(rec)
             if rec.over_budget:  # no crop: merge applies the fallback on the image box
                 continue
@@ -298,7 +302,7 @@ class DetectFaces:
 
 
 KEYS_AFTER_DETECT = ["input_uri", "rel_path", "output_uri", "stale_output_uri", "status", "error", "notes",
-                     "width", "height", "t_read_s", "t_detect_s", "payload"]
+                     "width", "height", "t_read_s", "t_detect_s", "detect_passes", "detect_mpix", "payload"]
 
 
 # -- stage 2: anonymize the crops -------------------------------------------------------------------------
@@ -350,6 +354,7 @@ class MergeAndWrite:
         self.detector_name = detector_name
         self.fingerprint = fingerprint
         self.checks = FaceChecks(cfg)
+        self.audit = OutputAudit(cfg) if cfg.merge.audit.enabled else None
 
     def __call__(self, batch: dict) -> dict:
         out = []
@@ -368,7 +373,8 @@ class MergeAndWrite:
                 "output_uri": None, "status": row["status"], "error": row["error"], "notes": row["notes"] or None,
                 "image_width": row["width"], "image_height": row["height"], "num_faces": len(row["payload"].faces),
                 "settings_fingerprint": self.fingerprint,
-                "t_read_s": row.get("t_read_s"), "t_detect_s": row.get("t_detect_s")}
+                "t_read_s": row.get("t_read_s"), "t_detect_s": row.get("t_detect_s"),
+                "detect_passes": row.get("detect_passes"), "detect_mpix": row.get("detect_mpix")}
 
     def process(self, row: dict) -> list[dict]:
         if row["status"] is not None:  # error or withheld upstream: one image-level row, no output
@@ -393,6 +399,12 @@ class MergeAndWrite:
             self.checks(original, image, faces)
             if whole and any(f.masked for f in faces):  # a re-identified aligned face: the mask covers it all
                 image[...] = np.asarray(cfg.anonymizer.mask_color, np.uint8)
+        audit = None
+        if withheld is None and self.audit is not None and not whole:  # (aligned: the image is the face)
+            audit = self.audit(image, faces)
+            withheld = audit.withheld
+            self.checks(original, image, audit.faces)
+            faces.extend(audit.faces)  # rows of their own; num_faces counts them
         status = "withheld" if withheld else ("ok" if faces else "no_face")
         output_uri = None
         if not withheld:
@@ -405,6 +417,8 @@ class MergeAndWrite:
         withheld = _join(withheld, remove_stale_outputs(row, failed=output_uri is None))
         base = self._base(row)
         base.update(status=status, error=withheld, output_uri=output_uri, t_merge_s=time.perf_counter() - t0)
+        if audit is not None:
+            base.update(audit_faces=len(audit.faces), t_audit_s=audit.seconds)
         if not faces:
             return [base]
         base["detector"] = payload.faces_from or self.detector_name

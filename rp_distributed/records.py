@@ -33,6 +33,9 @@ class Face:
     small: bool = False  # below detection.min_face_size: the fallback method, never generation
     over_budget: bool = False  # beyond detection.max_faces: no crop; the fallback goes on the image box
     prompt: str | None = None  # attribute prompt this face is generated with (None: identity guidance only)
+    found_by: str | None = None  # the detector passes that found it ("; "-joined), or "audit: ..." (audit faces)
+    low_confidence: bool = False  # an ensemble's low-confidence detection: the fallback method, never generation
+    audit: bool = False  # missed by the first pass, found on the output by the merge stage's audit
     # -- DetectFaces: alignment (absent for over-budget faces and when alignment failed) ----------------
     crop: np.ndarray | None = None  # uint8[S, S, 3] aligned crop; dropped after AnonymizeFaces
     matrix: np.ndarray | None = None  # float32[2, 3] image -> crop

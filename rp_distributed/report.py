@@ -436,6 +436,14 @@ def _fmt(v, spec: str = ".3g") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
+def _privacy_line(s: dict) -> str:
+    """Identity exported, and beside it the faces the first detection pass missed (found by the output audit)."""
+    exported = s["identity_exported"]
+    return (f"<p class=\"{'bad' if exported else 'ok'}\">Faces exported with identity information: "
+            f"<b>{exported}</b> of {s['reid_scored']} scored (must be 0). Faces the first detection pass missed, "
+            f"found on the output by the audit and anonymized: <b>{s['missed_by_first_pass']}</b>.</p>")
+
+
 def render(f: Facts, output_uri: str, include_originals: bool, gallery_size: int = 24, thumbnail_px: int = 112) -> str:
     """The report's HTML."""
     s = f.summary
@@ -456,9 +464,7 @@ def render(f: Facts, output_uri: str, include_originals: bool, gallery_size: int
     else:
         parts.append("<p class=\"ok\">Originals are <b>not embedded</b>: the gallery shows anonymized output "
                      "only (report.include_originals: false).</p>")
-    exported = s["identity_exported"]
-    parts.append(f"<p class=\"{'bad' if exported else 'ok'}\">Faces exported with identity information: "
-                 f"<b>{exported}</b> of {s['reid_scored']} scored (must be 0).</p>")
+    parts.append(_privacy_line(s))
     parts.append("<p id=\"render-check\" class=\"note\">(render check runs on load)</p>")
 
     # outcomes
@@ -613,7 +619,8 @@ def inspect_text(f: Facts, output_uri: str, failed: bool = False, limit: int = 2
     lines.append(f"  failures         {s['failures']} images (error or withheld)"
                  + ("" if failed or not s["failures"] else "; --failed lists them"))
     rate = "n/a" if s["reid_rate"] is None else f"{100 * s['reid_rate']:.1f}% ({s['identity_exported']}/{s['reid_scored']})"
-    lines.append(f"  identity exported {rate} (must be 0)")
+    lines.append(f"  identity exported {rate} (must be 0); first pass missed {s['missed_by_first_pass']} faces "
+                 "(found by the output audit, anonymized)")
     if len(f.first_try):
         lines.append(f"  re-ID            first try: median distance {_q(f.first_try, 0.5):.3f}, "
                      f"{100 * (s['reid_rate_first_try'] or 0):.1f}% re-identified; {s['escalated']} escalated; "

@@ -14,6 +14,11 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Detection for tests that test something else (the pipeline, the stages, fail-closed layers): one upright CenterFace
+# pass, and an audit of one CenterFace pass at half size (on t1: the same six faces; ~1.3 passes of cost instead of
+# the default ensemble's ~20). tests/test_ensemble.py, test_audit.py and test_recall.py test the defaults.
+FAST_DETECTION = ["detection.passes=[{member: centerface}]", "merge.audit.passes=[{member: centerface, scale: 0.5}]"]
+
 
 def insightface_image(name: str) -> Path:
     import importlib.util

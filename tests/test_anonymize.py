@@ -15,12 +15,13 @@ from rp_distributed import manifest
 from rp_distributed.anonymize import Anonymizer, DeviceFault, is_device_fault
 from rp_distributed.config import load_config
 from rp_distributed.pipeline import DetectFaces, run_job
+from tests.conftest import FAST_DETECTION
 
 STEPS = 6
 
 
 def _rp_cfg(tiny_dir, *extra):
-    return load_config(None, [
+    return load_config(None, [*FAST_DETECTION, 
         "anonymizer.method=reverse_personalization", f"diffusion.model={tiny_dir}/sdxl",
         f"diffusion.ip_adapter={tiny_dir}/ip-adapter", f"diffusion.arcface={tiny_dir}/arcface/w600k_r50.onnx",
         "diffusion.device=cpu", "diffusion.dtype=float32", f"diffusion.num_inversion_steps={STEPS}",
@@ -209,6 +210,17 @@ def test_small_faces_get_the_destructive_method(tiny_dir, t1_faces):
             assert f.method_applied == "blur" and "smaller than detection.min_face_size" in f.face_error
         else:
             assert f.method_applied == "reverse_personalization"
+
+
+def test_low_confidence_detections_get_the_destructive_method(tiny_dir, t1_faces):
+    """A detection the ensemble marks low-confidence costs a blurred patch, never a GPU generation."""
+    cfg = _rp_cfg(tiny_dir, "privacy.escalate=false")
+    faces = _fresh(t1_faces, 3)
+    faces[1].low_confidence = True
+    Anonymizer(cfg)(faces)
+    assert faces[1].method_applied == "blur" and "low-confidence detection" in faces[1].face_error
+    assert faces[1].unet_evals in (None, 0)
+    assert [faces[0].method_applied, faces[2].method_applied] == ["reverse_personalization"] * 2
 
 
 def test_bad_model_source_fails_at_start_up(tiny_dir, tmp_path):

@@ -18,6 +18,7 @@ from rp_distributed.config import DetectionConfig, anonymization_fingerprint, lo
 from rp_distributed.faces import build_detector
 from rp_distributed.pipeline import DetectFaces, MergeAndWrite
 from rp_distributed.plan import PlanError, make_plan, output_keys
+from tests.conftest import FAST_DETECTION
 
 
 def run_stages(cfg, src, out_uri, merge=None, rel_path="t1.jpg", **row):
@@ -50,7 +51,7 @@ def _changed(before, after, box) -> float:
 # -- hole 1: crowds ------------------------------------------------------------------------------------
 
 def test_faces_beyond_max_faces_are_destroyed_on_their_boxes(tmp_path, t1_path, t1_rgb, t1_boxes):
-    cfg = load_config(None, ["anonymizer.method=pixelate", "anonymizer.fallback=mask", "detection.max_faces=2",
+    cfg = load_config(None, [*FAST_DETECTION, "anonymizer.method=pixelate", "anonymizer.fallback=mask", "detection.max_faces=2",
                              "output.format=png"])
     out = tmp_path / "t1.png"
     rows = run_stages(cfg, t1_path, out)
@@ -68,7 +69,7 @@ def test_faces_beyond_max_faces_are_destroyed_on_their_boxes(tmp_path, t1_path, 
 # -- hole 6: scoring that fails --------------------------------------------------------------------------
 
 def test_a_failed_reid_check_masks_the_face_and_says_why(tmp_path, t1_path, t1_rgb, t1_boxes):
-    cfg = load_config(None, ["anonymizer.method=blur", "output.format=png"])
+    cfg = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png"])
     merge = MergeAndWrite(cfg, "test-run", "dlib", anonymization_fingerprint(cfg))
     calls = []
 
@@ -153,7 +154,7 @@ def _done_run(tmp_path, t1_path, cfg):
 def test_an_output_without_a_manifest_row_is_redone(tmp_path, t1_path, astronaut_path):
     """A driver killed between an output's write and its manifest flush leaves an output no row describes:
     the rerun cannot know how it was made, so it redoes it (and says so), while a recorded one is skipped."""
-    blur = load_config(None, ["anonymizer.method=blur", "output.format=png"])
+    blur = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png"])
     src, out, _ = _done_run(tmp_path, t1_path, blur)
     shutil.copy(astronaut_path, src / "astronaut.png")
     Image.open(astronaut_path).save(out / "astronaut.png")  # written, never recorded
@@ -166,26 +167,26 @@ def test_an_output_without_a_manifest_row_is_redone(tmp_path, t1_path, astronaut
 
 
 def test_rerun_with_other_anonymization_settings_redoes_the_input(tmp_path, t1_path):
-    blur = load_config(None, ["anonymizer.method=blur", "output.format=png"])
+    blur = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png"])
     src, out, row = _done_run(tmp_path, t1_path, blur)
     assert make_plan(blur, str(src), str(out), anonymization_fingerprint(blur)).skipped == 1
     for override in ["anonymizer.method=pixelate", "detection.upsample=2", "privacy.reid_threshold=0.5",
                      "detection.max_faces=3"]:
-        other = load_config(None, ["anonymizer.method=blur", "output.format=png", override])
+        other = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png", override])
         plan = make_plan(other, str(src), str(out), anonymization_fingerprint(other))
         assert plan.skipped == 0 and plan.redone_changed == 1 and len(plan.todo) == 1, override
     # Resources and the output encoding do not decide anonymization: still skipped.
-    same = load_config(None, ["anonymizer.method=blur", "output.format=png", "detection.resources.num_cpus=1",
+    same = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png", "detection.resources.num_cpus=1",
                               "output.jpeg_quality=80"])
     assert make_plan(same, str(src), str(out), anonymization_fingerprint(same)).skipped == 1
 
 
 def test_rerun_that_fails_deletes_the_earlier_output(tmp_path, t1_path):
-    cfg = load_config(None, ["anonymizer.method=blur", "output.format=png"])
+    cfg = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png"])
     src, out, row = _done_run(tmp_path, t1_path, cfg)
     assert (out / "t1.png").exists()
     (src / "t1.jpg").write_bytes((src / "t1.jpg").read_bytes()[:2000])  # the input is now truncated
-    redo = load_config(None, ["anonymizer.method=pixelate", "output.format=png"])
+    redo = load_config(None, [*FAST_DETECTION, "anonymizer.method=pixelate", "output.format=png"])
     (todo,) = make_plan(redo, str(src), str(out), anonymization_fingerprint(redo)).todo
     (r,) = run_stages(redo, todo["input_uri"], todo["output_uri"], rel_path=todo["rel_path"])
     assert r["status"] == "error" and r["output_uri"] is None
@@ -194,9 +195,9 @@ def test_rerun_that_fails_deletes_the_earlier_output(tmp_path, t1_path):
 
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_a_changed_output_key_deletes_the_earlier_output(tmp_path, t1_path, overwrite):
-    cfg = load_config(None, ["anonymizer.method=blur", "output.format=png"])
+    cfg = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png"])
     src, out, _ = _done_run(tmp_path, t1_path, cfg)
-    jpeg = load_config(None, ["anonymizer.method=blur", "output.format=jpeg", f"output.overwrite={overwrite}"])
+    jpeg = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=jpeg", f"output.overwrite={overwrite}"])
     (todo,) = make_plan(jpeg, str(src), str(out), anonymization_fingerprint(jpeg)).todo
     assert todo["stale_output_uri"] == str(out / "t1.png")
     run_stages(jpeg, todo["input_uri"], todo["output_uri"], rel_path=todo["rel_path"],
@@ -205,7 +206,7 @@ def test_a_changed_output_key_deletes_the_earlier_output(tmp_path, t1_path, over
 
 
 def test_an_input_turned_into_a_refused_symlink_loses_its_earlier_output(tmp_path, t1_path):
-    cfg = load_config(None, ["anonymizer.method=blur", "output.format=png"])
+    cfg = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png"])
     src, out, _ = _done_run(tmp_path, t1_path, cfg)
     outside = tmp_path / "elsewhere.jpg"
     shutil.copy(t1_path, outside)
@@ -222,7 +223,7 @@ def test_an_input_turned_into_a_refused_symlink_loses_its_earlier_output(tmp_pat
 def test_a_stage_bug_becomes_an_error_row_and_leaves_no_output(tmp_path, t1_path, monkeypatch):
     from rp_distributed.pipeline import _columns, _rows
 
-    cfg = load_config(None, ["anonymizer.method=blur", "output.format=png"])
+    cfg = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png"])
     src, out, row = _done_run(tmp_path, t1_path, cfg)
     detected = DetectFaces(cfg).process(dict(row))
     Anonymizer(cfg)(detected["payload"].faces)
@@ -271,7 +272,7 @@ def test_unsafe_s3_key_is_an_error_row_not_a_job_abort(s3_server, tmp_path, t1_p
     s3.put_object(Bucket="unsafe", Key="in/a\\..\\..\\escape.jpg", Body=t1_path.read_bytes())
     s3.put_object(Bucket="unsafe", Key="in/../dotdot.jpg", Body=t1_path.read_bytes())
     s3.put_object(Bucket="unsafe", Key="in/fine.jpg", Body=t1_path.read_bytes())
-    cfg = load_config(None, ["anonymizer.method=blur"])
+    cfg = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur"])
     plan = make_plan(cfg, "s3://unsafe/in", "s3://unsafe/out", anonymization_fingerprint(cfg))
     by_rel = {r["rel_path"]: r for r in plan.todo}
     assert by_rel["fine.jpg"]["output_uri"] == "s3://unsafe/out/fine.jpg" and by_rel["fine.jpg"]["error"] is None
@@ -289,7 +290,7 @@ def test_s3_output_inside_the_input_is_excluded_on_rerun(s3_server, t1_path):
     s3.create_bucket(Bucket="nested")
     s3.put_object(Bucket="nested", Key="in/a.jpg", Body=t1_path.read_bytes())
     s3.put_object(Bucket="nested", Key="in/anon/a.jpg", Body=t1_path.read_bytes())  # an earlier output
-    cfg = load_config(None, ["anonymizer.method=blur"])
+    cfg = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur"])
     for out in ["s3://nested/in/anon", "s3://nested/in/./anon/"]:
         plan = make_plan(cfg, "s3://nested/in", out, anonymization_fingerprint(cfg))
         assert [r["rel_path"] for r in plan.todo] == ["a.jpg"], out
@@ -297,7 +298,7 @@ def test_s3_output_inside_the_input_is_excluded_on_rerun(s3_server, t1_path):
 
 
 def test_output_prefix_may_not_be_or_contain_the_input(tmp_path, t1_path):
-    cfg = load_config(None, ["anonymizer.method=blur"])
+    cfg = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur"])
     src = tmp_path / "data" / "in"
     src.mkdir(parents=True)
     shutil.copy(t1_path, src / "t1.jpg")

@@ -35,6 +35,7 @@ from PIL import Image
 
 from rp_distributed import manifest
 from rp_distributed.config import load_config
+from tests.conftest import FAST_DETECTION
 from tests.conftest import REPO, _free_port, insightface_image, skimage_image
 from tests.fault_drivers import alive, descendants, kill_all, output_files, ray_processes_of, wait_gone
 
@@ -84,7 +85,7 @@ def expected_output(rel: str) -> str | None:
 
 
 def _cfg_json(*overrides: str) -> str:
-    return load_config(None, ["anonymizer.method=blur", "output.format=png", "alignment.face_size=256",
+    return load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png", "alignment.face_size=256",
                               *overrides]).model_dump_json()
 
 

@@ -18,17 +18,18 @@ from rp_distributed.anonymize import Anonymizer
 from rp_distributed.config import anonymization_fingerprint, load_config
 from rp_distributed.faces.align import five_points, template_in_crop
 from rp_distributed.pipeline import AnonymizeFaces, DetectFaces, MergeAndWrite, _columns, _rows
+from tests.conftest import FAST_DETECTION
 from tests.conftest import insightface_image
 
 STEPS = 4
 
 
 def _blur_cfg(*extra):
-    return load_config(None, ["anonymizer.method=blur", "output.format=png", "alignment.face_size=128", *extra])
+    return load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png", "alignment.face_size=128", *extra])
 
 
 def _rp_cfg(tiny_dir, *extra):
-    return load_config(None, [
+    return load_config(None, [*FAST_DETECTION, 
         "anonymizer.method=reverse_personalization", f"diffusion.model={tiny_dir}/sdxl",
         f"diffusion.ip_adapter={tiny_dir}/ip-adapter", f"diffusion.arcface={tiny_dir}/arcface/w600k_r50.onnx",
         "diffusion.device=cpu", "diffusion.dtype=float32", f"diffusion.num_inversion_steps={STEPS}",
@@ -188,8 +189,9 @@ def _table_from(faces, path, landmarks=True, shuffle=True) -> str:
 
 def test_annotations_from_detect_modes_own_faces_reproduce_them(tmp_path, tiny_dir, t1_path, t1_rgb):
     """Fed detect mode's own boxes and landmarks (in another order), annotations mode gives the same faces: the
-    same order, seeds, crops, keypoints and identity embeddings, and the same anonymized image."""
-    rp = _rp_cfg(tiny_dir, "alignment.face_size=128")
+    same order, seeds, crops, keypoints and identity embeddings, and the same anonymized image. Detect mode runs
+    dlib here: a box without landmarks gets dlib's 68-point predictor, the landmarks the dlib backend gives."""
+    rp = _rp_cfg(tiny_dir, "alignment.face_size=128", "detection.backend=dlib")
     faces = DetectFaces(rp).process(_row(t1_path))["payload"].faces
     assert len(faces) == 6
     blur = Anonymizer(_blur_cfg())
@@ -227,7 +229,7 @@ def test_images_without_annotation_rows_follow_annotations_missing(tmp_path, t1_
         assert orphans[0]["rows"] == [0] and planned["annotations"][0].as_py() is None
         rows[missing] = DetectFaces(cfg).process(_row(t1_path, rel="t1.jpg"))
     detect, skip, withhold = rows["detect"], rows["skip"], rows["withhold"]
-    assert detect["status"] is None and len(detect["payload"].faces) == 6 and detect["payload"].faces_from == "dlib"
+    assert detect["status"] is None and len(detect["payload"].faces) == 6 and detect["payload"].faces_from == "ensemble"
     assert "no annotation rows: faces detected" in detect["notes"]
     assert skip["status"] is None and skip["payload"].faces == [] and "no annotation rows: no faces" in skip["notes"]
     assert withhold["status"] == "withheld" and "input.annotations_missing=withhold" in withhold["error"]

@@ -13,6 +13,7 @@ from PIL import Image
 from rp_distributed import io, manifest
 from rp_distributed.config import load_config
 from rp_distributed.pipeline import run_job
+from tests.conftest import FAST_DETECTION
 from tests.conftest import insightface_image, upload_folder, write_bad_inputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -20,7 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 def _blur_cfg(*extra):
     # PNG output so untouched pixels can be compared byte for byte.
-    return load_config(None, ["anonymizer.method=blur", "output.format=png", *extra])
+    return load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png", *extra])
 
 
 def _manifest(out) -> list[dict]:
@@ -105,7 +106,7 @@ def test_same_format_output_strips_metadata(ray_session, tmp_path):
     t1.save(src / "t1.jpg", "JPEG", quality=95, exif=exif)
     out = tmp_path / "out"
     # Manifest parts are cut by rows (4 here), but never inside an image: its 6 face rows make one part.
-    result = run_job(load_config(None, ["anonymizer.method=pixelate", "output.manifest_rows_per_file=4"]),
+    result = run_job(load_config(None, [*FAST_DETECTION, "anonymizer.method=pixelate", "output.manifest_rows_per_file=4"]),
                      str(src), str(out), progress=False)
     assert len(result.manifest_parts) == 1 == len(manifest.part_uris(str(out), "_manifest"))
     written = Image.open(out / "t1.jpg")
@@ -123,7 +124,7 @@ def test_faces_still_recognizable_in_the_output_are_masked(ray_session, tmp_path
     out = tmp_path / "out"
     # A 1-pixel blur leaves every face recognizable.
     # A flush timer shorter than the time between rows writes a part as soon as an image's rows are all in.
-    cfg = load_config(None, ["anonymizer.method=blur", "output.format=png", "anonymizer.blur_strength=0.0001",
+    cfg = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png", "anonymizer.blur_strength=0.0001",
                              "output.manifest_flush_s=0.000001"])
     first = run_job(cfg, str(src), str(out), progress=False)
     rows = _manifest(out)
@@ -133,7 +134,7 @@ def test_faces_still_recognizable_in_the_output_are_masked(ray_session, tmp_path
     assert all("re-identified in the output: masked" in r["face_error"] for r in masked)
     assert not any(r["reidentified"] for r in rows)
     # With enforcement off the same run reports the faces as re-identified instead.
-    off = load_config(None, ["anonymizer.method=blur", "output.format=png", "anonymizer.blur_strength=0.0001",
+    off = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png", "anonymizer.blur_strength=0.0001",
                              "privacy.fallback_if_reidentified=false", "output.overwrite=true"])
     run_job(off, str(src), str(out), progress=False)
     assert sum(bool(r["reidentified"]) for r in _manifest(out)) >= 5

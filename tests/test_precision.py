@@ -24,6 +24,7 @@ from PIL import Image
 
 from rp_distributed.config import DiffusionConfig, load_config
 from rp_distributed.diffusion import ReversePersonalizer
+from tests.conftest import FAST_DETECTION
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -151,7 +152,7 @@ def test_float16_guidance_stays_finite_at_strong_guidance(rp16, crop, idv):
 
 
 def _job_cfg(tiny_dir, dtype, *extra):
-    return load_config(None, [
+    return load_config(None, [*FAST_DETECTION, 
         "anonymizer.method=reverse_personalization", f"diffusion.model={tiny_dir}/sdxl",
         f"diffusion.ip_adapter={tiny_dir}/ip-adapter", f"diffusion.arcface={tiny_dir}/arcface/w600k_r50.onnx",
         "diffusion.device=cpu", f"diffusion.dtype={dtype}", "diffusion.num_inversion_steps=3",

@@ -18,6 +18,7 @@ from PIL import Image
 
 from rp_distributed import cli, estimate, manifest, preflight, progress, report
 from rp_distributed.config import load_config
+from tests.conftest import FAST_DETECTION
 from tests.conftest import REPO, skimage_image
 
 STEPS = 2  # tiny model: real generations and re-ID scores at the least CPU
@@ -28,7 +29,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 
 def _rp_cfg(tiny_dir, *extra):
-    return load_config(None, [
+    return load_config(None, [*FAST_DETECTION, 
         "anonymizer.method=reverse_personalization", f"diffusion.model={tiny_dir}/sdxl",
         f"diffusion.ip_adapter={tiny_dir}/ip-adapter", f"diffusion.arcface={tiny_dir}/arcface/w600k_r50.onnx",
         "diffusion.device=cpu", "diffusion.dtype=float32", f"diffusion.num_inversion_steps={STEPS}",
@@ -166,6 +167,7 @@ def test_inspect_and_report_commands(rp_run, capsys):
     assert f"faces            {result.summary['faces']}:" in text
     assert "error    broken.jpg: empty file (0 bytes)" in text
     assert "identity exported 0.0%" in text
+    assert f"first pass missed {result.summary['missed_by_first_pass']} faces" in text
 
     # Rebuilt on request, with originals only when asked for, and saying so.
     page = out / "_manifest" / "report.html"
@@ -221,7 +223,7 @@ def test_cost_model_is_algorithm_md():
     assert estimate.tflop_at("unet", 1024) == pytest.approx(6.76)
     assert estimate.tflop_at("unet", 512) == pytest.approx(1.59)
     assert estimate.tflop_at("vae_decode", 1024) == pytest.approx(10.47)
-    cfg = load_config(None, ["anonymizer.method=reverse_personalization"])
+    cfg = load_config(None, [*FAST_DETECTION, "anonymizer.method=reverse_personalization"])
     assert estimate.unet_evals_per_try(cfg) == 400
     per_face = 400 * estimate.tflop_at("unet", 1024)
     assert per_face / 1000 == pytest.approx(2.70, abs=0.01)
@@ -229,7 +231,7 @@ def test_cost_model_is_algorithm_md():
     s = (per_face + 4.88 + 10.47) / (estimate.DEVICES["A100"].tflops * 0.5)
     assert 15 < s < 20
     assert estimate.tries_range(cfg) == (1, 3)
-    assert estimate.tries_range(load_config(None, ["anonymizer.method=blur"])) == (0, 0)
+    assert estimate.tries_range(load_config(None, [*FAST_DETECTION, "anonymizer.method=blur"])) == (0, 0)
     assert estimate.sample_indices(10, 3) == [0, 4, 9] and estimate.sample_indices(3, 10) == [0, 1, 2]
 
 
@@ -277,7 +279,7 @@ def test_preflight_names_the_key_and_the_fix(tmp_path, tiny_dir):
         preflight.check(cfg, local=True)
     assert err.value.fix == f"create the tiny model with: rp-anonymize models make-tiny {layout}"
     # A destructive method needs no diffusion model at all.
-    preflight.check(load_config(None, ["anonymizer.method=blur", f"diffusion.model={tmp_path}/nope"]), local=True)
+    preflight.check(load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", f"diffusion.model={tmp_path}/nope"]), local=True)
     # Joining a cluster, local paths name the workers' disks: left to the stages; URIs are still checked.
     preflight.check(cfg, local=False)
     with pytest.raises(preflight.PreflightError) as err:

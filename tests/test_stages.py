@@ -11,6 +11,7 @@ from PIL import Image
 from rp_distributed.config import anonymization_fingerprint, load_config
 from rp_distributed.pipeline import AnonymizeFaces, DetectFaces, MergeAndWrite, _columns, _rows
 from rp_distributed.records import Face
+from tests.conftest import FAST_DETECTION
 
 
 def _detect(cfg, src, out):
@@ -25,7 +26,7 @@ def _through(stage, row):
 
 
 def test_boundaries_carry_the_source_bytes_and_the_crops_only_to_the_anonymizer(tmp_path, t1_path, t1_rgb):
-    cfg = load_config(None, ["anonymizer.method=blur", "output.format=png"])
+    cfg = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png"])
     detected = _detect(cfg, t1_path, tmp_path / "t1.png")
     payload = detected["payload"]
     assert payload.image is None and payload.source == t1_path.read_bytes()
@@ -40,7 +41,7 @@ def test_boundaries_carry_the_source_bytes_and_the_crops_only_to_the_anonymizer(
 
 
 def test_merging_from_the_source_bytes_writes_what_merging_from_pixels_writes(tmp_path, t1_path, t1_rgb):
-    cfg = load_config(None, ["anonymizer.method=pixelate", "output.format=png"])
+    cfg = load_config(None, [*FAST_DETECTION, "anonymizer.method=pixelate", "output.format=png"])
     fp = anonymization_fingerprint(cfg)
     merge = MergeAndWrite(cfg, "run", "dlib", fp)
     outputs = []
@@ -59,5 +60,5 @@ def test_an_image_whose_file_is_larger_than_its_pixels_travels_decoded(tmp_path,
     src = tmp_path / "t1.bmp"
     Image.fromarray(t1_rgb).save(src)  # uncompressed: the pixels plus a header
     assert src.stat().st_size > t1_rgb.nbytes
-    payload = _detect(load_config(None, ["anonymizer.method=blur"]), src, tmp_path / "out.bmp")["payload"]
+    payload = _detect(load_config(None, [*FAST_DETECTION, "anonymizer.method=blur"]), src, tmp_path / "out.bmp")["payload"]
     assert payload.source is None and np.array_equal(payload.image, t1_rgb) and len(payload.faces) == 6

@@ -23,7 +23,7 @@ from typing import Iterable
 
 import numpy as np
 
-from . import DetectedFace
+from .types import DetectedFace
 
 
 class ModelFilesMissing(FileNotFoundError):
@@ -114,7 +114,8 @@ def shift_face(face: DetectedFace, dx: float, dy: float, scale: float = 1.0) -> 
     """``face`` with box and landmarks scaled by ``scale`` then moved by ``(dx, dy)``."""
     off = np.array([dx, dy], np.float32)
     box = face.box * np.float32(scale) + np.tile(off, 2)
-    return DetectedFace(box=box.astype(np.float32), score=face.score, landmarks=(face.landmarks * scale + off).astype(np.float32))
+    return DetectedFace(box=box.astype(np.float32), score=face.score,
+                        landmarks=(face.landmarks * scale + off).astype(np.float32), found_by=face.found_by)
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -202,20 +203,3 @@ class BaseDetector:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.cfg.model!r}, model_dir={self.cfg.model_dir!r})"
 
-
-def build(cfg) -> "BaseDetector":
-    """The backend named by ``cfg.backend`` (a ``DetectionConfig``)."""
-    backend = cfg.backend
-    if backend == "dlib":
-        from .dlib_backend import DlibDetector
-
-        return DlibDetector(cfg)
-    if backend == "insightface":
-        from .insightface_backend import InsightFaceDetector
-
-        return InsightFaceDetector(cfg)
-    if backend == "face_alignment":
-        from .face_alignment_backend import FaceAlignmentDetector
-
-        return FaceAlignmentDetector(cfg)
-    raise ValueError(f"detection.backend: unknown face detection backend {backend!r}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import DetectedFace
+from .types import DetectedFace
 from .backends import BaseDetector, ModelFilesMissing, make_face, shift_face
 
 CNN_FILE = "mmod_human_face_detector.dat"

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from . import DetectedFace
+from .types import DetectedFace
 from .backends import BaseDetector, ModelFilesMissing, make_face, shift_face
 
 DEFAULT_THRESHOLD = 0.5

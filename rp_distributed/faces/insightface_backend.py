@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import DetectedFace
+from .types import DetectedFace
 from .backends import BaseDetector, ModelFilesMissing, make_face
 
 DEFAULT_PACK = "buffalo_l"

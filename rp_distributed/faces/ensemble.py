@@ -1,0 +1,217 @@
+"""The ensemble detector: the union of several detector passes, with test-time augmentation.
+
+Each pass (``detection.passes``, a ``PassConfig``) runs one member on the image magnified by ``scale`` (2: faces
+half the member's smallest size are seen), once per angle of ``rotations`` (a rotated copy shows a turned face
+upright; boxes and landmarks are mapped back, ``rotate.py``). A pass whose input would be longer than
+``max_pass_px`` runs on overlapping tiles of that side, plus a coarse whole-image pass for the faces too big for a
+tile. Detections of all passes that overlap (IoU ``merge_iou``, or one box mostly inside another of similar size)
+are one face. The detection that saw it most nearly upright represents it (its landmarks are the good ones: a
+detector's landmarks on a face it saw on its side are poor), CenterFace before dlib, then by score; ``found_by``
+names every pass that saw it. A rotated copy's corners are the image mirrored: detections centred there are
+dropped.
+
+Low confidence: a face whose best CenterFace score is below ``generate_above`` and that no second member found is
+marked ``confident=False``; the anonymizer gives it the fallback method, never a GPU generation.
+
+``cost`` holds the last image's cost: passes run and megapixels the members saw (manifest ``detect_passes``,
+``detect_mpix``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import cv2
+import numpy as np
+
+from .backends import as_rgb_uint8, box_iou, shift_face, tile_grid, touches_inner_edge
+from .rotate import face_back, rotated
+from .types import DetectedFace
+
+DEFAULT_THRESHOLDS = {"centerface": 0.2, "dlib_hog": 0.0, "dlib_cnn": 0.0}
+
+
+@dataclass
+class Cost:
+    passes: int = 0  # member runs (a tiled pass counts each tile and its coarse run)
+    mpix: float = 0.0  # megapixels the members saw, after magnification
+
+
+class CenterFaceMember:
+    kind = "centerface"
+    min_face = 16.0  # px at the member's input: its reliable floor (stride 4 heat map)
+
+    def __init__(self, providers: list[str], model_dir: str | None = None):
+        from .centerface_backend import CenterFaceDetector
+        from ..detection_config import DetectionConfig
+
+        self._det = CenterFaceDetector(DetectionConfig(backend="centerface", model_dir=model_dir,
+                                                       providers=list(providers)))
+
+    def run(self, image: np.ndarray, scale: float, threshold: float) -> list[DetectedFace]:
+        return self._det.detect_at(image, scale, threshold)
+
+
+class DlibMember:
+    """dlib's HOG or CNN detector at one scale (no upsampling of its own), 68 landmarks from the predictor."""
+
+    min_face = 80.0  # dlib's scanning window
+
+    def __init__(self, model: str):
+        from .dlib_backend import DlibDetector
+        from ..detection_config import DetectionConfig
+
+        self.kind = f"dlib_{model}"
+        self._det = DlibDetector(DetectionConfig(backend="dlib", model=model, upsample=0))
+
+    def run(self, image: np.ndarray, scale: float, threshold: float) -> list[DetectedFace]:
+        h, w = image.shape[:2]
+        big = image if scale == 1.0 else cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
+                                                    interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        self._det.cfg.threshold = min(threshold, 0.0)  # HOG's adjust_threshold: negative surfaces weaker faces
+        faces = [f for f in self._det._run(big, 0) if f.score >= threshold]
+        return [shift_face(f, 0.0, 0.0, w / big.shape[1]) for f in faces] if big is not image else faces
+
+
+MEMBERS = {
+    "centerface": lambda providers, model_dir: CenterFaceMember(providers, model_dir),
+    "dlib_hog": lambda providers, model_dir: DlibMember("hog"),
+    "dlib_cnn": lambda providers, model_dir: DlibMember("cnn"),
+}
+
+
+def pass_name(member: str, scale: float, angle: float) -> str:
+    return f"{member}@{scale:g}x" + (f"/rot{angle:+g}" if angle else "")
+
+
+def pass_angle(tag: str) -> float:
+    """The rotation of the copy a pass ran on, from its name."""
+    return float(tag.split("/rot")[1]) if "/rot" in tag else 0.0
+
+
+def tilt_in_pass(face: DetectedFace) -> float:
+    """How far from upright (degrees, 0..180) the face lay in the copy its pass saw: the eye line's angle in the
+    image less the copy's rotation. A detector's landmarks are good on a face it saw near upright, poor on one it
+    saw on its side, so the least tilted detection of a face represents it."""
+    from .align import five_points
+
+    p = five_points(face.landmarks)
+    eyes = math.degrees(math.atan2(float(p[1, 1] - p[0, 1]), float(p[1, 0] - p[0, 0])))
+    return abs((eyes - pass_angle(face.found_by[0]) + 180.0) % 360.0 - 180.0)
+
+
+def inside(box: np.ndarray, matrix: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """Whether a box of a rotated copy is centred on the image (not on the mirrored border around it)."""
+    inv = cv2.invertAffineTransform(np.asarray(matrix, np.float64))
+    cx, cy = (float(box[0]) + float(box[2])) / 2, (float(box[1]) + float(box[3])) / 2
+    x, y = inv[:, :2] @ np.array([cx, cy]) + inv[:, 2]
+    return 0.0 <= x <= shape[1] and 0.0 <= y <= shape[0]
+
+
+@dataclass
+class _Cluster:
+    rep: DetectedFace
+    members: list[DetectedFace] = field(default_factory=list)
+
+
+def same_face(a: np.ndarray, b: np.ndarray, iou: float) -> bool:
+    """Two boxes of one face: IoU above ``iou``, or the smaller mostly (70%) inside the larger at most twice its
+    side (members frame faces differently: dlib's box is eyes-to-lip, CenterFace's forehead-to-chin)."""
+    if box_iou(a, b) > iou:
+        return True
+    iw = max(0.0, float(min(a[2], b[2]) - max(a[0], b[0])))
+    ih = max(0.0, float(min(a[3], b[3]) - max(a[1], b[1])))
+    area = lambda x: float(max(x[2] - x[0], 0) * max(x[3] - x[1], 0))  # noqa: E731
+    small, large = sorted((area(a), area(b)))
+    return small > 0 and iw * ih >= 0.7 * small and large <= 4.0 * small
+
+
+class EnsembleDetector:
+    """``detect(image)``: every face the passes find, merged, largest first."""
+
+    name = "ensemble"
+
+    def __init__(self, cfg, passes=None, max_pass_px: int | None = None, providers: list[str] | None = None):
+        self.cfg = cfg
+        self.passes = list(passes if passes is not None else cfg.passes)
+        self.max_pass_px = int(max_pass_px or cfg.max_pass_px)
+        self.merge_iou = float(getattr(cfg, "merge_iou", 0.3))
+        self.generate_above = float(getattr(cfg, "generate_above", 0.5))
+        providers = list(providers if providers is not None else cfg.providers)
+        model_dir = cfg.model_dir if getattr(cfg, "backend", None) == "ensemble" else None
+        self.members = {p.member: None for p in self.passes}
+        for kind in self.members:
+            self.members[kind] = MEMBERS[kind](providers, model_dir)
+        self.cost = Cost()
+
+    def detect(self, image: np.ndarray) -> list[DetectedFace]:
+        image = as_rgb_uint8(image)
+        self.cost = Cost()
+        if image.shape[0] == 0 or image.shape[1] == 0:
+            return []
+        found = []
+        for p in self.passes:
+            member = self.members[p.member]
+            threshold = DEFAULT_THRESHOLDS[p.member] if p.threshold is None else float(p.threshold)
+            for angle in p.rotations:
+                tag = (pass_name(p.member, p.scale, angle),)
+                if angle == 0:
+                    faces = self._run_pass(member, image, p.scale, threshold)
+                else:
+                    copy, matrix = rotated(image, angle)
+                    faces = [face_back(f, matrix, image.shape) for f in self._run_pass(member, copy, p.scale, threshold)
+                             if inside(f.box, matrix, image.shape)]
+                found += [replace(f, found_by=tag) for f in faces if f.box[2] > f.box[0] and f.box[3] > f.box[1]]
+        faces = self.merge(found)
+        faces.sort(key=lambda f: (-f.size, -f.score))
+        return faces
+
+    def _run(self, member, image: np.ndarray, scale: float, threshold: float) -> list[DetectedFace]:
+        self.cost.passes += 1
+        self.cost.mpix += image.shape[0] * image.shape[1] * scale * scale / 1e6
+        return member.run(image, scale, threshold)
+
+    def _run_pass(self, member, image: np.ndarray, scale: float, threshold: float) -> list[DetectedFace]:
+        """One member at ``scale`` over the whole image, on tiles when the magnified image is too long."""
+        h, w = image.shape[:2]
+        if max(h, w) * scale <= self.max_pass_px:
+            return self._run(member, image, scale, threshold)
+        coarse = self.max_pass_px / max(h, w)
+        faces = self._run(member, image, coarse, threshold) if coarse < scale else []
+        # Faces the coarse run may miss (below min_face at its scale) lie wholly inside some tile.
+        overlap = math.ceil(2 * member.min_face / min(coarse, scale))
+        for tile in tile_grid(h, w, int(self.max_pass_px / scale), overlap):
+            x0, y0, x1, y1 = tile
+            for f in self._run(member, np.ascontiguousarray(image[y0:y1, x0:x1]), scale, threshold):
+                if not touches_inner_edge(f.box, tile, h, w):
+                    faces.append(shift_face(f, x0, y0))
+        return faces
+
+    def merge(self, faces: list[DetectedFace]) -> list[DetectedFace]:
+        """One face per group of overlapping detections (see the module's docstring)."""
+        def priority(f: DetectedFace):
+            return (f.found_by[0].startswith("centerface"), f.score)
+
+        clusters: list[_Cluster] = []
+        for f in sorted(faces, key=priority, reverse=True):
+            for c in clusters:
+                if same_face(c.rep.box, f.box, self.merge_iou):
+                    c.members.append(f)
+                    break
+            else:
+                clusters.append(_Cluster(rep=f, members=[f]))
+        out = []
+        for c in clusters:
+            # The least tilted detection (in 15 degree steps), CenterFace first, then by score.
+            c.rep = min(c.members, key=lambda m: (round(tilt_in_pass(m) / 15.0), not m.found_by[0].startswith(
+                "centerface"), -m.score))
+            tags = tuple(sorted({t for m in c.members for t in m.found_by}))
+            kinds = {t.split("@")[0] for t in tags}
+            best_cf = max((m.score for m in c.members if m.found_by[0].startswith("centerface")), default=0.0)
+            confident = best_cf >= self.generate_above or len(kinds) >= 2
+            out.append(replace(c.rep, found_by=tags, confident=confident))
+        return out
+
+    def __repr__(self) -> str:
+        return f"EnsembleDetector(passes={[p.model_dump() for p in self.passes]})"
