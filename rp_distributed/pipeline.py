@@ -89,7 +89,9 @@ class DetectFaces:
     face's prompt (``prompts.table``) and, for reverse personalization, make its ArcFace identity embedding
     here on the CPU, so the GPU actor does not wait for it."""
 
-    def __init__(self, cfg: JobConfig):
+    def __init__(self, cfg: JobConfig, identities: bool = True):
+        """``identities``: make the ArcFace embeddings (reverse personalization's conditioning); ``estimate``, which
+        only counts faces, builds the stage without them and never loads ArcFace."""
         from .faces import build_detector
         from .faces.align import align
 
@@ -101,7 +103,7 @@ class DetectFaces:
         self._align = align
         self._box_landmarks = None  # dlib's 68-point predictor, for annotated boxes without landmarks (lazy)
         self.embedder = None
-        if cfg.anonymizer.method == "reverse_personalization":  # lazy import: detect-only/blur jobs need no ArcFace
+        if identities and cfg.anonymizer.method == "reverse_personalization":  # lazy: blur jobs need no ArcFace
             from .diffusion.identity import IdentityEmbedder
 
             self.embedder = IdentityEmbedder.from_config(cfg.diffusion)
