@@ -134,13 +134,16 @@ class BoxOwners:
 
     def __init__(self, boxes: list, shape: tuple[int, ...]):
         self.rects = [box_pixels(b, shape) for b in boxes]
+        self._array = np.array(self.rects, np.int64).reshape(-1, 4)
 
     def writable(self, i: int, win: Window) -> np.ndarray:
         """Bool mask over ``win``: where face ``i`` may write."""
         shape = (win[3] - win[1], win[2] - win[0])
         earlier, later = np.zeros(shape, bool), np.zeros(shape, bool)
-        for j, rect in enumerate(self.rects):
-            loc = _local(rect, win) if j != i else None
+        r = self._array  # only the boxes that meet the window (a crowd has many faces, each meets few)
+        near = np.flatnonzero((r[:, 0] < win[2]) & (r[:, 2] > win[0]) & (r[:, 1] < win[3]) & (r[:, 3] > win[1]))
+        for j in near[near != i]:
+            loc = _local(self.rects[j], win)
             if loc is not None:
                 (earlier if j < i else later)[loc] = True
         own = _local(self.rects[i], win)
