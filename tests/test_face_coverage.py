@@ -27,7 +27,6 @@ from rp_distributed.anonymize import Anonymizer
 from rp_distributed.config import DetectionConfig, anonymization_fingerprint, load_config
 from rp_distributed.faces import build_detector
 from rp_distributed.pipeline import DetectFaces, MergeAndWrite
-from tests.conftest import insightface_image
 
 PADDINGS = (0.0, 0.1, 0.2, 0.3, 0.5)  # the hole was below ~0.3 (51-97% of the box reached); 0.5 the top
 RP_PADDINGS = (0.0, 0.2, 0.5)  # reverse personalization costs a diffusion run per padding: fewer of them
