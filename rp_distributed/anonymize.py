@@ -40,14 +40,34 @@ _DEVICE_FAULT_MARKERS = ("cuda error", "cuda failure", "cublas_status_execution_
                          "misaligned address", "device lost", "no cuda-capable device", "nccl error")
 
 
+def _may_carry_device_fault(exc: BaseException) -> bool:
+    """Whether ``exc``'s type is one a device error arrives as: torch's (RuntimeError and its subclasses, such as
+    torch.AcceleratorError; dlib's CUDA errors are RuntimeErrors too) or onnxruntime's own error types. Only these
+    are read for the markers: a ValueError or an OSError is never a device fault, whatever text (a path, a table
+    cell) its message holds."""
+    return isinstance(exc, RuntimeError) or type(exc).__module__.startswith("onnxruntime")
+
+
 def is_device_fault(exc: BaseException) -> bool:
-    msg = str(exc).lower()
-    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in msg or "alloc_failed" in msg:
-        return False
-    return any(m in msg for m in _DEVICE_FAULT_MARKERS)
+    """Whether ``exc`` (or an exception it was raised from) means the device is gone: by type first (a
+    ``DeviceFault`` is one; out-of-memory never is: it is retried one face at a time), then, for the types a device
+    error arrives as, by the CUDA markers in its whole message."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, DeviceFault):
+            return True
+        msg = str(exc).lower()
+        oom = type(exc).__name__ == "OutOfMemoryError" or "out of memory" in msg or "alloc_failed" in msg
+        if not oom and _may_carry_device_fault(exc) and any(m in msg for m in _DEVICE_FAULT_MARKERS):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def raise_if_device_fault(exc: BaseException) -> None:
+    if isinstance(exc, DeviceFault):
+        raise exc
     if is_device_fault(exc):
         raise DeviceFault(f"device fault, this worker must restart: {_err(exc)}") from exc
 

@@ -40,6 +40,10 @@ class InputConfig(_Section):
     annotations_missing: Literal["detect", "skip", "withhold"] = Field(
         "detect", description="an image with no annotation rows: detect (run the detector on it), skip (the table "
         "is authoritative: no rows, no faces; written as no_face), withhold (nothing written, status withheld)")
+    annotations_frame: Literal["stored", "upright"] | None = Field(
+        None, description="the frame of the annotations' coordinates for photos stored turned or mirrored (EXIF "
+        "orientation 2-8): stored (the pixels as stored in the file: mapped upright) or upright (as displayed). No "
+        "default: an annotated image with such an orientation is withheld while this is unset")
     aligned_keypoints: Literal["template", "detector"] = Field(
         "template", description="aligned mode: the face's 5 keypoints (identity embedding, face box) from the "
         "alignment template's canonical positions, or from detection.backend run inside the image (largest "
@@ -405,6 +409,8 @@ def anonymization_settings(cfg: JobConfig) -> dict:
     if cfg.input.mode != "detect":  # left out in detect mode: fingerprints of earlier configs are kept
         settings["input"] = cfg.input.model_dump(mode="json", include={
             "mode", "annotations", "annotations_path_column", "annotations_missing", "aligned_keypoints"})
+        if cfg.input.annotations_frame is not None:  # in only when set: earlier fingerprints are kept
+            settings["input"]["annotations_frame"] = cfg.input.annotations_frame
     return settings
 
 

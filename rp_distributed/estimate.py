@@ -1,9 +1,9 @@
 """``rp-anonymize estimate``: what a run will cost, before running it.
 
-Lists the inputs as the job does, runs the pipeline's own first stage (``pipeline.DetectFaces``) on a
-sample of them in this process (no Ray), and counts faces the way the anonymizer will treat them: a face
-below ``detection.min_face_size``, beyond ``detection.max_faces`` or whose alignment failed gets the
-fallback method, not diffusion (``anonymize.Anonymizer``), so it costs no UNet evaluation. Every other face
+Lists the inputs as the job does, runs the pipeline's own first stage (``pipeline.DetectFaces``, without the
+identity embeddings: no ArcFace is loaded) on a sample of them in this process (no Ray), and counts faces the
+way the anonymizer will treat them: a face below ``detection.min_face_size``, beyond ``detection.max_faces`` or
+whose alignment failed gets the fallback method, not diffusion (``anonymize.Anonymizer``), so it costs no UNet evaluation. Every other face
 costs ``4 x len(timesteps)`` UNet image evaluations per try (``ReversePersonalizer.unet_evals_per_face``,
 with the timesteps from ``diffusion.solver.inversion_timesteps``: no model is loaded), one try at least and
 ``privacy.max_tries`` at most when ``privacy.escalate``. On the sample photos themselves the face and UNet
@@ -94,7 +94,7 @@ def estimate(cfg: JobConfig, input_uri: str, sample: int = 20, device: str = "H1
 
         picked = listing.take(idx)
         rows = attach(cfg, picked.append_column("input_uri", picked["uri"]))[0].to_pylist()
-    stage = DetectFaces(cfg) if rows else None
+    stage = DetectFaces(cfg, identities=False) if rows else None  # counting faces needs no ArcFace
     rp = cfg.anonymizer.method == "reverse_personalization"
     counts = dict(images=len(rows), with_faces=0, without_faces=0, unreadable=0, faces=0, diffusion_faces=0,
                   small=0, over_budget=0, align_failed=0)

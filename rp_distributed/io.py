@@ -229,6 +229,7 @@ class DecodedImage:
     alpha: np.ndarray | None  # HxW uint8, when the source had transparency
     format: str  # PIL format name of the source: JPEG, PNG, ...
     notes: list[str] = field(default_factory=list)  # conversions applied, for the manifest
+    orientation: int = 1  # the EXIF orientation of the stored pixels (1: stored upright), undone in ``rgb``
 
 
 def _to_uint8_rgb(im: Image.Image, notes: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -326,7 +327,8 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
         raise
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt streams surface here
         raise InputError(f"corrupt or truncated image data: {exc}") from None
-    return DecodedImage(rgb=rgb, alpha=alpha, format=fmt, notes=notes)
+    return DecodedImage(rgb=rgb, alpha=alpha, format=fmt, notes=notes,
+                        orientation=orientation if orientation in (2, 3, 4, 5, 6, 7, 8) else 1)
 
 
 _EXT_FORMAT = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP",

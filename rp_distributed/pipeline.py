@@ -90,7 +90,7 @@ class DetectFaces:
     face's prompt (``prompts.table``) and, for reverse personalization, make its ArcFace identity embedding
     here on the CPU, so the GPU actor does not wait for it."""
 
-    def __init__(self, cfg: JobConfig):
+    def __init__(self, cfg: JobConfig, identities: bool = True):  # identities: False in estimate (no ArcFace)
         from .faces import build_detector
         from .faces.align import align
 
@@ -102,7 +102,7 @@ class DetectFaces:
         self._align = align
         self._box_landmarks = None  # dlib's 68-point predictor, for annotated boxes without landmarks (lazy)
         self.embedder = None
-        if cfg.anonymizer.method == "reverse_personalization":  # lazy import: detect-only/blur jobs need no ArcFace
+        if identities and cfg.anonymizer.method == "reverse_personalization":  # lazy: blur jobs need no ArcFace
             from .faces.arcface import IdentityEmbedder
 
             self.embedder = IdentityEmbedder.from_config(cfg.diffusion)
@@ -150,7 +150,7 @@ class DetectFaces:
                 payload.faces_from, notes = "aligned", []
                 faces = [self._aligned_face(row["rel_path"], rgb, notes)]
             else:
-                found = self._find(row, rgb)
+                found = self._find(row, rgb, decoded.orientation)
                 if found.withheld:  # fail closed: nothing is written for this image, the manifest says why
                     row.update(status="withheld", error=found.withheld, payload=ImagePayload(),
                                notes=_join(row["notes"], *found.notes) or "", t_detect_s=time.perf_counter() - t1)
@@ -171,17 +171,17 @@ class DetectFaces:
         return row
 
     # -- where the faces are -------------------------------------------------------------------------------
-    def _find(self, row: dict, rgb: np.ndarray) -> _Found:
+    def _find(self, row: dict, rgb: np.ndarray, orientation: int = 1) -> _Found:
         """The faces of ``rgb`` from the detector, or (annotations mode) from the plan row's own table rows."""
-        from . import annotations
+        from .orientation import annotated_faces
 
         cfg = self.cfg
         if cfg.input.mode == "annotations":
             if row.get("annotations") is not None:
-                a = annotations.faces_from_rows(row["annotations"], rgb.shape)
-                if a.unlocatable:  # a face we know of and cannot place: nothing may be written
-                    return _Found([], "annotations", "annotations", notes=a.notes,
-                                  withheld=_join(*a.unlocatable, "a face the annotations name cannot be located"))
+                a, unplaced = annotated_faces(row["annotations"], rgb.shape, orientation, cfg.input.annotations_frame)
+                if unplaced or a.unlocatable:  # a face we know of and cannot place: nothing may be written
+                    return _Found([], "annotations", "annotations", notes=a.notes, withheld=unplaced or _join(
+                        *a.unlocatable, "a face the annotations name cannot be located"))
                 return _Found(a.faces, "annotations", "annotations", a.needs_landmarks, a.notes)
             missing = cfg.input.annotations_missing
             if missing == "withhold":

@@ -198,6 +198,47 @@ def test_device_fault_classification(message, fatal):
     assert is_device_fault(RuntimeError(message)) is fatal
 
 
+# What onnxruntime's CUDA provider raises (its Fail type) when the device is gone, on a model exported with scoped
+# node names: the CUDA status comes after more than 500 characters.
+_NODE = "/".join(f"stage{i}/block{j}/conv{k}" for i in range(3) for j in range(3) for k in range(2))
+ORT_DEVICE_FAULT = (
+    f"[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running FusedConv node. "
+    f"Name:'/{_NODE}/Conv_output_0' Status Message: CUDA failure 700: an illegal memory access was encountered ; "
+    "GPU=0 ; hostname=node-17 ; file=/onnxruntime_src/onnxruntime/core/providers/cuda/cuda_execution_provider.cc ; "
+    "line=446 ; expr=cudaStreamSynchronize(static_cast<cudaStream_t>(stream_));")
+
+
+def test_device_faults_are_told_by_type_before_text():
+    """Only the types a device error arrives as (torch's RuntimeError family, onnxruntime's errors) are read for
+    CUDA markers; an error of another type is never one, whatever its text says (a path or a table cell in a
+    message must not restart workers). A DeviceFault stays one, however its message was shortened."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    assert is_device_fault(Fail(ORT_DEVICE_FAULT)) and ORT_DEVICE_FAULT.lower().index("cuda failure") > 500
+    assert is_device_fault(DeviceFault("device fault, this worker must restart: (cut short)"))
+    for exc in (ValueError("cannot read in/CUDA error: an illegal memory access was encountered.jpg"),
+                OSError("no such file: device-side assert triggered.png"), KeyError("ecc error")):
+        assert not is_device_fault(exc), exc
+
+
+def test_a_detector_device_fault_ends_the_detection_stage_in_aligned_mode(t1_path):
+    """Aligned mode asks the detector for keypoints; a device fault there must end the worker. It was withheld
+    as an ordinary failure: the DeviceFault's message, shortened to 500 characters, was matched again as text
+    and no longer held the CUDA status."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    cfg = load_config(None, ["input.mode=aligned", "input.aligned_keypoints=detector"])
+    stage = DetectFaces(cfg)
+
+    def broken(rgb):  # injected: what the insightface detector raises on a lost device
+        raise Fail(ORT_DEVICE_FAULT)
+
+    stage.detector.detect = broken
+    with pytest.raises(DeviceFault, match="CUDA failure 700|ONNXRuntimeError"):
+        stage.process({"input_uri": str(t1_path), "rel_path": "t1.jpg", "output_uri": "x", "error": None,
+                       "notes": None, "stale_output_uri": None})
+
+
 def test_small_faces_get_the_destructive_method(tiny_dir, t1_faces):
     cfg = _rp_cfg(tiny_dir, "detection.min_face_size=120", "privacy.escalate=false")
     faces = _fresh(t1_faces, 6)

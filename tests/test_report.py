@@ -235,6 +235,17 @@ def test_cost_model_is_algorithm_md():
     assert estimate.sample_indices(10, 3) == [0, 4, 9] and estimate.sample_indices(3, 10) == [0, 1, 2]
 
 
+def test_estimate_counts_faces_without_loading_the_identity_model(tmp_path, t1_path):
+    """`estimate` only counts faces: it must not load ArcFace (on a cluster's submit host the model may not be
+    there at all). An ArcFace path that does not exist is never opened."""
+    (tmp_path / "in").mkdir()
+    shutil.copy(t1_path, tmp_path / "in" / "t1.jpg")
+    cfg = load_config(None, ["anonymizer.method=reverse_personalization", "privacy.escalate=false",
+                             f"diffusion.arcface={tmp_path}/absent/w600k_r50.onnx"])
+    e = estimate.estimate(cfg, str(tmp_path / "in"), sample=1)
+    assert e["sample"]["faces"] == 6 and e["sample"]["diffusion_faces"] == 6 and e["sample"]["unreadable"] == 0
+
+
 # -- errors a person can act on, before Ray --------------------------------------------------------------
 
 def test_missing_tiny_model_is_one_line_before_ray(tmp_path):
