@@ -86,7 +86,7 @@ def _process(cfg, paths: dict, rows: list[dict]) -> dict:
 @pytest.fixture(scope="module")
 def upright_faces(t1_rgb):
     """t1's six faces, found by dlib on the upright photo (68 points each)."""
-    faces = build_detector(DetectionConfig()).detect(t1_rgb)
+    faces = build_detector(DetectionConfig(backend="dlib")).detect(t1_rgb)
     assert len(faces) == 6
     return faces
 
@@ -145,7 +145,7 @@ def test_a_table_made_by_a_detector_on_mirrored_stored_pixels_maps_back(tmp_path
     pixels here is that tool)."""
     path = tmp_path / "m.jpg"
     stored = store(t1_rgb, 2, path)
-    found = build_detector(DetectionConfig()).detect(stored)
+    found = build_detector(DetectionConfig(backend="dlib")).detect(stored)
     assert len(found) == 6
     rows = [{"path": "m.jpg", "x0": float(f.box[0]), "y0": float(f.box[1]), "x1": float(f.box[2]),
              "y1": float(f.box[3]), "landmarks": f.landmarks.ravel().tolist()} for f in found]
