@@ -282,6 +282,23 @@ def _sniff_format(data: bytes) -> str | None:
     return None
 
 
+def _one_picture(im: Image.Image, notes: list[str]) -> None:
+    """Refuse an image of several frames (TIFF pages, WebP or PNG animation frames): decoding frame 0 alone
+    would drop the other frames' faces from the export while calling the image done. An MPO (phone cameras'
+    JPEG) is one picture: its further frames are the camera's previews, stereo or depth views of the same
+    scene; the primary picture is anonymized and written alone, and the manifest says so."""
+    frames = int(getattr(im, "n_frames", 1) or 1)
+    if frames <= 1:
+        return
+    if im.format == "MPO":
+        notes.append(f"MPO: the primary picture is anonymized and written; its {frames - 1} further frame(s) "
+                     "(the camera's previews, stereo or depth views of the same scene) are not written")
+        return
+    raise InputError(f"multi-frame {im.format} ({frames} frames): only single-frame images are anonymized "
+                     "(writing the first frame alone would drop the faces of the others); split it into one "
+                     "file per frame")
+
+
 def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
     """Decode image bytes to RGB uint8 with EXIF orientation applied; refuse decompression bombs and
     formats other than ``ACCEPTED_FORMATS``.
@@ -316,6 +333,7 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
     fmt = im.format or "PNG"
     notes: list[str] = []
     try:
+        _one_picture(im, notes)
         im.load()
         orientation = im.getexif().get(0x0112, 1)
         if orientation in (2, 3, 4, 5, 6, 7, 8):
