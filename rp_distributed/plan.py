@@ -48,7 +48,8 @@ class Plan:
     unrecorded: int = 0  # an output exists but no manifest row says how it was made (driver killed): redone
     refused: int = 0  # error rows made here (unsafe key, symlink out of the root, collision)
     # Paths the side tables (input.annotations, prompts.table) name that are not in the input listing:
-    # {path, table, rows}; the job records one manifest error row for each (annotations.orphan_row).
+    # {path, table, rows}; the job records one manifest error row for each (annotations.orphan_row), unless
+    # the manifest's latest row for that path already says the same.
     orphans: list[dict] = field(default_factory=list)
 
     @property
@@ -152,12 +153,22 @@ def _existing_outputs(output_uri: str) -> pa.Array:
     return pa.array(rels, pa.string())
 
 
+def _unsaid(orphans: list[dict], said: pa.Table, input_uri: str, fingerprint: str) -> list[dict]:
+    """The ``orphans`` whose row (``annotations.orphan_row``) is not already the latest error row of its path."""
+    rows = [annotations.orphan_row(o, input_uri, "", fingerprint) for o in orphans]
+    known = {(u, e) for u, e in zip(*(said.filter(pc.is_in(said["input_uri"], value_set=pa.array(
+        [r["input_uri"] for r in rows], pa.string())))[c].to_pylist() for c in ("input_uri", "error")))}
+    return [o for o, r in zip(orphans, rows) if (r["input_uri"], r["error"]) not in known]
+
+
 def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str) -> Plan:
     out_cfg = cfg.output
     exclude = output_exclusion(input_uri, output_uri)
     # The earlier outcomes are read even with --overwrite: an output at a key this run no longer writes
     # is deleted either way. Only the resume columns are read, and the decisions are made in Arrow.
-    latest = manifest.latest_outcomes(output_uri, out_cfg.manifest_dir)
+    sides = cfg.input.mode == "annotations" or bool(cfg.prompts.table)
+    latest = manifest.latest_outcomes(output_uri, out_cfg.manifest_dir,
+                                      manifest.RESUME_COLUMNS + (["error"] if sides else []))
     if out_cfg.overwrite:
         manifest.remove_manifest(output_uri, out_cfg.manifest_dir)
     files = io.list_inputs_table(input_uri, cfg.input.extensions, exclude_uri=exclude or output_uri)
@@ -175,6 +186,7 @@ def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str)
     del keys, key_errors
     listed = pa.table({"_i": pa.array(range(files.num_rows), pa.int64()), "input_uri": files["uri"], "key": writes})
     recorded = pc.is_in(files["uri"], value_set=latest["input_uri"])  # any manifest row at all
+    said = latest.filter(pc.equal(latest["status"], "error")).select(["input_uri", "error"]) if sides else None
     done = latest.filter(pc.and_(pc.is_in(latest["status"], pa.array(manifest.DONE_STATUSES)),
                                  pc.is_valid(latest["output_uri"])))
     done = done.select(["input_uri", "output_uri", "settings_fingerprint"]).rename_columns(
@@ -213,6 +225,8 @@ def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str)
     except annotations.TableError as exc:
         raise PlanError(str(exc)) from None
     table = table.filter(keep)
+    if orphans and not out_cfg.overwrite:  # written once: a resumed run does not repeat (and recount) them
+        orphans = _unsaid(orphans, said, input_uri, fingerprint)
     return Plan(table=table, orphans=orphans, skipped=pc.sum(skip).as_py() or 0,
                 redone_changed=0 if out_cfg.overwrite else (pc.sum(changed).as_py() or 0),
                 unrecorded=0 if out_cfg.overwrite else (pc.sum(unrecorded).as_py() or 0),

@@ -80,3 +80,28 @@ def test_an_mpo_keeps_its_primary_picture_and_says_its_previews_are_not_written(
     assert any("MPO" in n and "1 further frame" in n for n in dec.notes), dec.notes
     written = Image.open(__import__("io").BytesIO(io.encode_image(dec.rgb, None, "a.jpg", 95)))
     assert written.format == "JPEG" and getattr(written, "n_frames", 1) == 1
+
+
+# -- hole 12: side-table rows for images not in the input ----------------------------------------------------
+
+def test_rows_for_paths_not_in_the_input_are_written_once_across_resumes(tmp_path, t1_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    shutil.copy(t1_path, src / "t1.jpg")
+    table = tmp_path / "ann.csv"
+    table.write_text("path,x0,y0,x1,y1\nt1.jpg,1,1,50,50\ngone.jpg,1,1,20,20\n")
+    cfg = _blur("input.mode=annotations", f"input.annotations={table}")
+    fp = anonymization_fingerprint(cfg)
+
+    def record(plan, run_id):  # what run_job writes for the plan's orphans
+        rows = [annotations.orphan_row(o, str(src), run_id, fp) for o in plan.orphans]
+        if rows:
+            manifest.write_part(str(out), "_manifest", run_id, 0, rows)
+        return len(rows)
+
+    assert record(make_plan(cfg, str(src), str(out), fp), "20250101T000000-aaaaaa") == 1
+    assert record(make_plan(cfg, str(src), str(out), fp), "20250101T000001-bbbbbb") == 0, "recorded again"
+    table.write_text("path,x0,y0,x1,y1\nt1.jpg,1,1,50,50\nt1.jpg,2,2,40,40\ngone.jpg,1,1,20,20\n")
+    assert record(make_plan(cfg, str(src), str(out), fp), "20250101T000002-cccccc") == 1  # new facts: row 2
+    over = _blur("input.mode=annotations", f"input.annotations={table}", "output.overwrite=true")
+    assert len(make_plan(over, str(src), str(out), fp).orphans) == 1  # the new run's manifest holds them too
