@@ -102,9 +102,11 @@ def output_key_columns(rel_paths: list[str], output_uri: str, out_format: str, m
     errors: list[str | None] = [None] * n
     notes: list[str | None] = [None] * n
     reserved = io.join_uri(output_uri, manifest_dir).rstrip("/") + "/"
+    outputs = io.Storage(output_uri)
     for i, rel in enumerate(rel_paths):
         try:
             key = io.join_uri(output_uri, io.output_rel_path(rel, out_format))
+            outputs.check(outputs.key_of(key))  # what the output store's client would read as syntax
         except io.InputError as exc:
             errors[i] = str(exc)
             continue
@@ -139,18 +141,17 @@ def output_keys(rel_paths: list[str], output_uri: str, out_format: str, manifest
 
 
 def _existing_outputs(output_uri: str) -> pa.Array:
-    """Relative paths of every object under the output prefix: one listing (paged by the store), not one
-    request per key. Temporary files of local writes cut short (a merge worker killed mid-write) are
-    deleted on the way."""
-    fs, root = io.filesystem(output_uri)
-    cut = len(root.rstrip("/")) + 1
-    rels = []
-    for path in io.list_paths(output_uri):
-        if io.PARTIAL_WRITE.search(path):  # a write its worker never finished (killed): not an output
-            fs.rm_file(path)
+    """Keys of every object under the output prefix: one listing (paged by the store), not one request per
+    key. Temporary files of local writes cut short (a merge worker killed mid-write) are deleted on the way
+    (only one run may write an output prefix at a time)."""
+    outputs = io.Storage(output_uri)
+    keys = []
+    for key in outputs.list():
+        if io.PARTIAL_WRITE.search(key):  # a write its worker never finished (killed): not an output
+            outputs.remove(key)
             continue
-        rels.append(path[cut:])
-    return pa.array(rels, pa.string())
+        keys.append(key)
+    return pa.array(keys, pa.string())
 
 
 def _unsaid(orphans: list[dict], said: pa.Table, input_uri: str, fingerprint: str) -> list[dict]:
