@@ -272,10 +272,18 @@ def latest_outcomes(output_uri: str, manifest_dir: str, columns: list[str] = RES
     return _last_per_input(reduced)
 
 
-def remove_manifest(output_uri: str, manifest_dir: str) -> None:
-    fs, path = io.filesystem(manifest_uri(output_uri, manifest_dir))
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+def earlier_records(output_uri: str, manifest_dir: str) -> list[str]:
+    """Keys of what the manifest folder holds now (parts, run records, the report), leases aside: what an
+    ``--overwrite`` run retires once it completes (``retire``)."""
+    storage, folder = _folder(output_uri, manifest_dir)
+    return sorted(k for k in storage.list(folder) if not posixpath.basename(k).startswith("lease-"))
+
+
+def retire(output_uri: str, keys: list[str]) -> None:
+    """Delete ``keys`` (``earlier_records`` of this run's plan: nothing this run wrote)."""
+    storage = io.Storage(output_uri)
+    for key in keys:
+        storage.remove(key)
 
 
 class _Histogram:

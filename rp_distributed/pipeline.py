@@ -633,8 +633,13 @@ def _end_of_run(result: JobResult, cfg: JobConfig, output_uri: str, info: dict |
 def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = True, verbose: bool = False,
             report: bool = True) -> JobResult:
     """Run the whole job; returns the summary. Manifest parts are written as rows stream in, and at the end
-    ``report.html`` beside them (``report``). ``verbose``: Ray's own logging as Ray has it."""
+    ``report.html`` beside them (``report``). ``verbose``: Ray's own logging as Ray has it.
+
+    The run holds the output prefix's lease (``lease.py``) from before its plan to its end: a second run into
+    the same prefix is refused (``lease.LeaseHeld``). With ``--overwrite`` the earlier manifest is retired only
+    once this run completed: a failed overwrite leaves it whole beside the new run's parts."""
     from .config import anonymization_fingerprint
+    from .lease import Lease
     from .plan import make_plan
 
     t0 = time.perf_counter()
@@ -642,27 +647,30 @@ def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = Tr
     output_uri = io.normalize_prefix(output_uri)
     outputs = io.Storage(output_uri)
     fingerprint = anonymization_fingerprint(cfg)
-    plan = make_plan(cfg, input_uri, output_uri, fingerprint)
-    result = JobResult(run_id=run_id, summary=manifest.summarize([]), skipped=plan.skipped,
-                       redone_changed=plan.redone_changed, unrecorded=plan.unrecorded, renamed=plan.renamed,
-                       settings_fingerprint=fingerprint)
-    info = None
-    if plan.num_todo or plan.orphans:
-        from .report import write_run_info
+    with Lease(outputs, cfg.output.manifest_dir, run_id) as lease:
+        plan = make_plan(cfg, input_uri, output_uri, fingerprint)
+        result = JobResult(run_id=run_id, summary=manifest.summarize([]), skipped=plan.skipped,
+                           redone_changed=plan.redone_changed, unrecorded=plan.unrecorded, renamed=plan.renamed,
+                           settings_fingerprint=fingerprint)
+        info = None
+        if plan.num_todo or plan.orphans:
+            from .report import write_run_info
 
-        info = _run_info(cfg, run_id, input_uri, output_uri, fingerprint, plan)
-        write_run_info(output_uri, cfg.output.manifest_dir, run_id, info)  # the report shows the run's config
-        if plan.num_todo:
-            ensure_ray(cfg, verbose)
-        _execute(cfg, plan, result, io.input_storage(input_uri), outputs, input_uri, progress)
-    result.wall_s = time.perf_counter() - t0
-    if info is not None or (report and manifest.part_uris(output_uri, cfg.output.manifest_dir)):
-        _end_of_run(result, cfg, output_uri, info, report)
+            info = _run_info(cfg, run_id, input_uri, output_uri, fingerprint, plan)
+            write_run_info(output_uri, cfg.output.manifest_dir, run_id, info)  # the report shows the run's config
+            if plan.num_todo:
+                ensure_ray(cfg, verbose)
+            _execute(cfg, plan, result, io.input_storage(input_uri), outputs, input_uri, lease, progress)
+        lease.check()
+        manifest.retire(output_uri, plan.retire)  # --overwrite: the earlier manifest, now that this run completed
+        result.wall_s = time.perf_counter() - t0
+        if info is not None or (report and manifest.part_uris(output_uri, cfg.output.manifest_dir)):
+            _end_of_run(result, cfg, output_uri, info, report)
     return result
 
 
 def _execute(cfg: JobConfig, plan, result: JobResult, inputs: io.Storage, outputs: io.Storage, input_uri: str,
-             progress: bool) -> None:
+             lease, progress: bool) -> None:
     """Stream the plan through the stages into the manifest; fills ``result``'s summary, parts and counts."""
     import ray
 
@@ -687,6 +695,7 @@ def _execute(cfg: JobConfig, plan, result: JobResult, inputs: io.Storage, output
                                  bytes_per_file=out_cfg.manifest_bytes_per_file, flush_s=out_cfg.manifest_flush_s)
 
     def take(row: dict) -> None:
+        lease.check()  # another run took the prefix over: stop here
         summary.add(row)
         writer.add(row)
         first = row.get("face_index") in (None, 0)  # an input's first row

@@ -51,6 +51,9 @@ class Plan:
     # {path, table, rows}; the job records one manifest error row for each (annotations.orphan_row), unless
     # the manifest's latest row for that path already says the same.
     orphans: list[dict] = field(default_factory=list)
+    # --overwrite: the manifest folder's keys before this run (manifest.earlier_records); the job deletes
+    # them once its own run completes, so a failed overwrite leaves the earlier manifest whole.
+    retire: list[str] = field(default_factory=list)
 
     @property
     def num_todo(self) -> int:
@@ -143,7 +146,7 @@ def output_keys(rel_paths: list[str], output_uri: str, out_format: str, manifest
 def _existing_outputs(output_uri: str) -> pa.Array:
     """Keys of every object under the output prefix: one listing (paged by the store), not one request per
     key. Temporary files of local writes cut short (a merge worker killed mid-write) are deleted on the way
-    (only one run may write an output prefix at a time)."""
+    (no other run writes this prefix now: the job holds its lease, ``lease.py``)."""
     outputs = io.Storage(output_uri)
     keys = []
     for key in outputs.list():
@@ -170,8 +173,7 @@ def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str)
     sides = cfg.input.mode == "annotations" or bool(cfg.prompts.table)
     latest = manifest.latest_outcomes(output_uri, out_cfg.manifest_dir,
                                       manifest.RESUME_COLUMNS + (["error"] if sides else []))
-    if out_cfg.overwrite:
-        manifest.remove_manifest(output_uri, out_cfg.manifest_dir)
+    retire = manifest.earlier_records(output_uri, out_cfg.manifest_dir) if out_cfg.overwrite else []
     files = io.list_inputs_table(input_uri, cfg.input.extensions, exclude_uri=exclude or output_uri)
     if exclude is not None:
         inside = pc.starts_with(pc.binary_join_element_wise(files["uri"], "/", ""), exclude.rstrip("/") + "/")
@@ -228,7 +230,7 @@ def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str)
     table = table.filter(keep)
     if orphans and not out_cfg.overwrite:  # written once: a resumed run does not repeat (and recount) them
         orphans = _unsaid(orphans, said, input_uri, fingerprint)
-    return Plan(table=table, orphans=orphans, skipped=pc.sum(skip).as_py() or 0,
+    return Plan(table=table, orphans=orphans, retire=retire, skipped=pc.sum(skip).as_py() or 0,
                 redone_changed=0 if out_cfg.overwrite else (pc.sum(changed).as_py() or 0),
                 unrecorded=0 if out_cfg.overwrite else (pc.sum(unrecorded).as_py() or 0),
                 renamed=pc.sum(pc.and_(pc.is_valid(table["notes"]), pc.is_null(table["error"]))).as_py() or 0,

@@ -262,6 +262,76 @@ def test_rows_for_paths_not_in_the_input_are_written_once_across_resumes(tmp_pat
     assert len(make_plan(over, str(src), str(out), fp).orphans) == 1  # the new run's manifest holds them too
 
 
+# -- hole 9: --overwrite keeps the manifest until its run completes -------------------------------------------
+
+def test_an_overwrite_plan_deletes_no_manifest_part(tmp_path, t1_path):
+    cfg = _blur()
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    shutil.copy(t1_path, src / "t1.jpg")
+    (row,) = make_plan(cfg, str(src), str(out), anonymization_fingerprint(cfg)).todo
+    manifest.write_part(str(out), "_manifest", "20250101T000000-aaaaaa", 0, _stages(cfg, row))
+    parts = manifest.part_uris(str(out), "_manifest")
+    over = _blur("output.overwrite=true")
+    plan = make_plan(over, str(src), str(out), anonymization_fingerprint(over))
+    assert plan.num_todo == 1 and manifest.part_uris(str(out), "_manifest") == parts
+    assert manifest.latest_outcomes(str(out), "_manifest")["status"].to_pylist() == ["ok"]
+
+
+# -- two runs into one output prefix: the lease ------------------------------------------------------------
+
+def _lease_file(out, run_id, age_s):
+    d = out / "_manifest"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"lease-{run_id}.json").write_text(json.dumps({"run_id": run_id, "host": "elsewhere", "pid": 1,
+                                                        "started_at": time.time() - age_s,
+                                                        "heartbeat_at": time.time() - age_s}))
+
+
+def test_a_second_run_into_a_leased_output_prefix_is_refused(tmp_path, capsys):
+    from rp_distributed.cli import main
+    from rp_distributed.lease import LeaseHeld
+    from rp_distributed.pipeline import run_job
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    _lease_file(out, "20250101T000000-aaaaaa", age_s=5)
+    with pytest.raises(LeaseHeld, match="20250101T000000-aaaaaa.*elsewhere"):
+        run_job(_blur(), str(src), str(out), progress=False)
+    assert sorted(os.listdir(out / "_manifest")) == ["lease-20250101T000000-aaaaaa.json"]
+    assert main(["run", str(src), str(out), "--no-progress"]) == 2  # one line, no traceback
+    assert "is being written by run 20250101T000000-aaaaaa on elsewhere" in capsys.readouterr().err
+
+
+def test_a_stale_lease_does_not_block_and_a_live_one_beats_and_notices_its_loss(tmp_path):
+    from rp_distributed.lease import Lease, LeaseHeld, LeaseLost
+    from rp_distributed.storage import Storage
+
+    out = tmp_path / "out"
+    _lease_file(out, "20250101T000000-aaaaaa", age_s=10_000)  # a killed driver's
+    storage = Storage(str(out))
+    first = Lease(storage, "_manifest", "20250101T000001-bbbbbb", heartbeat_s=0.1, ttl_s=2.0)
+    first.acquire()
+    assert sorted(os.listdir(out / "_manifest")) == ["lease-20250101T000001-bbbbbb.json"]
+    second = Lease(storage, "_manifest", "20250101T000002-cccccc", heartbeat_s=0.1, ttl_s=2.0)
+    with pytest.raises(LeaseHeld, match="20250101T000001-bbbbbb"):
+        second.acquire()
+    assert sorted(os.listdir(out / "_manifest")) == ["lease-20250101T000001-bbbbbb.json"]
+    path = out / "_manifest" / "lease-20250101T000001-bbbbbb.json"
+    beat = json.loads(path.read_text())["heartbeat_at"]
+    time.sleep(0.5)
+    assert json.loads(path.read_text())["heartbeat_at"] > beat  # the heartbeat keeps it fresh
+    first.check()
+    # Taken over (this driver was frozen past the TTL): its lease deleted, a younger run's written.
+    path.unlink()
+    _lease_file(out, "20250101T000003-dddddd", age_s=0)
+    time.sleep(0.5)
+    with pytest.raises(LeaseLost, match="20250101T000001-bbbbbb lost its lease"):
+        first.check()
+    first.release()
+    assert sorted(os.listdir(out / "_manifest")) == ["lease-20250101T000003-dddddd.json"]
+
+
 # -- the attacks through the real job on Ray -----------------------------------------------------------------
 
 @pytest.mark.slow
@@ -287,3 +357,40 @@ def test_job_on_ray_reads_and_writes_names_as_data_and_never_through_links(ray_s
     assert rows["sub/a.png"]["status"] == "error" and "symlink" in rows["sub/a.png"]["error"]
     assert os.listdir(elsewhere) == []
     assert result.summary["by_status"] == {"ok": 1, "no_face": 0, "withheld": 0, "error": 1}
+    assert not [n for n in os.listdir(out / "_manifest") if n.startswith("lease-")], "the lease was released"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_overwrite_on_ray_retires_the_old_manifest_only_when_its_run_completes(ray_session, tmp_path, t1_path,
+                                                                              monkeypatch):
+    from rp_distributed import pipeline
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    shutil.copy(t1_path, src / "t1.jpg")
+    first = pipeline.run_job(_blur(), str(src), str(out), progress=False, report=False)
+    def parts():
+        return [os.path.basename(u) for u in manifest.part_uris(str(out), "_manifest")]
+
+    old_parts = parts()
+    assert old_parts == [os.path.basename(u) for u in first.manifest_parts]
+    over = _blur("output.overwrite=true", "anonymizer.method=pixelate")
+
+    def cluster_lost(*args, **kwargs):
+        raise RuntimeError("the cluster went away")
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "build_dataset", cluster_lost)
+        with pytest.raises(RuntimeError, match="went away"):
+            pipeline.run_job(over, str(src), str(out), progress=False, report=False)
+    assert parts() == old_parts, "a failed overwrite lost the manifest"
+    latest = manifest.latest_outcomes(str(out), "_manifest")
+    assert latest["status"].to_pylist() == ["ok"] and latest["settings_fingerprint"].to_pylist() == [
+        first.settings_fingerprint]
+    done = pipeline.run_job(over, str(src), str(out), progress=False, report=False)
+    assert parts() == [os.path.basename(u) for u in done.manifest_parts]
+    rows = manifest.read_manifest(str(out), "_manifest").to_pylist()
+    assert {r["run_id"] for r in rows} == {done.run_id} and {r["method_applied"] for r in rows} == {"pixelate"}
+    names = os.listdir(out / "_manifest")
+    assert not [n for n in names if first.run_id in n], names  # its config record is retired with its parts
