@@ -7,7 +7,9 @@ writes in progress as cut short (``plan._existing_outputs``), redo or skip each 
 rewritten by a driver thread every ``heartbeat_s``. Taking it: write our own, then list the folder; if another
 run's lease had a heartbeat within ``ttl_s``, ours is removed and the run refused (``LeaseHeld``, naming the
 other run). Two runs starting at the same moment each see the other and both refuse: never both run. A lease
-older than ``ttl_s`` is a killed driver's: it is deleted and does not block. Each heartbeat lists the folder
+older than ``ttl_s`` is a killed driver's: it is deleted and does not block; so is at once the lease of a
+driver on this machine (same host name and PID namespace) whose process is gone, so a rerun right after a
+crash or a kill need not wait out the TTL. Each heartbeat lists the folder
 again: a run whose own lease is gone (a driver frozen past the TTL, taken over) or that meets a younger live
 lease stops (``LeaseLost``, raised at the next manifest row). Writes go through ``storage.Storage``, so the
 lease works the same on a local folder and on S3/GCS (strong read-after-write and list consistency).
@@ -36,6 +38,28 @@ class LeaseLost(RuntimeError):
     """This run's lease was taken over, or could not be renewed within its TTL."""
 
 
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")  # Linux: which pid numbering a pid belongs to
+    except OSError:
+        return None
+
+
+def _gone(info: dict) -> bool:
+    """Whether the lease ``info`` names a process of this machine and PID namespace that no longer exists
+    (a reused pid reads as alive: then the TTL decides)."""
+    ns = _pid_namespace()
+    if ns is None or info.get("pid_ns") != ns or info.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+    return False
+
+
 class Lease:
     """The lease of ``storage``'s output prefix for ``run_id``; a context manager (acquire, then release)."""
 
@@ -51,8 +75,9 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def _record(self) -> bytes:
-        return json.dumps({"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                           "started_at": self.started_at, "heartbeat_at": time.time(), "ttl_s": self.ttl_s}).encode()
+        return json.dumps({"run_id": self.run_id, "host": socket.gethostname(), "pid_ns": _pid_namespace(),
+                           "pid": os.getpid(), "started_at": self.started_at, "heartbeat_at": time.time(),
+                           "ttl_s": self.ttl_s}).encode()
 
     def _scan(self) -> tuple[bool, list[dict]]:
         """Whether our lease is in the folder, and the other runs' leases there, each with its ``key`` and
@@ -70,6 +95,8 @@ class Lease:
                 continue
             except (InputError, ValueError, KeyError, TypeError):  # writes are atomic: not a live run's lease
                 info, beat = {"run_id": name[len(LEASE_PREFIX):-5]}, 0.0
+            if _gone(info):  # a driver of this machine that no longer runs: its heartbeat is as good as old
+                beat = 0.0
             found.append({**info, "key": key, "age_s": time.time() - beat})
         return mine, found
 

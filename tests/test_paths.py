@@ -280,10 +280,10 @@ def test_an_overwrite_plan_deletes_no_manifest_part(tmp_path, t1_path):
 
 # -- two runs into one output prefix: the lease ------------------------------------------------------------
 
-def _lease_file(out, run_id, age_s):
+def _lease_file(out, run_id, age_s, **who):
     d = out / "_manifest"
     d.mkdir(parents=True, exist_ok=True)
-    (d / f"lease-{run_id}.json").write_text(json.dumps({"run_id": run_id, "host": "elsewhere", "pid": 1,
+    (d / f"lease-{run_id}.json").write_text(json.dumps({"run_id": run_id, "host": "elsewhere", "pid": 1, **who,
                                                         "started_at": time.time() - age_s,
                                                         "heartbeat_at": time.time() - age_s}))
 
@@ -330,6 +330,27 @@ def test_a_stale_lease_does_not_block_and_a_live_one_beats_and_notices_its_loss(
         first.check()
     first.release()
     assert sorted(os.listdir(out / "_manifest")) == ["lease-20250101T000003-dddddd.json"]
+
+
+def test_a_fresh_lease_of_a_driver_gone_from_this_machine_does_not_block(tmp_path):
+    """A driver killed a moment ago (SIGKILL, OOM) on this machine: the rerun need not wait out the TTL."""
+    import socket
+    import subprocess
+
+    from rp_distributed.lease import Lease, LeaseHeld
+    from rp_distributed.storage import Storage
+
+    out = tmp_path / "out"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    here = {"host": socket.gethostname(), "pid_ns": os.readlink("/proc/self/ns/pid")}
+    _lease_file(out, "20250101T000000-aaaaaa", age_s=1, pid=dead.pid, **here)
+    lease = Lease(Storage(str(out)), "_manifest", "20250101T000001-bbbbbb").acquire()
+    assert lease.removed_stale == ["20250101T000000-aaaaaa"]
+    lease.release()
+    _lease_file(out, "20250101T000002-cccccc", age_s=1, pid=os.getpid(), **here)  # alive: it blocks
+    with pytest.raises(LeaseHeld):
+        Lease(Storage(str(out)), "_manifest", "20250101T000003-dddddd").acquire()
 
 
 # -- the attacks through the real job on Ray -----------------------------------------------------------------
