@@ -6,13 +6,16 @@ Fail-closed rules that live here:
 - every input gets its own output key. Keys that would collide (a forced format turning ``a.png`` and
   ``a.jpg`` into ``a.jpg``; ``a//b.jpg`` and ``a/b.jpg``; ``a\\b.jpg``) are renamed ``stem~<hash>.ext``,
   where the hash is of the input's own relative path, and the manifest notes it; a key that would leave
-  the output prefix or land in the manifest folder becomes that input's error row, never a job abort;
+  the output prefix or land in the manifest folder, or that holds what the output store's client reads as
+  syntax (S3: ``?versionId=``), becomes that input's error row, never a job abort;
 - resume skips an input only when its latest manifest row wrote this same key under the same
   anonymization settings (``config.anonymization_fingerprint``) and the output exists; otherwise it is
   redone, and an earlier output at another key is deleted (``stale_output_uri``). Resume reads only
   four manifest columns, decides in Arrow, and learns which outputs exist from one listing of the
   output prefix, not one request per key. An output with no manifest row (its driver was killed between
-  the write and the manifest flush) is redone, and counted (``unrecorded``).
+  the write and the manifest flush) is redone, and counted (``unrecorded``);
+- ``--overwrite`` deletes nothing here: the plan records the manifest folder's keys (``Plan.retire``) and the
+  job deletes those once its own run completed.
 """
 
 from __future__ import annotations
@@ -97,6 +100,21 @@ def distinct_key(target: str, rel_path: str) -> str:
     return f"{stem}~{hashlib.sha256(rel_path.encode()).hexdigest()[:8]}{ext}"
 
 
+def _refuse_store_syntax(keys: list[str | None], errors: list[str | None], output_uri: str) -> None:
+    """An output key holding what the output store's client reads as syntax (S3: ``?versionId=``) becomes
+    that input's error: found in Arrow (join_uri already made every key a plain path under the prefix)."""
+    outputs = io.Storage(output_uri)
+    if not outputs.syntax:
+        return
+    column = pa.array(keys, pa.string())
+    for mark in outputs.syntax:
+        for i in pc.indices_nonzero(pc.fill_null(pc.match_substring(column, mark), False)).to_pylist():
+            try:
+                outputs.check(outputs.key_of(keys[i]))
+            except io.InputError as exc:
+                keys[i], errors[i] = None, str(exc)
+
+
 def output_key_columns(rel_paths: list[str], output_uri: str, out_format: str, manifest_dir: str
                        ) -> tuple[list[str | None], list[str | None], list[str | None]]:
     """Per input (aligned with ``rel_paths``): output key, error, note. Exactly one of key and error is set."""
@@ -105,11 +123,9 @@ def output_key_columns(rel_paths: list[str], output_uri: str, out_format: str, m
     errors: list[str | None] = [None] * n
     notes: list[str | None] = [None] * n
     reserved = io.join_uri(output_uri, manifest_dir).rstrip("/") + "/"
-    outputs = io.Storage(output_uri)
     for i, rel in enumerate(rel_paths):
         try:
             key = io.join_uri(output_uri, io.output_rel_path(rel, out_format))
-            outputs.check(outputs.key_of(key))  # what the output store's client would read as syntax
         except io.InputError as exc:
             errors[i] = str(exc)
             continue
@@ -117,6 +133,7 @@ def output_key_columns(rel_paths: list[str], output_uri: str, out_format: str, m
             errors[i] = f"output key {key} would lie inside the manifest folder {manifest_dir}/"
             continue
         keys[i] = key
+    _refuse_store_syntax(keys, errors, output_uri)
     # Collisions are rare: find them in Arrow, then rename only their members.
     counts = pa.table({"k": pa.array(keys, pa.string())}).group_by("k").aggregate([("k", "count")])
     shared = counts.filter(pc.and_(pc.is_valid(counts["k"]), pc.greater(counts["k_count"], 1)))

@@ -116,6 +116,17 @@ def test_a_version_id_in_an_s3_key_cannot_delete_another_inputs_output(s3_server
     assert s3.get_object(Bucket="versions", Key="out/a.jpg")["ContentLength"] > 0
 
 
+def test_a_local_name_that_an_s3_output_key_would_misread_is_an_error_row():
+    """A local file ``a.jpg?versionId=1.jpg`` written to S3 would land at ``out/a.jpg``, another input's key."""
+    from rp_distributed.plan import output_keys
+
+    keys = output_keys(["a.jpg", "a.jpg?versionId=1.jpg", "what?.jpg"], "s3://b/out", "same", "_manifest")
+    assert keys["a.jpg"] == ("s3://b/out/a.jpg", None, None)
+    key, error, _ = keys["a.jpg?versionId=1.jpg"]
+    assert key is None and "'?versionId='" in error and "s3 client reads as syntax" in error
+    assert keys["what?.jpg"] == ("s3://b/out/what?.jpg", None, None)  # a plain "?" is a character of an S3 key
+
+
 # -- hole 6: symlinked folders inside the output prefix ----------------------------------------------------
 
 def test_writes_and_deletes_never_go_through_a_symlinked_output_folder(tmp_path, astronaut_path):
