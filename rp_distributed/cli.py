@@ -17,6 +17,7 @@ import json
 import sys
 
 from .config import ConfigError, config_to_dict, load_config
+from .lease import LeaseHeld
 from .plan import PlanError
 from .preflight import PreflightError
 
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     except PreflightError as exc:  # one line: the key, what is wrong, the fix
         print(f"rp-anonymize: error: {exc.line()}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, PlanError) as exc:
+    except (FileNotFoundError, PlanError, LeaseHeld) as exc:
         print(f"rp-anonymize: {exc}", file=sys.stderr)
         return 2
 

@@ -1,6 +1,7 @@
 """Storage and image codecs: list inputs, read and decode safely, encode and write atomically.
 
-Every URI goes through fsspec, so local paths, ``file://``, ``s3://`` and ``gs://`` work the same way.
+Every URI goes through fsspec, so local paths, ``file://``, ``s3://`` and ``gs://`` work the same way, and every
+read, write and delete goes through a ``storage.Storage``: a key is a plain path under its prefix, never syntax.
 S3-compatible endpoints are taken from the environment (``AWS_ENDPOINT_URL``), credentials from the
 usual AWS variables or instance roles; nothing here logs them.
 """
@@ -11,8 +12,6 @@ import io
 import os
 import posixpath
 import re
-import stat
-import uuid
 from dataclasses import dataclass, field
 
 import fsspec
@@ -20,6 +19,9 @@ import numpy as np
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .storage import (NOT_REGULAR, PARTIAL_WRITE, PARTIAL_WRITE_SUFFIX, SYMLINK_BROKEN, SYMLINK_OUTSIDE,  # noqa: F401
+                      InputError, Storage, locate, walk_local)
 
 # Formats we decode (the extensions of ``input.extensions``); MPO is the multi-frame JPEG of phone cameras,
 # which PIL's JPEG opener returns. Any other format PIL knows (EPS, PSD, ICO, GIF, ...) is refused before
@@ -34,21 +36,10 @@ DEFAULT_MAX_PIXELS = 64_000_000  # InputConfig.max_pixels' default
 Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
 
 
-class InputError(Exception):
-    """An input that cannot be used; the message is the manifest's reason."""
-
-
-def _storage_options(protocol: str) -> dict:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
-    if protocol in ("s3", "s3a") and endpoint:
-        return {"client_kwargs": {"endpoint_url": endpoint}}
-    return {}
-
-
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem of ``uri`` and the path inside it."""
-    protocol = fsspec.utils.get_protocol(uri)
-    fs, path = fsspec.core.url_to_fs(uri, **_storage_options(protocol))
+    """The fsspec filesystem of ``uri`` and the path inside it, read strictly (``storage.locate``: no ``::``
+    chains, no query; a local path comes back absolute)."""
+    fs, path, _ = locate(uri)
     return fs, path
 
 
@@ -74,11 +65,6 @@ def join_uri(root: str, rel_path: str) -> str:
     return root.rstrip("/") + "/" + norm
 
 
-SYMLINK_OUTSIDE = "symlink to a file outside the input root: not followed"
-SYMLINK_BROKEN = "broken symlink (its target does not exist): not followed"
-NOT_REGULAR = "not a regular file: not read"
-
-
 @dataclass
 class InputFile:
     uri: str
@@ -88,64 +74,32 @@ class InputFile:
     skip_reason: str | None = None
 
 
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+def _listing_base(fs: fsspec.AbstractFileSystem, root: str) -> tuple[str, bool]:
+    """The folder the listing's keys are relative to, and whether ``root`` names a single file."""
+    single = os.path.isfile(root) if isinstance(fs, LocalFileSystem) else fs.isfile(root)
+    return (posixpath.dirname(root) if single else root.rstrip("/")), single
 
 
-def _walk_local(root: str):
-    """Files under a local folder as ``(path, skip_reason)``, streamed (``os.scandir``: no stat call per
-    regular file), without following symlinked folders (so link loops cannot happen).
-
-    A symlinked file is followed only when its real path lies inside the root's real path; otherwise it
-    is listed with a ``skip_reason`` and never opened. Hidden folders are not descended into.
-    """
-    real_root = os.path.realpath(root)
-    stack = [root]
-    while stack:
-        try:
-            entries = list(os.scandir(stack.pop()))
-        except OSError:  # removed or unreadable while listing
-            continue
-        for entry in entries:
-            try:
-                if entry.is_dir():  # follows a link to tell; a linked folder is never descended
-                    if not entry.is_symlink() and not entry.name.startswith("."):
-                        stack.append(entry.path)
-                    continue
-                if entry.is_symlink():
-                    target = os.path.realpath(entry.path)
-                    if not os.path.exists(target):
-                        yield entry.path, SYMLINK_BROKEN
-                    elif not _inside(target, real_root):
-                        yield entry.path, SYMLINK_OUTSIDE
-                    else:
-                        yield entry.path, None if os.path.isfile(target) else NOT_REGULAR
-                elif entry.is_file(follow_symlinks=False):
-                    yield entry.path, None
-                else:  # FIFO, socket, device: reading could block or never end
-                    yield entry.path, NOT_REGULAR
-            except FileNotFoundError:  # removed while listing
-                continue
-            except OSError:  # a link loop (ELOOP), a target we may not stat (EACCES): listed, never read
-                try:
-                    if entry.is_symlink():
-                        yield entry.path, SYMLINK_BROKEN
-                except OSError:
-                    continue
+def input_storage(input_uri: str) -> Storage:
+    """The storage that the input listing's URIs lie under: the input folder or prefix, or the folder of the
+    single file the user named (which is read even through a link: they named it)."""
+    fs, root = filesystem(input_uri)
+    base, single = _listing_base(fs, root)
+    return Storage(_unstrip(fs, base), follow_links_out=single)
 
 
-def list_paths(uri: str) -> list[str]:
-    """Paths (as the filesystem spells them) of every file under the folder or prefix ``uri``: one
-    listing, names only (local: ``os.scandir``; object stores: ``find``, paged by the store)."""
-    fs, root = filesystem(uri)
-    root = root.rstrip("/")
-    if not fs.exists(root):
-        return []
-    if isinstance(fs, LocalFileSystem):
-        return [path for path, _ in _walk_local(root)]
-    paths = fs.find(root)
-    fs.invalidate_cache()
-    return paths
+def listed_storage(uri: str, rel_path: str) -> Storage | None:
+    """The storage of the listing ``uri`` came from: ``uri`` less its relative path (text, nothing parsed);
+    None when ``uri`` does not end with it."""
+    tail = "/" + rel_path
+    return Storage(uri[:-len(tail)]) if rel_path and uri.endswith(tail) and len(uri) > len(tail) else None
+
+
+def _storage_of(uri: str, storage: Storage | None) -> tuple[Storage, str]:
+    """The storage ``uri`` lies under (the job's prefix when given, else the object's own folder) and its key."""
+    if storage is not None:
+        return storage, storage.key_of(uri)
+    return Storage.around(uri)
 
 
 def list_inputs(input_uri: str, extensions: list[str], exclude_uri: str | None = None) -> list[InputFile]:
@@ -177,19 +131,15 @@ def list_inputs_table(input_uri: str, extensions: list[str], exclude_uri: str | 
         if type(efs) is type(fs):
             exclude = epath.rstrip("/") + "/"
     local = isinstance(fs, LocalFileSystem)
-    if local and os.path.isfile(root):  # the file the user named (through a link or not): read it
-        base = posixpath.dirname(root)
+    base, single = _listing_base(fs, root)
+    if single:  # the file the user named (through a link or not): read it
         found = [(root, None)]
     elif local:
-        base = root.rstrip("/")
-        found = _walk_local(root)
-    elif fs.isfile(root):
-        base = posixpath.dirname(root)
-        found = [(root, None)]
+        found = walk_local(root)
     else:
-        base = root.rstrip("/")
         found = ((path, None) for path in fs.find(root))  # names only
         fs.invalidate_cache()  # s3fs/gcsfs keep every listed object's info dict otherwise
+    keys = Storage(_unstrip(fs, base))
     uris, rels, skips = [], [], []
     for path, skip in found:
         if exclude and (path + "/").startswith(exclude):
@@ -201,6 +151,11 @@ def list_inputs_table(input_uri: str, extensions: list[str], exclude_uri: str | 
             continue
         if posixpath.splitext(rel)[1].lower() not in extensions:
             continue
+        if skip is None and not local:  # a key the store's client would read as syntax: listed, never read
+            try:
+                keys.check(path[len(base) + 1:], literal=True)
+            except InputError as exc:
+                skip = str(exc)
         uris.append(_unstrip(fs, path))
         rels.append(rel)
         skips.append(skip)
@@ -209,18 +164,11 @@ def list_inputs_table(input_uri: str, extensions: list[str], exclude_uri: str | 
     return table.sort_by("rel_path")
 
 
-def read_bytes(uri: str, max_bytes: int) -> bytes:
-    fs, path = filesystem(uri)
-    size = fs.size(path)
-    if size is not None and size > max_bytes:
-        raise InputError(f"file too large: {size} bytes > input.max_bytes={max_bytes}")
-    with fs.open(path, "rb") as f:
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise InputError(f"file too large: > input.max_bytes={max_bytes}")
-    if not data:
-        raise InputError("empty file (0 bytes)")
-    return data
+def read_bytes(uri: str, max_bytes: int, storage: Storage | None = None) -> bytes:
+    """The bytes at ``uri`` (``InputError`` above ``max_bytes`` or when empty). ``storage``: the prefix ``uri``
+    lies under (the job's input); without it, the object's own folder (``Storage.around``)."""
+    store, key = _storage_of(uri, storage)
+    return store.read(key, max_bytes)
 
 
 @dataclass
@@ -283,6 +231,23 @@ def _sniff_format(data: bytes) -> str | None:
     return None
 
 
+def _one_picture(im: Image.Image, notes: list[str]) -> None:
+    """Refuse an image of several frames (TIFF pages, WebP or PNG animation frames): decoding frame 0 alone
+    would drop the other frames' faces from the export while calling the image done. An MPO (phone cameras'
+    JPEG) is one picture: its further frames are the camera's previews, stereo or depth views of the same
+    scene; the primary picture is anonymized and written alone, and the manifest says so."""
+    frames = int(getattr(im, "n_frames", 1) or 1)
+    if frames <= 1:
+        return
+    if im.format == "MPO":
+        notes.append(f"MPO: the primary picture is anonymized and written; its {frames - 1} further frame(s) "
+                     "(the camera's previews, stereo or depth views of the same scene) are not written")
+        return
+    raise InputError(f"multi-frame {im.format} ({frames} frames): only single-frame images are anonymized "
+                     "(writing the first frame alone would drop the faces of the others); split it into one "
+                     "file per frame")
+
+
 def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
     """Decode image bytes to RGB uint8 with EXIF orientation applied; refuse decompression bombs and
     formats other than ``ACCEPTED_FORMATS``.
@@ -317,6 +282,7 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
     fmt = im.format or "PNG"
     notes: list[str] = []
     try:
+        _one_picture(im, notes)
         im.load()
         orientation = im.getexif().get(0x0112, 1)
         if orientation in (2, 3, 4, 5, 6, 7, 8):
@@ -361,36 +327,15 @@ def encode_image(rgb: np.ndarray, alpha: np.ndarray | None, rel_path: str, jpeg_
     return buf.getvalue()
 
 
-PARTIAL_WRITE_SUFFIX = ".tmp-"  # + 32 hex digits: a local write in progress (or cut short by a killed worker)
-PARTIAL_WRITE = re.compile(re.escape(PARTIAL_WRITE_SUFFIX) + r"[0-9a-f]{32}$")
+def write_atomic(uri: str, data: bytes, storage: Storage | None = None) -> None:
+    """Write ``data`` at ``uri`` so readers see the old object or the whole new one, never a part
+    (``Storage.write``). ``storage``: the prefix ``uri`` lies under (the job's output prefix: no folder below
+    it is followed through a symlink); without it, the object's own folder."""
+    store, key = _storage_of(uri, storage)
+    store.write(key, data)
 
 
-def write_atomic(uri: str, data: bytes) -> None:
-    """Write ``data`` at ``uri`` so readers see the old object or the whole new one, never a part.
-
-    Local files go through a temporary name and ``os.replace``; object stores' single PUT is atomic.
-    """
-    fs, path = filesystem(uri)
-    if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}{PARTIAL_WRITE_SUFFIX}{uuid.uuid4().hex}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    else:
-        fs.pipe_file(path, data)
-
-
-def remove(uri: str) -> None:
+def remove(uri: str, storage: Storage | None = None) -> None:
     """Delete the object at ``uri`` if there is one (a missing one is fine). Other errors propagate."""
-    fs, path = filesystem(uri)
-    try:
-        fs.rm_file(path)
-    except FileNotFoundError:
-        pass
+    store, key = _storage_of(uri, storage)
+    store.remove(key)

@@ -83,6 +83,11 @@ def manifest_uri(output_uri: str, manifest_dir: str) -> str:
     return io.join_uri(output_uri, manifest_dir)
 
 
+def _folder(output_uri: str, manifest_dir: str) -> tuple[io.Storage, str]:
+    """The output prefix's storage and the manifest folder's key in it."""
+    return io.Storage(output_uri), posixpath.normpath(manifest_dir)
+
+
 def normalize_row(row: dict) -> dict:
     """A row with exactly the schema's columns (missing ones null)."""
     unknown = set(row) - set(SCHEMA.names)
@@ -129,9 +134,10 @@ def write_part(output_uri: str, manifest_dir: str, run_id: str, part: int, rows:
     table = pa.Table.from_pylist([normalize_row(r) for r in rows], schema=SCHEMA)
     buf = _io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    uri = io.join_uri(manifest_uri(output_uri, manifest_dir), f"part-{run_id}-{part:05d}.parquet")
-    io.write_atomic(uri, buf.getvalue())
-    return uri
+    storage, folder = _folder(output_uri, manifest_dir)
+    key = f"{folder}/part-{run_id}-{part:05d}.parquet"
+    storage.write(key, buf.getvalue())
+    return storage.uri_of(key)
 
 
 def _row_bytes(row: dict) -> int:
@@ -221,21 +227,22 @@ class PartWriter:
                         self._error = exc
 
 
+def _part_keys(storage: io.Storage, folder: str) -> list[str]:
+    return sorted(k for k in storage.list(folder)
+                  if posixpath.basename(k).startswith("part-") and k.endswith(".parquet"))
+
+
 def part_uris(output_uri: str, manifest_dir: str) -> list[str]:
-    fs, path = io.filesystem(manifest_uri(output_uri, manifest_dir))
-    if not fs.exists(path):
-        return []
-    names = fs.find(path)
-    files = sorted(p for p in names if posixpath.basename(p).startswith("part-") and p.endswith(".parquet"))
-    return [fs.unstrip_protocol(p) for p in files]
+    storage, folder = _folder(output_uri, manifest_dir)
+    return [storage.uri_of(k) for k in _part_keys(storage, folder)]
 
 
 def read_manifest(output_uri: str, manifest_dir: str) -> pa.Table:
     """All manifest parts under the output prefix as one table (empty with SCHEMA if none)."""
+    storage, folder = _folder(output_uri, manifest_dir)
     tables = []
-    for uri in part_uris(output_uri, manifest_dir):
-        fs, path = io.filesystem(uri)
-        with fs.open(path, "rb") as f:
+    for key in _part_keys(storage, folder):
+        with storage.open(key) as f:
             tables.append(pq.read_table(f, schema=SCHEMA))
     if not tables:
         return SCHEMA.empty_table()
@@ -263,24 +270,32 @@ def latest_outcomes(output_uri: str, manifest_dir: str, columns: list[str] = RES
     a few parts and the result, not the whole manifest."""
     from concurrent.futures import ThreadPoolExecutor
 
-    uris = part_uris(output_uri, manifest_dir)
-    if not uris:
+    storage, folder = _folder(output_uri, manifest_dir)
+    keys = _part_keys(storage, folder)
+    if not keys:
         return pa.schema([SCHEMA.field(c) for c in columns]).empty_table()
 
-    def read(uri: str) -> pa.Table:
-        fs, path = io.filesystem(uri)
-        with fs.open(path, "rb") as f:
+    def read(key: str) -> pa.Table:
+        with storage.open(key) as f:
             return _last_per_input(pq.read_table(f, columns=columns, schema=SCHEMA, use_threads=False))
 
     with ThreadPoolExecutor(max_workers=8) as pool:  # map keeps the parts' order
-        reduced = pa.concat_tables(pool.map(read, uris))
+        reduced = pa.concat_tables(pool.map(read, keys))
     return _last_per_input(reduced)
 
 
-def remove_manifest(output_uri: str, manifest_dir: str) -> None:
-    fs, path = io.filesystem(manifest_uri(output_uri, manifest_dir))
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+def earlier_records(output_uri: str, manifest_dir: str) -> list[str]:
+    """Keys of what the manifest folder holds now (parts, run records, the report), leases aside: what an
+    ``--overwrite`` run retires once it completes (``retire``)."""
+    storage, folder = _folder(output_uri, manifest_dir)
+    return sorted(k for k in storage.list(folder) if not posixpath.basename(k).startswith("lease-"))
+
+
+def retire(output_uri: str, keys: list[str]) -> None:
+    """Delete ``keys`` (``earlier_records`` of this run's plan: nothing this run wrote)."""
+    storage = io.Storage(output_uri)
+    for key in keys:
+        storage.remove(key)
 
 
 class _Histogram:

@@ -88,13 +88,15 @@ class _Found:
 class DetectFaces:
     """Read, decode, find the faces (``input.mode``: detect, annotations, aligned), align them, choose each
     face's prompt (``prompts.table``) and, for reverse personalization, make its ArcFace identity embedding
-    here on the CPU, so the GPU actor does not wait for it."""
+    here on the CPU, so the GPU actor does not wait for it. ``inputs``: the storage the plan's input URIs lie
+    under (``io.input_storage``); without it, the prefix a row's URI and relative path spell."""
 
-    def __init__(self, cfg: JobConfig, identities: bool = True):  # identities: False in estimate (no ArcFace)
+    def __init__(self, cfg: JobConfig, inputs: io.Storage | None = None, identities: bool = True):
+        # identities: False in estimate (counts faces, loads no ArcFace)
         from .faces import build_detector
         from .faces.align import align
 
-        self.cfg = cfg
+        self.cfg, self.inputs = cfg, inputs
         mode = cfg.input.mode
         needs_detector = (mode == "detect" or (mode == "annotations" and cfg.input.annotations_missing == "detect")
                           or (mode == "aligned" and cfg.input.aligned_keypoints == "detector"))
@@ -131,7 +133,8 @@ class DetectFaces:
             return row
         t0 = time.perf_counter()
         try:
-            data = io.read_bytes(row["input_uri"], cfg.input.max_bytes)
+            inputs = self.inputs or io.listed_storage(row["input_uri"], row["rel_path"])
+            data = io.read_bytes(row["input_uri"], cfg.input.max_bytes, inputs)
             decoded = io.decode_image(data, cfg.input.max_pixels)
         except io.InputError as exc:
             row.update(status="error", error=str(exc), t_read_s=time.perf_counter() - t0)
@@ -344,12 +347,15 @@ def end_worker(exc: BaseException) -> None:
 class MergeAndWrite:
     """Paste the anonymized faces back (``compose.apply_faces``; an aligned input is replaced whole,
     ``compose.replace_whole``), check every written face
-    (``scoring.FaceChecks``), write the image, and return its manifest rows (``manifest.face_row``)."""
+    (``scoring.FaceChecks``), write the image, and return its manifest rows (``manifest.face_row``).
+    ``outputs``: the output prefix's storage, through which every write and delete goes (nothing through a
+    symlinked folder below it); without it, each output's own folder."""
 
-    def __init__(self, cfg: JobConfig, run_id: str, detector_name: str, fingerprint: str | None = None):
+    def __init__(self, cfg: JobConfig, run_id: str, detector_name: str, fingerprint: str | None = None,
+                 outputs: io.Storage | None = None):
         from .scoring import FaceChecks
 
-        self.cfg = cfg
+        self.cfg, self.outputs = cfg, outputs
         self.run_id = run_id
         self.detector_name = detector_name
         self.fingerprint = fingerprint
@@ -364,7 +370,7 @@ class MergeAndWrite:
             except Exception as exc:  # noqa: BLE001 - a bug must not drop the row, nor leave an output behind
                 base = self._base(row)
                 base.update(status="error", error=_join(f"merge stage failed: {type(exc).__name__}: {exc}"[:500],
-                                                        remove_stale_outputs(row, failed=True)))
+                                                        remove_stale_outputs(row, True, self.outputs)))
                 out.append(base)
         return _columns(out, manifest.SCHEMA.names)
 
@@ -379,7 +385,7 @@ class MergeAndWrite:
     def process(self, row: dict) -> list[dict]:
         if row["status"] is not None:  # error or withheld upstream: one image-level row, no output
             base = self._base(row)
-            base["error"] = _join(base["error"], remove_stale_outputs(row, failed=True))
+            base["error"] = _join(base["error"], remove_stale_outputs(row, True, self.outputs))
             return [base]
         t0 = time.perf_counter()
         cfg = self.cfg
@@ -410,11 +416,11 @@ class MergeAndWrite:
         if not withheld:
             try:
                 data = io.encode_image(image, alpha, row["output_uri"], cfg.output.jpeg_quality)
-                io.write_atomic(row["output_uri"], data)
+                io.write_atomic(row["output_uri"], data, self.outputs)
                 output_uri = row["output_uri"]
             except Exception as exc:  # noqa: BLE001
                 status, withheld = "error", f"write failed: {type(exc).__name__}: {exc}"[:500]
-        withheld = _join(withheld, remove_stale_outputs(row, failed=output_uri is None))
+        withheld = _join(withheld, remove_stale_outputs(row, output_uri is None, self.outputs))
         base = self._base(row)
         base.update(status=status, error=withheld, output_uri=output_uri, t_merge_s=time.perf_counter() - t0)
         if audit is not None:
@@ -425,18 +431,20 @@ class MergeAndWrite:
         return [manifest.face_row(base, f, cfg.privacy.reid_threshold) for f in faces]
 
 
-def remove_stale_outputs(row: dict, failed: bool) -> str | None:
+def remove_stale_outputs(row: dict, failed: bool, outputs: io.Storage | None = None) -> str | None:
     """Delete what an earlier run wrote for this input and this run does not replace.
 
-    ``stale_output_uri``: an earlier output at another key (the plan sets it when the key changed). When
-    this run writes nothing (``failed``), the earlier output at this input's own key goes too: a rerun
-    whose outcome is withheld or error leaves no stale file behind. Returns a reason when a delete failed.
+    ``stale_output_uri``: an earlier output at another key (the plan sets it from the manifest when the key
+    changed). When this run writes nothing (``failed``), the earlier output at this input's own key (the plan
+    gave it to this input alone) goes too: a rerun whose outcome is withheld or error leaves no stale file
+    behind. Each is deleted through ``outputs`` (a key outside the prefix, holding store syntax or reached
+    through a symlinked folder is refused). Returns a reason when a delete failed or was refused.
     """
     stale = [row.get("stale_output_uri")] + ([row.get("output_uri")] if failed else [])
     problems = []
     for uri in filter(None, stale):
         try:
-            io.remove(uri)
+            io.remove(uri, outputs)
         except Exception as exc:  # noqa: BLE001
             problems.append(f"stale output {uri} could not be deleted: {type(exc).__name__}: {exc}"[:300])
     return _join(*problems)
@@ -478,8 +486,10 @@ def put_blocks(todo: pa.Table, rows_per_block: int = INPUT_ROWS_PER_BLOCK) -> li
             for i in range(0, todo.num_rows, rows_per_block)]
 
 
-def build_dataset(cfg: JobConfig, blocks: list, run_id: str, fingerprint: str | None = None, isolate: bool = False):
-    """The three stages over the plan's ``blocks`` (``put_blocks``); ``isolate``: one input per batch."""
+def build_dataset(cfg: JobConfig, blocks: list, run_id: str, fingerprint: str | None = None, isolate: bool = False,
+                  inputs: io.Storage | None = None, outputs: io.Storage | None = None):
+    """The three stages over the plan's ``blocks`` (``put_blocks``); ``isolate``: one input per batch;
+    ``inputs``/``outputs``: the storages every read, write and delete goes through."""
     import ray
 
     ds = ray.data.from_arrow_refs(blocks)
@@ -487,11 +497,12 @@ def build_dataset(cfg: JobConfig, blocks: list, run_id: str, fingerprint: str | 
         # max_restarts / max_task_retries have no named parameter in Ray 2.60; they still go through
         # ray_remote_args, which warns that the catch-all is deprecated.
         warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
-        ds = ds.map_batches(DetectFaces, fn_constructor_args=(cfg,),
+        ds = ds.map_batches(DetectFaces, fn_constructor_args=(cfg, inputs),
                             **_stage_kwargs(cfg, cfg.detection.resources, isolate))
         ds = ds.map_batches(AnonymizeFaces, fn_constructor_args=(cfg,),
                             **_stage_kwargs(cfg, cfg.anonymizer.resources, isolate))
-        ds = ds.map_batches(MergeAndWrite, fn_constructor_args=(cfg, run_id, cfg.detection.backend, fingerprint),
+        ds = ds.map_batches(MergeAndWrite,
+                            fn_constructor_args=(cfg, run_id, cfg.detection.backend, fingerprint, outputs),
                             **_stage_kwargs(cfg, cfg.merge.resources, isolate))
     return ds
 
@@ -576,13 +587,13 @@ class JobResult:
     report_error: str | None = None
 
 
-def lost_input_row(row: dict, run_id: str, fingerprint: str, retries: int) -> dict:
+def lost_input_row(row: dict, run_id: str, fingerprint: str, retries: int, outputs: io.Storage | None = None) -> dict:
     """The manifest row of an input whose batch failed every time, also alone (a poison input)."""
     reason = (f"its worker died {2 * (retries + 1)} times, with its block and alone (a native crash, an "
               f"out-of-memory kill or a device fault; see the Ray worker logs); retries are bounded by "
               f"ray.max_task_retries={retries}")
     return {"run_id": run_id, "input_uri": row["input_uri"], "rel_path": row["rel_path"], "output_uri": None,
-            "status": "error", "error": _join(reason, remove_stale_outputs(row, failed=True)),
+            "status": "error", "error": _join(reason, remove_stale_outputs(row, True, outputs)),
             "notes": row.get("notes"), "settings_fingerprint": fingerprint}
 
 
@@ -637,32 +648,50 @@ def _end_of_run(result: JobResult, cfg: JobConfig, output_uri: str, info: dict |
 def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = True, verbose: bool = False,
             report: bool = True) -> JobResult:
     """Run the whole job; returns the summary. Manifest parts are written as rows stream in, and at the end
-    ``report.html`` beside them (``report``). ``verbose``: Ray's own logging as Ray has it."""
-    import ray
+    ``report.html`` beside them (``report``). ``verbose``: Ray's own logging as Ray has it.
 
-    from . import progress as progress_mod
-
+    The run holds the output prefix's lease (``lease.py``) from before its plan to its end: a second run into
+    the same prefix is refused (``lease.LeaseHeld``). With ``--overwrite`` the earlier manifest is retired only
+    once this run completed: a failed overwrite leaves it whole beside the new run's parts."""
     from .config import anonymization_fingerprint
+    from .lease import Lease
     from .plan import make_plan
 
     t0 = time.perf_counter()
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     output_uri = io.normalize_prefix(output_uri)
+    outputs = io.Storage(output_uri)
     fingerprint = anonymization_fingerprint(cfg)
-    plan = make_plan(cfg, input_uri, output_uri, fingerprint)
-    result = JobResult(run_id=run_id, summary=manifest.summarize([]), skipped=plan.skipped,
-                       redone_changed=plan.redone_changed, unrecorded=plan.unrecorded, renamed=plan.renamed,
-                       settings_fingerprint=fingerprint)
-    if not plan.num_todo:
-        result.wall_s = time.perf_counter() - t0
-        if report and manifest.part_uris(output_uri, cfg.output.manifest_dir):
-            _end_of_run(result, cfg, output_uri, None, report)
-        return result
-    from .report import write_run_info
+    with Lease(outputs, cfg.output.manifest_dir, run_id) as lease:
+        plan = make_plan(cfg, input_uri, output_uri, fingerprint)
+        result = JobResult(run_id=run_id, summary=manifest.summarize([]), skipped=plan.skipped,
+                           redone_changed=plan.redone_changed, unrecorded=plan.unrecorded, renamed=plan.renamed,
+                           settings_fingerprint=fingerprint)
+        info = None
+        if plan.num_todo or plan.orphans:
+            from .report import write_run_info
 
-    info = _run_info(cfg, run_id, input_uri, output_uri, fingerprint, plan)
-    write_run_info(output_uri, cfg.output.manifest_dir, run_id, info)  # the report shows the run's config
-    ensure_ray(cfg, verbose)
+            info = _run_info(cfg, run_id, input_uri, output_uri, fingerprint, plan)
+            write_run_info(output_uri, cfg.output.manifest_dir, run_id, info)  # the report shows the run's config
+            if plan.num_todo:
+                ensure_ray(cfg, verbose)
+            _execute(cfg, plan, result, io.input_storage(input_uri), outputs, input_uri, lease, progress)
+        lease.check()
+        manifest.retire(output_uri, plan.retire)  # --overwrite: the earlier manifest, now that this run completed
+        result.wall_s = time.perf_counter() - t0
+        if info is not None or (report and manifest.part_uris(output_uri, cfg.output.manifest_dir)):
+            _end_of_run(result, cfg, output_uri, info, report)
+    return result
+
+
+def _execute(cfg: JobConfig, plan, result: JobResult, inputs: io.Storage, outputs: io.Storage, input_uri: str,
+             lease, progress: bool) -> None:
+    """Stream the plan through the stages into the manifest; fills ``result``'s summary, parts and counts."""
+    import ray
+
+    from . import progress as progress_mod
+
+    run_id, fingerprint = result.run_id, result.settings_fingerprint
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our bar (Progress) shows each stage's state
     progress_mod.register(ctx)
@@ -675,12 +704,13 @@ def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = Tr
     blocks = put_blocks(plan.table)  # the plan's rows now live in the object store, not on the driver
     del plan
     bar = progress_mod.ACTIVE = progress_mod.Progress(total, enabled=progress)
-
     out_cfg = cfg.output
-    writer = manifest.PartWriter(output_uri, out_cfg.manifest_dir, run_id, out_cfg.manifest_rows_per_file,
-                                 out_cfg.manifest_bytes_per_file, out_cfg.manifest_flush_s)
+    writer = manifest.PartWriter(output_uri=outputs.uri, manifest_dir=out_cfg.manifest_dir, run_id=run_id,
+                                 rows_per_file=out_cfg.manifest_rows_per_file,
+                                 bytes_per_file=out_cfg.manifest_bytes_per_file, flush_s=out_cfg.manifest_flush_s)
 
     def take(row: dict) -> None:
+        lease.check()  # another run took the prefix over: stop here
         summary.add(row)
         writer.add(row)
         first = row.get("face_index") in (None, 0)  # an input's first row
@@ -697,7 +727,8 @@ def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = Tr
             row = annotations.orphan_row(orphan, input_uri, run_id, fingerprint)
             summary.add(row)
             writer.add(row)
-        stream(build_dataset(cfg, blocks, run_id, fingerprint))
+        if blocks:
+            stream(build_dataset(cfg, blocks, run_id, fingerprint, inputs=inputs, outputs=outputs))
         lost = _unfinished(blocks, seen, total)
         del blocks
         if lost.num_rows > cfg.ray.max_isolated_inputs:
@@ -708,15 +739,12 @@ def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = Tr
             result.isolated = lost.num_rows
             alone = put_blocks(lost, rows_per_block=1)
             finished_before = len(_finished(seen))
-            stream(build_dataset(cfg, alone, run_id, fingerprint, isolate=True))
+            stream(build_dataset(cfg, alone, run_id, fingerprint, isolate=True, inputs=inputs, outputs=outputs))
             for r in _unfinished(alone, seen, finished_before + lost.num_rows).to_pylist():
-                take(lost_input_row(r, run_id, fingerprint, cfg.ray.max_task_retries))
+                take(lost_input_row(r, run_id, fingerprint, cfg.ray.max_task_retries, outputs))
     finally:
         bar.close()
         progress_mod.ACTIVE = None
         writer.close()
         result.manifest_parts = writer.parts
     result.summary = summary.result()
-    result.wall_s = time.perf_counter() - t0
-    _end_of_run(result, cfg, output_uri, info, report)
-    return result

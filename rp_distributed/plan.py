@@ -6,13 +6,16 @@ Fail-closed rules that live here:
 - every input gets its own output key. Keys that would collide (a forced format turning ``a.png`` and
   ``a.jpg`` into ``a.jpg``; ``a//b.jpg`` and ``a/b.jpg``; ``a\\b.jpg``) are renamed ``stem~<hash>.ext``,
   where the hash is of the input's own relative path, and the manifest notes it; a key that would leave
-  the output prefix or land in the manifest folder becomes that input's error row, never a job abort;
+  the output prefix or land in the manifest folder, or that holds what the output store's client reads as
+  syntax (S3: ``?versionId=``), becomes that input's error row, never a job abort;
 - resume skips an input only when its latest manifest row wrote this same key under the same
   anonymization settings (``config.anonymization_fingerprint``) and the output exists; otherwise it is
   redone, and an earlier output at another key is deleted (``stale_output_uri``). Resume reads only
   four manifest columns, decides in Arrow, and learns which outputs exist from one listing of the
   output prefix, not one request per key. An output with no manifest row (its driver was killed between
-  the write and the manifest flush) is redone, and counted (``unrecorded``).
+  the write and the manifest flush) is redone, and counted (``unrecorded``);
+- ``--overwrite`` deletes nothing here: the plan records the manifest folder's keys (``Plan.retire``) and the
+  job deletes those once its own run completed.
 """
 
 from __future__ import annotations
@@ -48,8 +51,12 @@ class Plan:
     unrecorded: int = 0  # an output exists but no manifest row says how it was made (driver killed): redone
     refused: int = 0  # error rows made here (unsafe key, symlink out of the root, collision)
     # Paths the side tables (input.annotations, prompts.table) name that are not in the input listing:
-    # {path, table, rows}; the job records one manifest error row for each (annotations.orphan_row).
+    # {path, table, rows}; the job records one manifest error row for each (annotations.orphan_row), unless
+    # the manifest's latest row for that path already says the same.
     orphans: list[dict] = field(default_factory=list)
+    # --overwrite: the manifest folder's keys before this run (manifest.earlier_records); the job deletes
+    # them once its own run completes, so a failed overwrite leaves the earlier manifest whole.
+    retire: list[str] = field(default_factory=list)
 
     @property
     def num_todo(self) -> int:
@@ -93,6 +100,21 @@ def distinct_key(target: str, rel_path: str) -> str:
     return f"{stem}~{hashlib.sha256(rel_path.encode()).hexdigest()[:8]}{ext}"
 
 
+def _refuse_store_syntax(keys: list[str | None], errors: list[str | None], output_uri: str) -> None:
+    """An output key holding what the output store's client reads as syntax (S3: ``?versionId=``) becomes
+    that input's error: found in Arrow (join_uri already made every key a plain path under the prefix)."""
+    outputs = io.Storage(output_uri)
+    if not outputs.syntax:
+        return
+    column = pa.array(keys, pa.string())
+    for mark in outputs.syntax:
+        for i in pc.indices_nonzero(pc.fill_null(pc.match_substring(column, mark), False)).to_pylist():
+            try:
+                outputs.check(outputs.key_of(keys[i]))
+            except io.InputError as exc:
+                keys[i], errors[i] = None, str(exc)
+
+
 def output_key_columns(rel_paths: list[str], output_uri: str, out_format: str, manifest_dir: str
                        ) -> tuple[list[str | None], list[str | None], list[str | None]]:
     """Per input (aligned with ``rel_paths``): output key, error, note. Exactly one of key and error is set."""
@@ -111,6 +133,7 @@ def output_key_columns(rel_paths: list[str], output_uri: str, out_format: str, m
             errors[i] = f"output key {key} would lie inside the manifest folder {manifest_dir}/"
             continue
         keys[i] = key
+    _refuse_store_syntax(keys, errors, output_uri)
     # Collisions are rare: find them in Arrow, then rename only their members.
     counts = pa.table({"k": pa.array(keys, pa.string())}).group_by("k").aggregate([("k", "count")])
     shared = counts.filter(pc.and_(pc.is_valid(counts["k"]), pc.greater(counts["k_count"], 1)))
@@ -138,18 +161,25 @@ def output_keys(rel_paths: list[str], output_uri: str, out_format: str, manifest
 
 
 def _existing_outputs(output_uri: str) -> pa.Array:
-    """Relative paths of every object under the output prefix: one listing (paged by the store), not one
-    request per key. Temporary files of local writes cut short (a merge worker killed mid-write) are
-    deleted on the way."""
-    fs, root = io.filesystem(output_uri)
-    cut = len(root.rstrip("/")) + 1
-    rels = []
-    for path in io.list_paths(output_uri):
-        if io.PARTIAL_WRITE.search(path):  # a write its worker never finished (killed): not an output
-            fs.rm_file(path)
+    """Keys of every object under the output prefix: one listing (paged by the store), not one request per
+    key. Temporary files of local writes cut short (a merge worker killed mid-write) are deleted on the way
+    (no other run writes this prefix now: the job holds its lease, ``lease.py``)."""
+    outputs = io.Storage(output_uri)
+    keys = []
+    for key in outputs.list():
+        if io.PARTIAL_WRITE.search(key):  # a write its worker never finished (killed): not an output
+            outputs.remove(key)
             continue
-        rels.append(path[cut:])
-    return pa.array(rels, pa.string())
+        keys.append(key)
+    return pa.array(keys, pa.string())
+
+
+def _unsaid(orphans: list[dict], said: pa.Table, input_uri: str, fingerprint: str) -> list[dict]:
+    """The ``orphans`` whose row (``annotations.orphan_row``) is not already the latest error row of its path."""
+    rows = [annotations.orphan_row(o, input_uri, "", fingerprint) for o in orphans]
+    known = {(u, e) for u, e in zip(*(said.filter(pc.is_in(said["input_uri"], value_set=pa.array(
+        [r["input_uri"] for r in rows], pa.string())))[c].to_pylist() for c in ("input_uri", "error")))}
+    return [o for o, r in zip(orphans, rows) if (r["input_uri"], r["error"]) not in known]
 
 
 def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str) -> Plan:
@@ -157,9 +187,10 @@ def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str)
     exclude = output_exclusion(input_uri, output_uri)
     # The earlier outcomes are read even with --overwrite: an output at a key this run no longer writes
     # is deleted either way. Only the resume columns are read, and the decisions are made in Arrow.
-    latest = manifest.latest_outcomes(output_uri, out_cfg.manifest_dir)
-    if out_cfg.overwrite:
-        manifest.remove_manifest(output_uri, out_cfg.manifest_dir)
+    sides = cfg.input.mode == "annotations" or bool(cfg.prompts.table)
+    latest = manifest.latest_outcomes(output_uri, out_cfg.manifest_dir,
+                                      manifest.RESUME_COLUMNS + (["error"] if sides else []))
+    retire = manifest.earlier_records(output_uri, out_cfg.manifest_dir) if out_cfg.overwrite else []
     files = io.list_inputs_table(input_uri, cfg.input.extensions, exclude_uri=exclude or output_uri)
     if exclude is not None:
         inside = pc.starts_with(pc.binary_join_element_wise(files["uri"], "/", ""), exclude.rstrip("/") + "/")
@@ -175,6 +206,7 @@ def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str)
     del keys, key_errors
     listed = pa.table({"_i": pa.array(range(files.num_rows), pa.int64()), "input_uri": files["uri"], "key": writes})
     recorded = pc.is_in(files["uri"], value_set=latest["input_uri"])  # any manifest row at all
+    said = latest.filter(pc.equal(latest["status"], "error")).select(["input_uri", "error"]) if sides else None
     done = latest.filter(pc.and_(pc.is_in(latest["status"], pa.array(manifest.DONE_STATUSES)),
                                  pc.is_valid(latest["output_uri"])))
     done = done.select(["input_uri", "output_uri", "settings_fingerprint"]).rename_columns(
@@ -213,7 +245,9 @@ def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str)
     except annotations.TableError as exc:
         raise PlanError(str(exc)) from None
     table = table.filter(keep)
-    return Plan(table=table, orphans=orphans, skipped=pc.sum(skip).as_py() or 0,
+    if orphans and not out_cfg.overwrite:  # written once: a resumed run does not repeat (and recount) them
+        orphans = _unsaid(orphans, said, input_uri, fingerprint)
+    return Plan(table=table, orphans=orphans, retire=retire, skipped=pc.sum(skip).as_py() or 0,
                 redone_changed=0 if out_cfg.overwrite else (pc.sum(changed).as_py() or 0),
                 unrecorded=0 if out_cfg.overwrite else (pc.sum(unrecorded).as_py() or 0),
                 renamed=pc.sum(pc.and_(pc.is_valid(table["notes"]), pc.is_null(table["error"]))).as_py() or 0,
