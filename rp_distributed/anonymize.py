@@ -177,6 +177,8 @@ class Anonymizer:
                 if check is not None:
                     try:
                         dist = self.scorer.distance(originals[id(f)].result(), check.result())
+                        if not np.isfinite(dist):  # no descriptor: a check that could not run counts as failed
+                            err = "re-identification check could not run: no face descriptor in the crop"
                     except Exception as exc:  # noqa: BLE001 - a face we could not verify is not kept as it is
                         err = f"re-identification check failed: {_err(exc)}"
                 tries_list = json.loads(f.tries_json) + [{"guidance": g, "reid_distance": _finite(dist)}]

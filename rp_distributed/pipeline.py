@@ -389,17 +389,17 @@ class MergeAndWrite:
             withheld = compose.replace_whole(image, faces, cfg.anonymizer)
         else:
             withheld = compose.apply_faces(image, faces, cfg.merge.feather, cfg.anonymizer)
-        if withheld is None:
-            self.checks(original, image, faces)
-            if whole and any(f.masked for f in faces):  # a re-identified aligned face: the mask covers it all
-                image[...] = np.asarray(cfg.anonymizer.mask_color, np.uint8)
         status = "withheld" if withheld else ("ok" if faces else "no_face")
         output_uri = None
         if not withheld:
-            try:
-                data = io.encode_image(image, alpha, row["output_uri"], cfg.output.jpeg_quality)
-                io.write_atomic(row["output_uri"], data)
-                output_uri = row["output_uri"]
+            try:  # the gate judges the pixels as written; a re-identified aligned face is masked whole
+                data, withheld = self.checks(original, image, faces, lambda im: io.encode_image(
+                    im, alpha, row["output_uri"], cfg.output.jpeg_quality), whole=whole)
+                if withheld:
+                    status = "withheld"
+                else:
+                    io.write_atomic(row["output_uri"], data)
+                    output_uri = row["output_uri"]
             except Exception as exc:  # noqa: BLE001
                 status, withheld = "error", f"write failed: {type(exc).__name__}: {exc}"[:500]
         withheld = _join(withheld, remove_stale_outputs(row, failed=output_uri is None))
