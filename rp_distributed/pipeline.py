@@ -614,8 +614,8 @@ def _end_of_run(result: JobResult, cfg: JobConfig, output_uri: str, info: dict |
             info.update(wall_s=round(result.wall_s, 3), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                         summary=result.summary)
             report_mod.write_run_info(output_uri, cfg.output.manifest_dir, result.run_id, info)
-        if report:
-            result.report_uri = report_mod.write_report(output_uri, cfg.output.manifest_dir)
+        if report:  # this run's report.* settings decide (include_originals, gallery), never an earlier run's
+            result.report_uri = report_mod.write_report(output_uri, cfg.output.manifest_dir, **cfg.report.model_dump())
     except Exception as exc:  # noqa: BLE001
         result.report_error = f"{type(exc).__name__}: {exc}"[:500]
 
