@@ -33,7 +33,9 @@ def test_every_site_is_claimed_by_a_case():
     claimed = {s for c in CASES for s in c.sites} | set(NOT_PER_IMAGE)
     unclaimed = [f"{s.id}  ({s.text})" for s in sites.values() if s.id not in claimed]
     assert not unclaimed, ("fail-closed sites no case reaches: add a Case to tests/fail_closed_cases.py "
-                           "that injects a failure there and checks the written file:\n  " + "\n  ".join(unclaimed))
+                           "that injects a failure there and checks the written file (sites are numbered in "
+                           "source order per function, so a new one shifts the numbers after it: recheck the "
+                           "cases of that function):\n  " + "\n  ".join(unclaimed))
     stale = sorted(claimed - set(sites))
     assert not stale, f"cases claim sites the code no longer has (renumbered? check each case): {stale}"
 
@@ -168,6 +170,8 @@ def test_an_injected_failure_leaves_no_face_in_any_output(case, bench, monkeypat
             rows = None
         else:
             rows = _run(ctx, row)
+    gone = [s for s in case.sites if s not in sites]
+    assert not gone, f"the code no longer has the sites {gone} (test_every_site_is_claimed_by_a_case lists them)"
     missed = [s for s in case.sites if not trace.reached(sites[s])]
     assert not missed, f"the injection did not reach {[(s, sites[s].text) for s in missed]}"
 
