@@ -6,15 +6,17 @@ recognizer built here, independent of the one inside the merge stage."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from rp_distributed import compose, manifest
+from rp_distributed.anonymize import Anonymizer
 from rp_distributed.config import PrivacyConfig, anonymization_fingerprint, load_config
-from rp_distributed.pipeline import MergeAndWrite
+from rp_distributed.pipeline import DetectFaces, MergeAndWrite
 from rp_distributed.scoring import ReidScorer
-from tests.test_fail_closed import run_stages
 
 MAGENTA = "[255,0,255]"  # a mask colour no photo region is close to, so "the mask landed" is unambiguous
 WEAK = ["anonymizer.method=blur", "anonymizer.blur_strength=0.0001", f"anonymizer.mask_color={MAGENTA}"]
@@ -23,6 +25,30 @@ WEAK = ["anonymizer.method=blur", "anonymizer.blur_strength=0.0001", f"anonymize
 @pytest.fixture(scope="module")
 def judge() -> ReidScorer:
     return ReidScorer(PrivacyConfig())
+
+
+@pytest.fixture(scope="module")
+def stages(t1_path):
+    """t1.jpg detected once, and one merge stage (its recognizers load once); each test brings its config."""
+    cfg = load_config(None, WEAK)
+    row = DetectFaces(cfg).process({"input_uri": str(t1_path), "rel_path": "t1.jpg", "output_uri": "x",
+                                    "error": None, "notes": None, "stale_output_uri": None})
+    assert len(row["payload"].faces) == 6
+    return row, _merge(cfg)
+
+
+def run_stages(cfg, stages, out, monkeypatch, merge=None):
+    """The detected t1 through the anonymizer and the merge stage with ``cfg``; returns the manifest rows."""
+    detected, shared = stages
+    merge = merge or shared
+    row = copy.deepcopy(detected) | {"output_uri": str(out)}
+    Anonymizer(cfg)(row["payload"].faces)
+    monkeypatch.setattr(merge, "cfg", cfg)
+    monkeypatch.setattr(merge.checks, "cfg", cfg)
+    rows = merge.process(row)
+    for r in rows:
+        manifest.normalize_row(r)
+    return rows
 
 
 def _box(r) -> tuple[int, int, int, int]:
@@ -40,11 +66,11 @@ def _merge(cfg) -> MergeAndWrite:
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg"])
-def test_the_gate_masks_in_the_written_file(tmp_path, t1_path, t1_rgb, judge, fmt):
+def test_the_gate_masks_in_the_written_file(tmp_path, stages, monkeypatch, t1_rgb, judge, fmt):
     """A 1-pixel blur leaves every face recognizable: each one the gate masks is the mask colour in the file on
     disk (JPEG included), and the written file no longer re-identifies it."""
     out = tmp_path / f"t1.{'jpg' if fmt == 'jpeg' else fmt}"
-    rows = run_stages(load_config(None, [*WEAK, f"output.format={fmt}"]), t1_path, out)
+    rows = run_stages(load_config(None, WEAK), stages, out, monkeypatch)
     written = np.asarray(Image.open(out).convert("RGB"))
     masked = [r for r in rows if r["method_applied"] == "blur+mask"]
     assert len(masked) >= 5, [r["reid_distance"] for r in rows]
@@ -60,7 +86,7 @@ def test_the_gate_masks_in_the_written_file(tmp_path, t1_path, t1_rgb, judge, fm
     assert manifest.summarize(rows)["identity_exported"] == 0
 
 
-def test_identity_exported_is_read_from_the_written_pixels(tmp_path, t1_path, t1_rgb, judge, monkeypatch):
+def test_identity_exported_is_read_from_the_written_pixels(tmp_path, stages, t1_rgb, judge, monkeypatch):
     """A mask that never reaches the output (it lands on a copy): the manifest may not say "not exported" while
     the file holds the recognizable face. Fail closed: such an image is withheld, nothing is written."""
     real = compose.destroy_box
@@ -70,7 +96,7 @@ def test_identity_exported_is_read_from_the_written_pixels(tmp_path, t1_path, t1
 
     monkeypatch.setattr(compose, "destroy_box", lands_on_a_copy)
     out = tmp_path / "t1.png"
-    rows = run_stages(load_config(None, [*WEAK, "output.format=png"]), t1_path, out)
+    rows = run_stages(load_config(None, WEAK), stages, out, monkeypatch)
     if out.exists():  # whatever the file holds, each row's identity_exported is what the file shows
         written = np.asarray(Image.open(out).convert("RGB"))
         for r in rows:
@@ -81,22 +107,21 @@ def test_identity_exported_is_read_from_the_written_pixels(tmp_path, t1_path, t1
     assert "still re-identified in the written image" in rows[0]["error"]
 
 
-def test_identity_exported_counts_what_the_gate_lets_through(tmp_path, t1_path, t1_rgb, judge):
+def test_identity_exported_counts_what_the_gate_lets_through(tmp_path, stages, monkeypatch, t1_rgb, judge):
     """With the gate off the written faces stay recognizable, and identity_exported says so face by face."""
     out = tmp_path / "t1.png"
-    rows = run_stages(load_config(None, [*WEAK, "output.format=png", "privacy.fallback_if_reidentified=false"]),
-                      t1_path, out)
+    rows = run_stages(load_config(None, [*WEAK, "privacy.fallback_if_reidentified=false"]), stages, out, monkeypatch)
     written = np.asarray(Image.open(out).convert("RGB"))
     leaked = [judge.compare(t1_rgb, written, np.array(_box(r), np.float32)).reidentified for r in rows]
     assert sum(leaked) >= 5 and [r["identity_exported"] for r in rows] == leaked
     assert manifest.summarize(rows)["identity_exported"] == sum(leaked)
 
 
-def test_a_check_that_cannot_run_masks_the_face(tmp_path, t1_path, t1_rgb):
+def test_a_check_that_cannot_run_masks_the_face(tmp_path, stages, monkeypatch, t1_rgb):
     """No descriptor for the written face (the recognizer finds nothing to describe): the check did not run, so
     the face is not known to be safe. It is masked, and the manifest says why."""
-    cfg = load_config(None, [*WEAK, "output.format=png"])
-    merge = _merge(cfg)
+    cfg = load_config(None, WEAK)
+    merge = _merge(cfg)  # its own: its recognizer is made blind below
     gate = merge.checks.gate
     describe = type(gate).descriptor
 
@@ -106,7 +131,7 @@ def test_a_check_that_cannot_run_masks_the_face(tmp_path, t1_path, t1_rgb):
 
     gate.descriptor = blind_on_outputs
     out = tmp_path / "t1.png"
-    rows = run_stages(cfg, t1_path, out, merge=merge)
+    rows = run_stages(cfg, stages, out, monkeypatch, merge=merge)
     written = np.asarray(Image.open(out).convert("RGB"))
     assert len(rows) == 6
     for r in rows:
