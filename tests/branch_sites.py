@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +71,8 @@ def all_sites() -> dict[str, Site]:
 
 
 class LineTrace:
-    """Records the lines executed in the stage modules while active (this thread and threads started inside)."""
+    """Records the lines executed in the stage modules while active, in this thread (every site runs on the
+    stage's own thread; the anonymizer's helper threads draw noise and describe faces, and hold none)."""
 
     def __init__(self):
         self.files = {str(PACKAGE / f"{m}.py") for m in MODULES}
@@ -88,12 +88,23 @@ class LineTrace:
 
     def __enter__(self) -> "LineTrace":
         sys.settrace(self._call)
-        threading.settrace(self._call)
         return self
 
     def __exit__(self, *exc) -> None:
         sys.settrace(None)
-        threading.settrace(None)
 
     def reached(self, site: Site) -> bool:
         return (site.file, site.line) in self.lines
+
+
+def untraced(fn):
+    """``fn`` run with tracing off: model code that holds no site (the UNet's thousands of Python calls) would
+    otherwise run many times slower under the tracer."""
+    def call(*args, **kwargs):
+        previous = sys.gettrace()
+        sys.settrace(None)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            sys.settrace(previous)
+    return call

@@ -24,7 +24,7 @@ from rp_distributed import annotations, manifest, pipeline
 from rp_distributed.config import anonymization_fingerprint, load_config
 from rp_distributed.pipeline import AnonymizeFaces, DetectFaces, MergeAndWrite, _columns, _rows
 from tests import branch_sites
-from tests.branch_sites import LineTrace
+from tests.branch_sites import LineTrace, untraced
 from tests.fail_closed_cases import BASE, CASES, ESCALATE, MAGENTA, NOT_PER_IMAGE, Case, Ctx, WorkerEnded, _raise
 
 
@@ -99,8 +99,11 @@ class Bench:
         anon = stage.anonymizer
         mp.setattr(anon, "cfg", cfg)
         mp.setattr(anon, "acfg", cfg.anonymizer)
-        if method == "rp" and not cfg.privacy.escalate:
-            mp.setattr(anon, "scorer", None)
+        if method == "rp":
+            for name in ("invert", "generate"):  # diffusion holds no site: run it untraced
+                mp.setattr(anon.rp, name, untraced(getattr(anon.rp, name)))
+            if not cfg.privacy.escalate:
+                mp.setattr(anon, "scorer", None)
         mp.setattr(self.merge, "cfg", cfg)
         mp.setattr(self.merge.checks, "cfg", cfg)
         return Ctx(self, detect, stage, self.merge)
