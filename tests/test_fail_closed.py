@@ -20,15 +20,22 @@ from rp_distributed.pipeline import DetectFaces, MergeAndWrite
 from rp_distributed.plan import PlanError, make_plan, output_keys
 
 
+_STAGES: dict[str, tuple] = {}  # config JSON -> its stages, built once per test session (models load once)
+
+
 def run_stages(cfg, src, out_uri, merge=None, rel_path="t1.jpg", **row):
     """One input through the three stages in this process; returns its manifest rows."""
+    key = cfg.model_dump_json()
+    if key not in _STAGES:
+        _STAGES[key] = (DetectFaces(cfg), Anonymizer(cfg),
+                        MergeAndWrite(cfg, "test-run", cfg.detection.backend, anonymization_fingerprint(cfg)))
+    detect, anonymize, shared = _STAGES[key]
     row = {"input_uri": str(src), "rel_path": rel_path, "output_uri": str(out_uri), "error": None, "notes": None,
            "stale_output_uri": None, **row}
-    row = DetectFaces(cfg).process(row)
+    row = detect.process(row)
     if row["status"] is None:
-        Anonymizer(cfg)(row["payload"].faces)
-    merge = merge or MergeAndWrite(cfg, "test-run", cfg.detection.backend, anonymization_fingerprint(cfg))
-    rows = merge.process(row)
+        anonymize(row["payload"].faces)
+    rows = (merge or shared).process(row)
     for r in rows:  # every row fits the manifest schema (nothing silently dropped)
         manifest.normalize_row(r)
     return rows
