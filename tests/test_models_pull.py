@@ -156,9 +156,10 @@ def test_the_cli_prints_and_writes_the_config(tiny_dir, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_the_job_runs_from_an_s3_dest(pulled, ray_session, tmp_path, astronaut_path):
-    """The whole Ray job from the S3 DEST: the stage actors sync the tree from S3 into a cache keyed by the lock,
-    every face row names that lock, and the face was generated (the local DEST goes through the same loader:
-    test_the_pulled_weights_are_the_source_weights)."""
+    """The whole Ray job from the S3 DEST, in float16 as on a GPU cluster (configs/sdxl.yaml): the stage actors
+    sync the tree from S3 into a cache keyed by the lock (the detector's and the re-ID gate's dlib files too), every
+    face row names that lock and the dtype, and the face was generated, not a fallback (the local DEST goes through
+    the same loader: test_the_pulled_weights_are_the_source_weights)."""
     from PIL import Image
 
     from rp_distributed import manifest
@@ -170,7 +171,8 @@ def test_the_job_runs_from_an_s3_dest(pulled, ray_session, tmp_path, astronaut_p
     res = pulled["s3"]
     cache = tmp_path / "cache"
     cfg = _pointed(pulled["cfg"], res.settings, f"diffusion.cache_dir={cache}", "output.format=png",
-                   "detection.max_faces=1", "privacy.escalate=false")
+                   "detection.max_faces=1", "privacy.escalate=false", "diffusion.dtype=float16")
+    assert cfg.privacy.lock_file == cfg.detection.lock_file == res.lock_uri  # dlib's files come from the lock too
     out = tmp_path / "out"
     result = run_job(cfg, str(src), str(out), progress=False)
     rows = manifest.read_manifest(str(out), "_manifest").to_pylist()
@@ -179,6 +181,7 @@ def test_the_job_runs_from_an_s3_dest(pulled, ray_session, tmp_path, astronaut_p
     assert face["method_applied"].startswith("reverse_personalization"), (face["method_applied"], face["face_error"])
     model = json.loads(face["model"])
     assert model["lock_sha256"] == res.digest and model["model"] == "s3://models-dest/pulled/sdxl"
+    assert model["dtype"] == "float16"
     assert model["model_resolved"] == str(cache / f"lock-{res.digest[:16]}" / "sdxl")
     assert (cache / f"lock-{res.digest[:16]}.complete").read_text() == res.digest
     x0, y0, x1, y1 = (int(face[k]) for k in ("box_x0", "box_y0", "box_x1", "box_y1"))
