@@ -88,11 +88,11 @@ class Anonymizer:
         if self.method == "reverse_personalization":
             from .diffusion import ReversePersonalizer
             from .faces.arcface import IdentityEmbedder
-            from .scoring import ReidScorer
+            from .scoring import ReidScorer, gate_model_dir
 
             self.rp = ReversePersonalizer.from_config(cfg.diffusion, face_size=cfg.alignment.face_size)
             self.embedder = IdentityEmbedder.from_config(cfg.diffusion)
-            self.scorer = ReidScorer(cfg.privacy) if cfg.privacy.escalate else None
+            self.scorer = ReidScorer(cfg.privacy, model_dir=gate_model_dir(cfg)) if cfg.privacy.escalate else None
             # Background threads overlapping the device's work: one draws the next chunk's noise, one makes
             # re-ID descriptors (one thread: dlib's recognizer is not safe to call from two at once).
             self.noise_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anonymizer-noise")
@@ -201,6 +201,8 @@ class Anonymizer:
                 if check is not None:
                     try:
                         dist = self.scorer.distance(originals[id(f)].result(), check.result())
+                        if not np.isfinite(dist):  # no descriptor: a check that could not run counts as failed
+                            err = "re-identification check could not run: no face descriptor in the crop"
                     except Exception as exc:  # noqa: BLE001 - a face we could not verify is not kept as it is
                         err = f"re-identification check failed: {_err(exc)}"
                 tries_list = json.loads(f.tries_json) + [{"guidance": g, "reid_distance": _finite(dist)}]

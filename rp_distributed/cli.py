@@ -109,7 +109,7 @@ def _cmd_report(args) -> int:
     mdir = _manifest_dir(args)
     if not manifest.part_uris(args.output_uri, mdir):
         raise FileNotFoundError(f"no manifest under {args.output_uri.rstrip('/')}/{mdir}/ (has a run written one?)")
-    print(report.write_report(args.output_uri, mdir, include_originals=True if args.include_originals else None))
+    print(report.write_report(args.output_uri, mdir, include_originals=bool(args.include_originals)))
     return 0
 
 

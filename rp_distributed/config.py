@@ -246,6 +246,9 @@ class PrivacyConfig(_Section):
     report_threshold: float = Field(0.7, gt=0, lt=2, description="report recognizer: same identity when "
                                     "1 - cosine similarity is below this (0.7: cosine 0.3)")
     report_providers: list[str] = ["CPUExecutionProvider"]
+    model_dir: str | None = Field(None, description="folder or URI with the re-ID gate's dlib files (shape_predictor_5"
+                                  "_face_landmarks.dat, dlib_face_recognition_resnet_model_v1.dat); null: the package's")
+    lock_file: str | None = Field(None, description="models.lock.json of a `models pull` tree holding model_dir (checked)")
 
 
 class MergeConfig(_Section):
@@ -389,9 +392,13 @@ def anonymization_settings(cfg: JobConfig) -> dict:
     anon = cfg.anonymizer.model_dump(mode="json", exclude={"resources", "face_batch_size"})
     settings = {"detection": det, "alignment": cfg.alignment.model_dump(mode="json"), "anonymizer": anon,
                 "privacy": cfg.privacy.model_dump(mode="json", exclude={"report_recognizer", "report_threshold",
-                                                                         "report_providers"}),
+                                                                         "report_providers", "model_dir", "lock_file"}),
                 "merge": {"feather": cfg.merge.feather,  # the audit decides which missed faces are destroyed
                           "audit": cfg.merge.audit.model_dump(mode="json", exclude={"providers"})}}
+    from .modelfiles import identity  # the detector's and the gate's weights by content digest, not their paths
+
+    if models := identity(cfg):  # none when they are the shipped dlib files: earlier fingerprints stay valid
+        settings["models"] = models
     if cfg.anonymizer.method == "reverse_personalization":
         # How the loop is executed (batching, compilation, attention kernel) is left out: it changes results by
         # rounding only (tests/test_diffusion.py), like the device.

@@ -58,7 +58,7 @@ SCHEMA = pa.schema([
     ("reid_distance", pa.float32()),      # recognizer distance original vs written face
     ("reidentified", pa.bool_()),         # reid_distance < privacy.reid_threshold
     ("reid_threshold", pa.float32()),
-    ("identity_exported", pa.bool_()),    # re-identified in the written image and not masked: must be False
+    ("identity_exported", pa.bool_()),    # re-identified (or unverifiable) in the written pixels, not masked: False
     ("score_error", pa.string()),         # why the re-ID check or the utility signals failed (box masked)
     ("report_distance", pa.float32()),    # second recognizer (privacy.report_recognizer, reporting only)
     ("report_reidentified", pa.bool_()),  # report_distance < privacy.report_threshold
@@ -111,8 +111,8 @@ def face_row(image_row: dict, face, reid_threshold: float) -> dict:
     row = dict(image_row)
     box = [float(v) for v in face.box]
     generated = face.method_applied is not None and face.method_applied.startswith("reverse_personalization")
-    exported = (None if face.reidentified is None or image_row["output_uri"] is None
-                else bool(face.reidentified) and not face.masked)
+    # From the merge stage's re-check of the written pixels (scoring.FaceChecks); nothing written: no export.
+    exported = None if image_row["output_uri"] is None else face.identity_exported
     row.update(face_index=face.face_index, box_x0=box[0], box_y0=box[1], box_x1=box[2], box_y1=box[3],
                det_score=face.det_score, face_size_px=max(box[2] - box[0], box[3] - box[1]),
                method=face.method, method_applied=face.method_applied, face_error=face.face_error,
@@ -344,11 +344,12 @@ class Summary:
         self.fallbacks += bool(r.get("face_error"))
         self.audit_found += bool(r.get("audit"))
         self.low_confidence += bool(r.get("low_confidence"))
+        # Counted whether or not the check produced a distance: an unverifiable face that was not masked is exported.
+        leaked = r.get("identity_exported")
+        self.exported += bool(leaked)
         if r.get("reidentified") is not None:
             self.scored += 1
-            # A recognizer match on a box we masked is no identity left (often a false detection).
-            leaked = r.get("identity_exported")
-            self.exported += bool(leaked)
+            # A recognizer match on a box masked in the written pixels is no identity left (often a false detection).
             self.masked_matches += bool(r["reidentified"]) and leaked is False
         if r.get("report_reidentified") is not None:
             self.report_scored += 1

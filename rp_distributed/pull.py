@@ -8,6 +8,8 @@ an object-store prefix) exactly the files the job loads:
     DEST/ip-adapter/<diffusion.ip_adapter_weight_name>
     DEST/<pack>/<w600k_r50.onnx>   the conditioning ArcFace (``diffusion.arcface``), e.g. buffalo_l's recognizer
     DEST/<pack>/<det_10g.onnx>     the SCRFD detector, when ``detection.backend`` is insightface
+    DEST/dlib/...                  the re-ID gate's dlib recognizer and 5-point predictor (``privacy.model_dir``),
+                                   and with the dlib backend its 68-point predictor (CNN: and its detector)
     DEST/models.lock.json          per file: component, source, revision, path, size, sha256 (written last)
 
 Hub sources go through ``huggingface_hub`` (``snapshot_download`` with allow-patterns for the files above,
@@ -219,6 +221,32 @@ def _detector(cfg: JobConfig) -> tuple[list[_File], dict]:
         f"{pack}.zip from insightface's releases there, or set detection.model_dir)")
 
 
+def _dlib(cfg: JobConfig) -> tuple[list[_File], dict]:
+    """dlib's files into ``DEST/dlib``: the re-ID gate's (every job checks its outputs with them) and, with the dlib
+    backend, the detector's 68-point predictor (and CNN detector)."""
+    from .faces.dlib_backend import CNN_FILE, RECOGNITION_FILE, SHAPE5_FILE, SHAPE68_FILE, default_model_dir
+
+    det = cfg.detection
+    wanted = [("privacy.model_dir", cfg.privacy.model_dir, [SHAPE5_FILE, RECOGNITION_FILE])]
+    if det.backend == "dlib":
+        wanted.append(("detection.model_dir", det.model_dir,
+                       [SHAPE68_FILE] + ([CNN_FILE] if (det.model or "hog").lower() == "cnn" else [])))
+    files = []
+    for key, src, names in wanted:
+        folder = src or (str(default_model_dir()) if default_model_dir() else None)
+        if folder is None:
+            raise ModelSourceError(f"{key}: not set and face_recognition_models is not installed (it ships "
+                                   f"{', '.join(names)})")
+        for name in names:
+            read_from = _src_join(folder if is_uri(folder) else os.path.expanduser(folder), name)
+            if not _exists_file(read_from):
+                raise ModelSourceError(f"{key}: dlib file missing: {read_from}")
+            files.append(_File("dlib", src or "face_recognition_models", None, read_from, name, "dlib/" + name))
+    keys = [k for k, _, _ in wanted]
+    return files, {"key": ", ".join(keys), "source": cfg.privacy.model_dir or "face_recognition_models",
+                   "kind": "local", "revision": None, "path": "dlib"}
+
+
 def plan_pull(cfg: JobConfig, hf_cache: str | None = None) -> tuple[list[_File], dict]:
     """The files the config's model sources contribute, and the lock's ``components``."""
     files: list[_File] = []
@@ -232,11 +260,8 @@ def plan_pull(cfg: JobConfig, hf_cache: str | None = None) -> tuple[list[_File],
         fs, comp = _detector(cfg)
         files += fs
         comps["detector"] = comp
-    if not files:
-        raise ModelSourceError(
-            f"nothing to pull: anonymizer.method={cfg.anonymizer.method} and detection.backend={cfg.detection.backend} "
-            "load no model files (reverse_personalization needs SDXL, the adapter and ArcFace; insightface its "
-            "detector; dlib's models ship in face_recognition_models)")
+    fs, comps["dlib"] = _dlib(cfg)  # every job: the re-ID gate's files; with the dlib backend its detector's
+    files += fs
     seen: dict[str, _File] = {}
     for f in files:
         if f.path in seen and seen[f.path].read_from != f.read_from:
@@ -320,6 +345,9 @@ def pull_models(cfg: JobConfig, dest: str, hf_cache: str | None = None, log=None
     if "detector" in comps:
         settings["detection"] = {"model": comps["detector"]["pack"], "model_dir": join(dest, comps["detector"]["path"]),
                                  "lock_file": lock_uri}
+    elif cfg.detection.backend == "dlib":
+        settings["detection"] = {"model_dir": join(dest, "dlib"), "lock_file": lock_uri}
+    settings["privacy"] = {"model_dir": join(dest, "dlib"), "lock_file": lock_uri}
     return PullResult(dest, lock_uri, hashlib.sha256(raw).hexdigest(), entries, settings)
 
 

@@ -62,6 +62,7 @@ class Face:
     reid_distance: float | None = None
     reidentified: bool | None = None
     face_still_detected: bool | None = None
+    identity_exported: bool | None = None  # re-identified (or unverifiable) in the written pixels, box not masked
     score_error: str | None = None  # why a check failed (a failed re-ID check masks the face)
     report_distance: float | None = None
     report_reidentified: bool | None = None

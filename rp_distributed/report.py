@@ -584,20 +584,20 @@ def render(f: Facts, output_uri: str, include_originals: bool, gallery_size: int
     return "\n".join(parts)
 
 
-def write_report(output_uri: str, manifest_dir: str = "_manifest", include_originals: bool | None = None,
+def write_report(output_uri: str, manifest_dir: str = "_manifest", include_originals: bool = False,
                  gallery_size: int | None = None, thumbnail_px: int | None = None) -> str:
     """Build ``report.html`` from the manifest under ``output_uri``; returns its URI.
 
-    ``None`` arguments come from the latest run's recorded config (``report.*``), else the defaults."""
+    Originals are embedded only when this call asks (never because an earlier run's config did). ``None`` sizes
+    come from the latest run's recorded config (``report.*``), else the defaults."""
     output_uri = io.normalize_prefix(output_uri)
     f = load(output_uri, manifest_dir)
     rcfg = {}
     if f.runs:
         rcfg = ((f.run_infos.get(max(f.runs)) or {}).get("config") or {}).get("report") or {}
-    include = bool(rcfg.get("include_originals", False)) if include_originals is None else include_originals
     size = int(rcfg.get("gallery_size", 24)) if gallery_size is None else gallery_size
     px = int(rcfg.get("thumbnail_px", 112)) if thumbnail_px is None else thumbnail_px
-    page = render(f, output_uri, include, size, px)
+    page = render(f, output_uri, bool(include_originals), size, px)
     uri = report_uri(output_uri, manifest_dir)
     io.write_atomic(uri, page.encode())
     return uri

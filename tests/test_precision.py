@@ -1,5 +1,5 @@
 """Reduced precision (issue 13): the tiny model in float16 on the CPU through the diffusion stage, the
-anonymizer stage and the whole job.
+anonymizer stage (the whole job in float16: tests/test_models_pull.py).
 
 float16 must land near float32 (the strong negative guidance amplifies the UNet's rounding at every step:
 measured on the shared fidelity case, 100 steps, 3.4e-2 relative on the final latent; see BENCHMARKS.md,
@@ -13,9 +13,7 @@ than float32.
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 
 import numpy as np
 import pytest
@@ -186,21 +184,5 @@ def test_float16_anonymizer_stage(tiny_dir, t1_path):
         assert np.abs(f.anon_crop.astype(int) - f.crop.astype(int)).mean() > 2
 
 
-@pytest.mark.slow
-def test_float16_job(ray_session, tiny_dir, tmp_path, astronaut_path):
-    from rp_distributed import manifest
-    from rp_distributed.pipeline import run_job
-
-    src = tmp_path / "in"
-    src.mkdir()
-    shutil.copy(astronaut_path, src / "astronaut.png")
-    out = tmp_path / "out"
-    result = run_job(_job_cfg(tiny_dir, "float16", "diffusion.num_inversion_steps=2"), str(src), str(out),
-                     progress=False)
-    rows = manifest.read_manifest(str(out), "_manifest").to_pylist()
-    assert result.summary["faces"] == len(rows) >= 1
-    for r in rows:
-        assert r["status"] == "ok" and json.loads(r["model"])["dtype"] == "float16"
-    written = np.asarray(Image.open(out / "astronaut.png").convert("RGB"))
-    source = np.asarray(Image.open(astronaut_path).convert("RGB"))
-    assert written.shape == source.shape and np.abs(written.astype(int) - source.astype(int)).max() > 0
+# The float16 Ray job: tests/test_models_pull.py::test_the_job_runs_from_an_s3_dest (the GPU setting from a pulled
+# tree; every face generated in float16, not a fallback).

@@ -123,7 +123,9 @@ def test_empty_or_outside_box(t1, scorer):
     assert scorer.descriptor(t1, [10, 10, 10, 50]) is None
     assert scorer.descriptor(t1, [5000, 5000, 5100, 5100]) is None
     res = scorer.compare(t1, t1, [5000, 5000, 5100, 5100])
-    assert res.distance == float("inf") and not res.reidentified and not res.face_still_detected
+    # No descriptor: the check could not run, and a check that cannot run counts as failed (re-identified).
+    assert res.distance == float("inf") and not res.checked and res.reidentified and not res.face_still_detected
+    assert scorer.is_reidentified(float("inf")) and scorer.is_reidentified(float("nan"))
 
 
 def test_iou():

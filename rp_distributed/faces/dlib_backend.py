@@ -70,7 +70,10 @@ class DlibDetector(BaseDetector):
             raise ValueError(f"detection.model: dlib backend supports 'hog' or 'cnn', got {cfg.model!r}")
         self.model = model
         files = [SHAPE68_FILE] + ([CNN_FILE] if model == "cnn" else [])
-        paths = resolve_model_files(cfg.model_dir, files, backend=f"dlib/{model}")
+        from ..modelfiles import local_folder  # a URI or a pulled tree (lock file): its copy on this node
+
+        folder = local_folder(cfg.model_dir, cfg.lock_file, cfg.cache_dir, "detection.model_dir")
+        paths = resolve_model_files(folder, files, backend=f"dlib/{model}")
         self.model_dir = str(paths[SHAPE68_FILE].parent)
         if model == "cnn":
             self._cnn = dlib.cnn_face_detection_model_v1(str(paths[CNN_FILE]))

