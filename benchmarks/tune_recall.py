@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.recall_set import BUCKETS, composites, score_image  # noqa: E402
-from rp_distributed.detection_config import DetectionConfig, PassConfig  # noqa: E402
+from rp_distributed.config.detection import DetectionConfig, PassConfig  # noqa: E402
 from rp_distributed.faces.ensemble import EnsembleDetector, pass_name  # noqa: E402
 from rp_distributed.faces.rotate import face_back, rotated  # noqa: E402
 

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from .config import JobConfig
+from .config.diffusion import check_parameters
 
 
 class PreflightError(Exception):
@@ -69,7 +70,7 @@ def check_diffusion(cfg: JobConfig) -> None:
     tiny = _tiny_root(cfg)
     fix_tiny = f"create the tiny model with: rp-anonymize models make-tiny {tiny}" if tiny else ""
     try:
-        loading.check_parameters(d)
+        check_parameters(d)
     except ValueError as exc:
         raise PreflightError("diffusion", _one_line(exc), "fix the value in the config or with --set") from None
     lock_file = getattr(d, "lock_file", None)

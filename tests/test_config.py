@@ -94,7 +94,7 @@ def test_ladder_is_checked_against_the_configured_guidance():
 ])
 def test_check_parameters_refuses_unvalidated_reconstructing_configs(update, key):
     from rp_distributed.config import DiffusionConfig
-    from rp_distributed.diffusion.loading import check_parameters
+    from rp_distributed.config.diffusion import check_parameters
 
     check_parameters(DiffusionConfig())  # the reference settings pass
     for cfg in (DiffusionConfig().model_copy(update=update), DiffusionConfig.model_construct(**update)):

@@ -1,7 +1,8 @@
 """The settings fingerprint (resume's test of "done under the same settings"), leaf by leaf.
 
-Every leaf of ``JobConfig`` either changes the fingerprint or sits on ``CANNOT_CHANGE_PIXELS`` with the reason. A
-setting added to the config without either fails here, and so does an allow-listed setting that does change it.
+Every leaf of ``JobConfig`` either changes the fingerprint or declares, next to its field, that it cannot change an
+exported face (``outside_fingerprint(why)``). A setting that does neither fails here, and so does a declared one that
+does change it.
 Model files enter by content digest (``rp_distributed/modelfiles.py``), not by path."""
 
 from __future__ import annotations
@@ -15,53 +16,26 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from rp_distributed import modelfiles
+from rp_distributed.config.base import FINGERPRINT_OUT
 from rp_distributed.config import JobConfig, anonymization_fingerprint, anonymization_settings, load_config
 from rp_distributed.faces.centerface_backend import ONNX_FILE, default_model_file
 from rp_distributed.faces.dlib_backend import RECOGNITION_FILE, SHAPE5_FILE, SHAPE68_FILE, default_model_dir
-
-RESOURCES = "resources (actors, CPUs, GPUs, batch rows): where and how fast, never what"
-EXECUTION = "how the loop runs on the device: results differ by float rounding only (tests/test_diffusion.py)"
-PATH_BY_DIGEST = "a path: the files' bytes are in the fingerprint (settings['models'], by sha256), not where they lie"
-# Leaves that cannot change an exported face's pixels. Each needs its reason; keep this list short.
-CANNOT_CHANGE_PIXELS = {
-    "input.extensions": "which files are listed; a listed file is anonymized the same way",
-    "input.max_pixels": "refuses an input (an error row, redone on every rerun), never changes a processed one",
-    "input.max_bytes": "as max_pixels",
-    "output.format": "output encoding (a changed format changes the output key, which is redone anyway)",
-    "output.jpeg_quality": "output encoding: codec rounding after anonymization and the check of the written file",
-    "output.overwrite": "redoes everything regardless of the fingerprint",
-    "output.manifest_dir": "where the manifest lies", "output.manifest_rows_per_file": "manifest part size",
-    "output.manifest_bytes_per_file": "manifest part size", "output.manifest_flush_s": "manifest part age",
-    "detection.model_dir": PATH_BY_DIGEST, "detection.lock_file": PATH_BY_DIGEST, "detection.cache_dir": "a cache",
-    "detection.providers": "ONNX execution provider (the device): rounding only, like diffusion.device",
-    "merge.audit.providers": "ONNX execution provider of the audit (the device): rounding only",
-    "anonymizer.face_batch_size": "batching: batched equals one by one (tests/test_anonymize.py)",
-    "diffusion.cache_dir": "a cache", "diffusion.device": EXECUTION, "diffusion.arcface_providers": EXECUTION,
-    "diffusion.unet_batch_size": EXECUTION, "diffusion.compile": EXECUTION, "diffusion.compile_backend": EXECUTION,
-    "diffusion.sdpa_backend": EXECUTION,
-    "diffusion.allow_bfloat16": "permits dtype=bfloat16, which is itself in the fingerprint",
-    "privacy.report_recognizer": "the second recognizer reports only, never gates",
-    "privacy.report_threshold": "reporting only", "privacy.report_providers": "reporting only",
-    "privacy.model_dir": PATH_BY_DIGEST, "privacy.lock_file": PATH_BY_DIGEST,
-    "ray.address": "which cluster", "ray.num_cpus": RESOURCES, "ray.max_task_retries": "retries of a dead worker",
-    "ray.max_actor_restarts": "restarts of a dead actor", "ray.max_isolated_inputs": "when a job stops",
-    "report.include_originals": "report.html only", "report.gallery_size": "report.html only",
-    "report.thumbnail_px": "report.html only",
-}
-RESOURCE_SECTIONS = ("detection.resources.", "anonymizer.resources.", "merge.resources.")
 
 # Every section active: reverse personalization (diffusion), annotations mode (input), a prompt table (prompts).
 ACTIVE = ["anonymizer.method=reverse_personalization", "input.mode=annotations", "input.annotations=/data/faces.csv",
           "prompts.table=/data/prompts.csv", "prompts.template=a photo of {age}"]
 
 
-def _leaves(model: BaseModel, prefix: str = ""):
-    for name in type(model).model_fields:
+def _leaves(model: BaseModel, prefix: str = "", why_out: str | None = None):
+    """(key, value, annotation, why it is declared outside the fingerprint or None) of every leaf; a section
+    declared outside holds its leaves outside."""
+    for name, field in type(model).model_fields.items():
         value = getattr(model, name)
+        why = (field.json_schema_extra or {}).get(FINGERPRINT_OUT) or why_out
         if isinstance(value, BaseModel):
-            yield from _leaves(value, f"{prefix}{name}.")
+            yield from _leaves(value, f"{prefix}{name}.", why)
         else:
-            yield f"{prefix}{name}", value, type(model).model_fields[name].annotation
+            yield f"{prefix}{name}", value, field.annotation, why
 
 
 def _candidates(value, annotation):
@@ -107,28 +81,28 @@ def _changed(base: JobConfig, key: str, value, annotation) -> JobConfig:
     raise AssertionError(f"{key}: no other valid value found from {value!r}: extend _candidates")
 
 
-def test_every_leaf_changes_the_fingerprint_or_is_allow_listed(dlib_copy):
+def test_every_leaf_changes_the_fingerprint_or_is_declared_outside(dlib_copy):
+    """Each setting declares, next to its field, whether it can change an exported face (``outside_fingerprint`` with
+    the reason, in rp_distributed/config/); this holds every leaf to its declaration, both ways."""
     base = load_config(None, ACTIVE)
     fp = anonymization_fingerprint(base)
     leaves = list(_leaves(base))
     assert len(leaves) > 80
-    silent, listed_but_changing = [], []
-    for key, value, annotation in leaves:
+    silent, declared_but_changing = [], []
+    for key, value, annotation, why_out in leaves:
+        assert why_out is None or len(why_out) > 4, f"{key}: declared outside the fingerprint without a reason"
         if key in ("detection.model_dir", "privacy.model_dir"):  # the same bytes elsewhere (other bytes: below)
             other = base.model_copy(update={key.split(".")[0]: getattr(base, key.split(".")[0]).model_copy(
                 update={"model_dir": str(dlib_copy)})})
         else:
             other = _changed(base, key, value, annotation)
         changes = anonymization_fingerprint(other) != fp
-        allowed = key in CANNOT_CHANGE_PIXELS or key.startswith(RESOURCE_SECTIONS)
-        if not changes and not allowed:
+        if not changes and why_out is None:
             silent.append(key)
-        if changes and allowed:
-            listed_but_changing.append(key)
-    assert not silent, f"settings outside the fingerprint and not on CANNOT_CHANGE_PIXELS: {silent}"
-    assert not listed_but_changing, f"on CANNOT_CHANGE_PIXELS but in the fingerprint: {listed_but_changing}"
-    stale = set(CANNOT_CHANGE_PIXELS) - {k for k, _, _ in leaves}
-    assert not stale, f"CANNOT_CHANGE_PIXELS names settings the config no longer has: {stale}"
+        if changes and why_out is not None:
+            declared_but_changing.append(key)
+    assert not silent, f"settings outside the fingerprint that do not declare it (outside_fingerprint): {silent}"
+    assert not declared_but_changing, f"declared outside the fingerprint but in it: {declared_but_changing}"
 
 
 # -- model files by content (the detector's and the privacy gate's weights) ------------------------------------

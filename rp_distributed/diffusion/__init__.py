@@ -13,7 +13,6 @@ _EXPORTS = {
     "inversion_timesteps": "solver",
     "make_tiny": "tiny",
     "ModelSourceError": "loading",
-    "check_parameters": "loading",
     "resolve_device_dtype": "loading",
     "resolve_model": "loading",
     "resolve_adapter_file": "loading",

@@ -18,7 +18,6 @@ Everything is checked at start-up; errors are ``ModelSourceError`` naming what i
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -164,35 +163,6 @@ def validate_adapter_state_dict(sd, source: str, cross_attention_dim: int | None
 
 
 # --------------------------------------------------------------------------- parameters, device
-
-
-def check_parameters(cfg) -> None:
-    """Range checks beyond the config schema (also catches configs built without validation)."""
-    errs = []
-    if not (0 < cfg.skip < 1):
-        errs.append(f"skip={cfg.skip} must be in (0, 1)")
-    else:
-        t_max = int(1000 - cfg.skip * 1000 - 1)
-        if t_max < 1:
-            errs.append(f"skip={cfg.skip} leaves no timesteps (first timestep {t_max} < 1)")
-        elif not (2 <= cfg.num_inversion_steps <= t_max):
-            errs.append(f"num_inversion_steps={cfg.num_inversion_steps} must be in [2, {t_max}] with skip={cfg.skip} "
-                        f"(timesteps {t_max}..1 would repeat)")
-    # Fail closed (issue 7): with g >= 0, or no identity (a zero adapter or embedding scale), generation
-    # conditioning equals the inversion conditioning (or, at g = 1, nearly) and the output is the input face.
-    for name in ("guidance_scale", "ip_adapter_scale", "id_emb_scale"):
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            errs.append(f"{name}={v} must be a finite number")
-        elif name == "guidance_scale" and not v < 0:
-            errs.append(f"guidance_scale={v} must be negative: g >= 0 reproduces the input face instead of "
-                        "anonymizing it")
-        elif name != "guidance_scale" and not v > 0:
-            errs.append(f"{name}={v} must be > 0: 0 removes the identity and generation reproduces the input face")
-    if cfg.seed < 0:
-        errs.append(f"seed={cfg.seed} must be >= 0")
-    if errs:
-        raise ValueError("diffusion config out of range: " + "; ".join(errs))
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -20,7 +20,7 @@ import torch
 from . import solver
 from .conditioning import ID_DIM, Conditioning, ConditioningBuilder
 from .guided_unet import GuidedUNet
-from .loading import check_parameters
+from ..config.diffusion import check_parameters
 from .sdxl import load_pipeline
 from .vae import LatentCodec
 

@@ -10,7 +10,6 @@ import torch
 
 from .loading import (
     ModelSourceError,
-    check_parameters,
     load_adapter_state_dict,
     model_lock,
     resolve_adapter_file,
@@ -76,7 +75,6 @@ def load_pipeline(cfg) -> LoadedPipeline:
     config asks for upcasting)."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
 
-    check_parameters(cfg)
     device, dtype = resolve_device_dtype(cfg)
     if dtype == torch.bfloat16:
         log.warning("diffusion.dtype=bfloat16 (allow_bfloat16): its error is not closed; on the shared fidelity "

