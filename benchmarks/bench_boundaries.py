@@ -45,7 +45,10 @@ def main() -> None:
     args = p.parse_args()
 
     from rp_distributed.config import load_config
-    from rp_distributed.pipeline import AnonymizeFaces, DetectFaces, MergeAndWrite, _columns, _rows
+    from rp_distributed.stages.anonymize import AnonymizeFaces
+    from rp_distributed.stages.detect import DetectFaces
+    from rp_distributed.stages.merge import MergeAndWrite
+    from rp_distributed.stages.batch import columns as _columns, rows as _rows
 
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "photo.jpg", Path(tmp) / "out.jpg"
@@ -57,15 +60,15 @@ def main() -> None:
                "error": None, "notes": None}
         plan_bytes = size(row)
         t0 = time.perf_counter()
-        detected = DetectFaces(cfg).process(row)
+        detected = DetectFaces.from_config(cfg).process(row)
         t_detect = time.perf_counter() - t0
-        payload = detected["payload"]
-        assert detected["status"] is None and len(payload.faces) == 3, (detected["status"], len(payload.faces))
+        payload = detected.payload
+        assert detected.pending and len(payload.faces) == 3, (detected.status, len(payload.faces))
         after_detect = size(detected)
-        (anonymized,) = _rows(AnonymizeFaces(cfg)(_columns([detected])))
+        (anonymized,) = _rows(AnonymizeFaces.from_config(cfg)(_columns([detected])))
         after_anonymize = size(anonymized)
         t1 = time.perf_counter()
-        rows = _rows(MergeAndWrite(cfg, "bench", "dlib")(_columns([anonymized])))
+        rows = _rows(MergeAndWrite.from_config(cfg, "bench")(_columns([anonymized])))
         t_merge = time.perf_counter() - t1
         assert {r["status"] for r in rows} == {"ok"}, rows
         after_merge = sum(size(r) for r in rows)

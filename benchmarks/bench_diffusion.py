@@ -24,11 +24,12 @@ def real_crops(cfg, n: int):
     """``n`` aligned crops (cycling through t1.jpg's six faces) with their 5 keypoints."""
     import importlib.util
 
-    from rp_distributed.pipeline import DetectFaces
+    from rp_distributed.records import ImageRow
+    from rp_distributed.stages.detect import DetectFaces
 
     t1 = Path(list(importlib.util.find_spec("insightface").submodule_search_locations)[0]) / "data/images/t1.jpg"
-    row = DetectFaces(cfg).process({"input_uri": str(t1), "rel_path": "t1.jpg", "output_uri": "-"})
-    faces = row["payload"].faces
+    row = DetectFaces.from_config(cfg).process(ImageRow.of({"input_uri": str(t1), "rel_path": "t1.jpg", "output_uri": "-"}))
+    faces = row.payload.faces
     return [faces[i % len(faces)] for i in range(n)]
 
 

@@ -52,7 +52,7 @@ def measure(src: str, out: str) -> None:
     import resource
 
     from rp_distributed.config import load_config
-    from rp_distributed.pipeline import run_job
+    from rp_distributed.job.run import run_job
 
     cfg = load_config(None, ["anonymizer.method=blur", "detection.upsample=1", "ray.num_cpus=2",
                              "detection.resources.num_cpus=0.5", "detection.resources.batch_size=16",

@@ -40,12 +40,13 @@ def timed(fn, repeat: int = 3) -> float:
 def real_crop_1024():
     """An aligned 1024 px crop of t1.jpg's largest face, its face box and 5 keypoints."""
     from rp_distributed.config import load_config
-    from rp_distributed.pipeline import DetectFaces
+    from rp_distributed.records import ImageRow
+    from rp_distributed.stages.detect import DetectFaces
 
     cfg = load_config(overrides=["detection.backend=dlib", "alignment.face_size=1024"])
     t1 = Path(list(importlib.util.find_spec("insightface").submodule_search_locations)[0]) / "data/images/t1.jpg"
-    row = DetectFaces(cfg).process({"input_uri": str(t1), "rel_path": "t1.jpg", "output_uri": "-"})
-    f = row["payload"].faces[0]
+    row = DetectFaces.from_config(cfg).process(ImageRow.of({"input_uri": str(t1), "rel_path": "t1.jpg", "output_uri": "-"}))
+    f = row.payload.faces[0]
     return f.crop, f.face_box, f.kps5
 
 

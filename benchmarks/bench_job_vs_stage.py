@@ -45,24 +45,25 @@ def config(model: Path, steps: int, size: int, device: str):
 def stage_alone(cfg, src: Path) -> dict:
     import torch
 
-    from rp_distributed.anonymize import Anonymizer
-    from rp_distributed.pipeline import DetectFaces
+    from rp_distributed.anonymizer import Anonymizer
+    from rp_distributed.records import ImageRow
+    from rp_distributed.stages.detect import DetectFaces
 
     torch.set_num_threads(1)
-    detect = DetectFaces(cfg)
-    rows = [detect.process({"input_uri": str(p), "rel_path": p.name, "output_uri": "-"}) for p in sorted(src.iterdir())]
-    anonymizer = Anonymizer(cfg)
+    detect = DetectFaces.from_config(cfg)
+    rows = [detect.process(ImageRow.of({"input_uri": str(p), "rel_path": p.name, "output_uri": "-"})) for p in sorted(src.iterdir())]
+    anonymizer = Anonymizer.from_config(cfg)
     t0 = time.perf_counter()
     for row in rows:  # one image per call, as the stage gets them with batch_size 1
-        anonymizer(row["payload"].faces)
+        anonymizer(row.payload.faces)
     wall = time.perf_counter() - t0
     return {"wall_s": round(wall, 1), "images_per_s": round(len(rows) / wall, 3),
-            "faces": sum(len(r["payload"].faces) for r in rows)}
+            "faces": sum(len(r.payload.faces) for r in rows)}
 
 
 def whole_job(cfg_json: str, src: str, out: str) -> None:
     from rp_distributed.config import JobConfig
-    from rp_distributed.pipeline import run_job
+    from rp_distributed.job.run import run_job
 
     cfg = JobConfig.model_validate(json.loads(cfg_json))
     t0 = time.perf_counter()

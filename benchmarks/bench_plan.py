@@ -78,7 +78,7 @@ def measure(root: str) -> None:
     import resource
 
     from rp_distributed.config import anonymization_fingerprint, load_config
-    from rp_distributed.plan import make_plan
+    from rp_distributed.job.plan import make_plan
 
     cfg = load_config(None, ["output.format=same"])
     t0 = time.perf_counter()

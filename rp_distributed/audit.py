@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .compose import destroy_box
-from .records import Face
+from .anonymizer.destructive import destroy_box
+from .faults import describe
+from .records import Applied, Face, Where
 
 AUDIT_GROW = 0.3  # an anonymized box counts this much larger a side: what the fallback destroys (destroy_box's margin)
 # and about where paste-back's ellipse and feather reach
@@ -67,7 +68,7 @@ class AuditOutcome:
 
 
 class OutputAudit:
-    """Built once per merge actor from the ``JobConfig`` (``merge.audit``, ``anonymizer``)."""
+    """Built once per merge actor from its settings (``merge.audit``, ``anonymizer``, ``detection``)."""
 
     def __init__(self, cfg):
         from .faces.ensemble import EnsembleDetector
@@ -87,7 +88,7 @@ class OutputAudit:
         try:
             found = self.detector.detect(image)
         except Exception as exc:  # noqa: BLE001 - fail closed: unaudited pixels are not written
-            out.withheld = f"output audit failed: {type(exc).__name__}: {exc}"[:500]
+            out.withheld = f"output audit failed: {describe(exc)}"
             out.seconds = time.perf_counter() - t0
             return out
         anonymized = [f.box for f in faces]
@@ -101,9 +102,9 @@ class OutputAudit:
             face.add_error("missed by the first detection pass: found on the output by the audit")
             try:
                 destroy_box(image, face.box, self.anon.fallback, self.anon, out=image)
-                face.method_applied = f"{self.anon.fallback} (audit)"
+                face.method_applied = Applied(self.anon.fallback, Where.AUDIT)
             except Exception as exc:  # noqa: BLE001
-                out.withheld = f"audit face {index} could not be anonymized: {type(exc).__name__}: {exc}"[:500]
+                out.withheld = f"audit face {index} could not be anonymized: {describe(exc)}"[:500]
             anonymized.append(face.box)  # one face, one row: its other detections are now inside
             out.faces.append(face)
             index += 1

@@ -17,69 +17,10 @@ import json
 import sys
 
 from .config import ConfigError, config_to_dict, load_config
-from .lease import LeaseHeld
-from .plan import PlanError
+from .job.lease import LeaseHeld
+from .job.plan import PlanError
 from .preflight import PreflightError
-
-
-def _missed_text(s: dict, cfg) -> str:
-    """The output audit's count, shown beside identity exported."""
-    if not cfg.merge.audit.enabled:
-        return "not audited (merge.audit.enabled: false): faces the detector missed are exported untouched"
-    return (f"{s['missed_by_first_pass']} faces: found on the output by the audit, {cfg.anonymizer.fallback} applied "
-            "(manifest rows with audit=true)")
-
-
-def _summary_text(result, cfg, input_uri: str, output_uri: str) -> str:
-    s = result.summary
-    rate = "n/a" if s["reid_rate"] is None else f"{100 * s['reid_rate']:.1f}% ({s['identity_exported']}/{s['reid_scored']})"
-    by = ", ".join(f"{k} {v}" for k, v in s["by_status"].items() if v)
-    lines = [
-        "",
-        f"rp-anonymize  run {result.run_id}",
-        f"  input            {input_uri}",
-        f"  output           {output_uri}",
-        f"  method           {cfg.anonymizer.method} (fallback: {cfg.anonymizer.fallback})",
-        f"  images           {s['images']} processed ({by or 'none'}), {result.skipped} skipped as already done",
-        f"  faces            {s['faces']} ({s['fallbacks']} not by the requested method: fallback or mask, "
-        "reasons in the manifest)",
-        f"  failures         {s['failures']} images (error or withheld; reasons in the manifest)",
-        f"  identity exported {rate}: written faces the recognizer still matches (distance < "
-        f"{cfg.privacy.reid_threshold}), not masked",
-        f"  first pass missed {_missed_text(s, cfg)}",
-    ]
-    if s["report_reid_rate"] is not None:
-        lines.append(f"  second opinion   {100 * s['report_reid_rate']:.1f}% matched by {cfg.privacy.report_recognizer} "
-                     f"(reporting only, 1 - cosine < {cfg.privacy.report_threshold})")
-    if s["matched_masked"]:
-        lines.append(f"  masked matches   {s['matched_masked']} boxes matched by the recognizer after masking: no "
-                     "identity left in them (typically a false detection)")
-    if result.redone_changed:
-        lines.append(f"  redone           {result.redone_changed} inputs done earlier under other anonymization "
-                     f"settings (fingerprint now {result.settings_fingerprint})")
-    if result.unrecorded:
-        lines.append(f"  unrecorded       {result.unrecorded} outputs had no manifest row (an earlier driver was killed "
-                     "before flushing it): redone")
-    if result.renamed:
-        lines.append(f"  renamed          {result.renamed} inputs got a distinct output key (their keys collided; "
-                     "see notes in the manifest)")
-    if result.isolated:
-        lines.append(f"  retried alone    {result.isolated} inputs of batches whose worker died")
-    if s["reid_rate_first_try"] is not None:
-        lines.append(f"  before escalation {100 * s['reid_rate_first_try']:.1f}% re-identified at the first try; "
-                     f"{s['escalated']} faces escalated")
-    if s["pose_diff_deg_median"] is not None:
-        lines.append(f"  utility          median head-pose change {s['pose_diff_deg_median']:.1f} deg, "
-                     f"landmark shift {s['landmark_displacement_median']:.2f} inter-ocular")
-    lines += [
-        f"  wall time        {result.wall_s:.1f} s",
-        f"  manifest         {len(result.manifest_parts)} new part(s) under {output_uri.rstrip('/')}/{cfg.output.manifest_dir}/",
-    ]
-    if getattr(result, "report_error", None):
-        lines.append(f"  report           not written: {result.report_error}")
-    if getattr(result, "report_uri", None):
-        lines.append(f"  report           {result.report_uri}")
-    return "\n".join(lines)
+from .summary import summary_text
 
 
 def _cmd_run(args) -> int:
@@ -90,10 +31,10 @@ def _cmd_run(args) -> int:
     from . import preflight
 
     preflight.check(cfg)  # every model file the stages will load is there, before Ray starts
-    from .pipeline import run_job
+    from .job.run import run_job
 
     result = run_job(cfg, args.input_uri, args.output_uri, progress=not args.no_progress, verbose=args.verbose)
-    print(_summary_text(result, cfg, args.input_uri, args.output_uri))
+    print(summary_text(result, cfg, args.input_uri, args.output_uri))
     return 0
 
 

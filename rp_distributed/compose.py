@@ -15,6 +15,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from .anonymizer.destructive import DESTRUCTIVE, Window, destroy_box, destroyed
+from .faults import describe
+from .records import Applied, Where
+
 # Semi-axes of the blend ellipse as fractions of the detected face box's width and height. At these
 # sizes the whole detected box (corners included) lies inside the part of the mask that is exactly 1.
 ELLIPSE_AXES = (0.72, 0.80)
@@ -57,7 +61,6 @@ def _window(mask: np.ndarray, inv: np.ndarray, shape: tuple[int, int]) -> tuple[
 # is the crop's exactly. Such weights are set to 1 (bilinear warping of a mask of ones gives 0.99999994).
 FULL_ALPHA = 1.0 - 1.0 / 512
 
-Window = tuple[int, int, int, int]  # x0, y0, x1, y1 in image px, end exclusive
 
 
 def paste_back(image: np.ndarray, crop: np.ndarray, matrix: np.ndarray, face_box: np.ndarray,
@@ -157,91 +160,6 @@ class BoxOwners:
         return rect, self.writable(i, rect)
 
 
-# --- destructive methods -------------------------------------------------------------------------------
-
-def _face_side(face_box: np.ndarray) -> float:
-    x0, y0, x1, y1 = face_box
-    return float(max(x1 - x0, y1 - y0, 1.0))
-
-
-def blur(crop: np.ndarray, face_box: np.ndarray, strength: float) -> np.ndarray:
-    sigma = max(strength * _face_side(face_box), 1.0)
-    return cv2.GaussianBlur(crop, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
-
-
-def pixelate(crop: np.ndarray, face_box: np.ndarray, blocks: int) -> np.ndarray:
-    size = crop.shape[0]
-    cells = max(2, round(blocks * size / _face_side(face_box)))
-    small = cv2.resize(crop, (cells, cells), interpolation=cv2.INTER_AREA)
-    return cv2.resize(small, (size, size), interpolation=cv2.INTER_NEAREST)
-
-
-def mask(crop: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
-    out = np.empty_like(crop)
-    out[:] = np.asarray(color, np.uint8)
-    return out
-
-
-def destroy(method: str, crop: np.ndarray, face_box: np.ndarray, cfg) -> np.ndarray:
-    """Apply the destructive ``method`` (blur|pixelate|mask) to a crop, with an ``AnonymizerConfig``."""
-    if method == "blur":
-        return blur(crop, face_box, cfg.blur_strength)
-    if method == "pixelate":
-        return pixelate(crop, face_box, cfg.pixelate_blocks)
-    if method == "mask":
-        return mask(crop, cfg.mask_color)
-    raise ValueError(f"unknown destructive method {method!r}")
-
-
-def _destroyed(image: np.ndarray, box: np.ndarray, method: str, cfg, margin: float) -> tuple[Window, np.ndarray] | None:
-    """``method`` applied to the (enlarged) box of ``image``: (window, its new pixels), or None when the box lies
-    outside the image. ``image`` is not changed."""
-    h, w = image.shape[:2]
-    x0, y0, x1, y1 = [float(v) for v in box]
-    mw, mh = margin * (x1 - x0), margin * (y1 - y0)
-    xa, ya = max(int(np.floor(x0 - mw)), 0), max(int(np.floor(y0 - mh)), 0)
-    xb, yb = min(int(np.ceil(x1 + mw)), w), min(int(np.ceil(y1 + mh)), h)
-    if xa >= xb or ya >= yb:
-        return None
-    region = np.ascontiguousarray(image[ya:yb, xa:xb])
-    side = max(xb - xa, yb - ya)
-    if method == "mask":
-        pixels = np.empty_like(region)
-        pixels[:] = np.asarray(cfg.mask_color, np.uint8)
-    elif method == "pixelate":
-        cells = max(2, cfg.pixelate_blocks)
-        small = cv2.resize(region, (cells, max(2, round(cells * (yb - ya) / side))), interpolation=cv2.INTER_AREA)
-        pixels = cv2.resize(small, (xb - xa, yb - ya), interpolation=cv2.INTER_NEAREST)
-    else:
-        pixels = blur(region, np.array([0, 0, xb - xa, yb - ya], np.float32), cfg.blur_strength)
-    return (xa, ya, xb, yb), pixels
-
-
-def destroy_box(image: np.ndarray, box: np.ndarray, method: str, cfg, margin: float = 0.3,
-                out: np.ndarray | None = None, writable=None) -> np.ndarray:
-    """Fail-closed path: apply ``method`` to the (enlarged) box directly in the image.
-
-    Writes into ``out`` (which may be ``image`` itself) or, when None, into a copy; returns it. ``writable``:
-    optional ``window -> bool mask`` of the pixels this face may write (``BoxOwners.writable``)."""
-    if out is None:
-        out = image.copy()
-    elif out is not image:
-        out[...] = image
-    done = _destroyed(out, box, method, cfg, margin)
-    if done is None:
-        return out
-    (xa, ya, xb, yb), pixels = done
-    if writable is None:
-        out[ya:yb, xa:xb] = pixels
-    else:
-        keep = writable((xa, ya, xb, yb))
-        out[ya:yb, xa:xb][keep] = pixels[keep]
-    return out
-
-
-DESTRUCTIVE = ("blur", "pixelate", "mask")
-
-
 def apply_faces(image: np.ndarray, faces: list, feather: float, anon_cfg) -> str | None:
     """Put every face's anonymized crop into ``image`` (in place), fail closed.
 
@@ -261,21 +179,21 @@ def apply_faces(image: np.ndarray, faces: list, feather: float, anon_cfg) -> str
                 reached[k] = _paste(image, f.anon_crop, f.matrix, f.face_box, feather, writable)
                 continue
             except Exception as exc:  # noqa: BLE001 - fail closed: destroy the box in the image itself
-                f.add_error(f"merge failed: {type(exc).__name__}: {exc}"[:500])
+                f.add_error(f"merge failed: {describe(exc)}")
         if not f.face_error:
             f.add_error("no anonymized crop")
         try:
             destroy_box(image, f.box, anon_cfg.fallback, anon_cfg, out=image, writable=writable)
-            f.method_applied = f"{anon_cfg.fallback} (image box)"
+            f.method_applied = Applied(anon_cfg.fallback, Where.IMAGE_BOX)
         except Exception as exc:  # noqa: BLE001
-            withheld = f"face {f.face_index} could not be anonymized: {type(exc).__name__}: {exc}"[:500]
+            withheld = f"face {f.face_index} could not be anonymized: {describe(exc)}"[:500]
             f.method_applied = None
     for k, reach in reached.items():  # after every paste: the fill reads the anonymized canvas, not the original
         f = faces[k]
         try:
             _fill_unreached(image, f, owners.held(k), reach, anon_cfg)
         except Exception as exc:  # noqa: BLE001
-            withheld = f"face {f.face_index}: its box could not be covered: {type(exc).__name__}: {exc}"[:500]
+            withheld = f"face {f.face_index}: its box could not be covered: {describe(exc)}"[:500]
     return withheld
 
 
@@ -292,8 +210,9 @@ def _fill_unreached(image: np.ndarray, f, held: tuple[Window, np.ndarray], reach
             need[inner] &= ~full[outer]
     if not need.any():
         return
-    method = f.method_applied if f.method_applied in DESTRUCTIVE else anon_cfg.fallback
-    done = _destroyed(image, f.box, method, anon_cfg, 0.3)
+    own = f.method_applied
+    method = own.method if own is not None and own.method in DESTRUCTIVE and own.where is Where.CROP else anon_cfg.fallback
+    done = destroyed(image, f.box, method, anon_cfg, 0.3)
     (xa, ya, xb, yb), pixels = done  # the enlarged box holds the box: never None when a box pixel is needed
     region = image[rect[1]:rect[3], rect[0]:rect[2]]
     region[need] = pixels[_local(rect, (xa, ya, xb, yb))][need]
@@ -316,13 +235,13 @@ def replace_whole(image: np.ndarray, faces: list, anon_cfg) -> str | None:
                 image[...] = crop_to_image(f.anon_crop, image.shape)
                 continue
             except Exception as exc:  # noqa: BLE001 - fail closed: destroy the whole image
-                f.add_error(f"merge failed: {type(exc).__name__}: {exc}"[:500])
+                f.add_error(f"merge failed: {describe(exc)}")
         if not f.face_error:
             f.add_error("no anonymized crop")
         try:
             destroy_box(image, np.array([0, 0, w, h], np.float32), anon_cfg.fallback, anon_cfg, margin=0.0, out=image)
-            f.method_applied = f"{anon_cfg.fallback} (whole image)"
+            f.method_applied = Applied(anon_cfg.fallback, Where.WHOLE_IMAGE)
         except Exception as exc:  # noqa: BLE001
-            withheld = f"face {f.face_index} could not be anonymized: {type(exc).__name__}: {exc}"[:500]
+            withheld = f"face {f.face_index} could not be anonymized: {describe(exc)}"[:500]
             f.method_applied = None
     return withheld

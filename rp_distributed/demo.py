@@ -87,8 +87,8 @@ def tiny_config(cfg: JobConfig, tiny_dir: Path = TINY_DIR) -> JobConfig:
 
 
 def run_demo(output: str, config: str | None, overrides: list[str], input_dir: str = "demo-input") -> int:
-    from .cli import _summary_text
-    from .pipeline import run_job
+    from .summary import summary_text
+    from .job.run import run_job
 
     cfg = load_config(config or "configs/local.yaml", overrides)
     samples = copy_samples(Path(input_dir))
@@ -106,7 +106,7 @@ def run_demo(output: str, config: str | None, overrides: list[str], input_dir: s
             print(f"demo: running the real models: {cfg.diffusion.model} + {cfg.diffusion.ip_adapter}")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     result = run_job(cfg, input_dir, output)
-    print(_summary_text(result, cfg, input_dir, output))
+    print(summary_text(result, cfg, input_dir, output))
     if result.report_uri:
         print(f"\ndemo: open the report in a browser: {result.report_uri}")
     return 0

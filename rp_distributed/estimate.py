@@ -1,6 +1,6 @@
 """``rp-anonymize estimate``: what a run will cost, before running it.
 
-Lists the inputs as the job does, runs the pipeline's own first stage (``pipeline.DetectFaces``, without the
+Lists the inputs as the job does, runs the job's own first stage (``stages.detect.DetectFaces``, without the
 identity embeddings: no ArcFace is loaded) on a sample of them in this process (no Ray), and counts faces the
 way the anonymizer will treat them: a face below ``detection.min_face_size``, beyond ``detection.max_faces`` or
 whose alignment failed gets the fallback method, not diffusion (``anonymize.Anonymizer``), so it costs no UNet evaluation. Every other face
@@ -63,7 +63,7 @@ def unet_evals_per_try(cfg: JobConfig) -> int:
 
 
 def tries_range(cfg: JobConfig) -> tuple[int, int]:
-    if cfg.anonymizer.method != "reverse_personalization":
+    if not cfg.anonymizer.generative:
         return 0, 0
     return 1, (cfg.privacy.max_tries if cfg.privacy.escalate else 1)
 
@@ -75,11 +75,43 @@ def sample_indices(n: int, k: int) -> list[int]:
     return sorted(set(np.linspace(0, n - 1, k).round().astype(int).tolist()))
 
 
+def _count_faces(cfg: JobConfig, rows: list[dict]) -> tuple[dict, list[dict]]:
+    """The sampled images through the job's detection stage, each face routed as the anonymizer routes it
+    (``anonymizer.triage``): faces, faces that would be generated, and those that get a destructive method."""
+    from .anonymizer.triage import Route, triage
+    from .records import ImageRow
+    from .stages.detect import DetectFaces
+
+    stage = DetectFaces.from_config(cfg, identities=False) if rows else None  # counting faces needs no ArcFace
+    counts = dict(images=len(rows), with_faces=0, without_faces=0, unreadable=0, faces=0, diffusion_faces=0,
+                  small=0, over_budget=0, align_failed=0, low_confidence=0)
+    per_image = []
+    for r in rows:
+        out = stage.process(ImageRow(r["uri"], r["rel_path"], error=r["skip_reason"], annotations=r.get("annotations"),
+                                     prompts=r.get("prompts")))
+        if not out.pending:
+            counts["unreadable"] += 1
+            per_image.append({"rel_path": r["rel_path"], "faces": 0, "diffusion_faces": 0, "error": out.error})
+            continue
+        faces = out.payload.faces
+        diff = 0
+        for f in faces:
+            decision = triage(f, cfg.anonymizer.generative, cfg.detection, cfg.anonymizer.fallback)
+            if decision.counted_as:
+                counts[decision.counted_as] += 1
+            elif decision.route is Route.METHOD and cfg.anonymizer.generative:
+                diff += 1
+        counts["faces"] += len(faces)
+        counts["diffusion_faces"] += diff
+        counts["with_faces" if faces else "without_faces"] += 1
+        per_image.append({"rel_path": r["rel_path"], "faces": len(faces), "diffusion_faces": diff})
+    return counts, per_image
+
+
 def estimate(cfg: JobConfig, input_uri: str, sample: int = 20, device: str = "H100",
              utilization: float = DEFAULT_UTILIZATION) -> dict:
     """The figures ``rp-anonymize estimate`` prints, as a dict."""
     from . import io
-    from .pipeline import DetectFaces
 
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; known: {', '.join(DEVICES)}")
@@ -94,34 +126,8 @@ def estimate(cfg: JobConfig, input_uri: str, sample: int = 20, device: str = "H1
 
         picked = listing.take(idx)
         rows = attach(cfg, picked.append_column("input_uri", picked["uri"]))[0].to_pylist()
-    stage = DetectFaces(cfg, identities=False) if rows else None  # counting faces needs no ArcFace
-    rp = cfg.anonymizer.method == "reverse_personalization"
-    counts = dict(images=len(rows), with_faces=0, without_faces=0, unreadable=0, faces=0, diffusion_faces=0,
-                  small=0, over_budget=0, align_failed=0)
-    per_image = []
-    for r in rows:
-        out = stage.process({"input_uri": r["uri"], "rel_path": r["rel_path"], "output_uri": None,
-                             "stale_output_uri": None, "error": r["skip_reason"], "notes": None,
-                             "annotations": r.get("annotations"), "prompts": r.get("prompts")})
-        if out["status"] in ("error", "withheld"):
-            counts["unreadable"] += 1
-            per_image.append({"rel_path": r["rel_path"], "faces": 0, "diffusion_faces": 0, "error": out["error"]})
-            continue
-        faces = out["payload"].faces
-        diff = 0
-        for f in faces:  # the anonymizer's order of checks (anonymize.Anonymizer.__call__)
-            if f.over_budget:
-                counts["over_budget"] += 1
-            elif f.align_error:
-                counts["align_failed"] += 1
-            elif f.small and rp:
-                counts["small"] += 1
-            elif rp:
-                diff += 1
-        counts["faces"] += len(faces)
-        counts["diffusion_faces"] += diff
-        counts["with_faces" if faces else "without_faces"] += 1
-        per_image.append({"rel_path": r["rel_path"], "faces": len(faces), "diffusion_faces": diff})
+    counts, per_image = _count_faces(cfg, rows)
+    rp = cfg.anonymizer.generative
     scale = n / len(rows) if rows else 0.0
     per_try = unet_evals_per_try(cfg) if rp else 0
     lo_tries, hi_tries = tries_range(cfg)
@@ -135,7 +141,7 @@ def estimate(cfg: JobConfig, input_uri: str, sample: int = 20, device: str = "H1
     gpu_hours = [p * 1000 / (dev.tflops * utilization) / 3600 for p in total_pflop]
     return {
         "input_uri": input_uri, "images_listed": n, "sampled": len(rows), "sample": counts,
-        "per_image": per_image, "method": cfg.anonymizer.method,
+        "per_image": per_image, "method": cfg.anonymizer.method, "generative": rp,
         "estimated_faces": counts["faces"] * scale, "estimated_diffusion_faces": est_diff_faces,
         "unet_evals_per_try": per_try, "tries": [lo_tries, hi_tries],
         "sample_unet_evals": sample_evals, "estimated_unet_evals": [e * scale for e in sample_evals],
@@ -161,13 +167,14 @@ def estimate_text(e: dict) -> str:
         f"  sample            {c['faces']} faces in {c['with_faces']} images, {c['without_faces']} without a face, "
         f"{c['unreadable']} unreadable or withheld",
     ]
-    if e["method"] == "reverse_personalization":
+    generative = e["generative"]
+    if generative:
         lines.append(f"                    {c['diffusion_faces']} faces by diffusion; fallback without diffusion: "
                      f"{c['small']} below detection.min_face_size, {c['over_budget']} beyond detection.max_faces, "
-                     f"{c['align_failed']} alignment failed")
+                     f"{c['align_failed']} alignment failed, {c['low_confidence']} low-confidence detections")
     lines.append(f"  faces             {e['estimated_faces']:.0f} estimated"
                  + (f" ({e['estimated_faces'] / e['images_listed']:.2f} per image)" if e["images_listed"] else ""))
-    if e["method"] != "reverse_personalization":
+    if not generative:
         lines.append("  UNet evaluations  0 (a destructive method: no diffusion, no GPU)")
         return "\n".join(lines)
     lo, hi = e["tries"]

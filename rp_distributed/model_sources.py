@@ -8,7 +8,7 @@ import os
 import re
 from pathlib import Path
 
-from .modelstore import LockedModels, is_uri, sync_locked, sync_uri
+from .modelstore import LockedModels, ModelSourceError, is_uri, sync_locked, sync_uri
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -45,3 +45,16 @@ def model_lock(cfg) -> LockedModels | None:
                      cfg.variant, check_variant=True)
     locked.check_pin(cfg.ip_adapter, "diffusion.ip_adapter", "diffusion.ip_adapter_revision", cfg.ip_adapter_revision)
     return locked
+
+
+def local_folder(model_dir: str | None, lock_file: str | None, cache_dir: str, key: str) -> str | None:
+    """``model_dir`` as a local folder on this node: through the lock file when one is set (checked, sha256),
+    synced when a URI, as given otherwise (None: the backend's default)."""
+    if lock_file:
+        if not model_dir:
+            raise ModelSourceError(f"{key.rsplit('.', 1)[0]}.lock_file is set but {key} is not: name the folder in "
+                                   "the pulled tree (`rp-anonymize models pull` prints it)")
+        return str(sync_locked(lock_file, cache_dir).local(model_dir, key))
+    if model_dir and "://" in model_dir:
+        return str(sync_uri(model_dir, cache_dir))
+    return model_dir

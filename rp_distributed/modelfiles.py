@@ -33,21 +33,6 @@ DIGEST_CACHE = "file-digests.json"
 _CHUNK = 8 * 1024 * 1024
 
 
-def local_folder(model_dir: str | None, lock_file: str | None, cache_dir: str, key: str) -> str | None:
-    """``model_dir`` as a local folder on this node: through the lock file when one is set (checked, sha256),
-    synced when a URI, as given otherwise (None: the backend's default)."""
-    from .modelstore import ModelSourceError, sync_locked, sync_uri
-
-    if lock_file:
-        if not model_dir:
-            raise ModelSourceError(f"{key.rsplit('.', 1)[0]}.lock_file is set but {key} is not: name the folder in "
-                                   "the pulled tree (`rp-anonymize models pull` prints it)")
-        return str(sync_locked(lock_file, cache_dir).local(model_dir, key))
-    if model_dir and "://" in model_dir:
-        return str(sync_uri(model_dir, cache_dir))
-    return model_dir
-
-
 def file_sha256(path: str | os.PathLike, cache_dir: str) -> str:
     """sha256 of a local file, cached by (real path, size, mtime) in ``cache_dir``."""
     real = os.path.realpath(path)

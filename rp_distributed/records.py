@@ -1,10 +1,12 @@
 """Typed records that travel between the pipeline's stages.
 
-One ``ImagePayload`` per input row carries the source image and its ``Face`` records from ``DetectFaces``
-through ``AnonymizeFaces`` to ``MergeAndWrite``. Each stage fills its own group of ``Face`` fields and
-reads the groups of the stages before it; the manifest (``manifest.face_row``) is written from the record.
+One ``ImageRow`` per input carries the plan's columns, the image's outcome so far (``Status``) and an
+``ImagePayload``: the source image and its ``Face`` records, from ``DetectFaces`` through ``AnonymizeFaces`` to
+``MergeAndWrite``. Each stage fills its own group of ``Face`` fields and reads the groups of the stages before
+it; the manifest rows are written from the records (``manifest.image_row``, ``manifest.face_row``), which is
+where ``Applied`` and ``Try`` become the manifest's strings.
 
-What crosses a stage boundary is kept lean (issue 8): the payload carries the image as its encoded source
+What crosses a stage boundary is kept lean: the payload carries the image as its encoded source
 bytes when they are smaller than the decoded pixels (the merge stage decodes them again, bit for bit the
 same pixels), and the aligned crops go to the anonymizer stage only: ``AnonymizeFaces`` drops them once it
 has made ``anon_crop``.
@@ -12,9 +14,73 @@ has made ``anon_crop``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import enum
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+REVERSE_PERSONALIZATION = "reverse_personalization"
+
+
+class Status(str, enum.Enum):
+    """An image's outcome. ``PENDING`` while the stages still work on it; the manifest holds the other four:
+    ``ok`` (written, every face anonymized), ``no_face`` (written, no face found), ``withheld`` (faces present that
+    could not all be anonymized: nothing written), ``error`` (the input could not be used)."""
+
+    PENDING = "pending"
+    OK = "ok"
+    NO_FACE = "no_face"
+    WITHHELD = "withheld"
+    ERROR = "error"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Where(str, enum.Enum):
+    """Where a face's method was applied: on its aligned crop (pasted back), or destroyed on the image itself."""
+
+    CROP = ""
+    IMAGE_BOX = "image box"  # no crop to paste (beyond max_faces, alignment or paste-back failed)
+    WHOLE_IMAGE = "whole image"  # aligned input: the image is the face
+    AUDIT = "audit"  # a face the first pass missed, found on the output by the audit
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What the written image holds for a face: ``method`` applied ``where``, and whether the re-ID gate masked it
+    afterwards. Written to the manifest as ``blur``, ``blur (image box)``, ``reverse_personalization+mask``..."""
+
+    method: str  # blur | pixelate | mask | reverse_personalization
+    where: Where = Where.CROP
+    masked: bool = False
+
+    def __str__(self) -> str:
+        place = f" ({self.where.value})" if self.where is not Where.CROP else ""
+        return f"{self.method}{place}{'+mask' if self.masked else ''}"
+
+    @property
+    def generated(self) -> bool:
+        return self.method == REVERSE_PERSONALIZATION
+
+    @property
+    def solid_mask(self) -> bool:
+        """Whether no pixel of the face is left: masked by the gate, or the mask method itself."""
+        return self.masked or self.method == "mask"
+
+    def with_mask(self) -> "Applied":
+        return Applied(self.method, self.where, True)
+
+
+@dataclass(frozen=True)
+class Try:
+    """One generation of a face (a rung of the escalation ladder) and what the re-ID check said of it."""
+
+    guidance: float
+    reid_distance: float | None  # None: not checked, or the check could not run
+
+    def as_json(self) -> dict:
+        return asdict(self)
 
 
 def join_reasons(*reasons: str | None) -> str | None:
@@ -49,12 +115,11 @@ class Face:
     # -- AnonymizeFaces ----------------------------------------------------------------------------------
     anon_crop: np.ndarray | None = None  # uint8[S, S, 3]; None: merge destroys the image box instead
     method: str | None = None  # requested
-    method_applied: str | None = None  # what the written image holds for this face ("+mask": masked later)
+    method_applied: Applied | None = None  # what the written image holds for this face
     face_error: str | None = None  # why the requested method is not what was applied
     params: str | None = None  # JSON of the method's parameters
     model: str | None = None  # JSON of model identifiers
-    tries: int | None = None
-    tries_json: str | None = None  # [{guidance, reid_distance}] per generation
+    tries: list[Try] | None = None  # the generations run (None: the method generates nothing)
     guidance_final: float | None = None
     unet_evals: int | None = None
     t_anonymize_s: float | None = None
@@ -77,14 +142,8 @@ class Face:
 
     @property
     def masked(self) -> bool:
-        """Whether the written face's last applied method is a solid mask (no pixel of the face is left)."""
-        return is_masked(self.method_applied)
-
-
-def is_masked(method_applied: str | None) -> bool:
-    if not method_applied:
-        return False
-    return method_applied.split("+")[-1].split(" ")[0] == "mask"
+        """Whether no pixel of the written face is left (the gate's mask, or the mask method)."""
+        return self.method_applied is not None and self.method_applied.solid_mask
 
 
 @dataclass
@@ -119,3 +178,47 @@ class ImagePayload:
 
         decoded = decode_image(self.source, max_pixels)
         return decoded.rgb, decoded.alpha
+
+
+@dataclass
+class ImageRow:
+    """One input as it travels between the stages: the plan's columns, the outcome so far and the payload. A stage
+    that decides the outcome early (an unreadable input, a face it cannot place) sets ``status`` and ``error``;
+    the stages after it pass the row on untouched, and the merge stage writes its manifest row."""
+
+    input_uri: str
+    rel_path: str
+    output_uri: str | None = None  # the key this input writes (None: refused at plan time, see error)
+    stale_output_uri: str | None = None  # an earlier run's output at another key, to delete
+    status: Status = Status.PENDING
+    error: str | None = None
+    notes: str | None = None
+    width: int | None = None
+    height: int | None = None
+    t_read_s: float | None = None
+    t_detect_s: float | None = None
+    detect_passes: int | None = None
+    detect_mpix: float | None = None
+    payload: ImagePayload = field(default_factory=ImagePayload)
+    annotations: object = None  # the plan's rows of input.annotations for this image (detection stage only)
+    prompts: object = None  # its rows of prompts.table (detection stage only)
+
+    @classmethod
+    def of(cls, columns: dict) -> "ImageRow":
+        """A row from a mapping of column values (a plan row, a batch row); columns it does not hold are ignored."""
+        row = cls(**{k: v for k, v in columns.items() if k in cls.__dataclass_fields__})
+        row.status = Status(row.status or Status.PENDING)  # a string once Ray's blocks have been through Arrow
+        return row
+
+    @property
+    def pending(self) -> bool:
+        return self.status is Status.PENDING
+
+    def finish(self, status: Status, error: str | None, payload: ImagePayload | None = None) -> "ImageRow":
+        """Decide the outcome early: nothing of this image is written (its payload is dropped)."""
+        self.status, self.error, self.payload = status, error, payload or ImagePayload()
+        return self
+
+
+# The columns a batch carries between the stages (the detection stage empties the side tables' rows).
+STAGE_COLUMNS = list(ImageRow.__dataclass_fields__)

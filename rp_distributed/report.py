@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import io, manifest
+from .summary import summarize
 
 REPORT_NAME = "report.html"
 RUN_INFO_PREFIX = "config-"
@@ -92,7 +93,7 @@ class Facts:
     images: list[dict]  # one row per input: its first (image-level or face 0) row
     faces: list[dict]  # face rows
     runs: Counter  # run_id -> inputs whose latest outcome it holds
-    summary: dict  # manifest.summarize of the latest view (the end-of-run summary's figures)
+    summary: dict  # summary.summarize of the latest view (the end-of-run summary's figures)
     by_status: dict
     by_method: Counter
     image_reasons: dict  # reason -> [rel_path, ...] (error / withheld)
@@ -162,7 +163,7 @@ def facts(view: pa.Table, run_infos: dict | None = None) -> Facts:
         timings[col] = _num(r.get(col) for r in (faces if per == "face" else images))
     return Facts(
         rows=rows, images=images, faces=faces, runs=Counter(r["run_id"] for r in images),
-        summary=manifest.summarize(rows), by_status=by_status,
+        summary=summarize(rows), by_status=by_status,
         by_method=Counter(r.get("method_applied") or "none (no crop: image-level fallback)" for r in faces),
         image_reasons=dict(image_reasons), face_reasons=dict(face_reasons), score_reasons=dict(score_reasons),
         threshold=threshold, first_try=_num(first),

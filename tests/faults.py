@@ -31,9 +31,9 @@ def install() -> None:
 
     flag = os.environ.get("RP_TEST_DEVICE_FAULT_FLAG")
     if flag:
-        from rp_distributed.anonymize import Anonymizer
+        from rp_distributed.anonymizer.ladder import ReversePersonalization
 
-        generate = Anonymizer._invert_generate
+        generate = ReversePersonalization._invert_generate
 
         def faulty_generate(self, chunk, *args):
             # The first process to get here breaks its "device" for good: every later call in that process
@@ -51,7 +51,7 @@ def install() -> None:
                                    "CUDA kernel errors might be asynchronously reported at some other API call")
             return generate(self, chunk, *args)
 
-        Anonymizer._invert_generate = faulty_generate
+        ReversePersonalization._invert_generate = faulty_generate
 
 
 def run_with_faults(config_json: str, input_uri: str, output_uri: str) -> None:
@@ -59,7 +59,7 @@ def run_with_faults(config_json: str, input_uri: str, output_uri: str) -> None:
     import ray
 
     from rp_distributed.config import JobConfig
-    from rp_distributed.pipeline import run_job
+    from rp_distributed.job.run import run_job
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"worker_process_setup_hook": "tests.faults.install"})

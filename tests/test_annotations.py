@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from rp_distributed.faces import annotated
 from rp_distributed import annotations as ann
 from rp_distributed.config import load_config
 
@@ -83,7 +84,7 @@ def test_bad_rows_are_reported_row_by_row(tmp_path):
     cfg = load_config(None, ["input.mode=annotations", f"input.annotations={path}"])
     table, orphans = ann.attach(cfg, LISTING)
     assert not orphans
-    found = ann.faces_from_rows(table["annotations"][0].as_py(), (100, 100, 3))
+    found = annotated.faces_from_rows(table["annotations"][0].as_py(), (100, 100, 3))
     assert len(found.faces) == 3  # rows 0, 2 (clipped), 5
     assert [f.box.tolist() for f in found.faces] == [[20, 20, 70, 80], [10, 10, 50, 60], [0, 80, 30, 100]]
     assert found.needs_landmarks == [True, True, True]
@@ -151,14 +152,14 @@ def test_prompt_rows_name_faces_by_index_by_box_or_the_whole_image(tmp_path):
     table, orphans = ann.attach(cfg, LISTING)
     assert not orphans and table["prompts"][1].as_py() is None
     boxes = [np.array(b, np.float32) for b in ([0, 0, 100, 100], [100, 0, 150, 50], [200, 0, 240, 40], [0, 200, 30, 230])]
-    chosen, notes = ann.prompts_for_faces(table["prompts"][0].as_py(), boxes, 0.5)
+    chosen, notes = annotated.prompts_for_faces(table["prompts"][0].as_py(), boxes, 0.5)
     assert chosen == ["a photo of a old man", "a photo of a middle-aged woman", "a photo of a young woman",
                       "a photo of a old man"]
     assert len(notes) == 3 and notes[0].startswith("prompts row 3: face_index 7 names no face")
     assert notes[1].startswith("prompts row 4: box [400, 400, 450, 450] overlaps no face")
     assert notes[2] == "prompts row 5: template field(s) ['age_group'] empty: ignored"
     # Without a row for the image, every face is left to the job's prompt.
-    assert ann.prompts_for_faces(None, boxes, 0.5) == ([ann.UNSET] * 4, [])
+    assert annotated.prompts_for_faces(None, boxes, 0.5) == ([annotated.UNSET] * 4, [])
 
 
 def test_prompt_tables_need_a_prompt_column_or_a_template(tmp_path):

@@ -8,9 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from rp_distributed.anonymize import Anonymizer, DeviceFault, is_device_fault
+from rp_distributed.records import ImageRow
+from rp_distributed.anonymizer import Anonymizer
+from rp_distributed.faults import DeviceFault, is_device_fault
 from rp_distributed.config import load_config
-from rp_distributed.pipeline import DetectFaces
+from rp_distributed.stages.detect import DetectFaces
 from tests.conftest import FAST_DETECTION
 
 STEPS = 4  # the ladder, pooling and fallbacks are logic over generations: the least the tiny model needs
@@ -27,9 +29,9 @@ def _rp_cfg(tiny_dir, *extra):
 @pytest.fixture(scope="module")
 def t1_faces(tiny_dir, t1_path):
     """Real face records of t1.jpg (detected and aligned by the pipeline's own first stage)."""
-    row = DetectFaces(_rp_cfg(tiny_dir)).process({"input_uri": str(t1_path), "rel_path": "t1.jpg", "output_uri": "x"})
-    assert row["status"] is None and len(row["payload"].faces) == 6
-    return row["payload"].faces
+    row = DetectFaces.from_config(_rp_cfg(tiny_dir)).process(ImageRow.of({"input_uri": str(t1_path), "rel_path": "t1.jpg", "output_uri": "x"}))
+    assert row.pending and len(row.payload.faces) == 6
+    return row.payload.faces
 
 
 def _fresh(faces, n=3):
@@ -41,16 +43,15 @@ def test_escalation_runs_every_rung_then_falls_back(tiny_dir, t1_faces):
     cfg = _rp_cfg(tiny_dir, "privacy.reid_threshold=5.0", "privacy.guidance_ladder=[-14.0, -18.0]",
                   "privacy.max_tries=3", "anonymizer.fallback=pixelate")
     faces = _fresh(t1_faces)
-    Anonymizer(cfg)(faces)
+    Anonymizer.from_config(cfg)(faces)
     for f in faces:
-        tries = json.loads(f.tries_json)
-        assert [t["guidance"] for t in tries] == [-10.0, -14.0, -18.0]
-        assert all(t["reid_distance"] is not None and t["reid_distance"] < 5.0 for t in tries)
-        assert f.tries == 3 and f.guidance_final == -18.0
+        assert [t.guidance for t in f.tries] == [-10.0, -14.0, -18.0]
+        assert all(t.reid_distance is not None and t.reid_distance < 5.0 for t in f.tries)
+        assert len(f.tries) == 3 and f.guidance_final == -18.0
         assert f.unet_evals == 4 * STEPS * 3  # an inversion and a generation per rung
-        assert f.method_applied == "pixelate" and "still re-identified after 3 tries" in f.face_error
+        assert str(f.method_applied) == "pixelate" and "still re-identified after 3 tries" in f.face_error
         # Every rung produced a different face: guidance changes the output.
-    dists = [[t["reid_distance"] for t in json.loads(f.tries_json)] for f in faces]
+    dists = [[t.reid_distance for t in f.tries] for f in faces]
     assert all(len(set(d)) == 3 for d in dists)
 
 
@@ -59,17 +60,17 @@ def test_an_escalated_face_equals_a_fresh_run_at_the_rung_guidance(tiny_dir, t1_
     rung = _rp_cfg(tiny_dir, "privacy.reid_threshold=5.0", "privacy.guidance_ladder=[-14.0]", "privacy.max_tries=2",
                    "privacy.fallback_if_reidentified=false")  # keep the last rung's crop
     escalated = _fresh(t1_faces, 2)
-    Anonymizer(rung)(escalated)
+    Anonymizer.from_config(rung)(escalated)
     fresh = _fresh(t1_faces, 2)
-    Anonymizer(_rp_cfg(tiny_dir, "diffusion.guidance_scale=-14.0", "privacy.escalate=false",
+    Anonymizer.from_config(_rp_cfg(tiny_dir, "diffusion.guidance_scale=-14.0", "privacy.escalate=false",
                        "privacy.guidance_ladder=[-15.0, -20.0]"))(fresh)
     reused = _fresh(t1_faces, 2)  # what the old escalation did: -10's inversion regenerated at -14
-    a = Anonymizer(_rp_cfg(tiny_dir, "privacy.escalate=false"))
-    ids = np.stack([a.embedder.embed(f.crop, f.kps5) for f in reused])
-    inv = a.rp.invert([f.crop for f in reused], [f.seed for f in reused])
-    old = a.rp.generate(inv, ids, None, [-14.0, -14.0])
+    a = Anonymizer.from_config(_rp_cfg(tiny_dir, "privacy.escalate=false"))
+    ids = np.stack([a.method.embedder.embed(f.crop, f.kps5) for f in reused])
+    inv = a.method.rp.invert([f.crop for f in reused], [f.seed for f in reused])
+    old = a.method.rp.generate(inv, ids, None, [-14.0, -14.0])
     for f, g, o in zip(escalated, fresh, old):
-        assert f.tries == 2 and f.guidance_final == -14.0 and f.unet_evals == 8 * STEPS
+        assert len(f.tries) == 2 and f.guidance_final == -14.0 and f.unet_evals == 8 * STEPS
         assert np.abs(f.anon_crop.astype(int) - g.anon_crop.astype(int)).max() <= 1
         assert np.abs(f.anon_crop.astype(int) - o.astype(int)).mean() > 1  # a different function
 
@@ -78,7 +79,7 @@ def test_escalation_pools_the_re_identified_faces_of_all_chunks(tiny_dir, t1_fac
     """Issue 13: the faces still re-identified after a rung are pooled across chunks, so the next rung runs
     full chunks (here one chunk of 2, not two chunks of 1), and the re-ID checks of a rung are all gathered
     before the next one starts."""
-    anonymizer = Anonymizer(_rp_cfg(tiny_dir, "privacy.guidance_ladder=[-14.0]", "privacy.max_tries=2"))
+    anonymizer = Anonymizer.from_config(_rp_cfg(tiny_dir, "privacy.guidance_ladder=[-14.0]", "privacy.max_tries=2"))
     order = []
 
     def distance(original, anonymized):  # injected: the 1st and 5th face checked on rung 0 are re-identified
@@ -86,36 +87,36 @@ def test_escalation_pools_the_re_identified_faces_of_all_chunks(tiny_dir, t1_fac
         return 0.1 if len(order) in (1, 5) else 1.0
 
     calls = []
-    generate = anonymizer.rp.generate
+    generate = anonymizer.method.rp.generate
 
     def counted(inv, *args, **kwargs):
         calls.append(len(inv))
         return generate(inv, *args, **kwargs)
 
-    anonymizer.scorer.distance = distance
-    anonymizer.rp.generate = counted
+    anonymizer.method.scorer.distance = distance
+    anonymizer.method.rp.generate = counted
     faces = _fresh(t1_faces, 6)
     anonymizer(faces)
     assert calls == [3, 3, 2]
-    assert [f.tries for f in faces] == [2, 1, 1, 1, 2, 1]
+    assert [len(f.tries) for f in faces] == [2, 1, 1, 1, 2, 1]
     assert [f.guidance_final for f in faces] == [-14.0, -10.0, -10.0, -10.0, -14.0, -10.0]
-    assert all(f.method_applied == "reverse_personalization" and f.face_error is None for f in faces)
+    assert all(str(f.method_applied) == "reverse_personalization" and f.face_error is None for f in faces)
 
 
 def test_escalation_stops_at_the_first_rung_that_passes(tiny_dir, t1_faces):
     cfg = _rp_cfg(tiny_dir, "privacy.reid_threshold=0.0001")  # nothing is re-identified
     faces = _fresh(t1_faces)
-    Anonymizer(cfg)(faces)
+    Anonymizer.from_config(cfg)(faces)
     for f in faces:
-        assert f.tries == 1 and f.guidance_final == -10.0 and f.face_error is None
-        assert f.method_applied == "reverse_personalization"
+        assert len(f.tries) == 1 and f.guidance_final == -10.0 and f.face_error is None
+        assert str(f.method_applied) == "reverse_personalization"
         assert f.anon_crop.shape == f.crop.shape and np.abs(
             f.anon_crop.astype(int) - f.crop.astype(int)).mean() > 5
 
 
 def test_stage_output_is_independent_of_the_batch(tiny_dir, t1_faces):
     cfg = _rp_cfg(tiny_dir, "privacy.escalate=false")
-    anonymizer = Anonymizer(cfg)
+    anonymizer = Anonymizer.from_config(cfg)
     together = _fresh(t1_faces, 3)
     anonymizer(together)
     alone = [_fresh(t1_faces[i:i + 1], 1) for i in range(3)]
@@ -129,36 +130,36 @@ def test_generation_failure_falls_back_for_that_face_only(tiny_dir, t1_faces):
     cfg = _rp_cfg(tiny_dir, "privacy.escalate=false", "anonymizer.fallback=mask")
     faces = _fresh(t1_faces)
     faces[1].crop = np.ascontiguousarray(faces[1].crop[:62, :62])  # not a size the VAE can take
-    Anonymizer(cfg)(faces)
-    assert faces[1].method_applied == "mask" and "generation failed" in faces[1].face_error
+    Anonymizer.from_config(cfg)(faces)
+    assert str(faces[1].method_applied) == "mask" and "generation failed" in faces[1].face_error
     assert faces[1].anon_crop is not None and faces[1].anon_crop.max() == 0
     for f in (faces[0], faces[2]):  # the rest of the chunk was retried one by one and succeeded
-        assert f.method_applied == "reverse_personalization" and f.face_error is None
+        assert str(f.method_applied) == "reverse_personalization" and f.face_error is None
 
 
 def test_a_device_fault_ends_the_stage_instead_of_falling_back(tiny_dir, t1_faces):
     """A CUDA error that means the device is gone must not turn every later face into a blur."""
-    anonymizer = Anonymizer(_rp_cfg(tiny_dir, "privacy.escalate=false"))
+    anonymizer = Anonymizer.from_config(_rp_cfg(tiny_dir, "privacy.escalate=false"))
 
     def broken(*args, **kwargs):  # injected: what torch raises after an illegal memory access
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    anonymizer.rp.generate = broken
+    anonymizer.method.rp.generate = broken
     faces = _fresh(t1_faces)
     with pytest.raises(DeviceFault, match="illegal memory access"):
         anonymizer(faces)
-    assert not any(f.method_applied == "blur" for f in faces)
+    assert not any(str(f.method_applied) == "blur" for f in faces)
 
 
 def test_a_device_fault_outside_the_chunk_also_ends_the_stage(tiny_dir, t1_faces):
     """A CUDA error raised off the chunk's own path (here: the noise handed over by the background thread)
     still ends the actor instead of withholding its images as a user error."""
-    anonymizer = Anonymizer(_rp_cfg(tiny_dir, "privacy.escalate=false"))
+    anonymizer = Anonymizer.from_config(_rp_cfg(tiny_dir, "privacy.escalate=false"))
 
     def broken(*args, **kwargs):  # injected
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    anonymizer.rp.draw_noise = broken
+    anonymizer.method.rp.draw_noise = broken
     with pytest.raises(DeviceFault, match="illegal memory access"):
         anonymizer(_fresh(t1_faces))
 
@@ -166,18 +167,18 @@ def test_a_device_fault_outside_the_chunk_also_ends_the_stage(tiny_dir, t1_faces
 def test_out_of_memory_keeps_the_one_by_one_retry(tiny_dir, t1_faces):
     import torch
 
-    anonymizer = Anonymizer(_rp_cfg(tiny_dir, "privacy.escalate=false"))
-    generate = anonymizer.rp.generate
+    anonymizer = Anonymizer.from_config(_rp_cfg(tiny_dir, "privacy.escalate=false"))
+    generate = anonymizer.method.rp.generate
 
     def small_memory(inv, *args, **kwargs):  # injected: a batch of several faces does not fit
         if len(inv) > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return generate(inv, *args, **kwargs)
 
-    anonymizer.rp.generate = small_memory
+    anonymizer.method.rp.generate = small_memory
     faces = _fresh(t1_faces)
     anonymizer(faces)
-    assert all(f.method_applied == "reverse_personalization" and not f.face_error for f in faces)
+    assert all(str(f.method_applied) == "reverse_personalization" and not f.face_error for f in faces)
 
 
 @pytest.mark.parametrize("message,fatal", [
@@ -224,30 +225,30 @@ def test_a_detector_device_fault_ends_the_detection_stage_in_aligned_mode(t1_pat
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
     cfg = load_config(None, ["input.mode=aligned", "input.aligned_keypoints=detector"])
-    stage = DetectFaces(cfg)
+    stage = DetectFaces.from_config(cfg)
 
     def broken(rgb):  # injected: what the insightface detector raises on a lost device
         raise Fail(ORT_DEVICE_FAULT)
 
     stage.detector.detect = broken
     with pytest.raises(DeviceFault, match="CUDA failure 700|ONNXRuntimeError"):
-        stage.process({"input_uri": str(t1_path), "rel_path": "t1.jpg", "output_uri": "x", "error": None,
-                       "notes": None, "stale_output_uri": None})
+        stage.process(ImageRow.of({"input_uri": str(t1_path), "rel_path": "t1.jpg", "output_uri": "x", "error": None,
+                       "notes": None, "stale_output_uri": None}))
 
 
 def test_small_faces_get_the_destructive_method(tiny_dir, t1_path):
     cfg = _rp_cfg(tiny_dir, "detection.min_face_size=120", "privacy.escalate=false")
     # Detection decides which faces are small (t1's sides: 130 px and five of 90 to 109 px).
-    row = DetectFaces(cfg).process({"input_uri": str(t1_path), "rel_path": "t1.jpg", "output_uri": "x"})
-    faces = row["payload"].faces
+    row = DetectFaces.from_config(cfg).process(ImageRow.of({"input_uri": str(t1_path), "rel_path": "t1.jpg", "output_uri": "x"}))
+    faces = row.payload.faces
     assert [f.small for f in faces] == [max(f.box[2] - f.box[0], f.box[3] - f.box[1]) < 120 for f in faces]
     assert 0 < sum(f.small for f in faces) < 6
-    Anonymizer(cfg)(faces)
+    Anonymizer.from_config(cfg)(faces)
     for f in faces:
         if f.small:
-            assert f.method_applied == "blur" and "smaller than detection.min_face_size" in f.face_error
+            assert str(f.method_applied) == "blur" and "smaller than detection.min_face_size" in f.face_error
         else:
-            assert f.method_applied == "reverse_personalization"
+            assert str(f.method_applied) == "reverse_personalization"
 
 
 def test_low_confidence_detections_get_the_destructive_method(tiny_dir, t1_faces):
@@ -255,8 +256,8 @@ def test_low_confidence_detections_get_the_destructive_method(tiny_dir, t1_faces
     cfg = _rp_cfg(tiny_dir, "privacy.escalate=false")
     faces = _fresh(t1_faces, 3)
     faces[1].low_confidence = True
-    Anonymizer(cfg)(faces)
-    assert faces[1].method_applied == "blur" and "low-confidence detection" in faces[1].face_error
+    Anonymizer.from_config(cfg)(faces)
+    assert str(faces[1].method_applied) == "blur" and "low-confidence detection" in faces[1].face_error
     assert faces[1].unet_evals in (None, 0)
     assert [faces[0].method_applied, faces[2].method_applied] == ["reverse_personalization"] * 2
 
@@ -265,7 +266,7 @@ def test_bad_model_source_fails_at_start_up(tiny_dir, tmp_path):
     from rp_distributed.diffusion import ModelSourceError
 
     with pytest.raises(ModelSourceError, match="does not exist"):
-        Anonymizer(_rp_cfg(tiny_dir, f"diffusion.model={tmp_path}/nope"))
+        Anonymizer.from_config(_rp_cfg(tiny_dir, f"diffusion.model={tmp_path}/nope"))
 
 
 # The whole Ray job with this method: tests/test_report.py (rp_run: the tiny model on t1.jpg and three more inputs,

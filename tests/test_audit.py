@@ -8,10 +8,14 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from rp_distributed import summary
 from rp_distributed import manifest
 from rp_distributed.audit import covered_fraction
 from rp_distributed.config import load_config
-from rp_distributed.pipeline import AnonymizeFaces, DetectFaces, MergeAndWrite, _columns, _rows
+from rp_distributed.stages.anonymize import AnonymizeFaces
+from rp_distributed.stages.detect import DetectFaces
+from rp_distributed.stages.merge import MergeAndWrite
+from rp_distributed.stages.batch import columns as _columns, rows as _rows
 
 
 def _through(stage, row):
@@ -22,8 +26,8 @@ def _through(stage, row):
 def _run_stages(cfg, src, out) -> list[dict]:
     row = {"input_uri": str(src), "rel_path": src.name, "output_uri": str(out), "error": None, "notes": None,
            "stale_output_uri": None}
-    detected = DetectFaces(cfg).process(row)
-    return MergeAndWrite(cfg, "run", cfg.detection.backend, "fp").process(_through(AnonymizeFaces(cfg), detected))
+    detected = DetectFaces.from_config(cfg).process(row)
+    return MergeAndWrite.from_config(cfg, "run", "fp").process(_through(AnonymizeFaces.from_config(cfg), detected))
 
 
 def _astronaut_with_a_turned_face(astronaut_path, t1_rgb):
@@ -64,8 +68,8 @@ def test_a_face_the_first_pass_cannot_see_is_caught_by_the_audit_and_anonymized(
     inner = (slice(y0 + 15, y1 - 15), slice(x0 + 15, x1 - 15))
     assert np.abs(out[inner] - img[inner]).mean() > 8  # the turned face's pixels were destroyed
     assert np.array_equal(out[380:, 330:], img[380:, 330:])  # far from both faces: untouched
-    summary = manifest.summarize(rows)
-    assert summary["missed_by_first_pass"] == 1 and summary["identity_exported"] == 0
+    counts = summary.summarize(rows)
+    assert counts["missed_by_first_pass"] == 1 and counts["identity_exported"] == 0
     # Without the audit the turned face is written as it was: the hole this closes.
     off = load_config(None, ["anonymizer.method=blur", "output.format=png", "detection.backend=dlib",
                              "merge.audit.enabled=false"])
@@ -118,22 +122,23 @@ def test_audit_columns_are_appended_and_old_parts_read_as_null(tmp_path):
 
 
 def test_the_summary_and_report_show_missed_faces_next_to_identity_exported():
-    from rp_distributed import cli, report
-    from rp_distributed.pipeline import JobResult
+    from rp_distributed import report
+    from rp_distributed.job.run import JobResult
+    from rp_distributed.summary import summary_text
 
     rows = [{"face_index": 0, "status": "ok", "num_faces": 2, "reidentified": False, "identity_exported": False},
             {"face_index": 1, "status": "ok", "num_faces": 2, "audit": True, "face_error": "missed by the first "
              "detection pass: found on the output by the audit", "reidentified": False, "identity_exported": False}]
-    summary = manifest.summarize(rows)
-    assert summary["missed_by_first_pass"] == 1 and summary["faces"] == 2
-    text = cli._summary_text(JobResult(run_id="r", summary=summary, skipped=0), load_config(None, []), "in", "out")
+    counts = summary.summarize(rows)
+    assert counts["missed_by_first_pass"] == 1 and counts["faces"] == 2
+    text = summary_text(JobResult(run_id="r", summary=counts, skipped=0), load_config(None, []), "in", "out")
     lines = text.splitlines()
     i = next(k for k, line in enumerate(lines) if "identity exported" in line)
     assert "first pass missed 1 faces: found on the output by the audit, blur applied" in lines[i + 1]
     off = load_config(None, ["merge.audit.enabled=false"])
-    assert "not audited" in cli._summary_text(JobResult(run_id="r", summary=summary, skipped=0), off, "in", "out")
+    assert "not audited" in summary_text(JobResult(run_id="r", summary=counts, skipped=0), off, "in", "out")
     assert "first detection pass missed, found on the output by the audit and anonymized: <b>1</b>" in \
-        report._privacy_line(summary)
+        report._privacy_line(counts)
 
 
 def test_the_audit_settings_are_part_of_the_fingerprint():

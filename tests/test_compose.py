@@ -2,6 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
+from rp_distributed.anonymizer import destructive
 from rp_distributed import compose
 from rp_distributed.config import AnonymizerConfig
 
@@ -53,7 +54,7 @@ def test_feather_is_smooth():
 def test_destructive_methods_remove_detail(t1_rgb, method):
     crop = np.ascontiguousarray(t1_rgb[40:168, 300:428])
     box = np.array([20, 20, 108, 108], np.float32)
-    out = compose.destroy(method, crop, box, AnonymizerConfig())
+    out = destructive.destroy(method, crop, box, AnonymizerConfig())
     assert out.shape == crop.shape and out.dtype == np.uint8
     face_in, face_out = crop[20:108, 20:108], out[20:108, 20:108]
     if method == "pixelate":  # a few flat blocks across the face
@@ -67,7 +68,7 @@ def test_destructive_methods_remove_detail(t1_rgb, method):
 
 def test_destroy_box_touches_only_the_enlarged_box(t1_rgb):
     box = np.array([100, 50, 160, 130], np.float32)
-    out = compose.destroy_box(t1_rgb, box, "mask", AnonymizerConfig())
+    out = destructive.destroy_box(t1_rgb, box, "mask", AnonymizerConfig())
     changed = np.argwhere(np.any(out != t1_rgb, axis=2))
     assert changed[:, 1].min() >= 100 - 18 and changed[:, 1].max() < 160 + 18
     assert changed[:, 0].min() >= 50 - 24 and changed[:, 0].max() < 130 + 24

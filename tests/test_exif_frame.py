@@ -14,11 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from rp_distributed.records import ImageRow
 from rp_distributed import annotations, compose
-from rp_distributed.anonymize import Anonymizer
+from rp_distributed.anonymizer import Anonymizer
 from rp_distributed.config import DetectionConfig, anonymization_fingerprint, anonymization_settings, load_config
 from rp_distributed.faces import build_detector
-from rp_distributed.pipeline import DetectFaces
+from rp_distributed.stages.detect import DetectFaces
 
 T = Image.Transpose
 # What PIL.ImageOps.exif_transpose applies to the stored image for each orientation; the camera did the inverse.
@@ -78,9 +79,9 @@ def _process(cfg, paths: dict, rows: list[dict]) -> dict:
     listing = pa.table({"input_uri": [str(p) for p in paths.values()], "rel_path": list(paths)})
     planned, orphans = annotations.attach(cfg, listing)
     assert not orphans
-    stage = DetectFaces(cfg)
-    return {r["rel_path"]: stage.process({**r, "output_uri": "x", "error": None, "notes": None,
-                                          "stale_output_uri": None}) for r in planned.to_pylist()}
+    stage = DetectFaces.from_config(cfg)
+    return {r["rel_path"]: stage.process(ImageRow.of({**r, "output_uri": "x", "error": None, "notes": None,
+                                          "stale_output_uri": None})) for r in planned.to_pylist()}
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +104,11 @@ def test_an_annotated_photo_stored_turned_is_withheld_until_the_table_frame_is_s
             + [{"path": "plain.jpg", **to_stored(f, 1, t1_rgb.shape)} for f in upright_faces])
     got = _process(_cfg(tmp_path), paths, rows)
     turned, plain = got["turned.jpg"], got["plain.jpg"]
-    assert turned["status"] == "withheld" and turned["payload"].faces == []
-    assert "EXIF orientation 6" in turned["error"] and "input.annotations_frame" in turned["error"]
-    assert plain["status"] is None and len(plain["payload"].faces) == 6
+    assert turned.status == "withheld" and turned.payload.faces == []
+    assert "EXIF orientation 6" in turned.error and "input.annotations_frame" in turned.error
+    assert plain.pending and len(plain.payload.faces) == 6
     stated = _process(_cfg(tmp_path, "input.annotations_frame=stored"), paths, rows)
-    assert all(r["status"] is None and len(r["payload"].faces) == 6 for r in stated.values())
+    assert all(r.pending and len(r.payload.faces) == 6 for r in stated.values())
     # The frame decides which pixels are anonymized: in the settings fingerprint when set (a rerun redoes the
     # images), left out when unset (fingerprints of earlier configs are kept).
     prints = {anonymization_fingerprint(_cfg(tmp_path, *x)) for x in
@@ -123,17 +124,17 @@ def test_stored_frame_boxes_and_landmarks_land_on_the_faces(orientation, tmp_pat
     store(t1_rgb, orientation, path)
     rows = [{"path": "t.jpg", **to_stored(f, orientation, t1_rgb.shape)} for f in upright_faces]
     row = _process(_cfg(tmp_path, "input.annotations_frame=stored"), {"t.jpg": path}, rows)["t.jpg"]
-    assert row["status"] is None and (row["height"], row["width"]) == t1_rgb.shape[:2]
-    faces = sorted(row["payload"].faces, key=lambda f: (f.box[0], f.box[1]))
+    assert row.pending and (row.height, row.width) == t1_rgb.shape[:2]
+    faces = sorted(row.payload.faces, key=lambda f: (f.box[0], f.box[1]))
     want = sorted(upright_faces, key=lambda f: (f.box[0], f.box[1]))
     for f, w in zip(faces, want, strict=True):
         assert np.abs(f.box - w.box).max() <= 1.0, (f.box, w.box)
         assert np.abs(f.landmarks - w.landmarks).max() <= 1.0  # the same points, in the same order
-    image, _ = row["payload"].pixels(10**8)
+    image, _ = row.payload.pixels(10**8)
     written = image.copy()
     cfg = _cfg(tmp_path)
-    Anonymizer(cfg)(row["payload"].faces)
-    assert compose.apply_faces(written, row["payload"].faces, cfg.merge.feather, cfg.anonymizer) is None
+    Anonymizer.from_config(cfg)(row.payload.faces)
+    assert compose.apply_faces(written, row.payload.faces, cfg.merge.feather, cfg.anonymizer) is None
     for w in upright_faces:  # every real face is blurred in the upright image
         x0, y0, x1, y1 = (int(v) for v in w.box)
         assert np.abs(written[y0:y1, x0:x1].astype(int) - image[y0:y1, x0:x1].astype(int)).mean() > 8
@@ -150,6 +151,6 @@ def test_a_table_made_by_a_detector_on_mirrored_stored_pixels_maps_back(tmp_path
     rows = [{"path": "m.jpg", "x0": float(f.box[0]), "y0": float(f.box[1]), "x1": float(f.box[2]),
              "y1": float(f.box[3]), "landmarks": f.landmarks.ravel().tolist()} for f in found]
     row = _process(_cfg(tmp_path, "input.annotations_frame=stored"), {"m.jpg": path}, rows)["m.jpg"]
-    faces = sorted(row["payload"].faces, key=lambda f: f.box[0])
+    faces = sorted(row.payload.faces, key=lambda f: f.box[0])
     for f, w in zip(faces, sorted(upright_faces, key=lambda f: f.box[0]), strict=True):
         assert np.abs(f.landmarks - w.landmarks).mean() < 4.0  # dlib on mirrored pixels: a few px apart at most

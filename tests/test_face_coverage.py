@@ -23,10 +23,11 @@ import pytest
 from PIL import Image
 
 from rp_distributed import compose
-from rp_distributed.anonymize import Anonymizer
+from rp_distributed.anonymizer import Anonymizer
 from rp_distributed.config import DetectionConfig, anonymization_fingerprint, load_config
 from rp_distributed.faces import build_detector
-from rp_distributed.pipeline import DetectFaces, MergeAndWrite
+from rp_distributed.stages.detect import DetectFaces
+from rp_distributed.stages.merge import MergeAndWrite
 
 PADDINGS = (0.0, 0.1, 0.2, 0.3, 0.5)  # the hole was below ~0.3 (51-97% of the box reached); 0.5 the top
 RP_PADDINGS = (0.0, 0.5)  # reverse personalization costs a diffusion run per padding: the two ends
@@ -84,7 +85,7 @@ def with_checkerboard(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def t1_stage(tiny_dir):
     """One detection stage for every method and padding (built with reverse personalization's config, so it also
     embeds identities; ``stage.cfg`` is set per case: the stage reads its config as it processes a row)."""
-    stage = DetectFaces(_cfg("reverse_personalization", 0.4, tiny_dir))
+    stage = DetectFaces.from_config(_cfg("reverse_personalization", 0.4, tiny_dir))
     stage.detector = _DetectOnce(stage.detector)
     return stage
 
@@ -92,8 +93,8 @@ def t1_stage(tiny_dir):
 def _faces(stage, cfg, anonymizer, path, out="x") -> dict:
     stage.cfg = cfg
     row = stage.process(_row(path, out))
-    assert row["status"] is None and len(row["payload"].faces) == 6
-    anonymizer(row["payload"].faces)
+    assert row.pending and len(row.payload.faces) == 6
+    anonymizer(row.payload.faces)
     return row
 
 
@@ -122,11 +123,11 @@ def not_anonymized(cfg, faces, original: np.ndarray) -> list[float]:
 
 @pytest.mark.parametrize("method", ["blur", "pixelate", "mask", "reverse_personalization"])
 def test_every_detected_box_is_anonymized_whatever_the_padding(method, t1_stage, t1_path, t1_rgb, tiny_dir):
-    anonymizer = Anonymizer(_cfg(method, 0.0, tiny_dir))  # the padding is alignment's: one anonymizer for all
+    anonymizer = Anonymizer.from_config(_cfg(method, 0.0, tiny_dir))  # the padding is alignment's: one anonymizer for all
     failures = {}
     for padding in RP_PADDINGS if method == "reverse_personalization" else PADDINGS:
         cfg = _cfg(method, padding, tiny_dir)
-        faces = _faces(t1_stage, cfg, anonymizer, t1_path)["payload"].faces
+        faces = _faces(t1_stage, cfg, anonymizer, t1_path).payload.faces
         leaks = not_anonymized(cfg, faces, t1_rgb)
         if max(leaks) > 0:
             failures[padding] = leaks
@@ -137,11 +138,11 @@ def test_the_written_file_masks_every_box_at_padding_0(t1_stage, tmp_path, t1_pa
     """End to end through the merge stage: at padding 0 (half a face box beyond its crop) every pixel of every
     box in the written file is the mask colour."""
     cfg = _cfg("mask", 0.0, tiny_dir)
-    row = _faces(t1_stage, cfg, Anonymizer(cfg), t1_path, tmp_path / "t1.png")
-    rows = MergeAndWrite(cfg, "test-run", "dlib", anonymization_fingerprint(cfg)).process(row)
+    row = _faces(t1_stage, cfg, Anonymizer.from_config(cfg), t1_path, tmp_path / "t1.png")
+    rows = MergeAndWrite.from_config(cfg, "test-run", anonymization_fingerprint(cfg)).process(row)
     assert {r["status"] for r in rows} == {"ok"}
     out = np.asarray(Image.open(tmp_path / "t1.png").convert("RGB"))
-    for f in row["payload"].faces:
+    for f in row.payload.faces:
         box = box_slices(f.box, out.shape)
         assert np.all(out[box] == cfg.anonymizer.mask_color), (f.face_index, float(np.any(
             out[box] != cfg.anonymizer.mask_color, axis=2).mean()))
@@ -172,9 +173,9 @@ def test_a_neighbour_paste_never_writes_into_another_face_box(method, tmp_path, 
     cut from the original and blurred at its own smaller scale, was pasted over part of the larger face's box."""
     path, img = overlapping
     cfg = load_config(None, [f"anonymizer.method={method}", "alignment.face_size=128"])
-    row = DetectFaces(cfg).process(_row(path, tmp_path / "o.png"))
-    faces = row["payload"].faces
-    Anonymizer(cfg)(faces)
+    row = DetectFaces.from_config(cfg).process(_row(path, tmp_path / "o.png"))
+    faces = row.payload.faces
+    Anonymizer.from_config(cfg)(faces)
     together = img.copy()
     assert compose.apply_faces(together, copy.deepcopy(faces), cfg.merge.feather, cfg.anonymizer) is None
     boxes = [box_slices(f.box, img.shape) for f in faces]

@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rp_distributed import summary
+from rp_distributed import manifest_writer
 from rp_distributed import io, manifest
-from rp_distributed.anonymize import Anonymizer
+from rp_distributed.anonymizer import Anonymizer
 from rp_distributed.config import DetectionConfig, anonymization_fingerprint, load_config
 from rp_distributed.faces import build_detector
-from rp_distributed.pipeline import DetectFaces, MergeAndWrite
-from rp_distributed.plan import PlanError, make_plan, output_keys
+from rp_distributed.stages.detect import DetectFaces
+from rp_distributed.stages.merge import MergeAndWrite
+from rp_distributed.job.plan import PlanError, make_plan, output_keys
 from tests.conftest import FAST_DETECTION
 
 
@@ -28,14 +31,14 @@ def run_stages(cfg, src, out_uri, merge=None, rel_path="t1.jpg", **row):
     """One input through the three stages in this process; returns its manifest rows."""
     key = cfg.model_dump_json()
     if key not in _STAGES:
-        _STAGES[key] = (DetectFaces(cfg), Anonymizer(cfg),
-                        MergeAndWrite(cfg, "test-run", cfg.detection.backend, anonymization_fingerprint(cfg)))
+        _STAGES[key] = (DetectFaces.from_config(cfg), Anonymizer.from_config(cfg),
+                        MergeAndWrite.from_config(cfg, "test-run", anonymization_fingerprint(cfg)))
     detect, anonymize, shared = _STAGES[key]
     row = {"input_uri": str(src), "rel_path": rel_path, "output_uri": str(out_uri), "error": None, "notes": None,
            "stale_output_uri": None, **row}
     row = detect.process(row)
-    if row["status"] is None:
-        anonymize(row["payload"].faces)
+    if row.pending:
+        anonymize(row.payload.faces)
     rows = (merge or shared).process(row)
     for r in rows:  # every row fits the manifest schema (nothing silently dropped)
         manifest.normalize_row(r)
@@ -91,7 +94,7 @@ def test_a_second_recognizer_reports_but_never_gates(tmp_path, t1_path, tiny_dir
     # Masked faces are far from their originals for any recognizer; untouched pixels would be at 0.
     masked = [r for r in reported if r["method_applied"].endswith("+mask")]
     assert masked and all(r["report_distance"] > 1e-3 for r in masked)
-    assert manifest.summarize(reported)["report_reid_rate"] is not None
+    assert summary.summarize(reported)["report_reid_rate"] is not None
 
 
 def test_summary_does_not_count_a_masked_box_as_a_leak():
@@ -101,11 +104,11 @@ def test_summary_does_not_count_a_masked_box_as_a_leak():
         {"input_uri": "a", "status": "ok", "face_index": 1, "reidentified": False, "method_applied": "blur",
          "identity_exported": False},
     ]
-    s = manifest.summarize(rows)
+    s = summary.summarize(rows)
     assert s["identity_exported"] == 0 and s["matched_masked"] == 1 and s["reid_rate"] == 0.0
     # A face of an image that was not written (identity_exported null) is neither.
     unwritten = {"input_uri": "b", "status": "error", "face_index": 0, "reidentified": True, "identity_exported": None}
-    s = manifest.summarize(rows + [unwritten])
+    s = summary.summarize(rows + [unwritten])
     assert s["identity_exported"] == 0 and s["matched_masked"] == 1
 
 
@@ -118,8 +121,8 @@ def _done_run(tmp_path, t1_path, cfg):
     out = tmp_path / "out"
     plan = make_plan(cfg, str(src), str(out), anonymization_fingerprint(cfg))
     (row,) = plan.todo
-    rows = run_stages(cfg, row["input_uri"], row["output_uri"], rel_path=row["rel_path"])
-    manifest.write_part(str(out), "_manifest", "run1", 0, rows)
+    rows = run_stages(cfg, row.input_uri, row.output_uri, rel_path=row.rel_path)
+    manifest_writer.write_part(str(out), "_manifest", "run1", 0, rows)
     return src, out, row
 
 
@@ -189,17 +192,17 @@ def test_an_input_turned_into_a_refused_symlink_loses_its_earlier_output(tmp_pat
     assert todo["stale_output_uri"] == str(out / "t1.png")
     (row,) = run_stages(cfg, todo["input_uri"], None, rel_path=todo["rel_path"], error=todo["error"],
                         stale_output_uri=todo["stale_output_uri"])
-    assert row["status"] == "error" and not (out / "t1.png").exists()
+    assert row.status == "error" and not (out / "t1.png").exists()
 
 
 def test_a_stage_bug_becomes_an_error_row_and_leaves_no_output(tmp_path, t1_path, monkeypatch):
-    from rp_distributed.pipeline import _columns, _rows
+    from rp_distributed.stages.batch import columns as _columns, rows as _rows
 
     cfg = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png"])
     src, out, row = _done_run(tmp_path, t1_path, cfg)
-    detected = DetectFaces(cfg).process(dict(row))
-    Anonymizer(cfg)(detected["payload"].faces)
-    merge = MergeAndWrite(cfg, "run2", "dlib", anonymization_fingerprint(cfg))
+    detected = DetectFaces.from_config(cfg).process(ImageRow.of(row))
+    Anonymizer.from_config(cfg)(detected.payload.faces)
+    merge = MergeAndWrite.from_config(cfg, "run2", anonymization_fingerprint(cfg))
 
     def bug(*args):  # injected: an unexpected exception after the output was written
         raise KeyError("bug")
@@ -252,7 +255,7 @@ def test_unsafe_s3_key_is_an_error_row_not_a_job_abort(s3_server, tmp_path, t1_p
     assert bad["output_uri"] is None and "unsafe relative path" in bad["error"] and plan.refused == 2
     assert by_rel["../dotdot.jpg"]["output_uri"] is None and "unsafe" in by_rel["../dotdot.jpg"]["error"]
     (row,) = run_stages(cfg, bad["input_uri"], None, rel_path=bad["rel_path"], error=bad["error"])
-    assert row["status"] == "error" and "unsafe relative path" in row["error"]
+    assert row.status == "error" and "unsafe relative path" in row.error
 
 
 def test_s3_output_inside_the_input_is_excluded_on_rerun(s3_server, t1_path):

@@ -20,9 +20,16 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from rp_distributed import annotations, manifest, pipeline
+from rp_distributed import annotations, manifest
+from rp_distributed.records import ImageRow
+from rp_distributed.stages import anonymize as anonymize_stage
+from rp_distributed.stages import detect as detect_stage
 from rp_distributed.config import anonymization_fingerprint, load_config
-from rp_distributed.pipeline import AnonymizeFaces, DetectFaces, MergeAndWrite, _columns, _rows
+from rp_distributed.stages.anonymize import AnonymizeFaces
+from rp_distributed.stages.detect import DetectFaces, DetectSettings
+from rp_distributed.anonymizer import AnonymizerSettings
+from rp_distributed.stages.merge import MergeAndWrite, MergeSettings
+from rp_distributed.stages.batch import columns as _columns, dicts, rows as _rows
 from tests import branch_sites
 from tests.branch_sites import LineTrace, untraced
 from tests.fail_closed_cases import BASE, CASES, ESCALATE, MAGENTA, NOT_PER_IMAGE, Case, Ctx, WorkerEnded, _raise
@@ -53,13 +60,13 @@ class Bench:
         Image.fromarray(self.source).save(self.trio)
         self._detect, self._anon = {}, {}
         cfg = self.config("blur")
-        self.merge = MergeAndWrite(cfg, "run", "dlib", anonymization_fingerprint(cfg))
-        faces = DetectFaces(cfg).process(self.plan_row(self.trio, "trio.png", "x"))["payload"].faces
+        self.merge = MergeAndWrite.from_config(cfg, "run", anonymization_fingerprint(cfg))
+        faces = DetectFaces.from_config(cfg).process(ImageRow.of(self.plan_row(self.trio, "trio.png", "x"))).payload.faces
         sides = [f.box[2] - f.box[0] for f in faces]  # three people; the third below min_face_size=100
         assert len(faces) == 3 and sides[1] >= 100 > sides[2], sides
         self.aligned = folder / "aligned.png"
-        Image.fromarray(DetectFaces(self.config("blur", "alignment.face_size=128")).process(
-            self.plan_row(self.trio, "trio.png", "x"))["payload"].faces[0].crop).save(self.aligned)
+        Image.fromarray(DetectFaces.from_config(self.config("blur", "alignment.face_size=128")).process(
+            ImageRow.of(self.plan_row(self.trio, "trio.png", "x"))).payload.faces[0].crop).save(self.aligned)
         good = "\n".join(f"trio.png,{','.join(f'{v:g}' for v in f.box)}" for f in faces)
         (folder / "bad-row.csv").write_text(f"path,x0,y0,x1,y1\n{good}\ntrio.png,300,40,280,90\n")
         (folder / "other.csv").write_text(f"path,x0,y0,x1,y1\nsomething_else.png,1,1,30,30\n")
@@ -89,23 +96,26 @@ class Bench:
         """The flavour's stages, carrying ``cfg`` for this case (restored by ``mp`` afterwards)."""
         key = "aligned" if case.flavour == "aligned" else case.flavour
         if key not in self._detect:
-            self._detect[key] = DetectFaces(self.config(case.flavour, "input.aligned_keypoints=detector")
+            self._detect[key] = DetectFaces.from_config(self.config(case.flavour, "input.aligned_keypoints=detector")
                                             if key == "aligned" else self.config(case.flavour))
         method = "rp" if case.flavour == "rp" else "blur"
         if method not in self._anon:  # built escalating, so its recognizer exists; cases switch it off
-            self._anon[method] = AnonymizeFaces(self.config(method, *(ESCALATE if method == "rp" else ())))
+            self._anon[method] = AnonymizeFaces.from_config(self.config(method, *(ESCALATE if method == "rp" else ())))
         detect, stage = self._detect[key], self._anon[method]
-        mp.setattr(detect, "cfg", cfg)
+        mp.setattr(detect, "settings", DetectSettings.of(cfg))
+        for section in ("input", "detection", "alignment", "diffusion"):
+            mp.setattr(detect.finder, section, getattr(cfg, section))
         anon = stage.anonymizer
-        mp.setattr(anon, "cfg", cfg)
-        mp.setattr(anon, "acfg", cfg.anonymizer)
+        mp.setattr(anon, "settings", AnonymizerSettings.of(cfg))
         if method == "rp":
             for name in ("invert", "generate"):  # diffusion holds no site: run it untraced
-                mp.setattr(anon.rp, name, untraced(getattr(anon.rp, name)))
+                mp.setattr(anon.method.rp, name, untraced(getattr(anon.method.rp, name)))
             if not cfg.privacy.escalate:
-                mp.setattr(anon, "scorer", None)
-        mp.setattr(self.merge, "cfg", cfg)
-        mp.setattr(self.merge.checks, "cfg", cfg)
+                mp.setattr(anon.method, "scorer", None)
+        merge_settings = MergeSettings.of(cfg)
+        mp.setattr(self.merge, "settings", merge_settings)
+        mp.setattr(self.merge.checks, "cfg", merge_settings)
+        mp.setattr(self.merge.audit, "anon", cfg.anonymizer)
         return Ctx(self, detect, stage, self.merge)
 
 
@@ -114,11 +124,11 @@ def bench(tmp_path_factory, t1_rgb, tiny_dir) -> Bench:
     return Bench(tmp_path_factory.mktemp("branches"), t1_rgb, tiny_dir)
 
 
-def _run(ctx: Ctx, row: dict) -> list[dict]:
+def _run(ctx: Ctx, row: ImageRow) -> list[dict]:
     """One input through the three stages' batch interfaces, as Ray Data calls them."""
     (row,) = _rows(ctx.detect(_columns([row])))
     (row,) = _rows(ctx.stage(_columns([row])))
-    rows = _rows(ctx.merge(_columns([row])))
+    rows = dicts(ctx.merge(_columns([row])))
     for r in rows:
         manifest.normalize_row(r)  # every row fits the manifest's schema
     return rows
@@ -163,7 +173,9 @@ def test_an_injected_failure_leaves_no_face_in_any_output(case, bench, monkeypat
     row = bench.plan_row(src, src.name, out)
     if case.flavour.startswith("annotations"):
         row |= annotations.attach(cfg, pa.table({"input_uri": [str(src)], "rel_path": [src.name]}))[0].to_pylist()[0]
-    monkeypatch.setattr(pipeline, "end_worker", _raise(WorkerEnded()))
+    row = ImageRow.of(row)
+    for stage_module in (detect_stage, anonymize_stage):
+        monkeypatch.setattr(stage_module, "end_worker", _raise(WorkerEnded()))
     case.inject(ctx, monkeypatch)
     sites = branch_sites.all_sites()
     with LineTrace() as trace:

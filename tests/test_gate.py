@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rp_distributed.records import ImageRow
+from rp_distributed import summary
 from rp_distributed import compose, manifest
-from rp_distributed.anonymize import Anonymizer
+from rp_distributed.anonymizer import Anonymizer
 from rp_distributed.config import PrivacyConfig, anonymization_fingerprint, load_config
-from rp_distributed.pipeline import DetectFaces, MergeAndWrite
+from rp_distributed.stages.detect import DetectFaces
+from rp_distributed.stages.merge import MergeAndWrite
 from rp_distributed.scoring import ReidScorer
 
 MAGENTA = "[255,0,255]"  # a mask colour no photo region is close to, so "the mask landed" is unambiguous
@@ -31,9 +34,9 @@ def judge() -> ReidScorer:
 def stages(t1_path):
     """t1.jpg detected once, and one merge stage (its recognizers load once); each test brings its config."""
     cfg = load_config(None, WEAK)
-    row = DetectFaces(cfg).process({"input_uri": str(t1_path), "rel_path": "t1.jpg", "output_uri": "x",
-                                    "error": None, "notes": None, "stale_output_uri": None})
-    assert len(row["payload"].faces) == 6
+    row = DetectFaces.from_config(cfg).process(ImageRow.of({"input_uri": str(t1_path), "rel_path": "t1.jpg", "output_uri": "x",
+                                    "error": None, "notes": None, "stale_output_uri": None}))
+    assert len(row.payload.faces) == 6
     return row, _merge(cfg)
 
 
@@ -42,7 +45,7 @@ def run_stages(cfg, stages, out, monkeypatch, merge=None):
     detected, shared = stages
     merge = merge or shared
     row = copy.deepcopy(detected) | {"output_uri": str(out)}
-    Anonymizer(cfg)(row["payload"].faces)
+    Anonymizer.from_config(cfg)(row.payload.faces)
     monkeypatch.setattr(merge, "cfg", cfg)
     monkeypatch.setattr(merge.checks, "cfg", cfg)
     rows = merge.process(row)
@@ -62,7 +65,7 @@ def _is_mask(written: np.ndarray, r) -> bool:
 
 
 def _merge(cfg) -> MergeAndWrite:
-    return MergeAndWrite(cfg, "test-run", cfg.detection.backend, anonymization_fingerprint(cfg))
+    return MergeAndWrite.from_config(cfg, "test-run", anonymization_fingerprint(cfg))
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg"])
@@ -83,7 +86,7 @@ def test_the_gate_masks_in_the_written_file(tmp_path, stages, monkeypatch, t1_rg
             assert np.abs(box - (255, 0, 255)).mean() < 4, r["face_index"]
         assert r["identity_exported"] is False and r["reidentified"] is False
         assert not judge.compare(t1_rgb, written, np.array(_box(r), np.float32)).reidentified
-    assert manifest.summarize(rows)["identity_exported"] == 0
+    assert summary.summarize(rows)["identity_exported"] == 0
 
 
 def test_identity_exported_is_read_from_the_written_pixels(tmp_path, stages, t1_rgb, judge, monkeypatch):
@@ -114,7 +117,7 @@ def test_identity_exported_counts_what_the_gate_lets_through(tmp_path, stages, m
     written = np.asarray(Image.open(out).convert("RGB"))
     leaked = [judge.compare(t1_rgb, written, np.array(_box(r), np.float32)).reidentified for r in rows]
     assert sum(leaked) >= 5 and [r["identity_exported"] for r in rows] == leaked
-    assert manifest.summarize(rows)["identity_exported"] == sum(leaked)
+    assert summary.summarize(rows)["identity_exported"] == sum(leaked)
 
 
 def test_a_check_that_cannot_run_masks_the_face(tmp_path, stages, monkeypatch, t1_rgb):

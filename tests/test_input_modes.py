@@ -14,10 +14,13 @@ import pytest
 from PIL import Image
 
 from rp_distributed import annotations, compose, manifest
-from rp_distributed.anonymize import Anonymizer
+from rp_distributed.anonymizer import Anonymizer
 from rp_distributed.config import anonymization_fingerprint, load_config
 from rp_distributed.faces.align import five_points, template_in_crop
-from rp_distributed.pipeline import AnonymizeFaces, DetectFaces, MergeAndWrite, _columns, _rows
+from rp_distributed.stages.anonymize import AnonymizeFaces
+from rp_distributed.stages.detect import DetectFaces
+from rp_distributed.stages.merge import MergeAndWrite
+from rp_distributed.stages.batch import columns as _columns, rows as _rows
 from tests.conftest import FAST_DETECTION
 from tests.conftest import insightface_image
 
@@ -52,21 +55,21 @@ def merge():
     """One merge stage for every test here (its checks load dlib's models once); it reads only settings these
     tests share (privacy, feather, output encoding), and the payload says whether the input was aligned."""
     cfg = _blur_cfg()
-    return MergeAndWrite(cfg, "run", cfg.detection.backend, anonymization_fingerprint(cfg)).process
+    return MergeAndWrite.from_config(cfg, "run", anonymization_fingerprint(cfg)).process
 
 
 @pytest.fixture(scope="module")
 def rp_anonymizer(tiny_dir):
     """One tiny-model anonymizer (64 px, no escalation, mask fallback) for every diffusion test here."""
-    return Anonymizer(_rp_cfg(tiny_dir, "anonymizer.fallback=mask"))
+    return Anonymizer.from_config(_rp_cfg(tiny_dir, "anonymizer.fallback=mask"))
 
 
 @pytest.fixture(scope="module")
 def t1_rp(tiny_dir, t1_path):
     """t1.jpg's faces as reverse personalization's first stage makes them at 64 px (crops, embeddings)."""
-    row = DetectFaces(_rp_cfg(tiny_dir)).process(_row(t1_path))
-    assert len(row["payload"].faces) == 6
-    return row["payload"].faces
+    row = DetectFaces.from_config(_rp_cfg(tiny_dir)).process(_row(t1_path))
+    assert len(row.payload.faces) == 6
+    return row.payload.faces
 
 
 def _with_table(cfg, path, rel) -> dict:
@@ -83,7 +86,7 @@ def _with_table(cfg, path, rel) -> dict:
 def aligned_crops(tmp_path_factory, t1_path):
     """128 px crops of t1.jpg's three largest faces, cut by our own aligner (the pipeline's first stage)."""
     folder = tmp_path_factory.mktemp("aligned")
-    faces = DetectFaces(_blur_cfg()).process(_row(t1_path))["payload"].faces
+    faces = DetectFaces.from_config(_blur_cfg()).process(_row(t1_path)).payload.faces
     paths = []
     for f in faces[:3]:
         paths.append(folder / f"face{f.face_index}.png")
@@ -94,24 +97,24 @@ def aligned_crops(tmp_path_factory, t1_path):
 def test_aligned_mode_on_our_own_aligned_crops(tmp_path, aligned_crops, merge):
     cfg = _blur_cfg("input.mode=aligned")
     template = template_in_crop(128, cfg.alignment.padding, cfg.alignment.shift)
-    by_detector = DetectFaces(_blur_cfg("input.mode=aligned", "input.aligned_keypoints=detector"))
+    by_detector = DetectFaces.from_config(_blur_cfg("input.mode=aligned", "input.aligned_keypoints=detector"))
     paths, kps = aligned_crops
     for path, cut_at in zip(paths, kps):
         image = np.asarray(Image.open(path))
-        row = DetectFaces(cfg).process(_row(path, tmp_path / path.name))
-        (face,) = row["payload"].faces
+        row = DetectFaces.from_config(cfg).process(_row(path, tmp_path / path.name))
+        (face,) = row.payload.faces
         # The crop is the image itself (already face_size): no detection, no warp.
         assert np.array_equal(face.crop, image) and np.allclose(face.matrix, [[1, 0, 0], [0, 1, 0]])
         assert face.id_keypoints == "template" and np.allclose(face.kps5, template)
-        assert row["payload"].faces_from == "aligned"
+        assert row.payload.faces_from == "aligned"
         # The detector run in the crop finds the face where our aligner put it (the keypoints the crop was cut
         # at, within 5 px of 128: dlib refits its landmarks); the template is the mean face's: near, not equal (a least-squares fit).
-        (det,) = by_detector.process(_row(path))["payload"].faces
+        (det,) = by_detector.process(_row(path)).payload.faces
         assert det.id_keypoints == "detector"
         assert np.linalg.norm(det.kps5 - cut_at, axis=1).mean() < 5.0
         assert np.linalg.norm(det.kps5 - template, axis=1).mean() < 0.1 * 128
         # No paste-back: the anonymized crop is the written image, at the input's size, all of it changed.
-        rows = merge(_through(AnonymizeFaces(cfg), row))
+        rows = merge(_through(AnonymizeFaces.from_config(cfg), row))
         assert [r["status"] for r in rows] == ["ok"] and rows[0]["id_keypoints"] == "template"
         assert rows[0]["detector"] == "aligned" and rows[0]["method_applied"].startswith("blur")
         written = np.asarray(Image.open(tmp_path / path.name))
@@ -122,9 +125,9 @@ def test_aligned_mode_on_our_own_aligned_crops(tmp_path, aligned_crops, merge):
     cut = tmp_path / "wide.png"
     Image.fromarray(np.asarray(Image.open(paths[0]))[14:114]).save(cut)
     cfg64 = _blur_cfg("input.mode=aligned", "alignment.face_size=64")
-    row = DetectFaces(cfg64).process(_row(cut, tmp_path / "out-wide.png"))
-    assert row["payload"].faces[0].crop.shape == (64, 64, 3)
-    merge(_through(AnonymizeFaces(cfg64), row))
+    row = DetectFaces.from_config(cfg64).process(_row(cut, tmp_path / "out-wide.png"))
+    assert row.payload.faces[0].crop.shape == (64, 64, 3)
+    merge(_through(AnonymizeFaces.from_config(cfg64), row))
     assert np.asarray(Image.open(tmp_path / "out-wide.png")).shape == (100, 128, 3)
 
 
@@ -133,9 +136,9 @@ def test_aligned_mode_on_tom_hanks_with_reverse_personalization(tmp_path, tiny_d
     src = insightface_image("Tom_Hanks_54745.png")
     image = np.asarray(Image.open(src).convert("RGB"))
     cfg = _rp_cfg(tiny_dir, "input.mode=aligned", "input.aligned_keypoints=detector")
-    stage = DetectFaces(cfg)
+    stage = DetectFaces.from_config(cfg)
     row = stage.process(_row(src, tmp_path / "tom.png"))
-    (face,) = row["payload"].faces
+    (face,) = row.payload.faces
     assert face.crop.shape == (64, 64, 3) and face.id_keypoints == "detector"
     # The detector's keypoints, back in image px, sit at ArcFace's own 112 px template (how it was aligned).
     from insightface.utils.face_align import arcface_dst
@@ -144,7 +147,7 @@ def test_aligned_mode_on_tom_hanks_with_reverse_personalization(tmp_path, tiny_d
     # The identity embedding was made here, on the CPU stage: unit norm, the embedder's own result.
     assert face.id_embedding.shape == (512,) and abs(np.linalg.norm(face.id_embedding) - 1) < 1e-4
     assert np.allclose(face.id_embedding, stage.embedder.embed(face.crop, face.kps5), atol=1e-5)
-    rp_anonymizer(row["payload"].faces)
+    rp_anonymizer(row.payload.faces)
     (r,) = merge(row)
     assert r["status"] == "ok" and r["method_applied"].startswith("reverse_personalization")
     assert r["id_keypoints"] == "detector" and r["image_width"] == 112
@@ -157,22 +160,22 @@ def test_aligned_mode_fallbacks_cover_the_whole_image(tmp_path, tiny_dir, aligne
     path = aligned_crops[0][0]
     image = np.asarray(Image.open(path))
     cfg = _rp_cfg(tiny_dir, "input.mode=aligned", "anonymizer.fallback=mask")
-    row = DetectFaces(cfg).process(_row(path, tmp_path / "gen-fails.png"))
+    row = DetectFaces.from_config(cfg).process(_row(path, tmp_path / "gen-fails.png"))
 
     def broken(*a, **k):
         raise RuntimeError("generation exploded")
 
-    monkeypatch.setattr(rp_anonymizer.rp, "generate", broken)
-    rp_anonymizer(row["payload"].faces)
+    monkeypatch.setattr(rp_anonymizer.method.rp, "generate", broken)
+    rp_anonymizer(row.payload.faces)
     (r,) = merge(row)
     assert r["method_applied"].startswith("mask") and "generation exploded" in r["face_error"]
     written = np.asarray(Image.open(tmp_path / "gen-fails.png"))
     assert written.shape == image.shape and (written == 0).all()  # every pixel, not just the face box
     # No anonymized crop at all (merge's own fallback): the whole image, too.
-    face = dataclasses.replace(row["payload"].faces[0], anon_crop=None, face_error=None, method_applied=None)
+    face = dataclasses.replace(row.payload.faces[0], anon_crop=None, face_error=None, method_applied=None)
     out = image.copy()
     assert compose.replace_whole(out, [face], cfg.anonymizer) is None
-    assert face.method_applied == "mask (whole image)" and (out == 0).all()
+    assert str(face.method_applied) == "mask (whole image)" and (out == 0).all()
 
 
 # -- annotations mode ---------------------------------------------------------------------------------------
@@ -192,16 +195,16 @@ def test_annotations_from_detect_modes_own_faces_reproduce_them(tmp_path, tiny_d
     same order, seeds, crops, keypoints and identity embeddings, and the same anonymized image. Detect mode runs
     dlib here: a box without landmarks gets dlib's 68-point predictor, the landmarks the dlib backend gives."""
     rp = _rp_cfg(tiny_dir, "alignment.face_size=128", "detection.backend=dlib")
-    faces = DetectFaces(rp).process(_row(t1_path))["payload"].faces
+    faces = DetectFaces.from_config(rp).process(_row(t1_path)).payload.faces
     assert len(faces) == 6
-    blur = Anonymizer(_blur_cfg())
+    blur = Anonymizer.from_config(_blur_cfg())
     images = []
     for landmarks, keypoints in ((True, "annotations"), (False, "predictor")):
         uri = _table_from(faces, tmp_path / f"ann-{landmarks}.parquet", landmarks=landmarks)
         cfg = _rp_cfg(tiny_dir, "alignment.face_size=128", "input.mode=annotations", f"input.annotations={uri}")
-        row = DetectFaces(cfg).process(_with_table(cfg, t1_path, "t1.jpg") | _row(t1_path))
-        got = row["payload"].faces
-        assert row["payload"].faces_from == "annotations" and row["notes"] == ""
+        row = DetectFaces.from_config(cfg).process(_with_table(cfg, t1_path, "t1.jpg") | _row(t1_path))
+        got = row.payload.faces
+        assert row.payload.faces_from == "annotations" and row.notes == ""
         assert [g.face_index for g in got] == [f.face_index for f in faces]
         for f, g in zip(faces, got):
             assert np.array_equal(f.box, g.box) and f.seed == g.seed and f.det_score == g.det_score
@@ -227,25 +230,25 @@ def test_images_without_annotation_rows_follow_annotations_missing(tmp_path, t1_
         listing = pa.table({"input_uri": [str(t1_path)], "rel_path": ["t1.jpg"]})
         planned, orphans = annotations.attach(cfg, listing)
         assert orphans[0]["rows"] == [0] and planned["annotations"][0].as_py() is None
-        rows[missing] = DetectFaces(cfg).process(_row(t1_path, rel="t1.jpg"))
+        rows[missing] = DetectFaces.from_config(cfg).process(_row(t1_path, rel="t1.jpg"))
     detect, skip, withhold = rows["detect"], rows["skip"], rows["withhold"]
-    assert detect["status"] is None and len(detect["payload"].faces) == 6 and detect["payload"].faces_from == "ensemble"
-    assert "no annotation rows: faces detected" in detect["notes"]
-    assert skip["status"] is None and skip["payload"].faces == [] and "no annotation rows: no faces" in skip["notes"]
-    assert withhold["status"] == "withheld" and "input.annotations_missing=withhold" in withhold["error"]
-    assert withhold["payload"].faces == [] and withhold["payload"].source is None  # nothing to write from
+    assert detect.pending and len(detect.payload.faces) == 6 and detect.payload.faces_from == "ensemble"
+    assert "no annotation rows: faces detected" in detect.notes
+    assert skip.pending and skip.payload.faces == [] and "no annotation rows: no faces" in skip.notes
+    assert withhold.status == "withheld" and "input.annotations_missing=withhold" in withhold.error
+    assert withhold.payload.faces == [] and withhold.payload.source is None  # nothing to write from
 
 
 def test_aligned_mode_keeps_the_template_when_the_detector_fails(aligned_crops):
-    stage = DetectFaces(_blur_cfg("input.mode=aligned", "input.aligned_keypoints=detector"))
+    stage = DetectFaces.from_config(_blur_cfg("input.mode=aligned", "input.aligned_keypoints=detector"))
 
     def broken(image):
         raise RuntimeError("detector down")
 
     stage.detector.detect = broken
     row = stage.process(_row(aligned_crops[0][0]))
-    (face,) = row["payload"].faces
-    assert row["status"] is None and face.id_keypoints == "template" and "the detector failed" in row["notes"]
+    (face,) = row.payload.faces
+    assert row.pending and face.id_keypoints == "template" and "the detector failed" in row.notes
 
 
 @pytest.mark.slow
@@ -257,7 +260,7 @@ def test_annotations_job_reports_bad_rows_missing_images_and_images_without_rows
     (src / "people").mkdir(parents=True)
     shutil.copy(t1_path, src / "people" / "t1.jpg")
     shutil.copy(insightface_image("mask_white.jpg"), src / "no_rows.jpg")
-    faces = DetectFaces(_blur_cfg()).process(_row(t1_path))["payload"].faces
+    faces = DetectFaces.from_config(_blur_cfg()).process(_row(t1_path)).payload.faces
     lines = ["path,x0,y0,x1,y1,landmarks"]
     for f in faces:  # box only for even faces, 68 points as text for odd ones
         lm = " ".join(f"{v:g}" for v in f.landmarks.ravel()) if f.face_index % 2 else ""
@@ -267,7 +270,7 @@ def test_annotations_job_reports_bad_rows_missing_images_and_images_without_rows
     (tmp_path / "ann.csv").write_text("\n".join(lines) + "\n")
     cfg = _blur_cfg("input.mode=annotations", f"input.annotations={tmp_path / 'ann.csv'}",
                     "input.annotations_missing=withhold")
-    from rp_distributed.pipeline import run_job
+    from rp_distributed.job.run import run_job
 
     result = run_job(cfg, str(src), str(tmp_path / "out"), progress=False, report=False)
     rows = manifest.read_manifest(str(tmp_path / "out"), "_manifest").to_pylist()
@@ -302,13 +305,13 @@ def prompted(tmp_path_factory, tiny_dir, t1_path, t1_rp, rp_anonymizer):
                      "t1.jpg,9,,,,,old,woman\n")                                       # no such face
     cfg = _rp_cfg(tiny_dir, f"diffusion.attribute_prompt={JOB_PROMPT}", f"prompts.table={table}",
                   "prompts.template=a photo of an {age} {sex}")
-    row = DetectFaces(cfg).process(_with_table(cfg, t1_path, "t1.jpg") | _row(t1_path))
-    got = row["payload"].faces[:3]
+    row = DetectFaces.from_config(cfg).process(_with_table(cfg, t1_path, "t1.jpg") | _row(t1_path))
+    got = row.payload.faces[:3]
     assert [f.prompt for f in got] == WANT  # chosen before anonymization
     plain = [dataclasses.replace(f, prompt=JOB_PROMPT) for f in t1_rp[:3]]  # the same faces, the job's prompt
     for batch in (plain, got):
         rp_anonymizer(batch)  # one chunk of 3 (anonymizer.face_batch_size=3)
-    return plain, got, row["notes"]
+    return plain, got, row.notes
 
 
 def test_side_table_prompts_reach_exactly_the_faces_they_name(prompted):
@@ -316,7 +319,7 @@ def test_side_table_prompts_reach_exactly_the_faces_they_name(prompted):
     assert [f.prompt for f in got] == WANT
     assert "prompts row 2: face_index 9 names no face" in notes
     for i, (f, g) in enumerate(zip(plain, got)):
-        assert f.method_applied == g.method_applied == "reverse_personalization"
+        assert f.method_applied == str(g.method_applied) == "reverse_personalization"
         if i in (1, 2):  # named: generated with their own prompt, so another face
             assert np.abs(f.anon_crop.astype(int) - g.anon_crop.astype(int)).mean() > 1, i
         else:  # not named: the job's prompt, byte for byte the face the run without a table makes
@@ -328,9 +331,9 @@ def test_side_table_prompts_reach_exactly_the_faces_they_name(prompted):
 def test_a_batch_mixing_prompts_equals_the_faces_run_one_by_one(prompted, rp_anonymizer):
     _, together, _ = prompted
     for t in together:
-        alone = dataclasses.replace(t, anon_crop=None, method_applied=None, tries=None, tries_json=None)
+        alone = dataclasses.replace(t, anon_crop=None, method_applied=None, tries=None)
         rp_anonymizer([alone])
-        assert alone.prompt == t.prompt and alone.method_applied == "reverse_personalization"
+        assert alone.prompt == t.prompt and str(alone.method_applied) == "reverse_personalization"
         # As the stage's batch-independence test: equal up to float rounding across batch shapes (<= 1 level).
         # (The prompts do change the faces: the test above; so this comparison can fail.)
         assert np.abs(alone.anon_crop.astype(int) - t.anon_crop.astype(int)).max() <= 1
@@ -342,8 +345,9 @@ def test_prompt_rows_survive_the_plans_blocks_through_ray(ray_session, tmp_path,
     stage run by Ray Data on the plan's own blocks gives each face the prompt the table names."""
     import ray
 
-    from rp_distributed.pipeline import KEYS_AFTER_DETECT, put_blocks
-    from rp_distributed.plan import make_plan
+    from rp_distributed.records import STAGE_COLUMNS as KEYS_AFTER_DETECT
+    from rp_distributed.job.dataset import put_blocks
+    from rp_distributed.job.plan import make_plan
 
     src = tmp_path / "in"
     src.mkdir()
@@ -359,6 +363,6 @@ def test_prompt_rows_survive_the_plans_blocks_through_ray(ray_session, tmp_path,
         batch_size=1, batch_format="numpy", zero_copy_batch=False)
     (row,) = ds.take_all()
     assert set(row) == set(KEYS_AFTER_DETECT)
-    faces = row["payload"].faces
+    faces = row.payload.faces
     assert [f.prompt for f in faces] == ["a person", "a person", "an old man", "a person", "a person", "a person"]
     assert all(f.id_embedding is not None for f in faces)

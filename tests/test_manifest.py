@@ -3,6 +3,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
+from rp_distributed import summary
+from rp_distributed import manifest_writer
 from rp_distributed import manifest
 
 
@@ -16,8 +18,8 @@ def test_parts_round_trip_with_one_schema(tmp_path):
     rows_a = [_face("a.jpg", 0), _face("a.jpg", 1, error=None)]
     rows_b = [{"run_id": "r", "input_uri": "b.jpg", "rel_path": "b.jpg", "status": "error", "error": "empty file",
                "output_uri": float("nan")}]  # NaN is how Ray hands back a missing value
-    manifest.write_part(str(tmp_path), "_manifest", "r", 0, rows_a)
-    manifest.write_part(str(tmp_path), "_manifest", "r", 1, rows_b)
+    manifest_writer.write_part(str(tmp_path), "_manifest", "r", 0, rows_a)
+    manifest_writer.write_part(str(tmp_path), "_manifest", "r", 1, rows_b)
     table = manifest.read_manifest(str(tmp_path), "_manifest")
     assert table.schema == manifest.SCHEMA and table.num_rows == 3
     files = sorted((tmp_path / "_manifest").iterdir())
@@ -28,7 +30,7 @@ def test_parts_round_trip_with_one_schema(tmp_path):
 
 def test_unknown_columns_are_refused(tmp_path):
     with pytest.raises(KeyError, match="outside the schema"):
-        manifest.write_part(str(tmp_path), "_manifest", "r", 0, [{"input_uri": "x", "bogus": 1}])
+        manifest_writer.write_part(str(tmp_path), "_manifest", "r", 0, [{"input_uri": "x", "bogus": 1}])
 
 
 def test_latest_outcomes_take_the_last_row_of_each_input_across_parts(tmp_path):
@@ -39,7 +41,7 @@ def test_latest_outcomes_take_the_last_row_of_each_input_across_parts(tmp_path):
     (tmp_path / "_manifest").mkdir()
     old = pa.table({"input_uri": ["a.jpg", "c.jpg"], "status": ["ok", "ok"], "output_uri": ["out/a.jpg", "out/c.jpg"]})
     pq.write_table(old, tmp_path / "_manifest" / "part-20260101T000000-aaaaaa-00000.parquet")
-    manifest.write_part(str(tmp_path), "_manifest", "20260201T000000-bbbbbb", 0, [
+    manifest_writer.write_part(str(tmp_path), "_manifest", "20260201T000000-bbbbbb", 0, [
         {"input_uri": "b.jpg", "status": "error", "output_uri": None},
         {"input_uri": "c.jpg", "status": "no_face", "output_uri": "out/c.jpg", "settings_fingerprint": "f1"},
         {"input_uri": "c.jpg", "status": "withheld", "output_uri": None, "settings_fingerprint": "f2"}])
@@ -59,7 +61,7 @@ def test_summary_counts_and_escalation_rates():
               tries=[{"guidance": -10, "reid_distance": 0.2}, {"guidance": -15, "reid_distance": 0.3}]),
         {"input_uri": "c.jpg", "status": "error"},
     ]
-    s = manifest.summarize(rows)
+    s = summary.summarize(rows)
     assert s["images"] == 3 and s["faces"] == 3 and s["failures"] == 1 and s["fallbacks"] == 1
     assert s["reid_rate"] == pytest.approx(1 / 3)
     assert s["reid_rate_first_try"] == pytest.approx(2 / 3) and s["escalated"] == 2
@@ -72,19 +74,19 @@ def test_part_writer_cuts_parts_by_rows_and_bytes_and_flushes_old_rows_on_a_time
         return {"run_id": "r", "input_uri": f"in/{i}.jpg", "rel_path": f"{i}.jpg", "status": "no_face",
                 "error": "x" * 100}
 
-    by_rows = manifest.PartWriter(str(tmp_path / "a"), "_manifest", "r", 3, 10**9, 3600)
+    by_rows = manifest_writer.PartWriter(str(tmp_path / "a"), "_manifest", "r", 3, 10**9, 3600)
     for i in range(7):
         by_rows.add(row(i))
     assert len(by_rows.parts) == 2
     by_rows.close()
     assert len(by_rows.parts) == 3 and manifest.read_manifest(str(tmp_path / "a"), "_manifest").num_rows == 7
-    by_bytes = manifest.PartWriter(str(tmp_path / "b"), "_manifest", "r", 10**6, 200, 3600)
+    by_bytes = manifest_writer.PartWriter(str(tmp_path / "b"), "_manifest", "r", 10**6, 200, 3600)
     for i in range(4):
         by_bytes.add(row(i))
     assert len(by_bytes.parts) == 2  # ~120 bytes a row: a part every 2 rows
     by_bytes.close()
     # No row arrives after the first: the timer thread still writes it once it is flush_s old.
-    timed = manifest.PartWriter(str(tmp_path / "c"), "_manifest", "r", 10**6, 10**9, 0.4)
+    timed = manifest_writer.PartWriter(str(tmp_path / "c"), "_manifest", "r", 10**6, 10**9, 0.4)
     timed.add(row(0))
     deadline = time.monotonic() + 10
     while not timed.parts and time.monotonic() < deadline:
@@ -97,7 +99,7 @@ def test_part_writer_cuts_parts_by_rows_and_bytes_and_flushes_old_rows_on_a_time
 def test_a_part_never_ends_inside_an_image(tmp_path):
     """Cut every 2 rows, an image of 3 faces still lands in one part: a driver killed after that part
     must not leave an 'ok' image with faces missing, which resume would skip."""
-    writer = manifest.PartWriter(str(tmp_path), "_manifest", "r", 2, 10**9, 3600)
+    writer = manifest_writer.PartWriter(str(tmp_path), "_manifest", "r", 2, 10**9, 3600)
     for i in range(3):
         writer.add({"run_id": "r", "input_uri": "in/crowd.jpg", "rel_path": "crowd.jpg", "status": "ok",
                     "num_faces": 3, "face_index": i})
@@ -110,7 +112,7 @@ def test_a_part_never_ends_inside_an_image(tmp_path):
 
 
 def test_an_image_cut_short_at_close_is_left_out_so_resume_redoes_it(tmp_path):
-    writer = manifest.PartWriter(str(tmp_path), "_manifest", "r", 100, 10**9, 3600)
+    writer = manifest_writer.PartWriter(str(tmp_path), "_manifest", "r", 100, 10**9, 3600)
     writer.add({"run_id": "r", "input_uri": "in/a.jpg", "rel_path": "a.jpg", "status": "no_face", "num_faces": 0})
     for i in range(2):  # 2 of 3 face rows arrived, then the job was interrupted
         writer.add({"run_id": "r", "input_uri": "in/b.jpg", "rel_path": "b.jpg", "status": "ok", "num_faces": 3,

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, PngImagePlugin
 
-from rp_distributed.anonymize import Anonymizer
+from rp_distributed.records import ImageRow
+from rp_distributed.anonymizer import Anonymizer
 from rp_distributed.config import anonymization_fingerprint, load_config
-from rp_distributed.pipeline import DetectFaces, MergeAndWrite
+from rp_distributed.stages.detect import DetectFaces
+from rp_distributed.stages.merge import MergeAndWrite
 from tests.conftest import skimage_image
 
 MARK = b"RPMARK"
@@ -142,7 +144,7 @@ def _structures(data: bytes) -> list[str]:
 @pytest.fixture(scope="module")
 def stages():
     cfg = load_config(None, ["anonymizer.method=blur"])
-    return DetectFaces(cfg), Anonymizer(cfg), MergeAndWrite(cfg, "run", "dlib", anonymization_fingerprint(cfg))
+    return DetectFaces.from_config(cfg), Anonymizer.from_config(cfg), MergeAndWrite.from_config(cfg, "run", anonymization_fingerprint(cfg))
 
 
 @pytest.mark.parametrize("source_format", ["JPEG", "PNG", "WEBP", "TIFF"])
@@ -154,10 +156,10 @@ def test_no_metadata_survives_any_output_format(tmp_path, stages, source_format)
         data = _with_metadata(Image.open(skimage_image(photo)).convert("RGB"), source_format)
         src.write_bytes(data)
         assert _markers(data) == CARRIED[source_format] and _structures(data), "the input carries its metadata"
-        row = detect.process({"input_uri": str(src), "rel_path": src.name, "output_uri": "x", "error": None,
-                              "notes": None, "stale_output_uri": None})
-        anonymize(row["payload"].faces)
-        assert (len(row["payload"].faces) > 0) == (status == "ok")
+        row = detect.process(ImageRow.of({"input_uri": str(src), "rel_path": src.name, "output_uri": "x", "error": None,
+                              "notes": None, "stale_output_uri": None}))
+        anonymize(row.payload.faces)
+        assert (len(row.payload.faces) > 0) == (status == "ok")
         for out_ext in (".jpg", ".png", ".webp", ".tif", ".bmp"):  # output.format same/jpeg/png/webp, and the rest
             out = tmp_path / "out" / (src.stem + ext.lstrip(".") + out_ext)
             rows = merge.process(copy.deepcopy(row) | {"output_uri": str(out)})

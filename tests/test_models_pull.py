@@ -163,7 +163,7 @@ def test_the_job_runs_from_an_s3_dest(pulled, ray_session, tmp_path, astronaut_p
     from PIL import Image
 
     from rp_distributed import manifest
-    from rp_distributed.pipeline import run_job
+    from rp_distributed.job.run import run_job
 
     src = tmp_path / "in"
     src.mkdir()
@@ -221,7 +221,7 @@ def test_the_pulled_weights_are_the_source_weights(pulled, tiny_dir):
 
 
 def test_a_corrupted_truncated_or_missing_file_is_refused_at_start_up(pulled, tmp_path, s3_server):
-    from rp_distributed.anonymize import Anonymizer
+    from rp_distributed.anonymizer import Anonymizer
 
     dest = tmp_path / "dest"
     shutil.copytree(pulled["local"].dest, dest)
@@ -236,7 +236,7 @@ def test_a_corrupted_truncated_or_missing_file_is_refused_at_start_up(pulled, tm
     bad[len(bad) // 2] ^= 0x01  # one bit, same size
     unet.write_bytes(bytes(bad))
     with pytest.raises(ModelSourceError, match=r"sdxl/unet/diffusion_pytorch_model\.safetensors has sha256"):
-        Anonymizer(cfg)  # the stage's start-up
+        Anonymizer.from_config(cfg)  # the stage's start-up
     assert not list(cache.glob("*.complete")) and not (cache / f"lock-{pulled['local'].digest[:16]}").exists()
     unet.write_bytes(good)
     te2 = dest / "sdxl/text_encoder_2/model.safetensors"

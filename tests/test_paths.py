@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rp_distributed import manifest_writer
 from rp_distributed import annotations, io, manifest
-from rp_distributed.anonymize import Anonymizer
+from rp_distributed.anonymizer import Anonymizer
 from rp_distributed.config import anonymization_fingerprint, load_config
-from rp_distributed.pipeline import DetectFaces, MergeAndWrite
-from rp_distributed.plan import make_plan
+from rp_distributed.stages.detect import DetectFaces
+from rp_distributed.stages.merge import MergeAndWrite
+from rp_distributed.job.plan import make_plan
 
 
 def _blur(*extra):
@@ -31,13 +33,13 @@ def _blur(*extra):
 def _stages(cfg, row, **storages):
     """One plan row through the three stages in this process (``storages``: what the job passes them)."""
     inputs, outputs = storages.get("inputs"), storages.get("outputs")
-    detect = DetectFaces(cfg, inputs=inputs) if inputs is not None else DetectFaces(cfg)
-    row = detect.process(dict(row))
-    if row["status"] is None:
-        Anonymizer(cfg)(row["payload"].faces)
+    detect = DetectFaces.from_config(cfg, inputs=inputs) if inputs is not None else DetectFaces.from_config(cfg)
+    row = detect.process(ImageRow.of(row))
+    if row.pending:
+        Anonymizer.from_config(cfg)(row.payload.faces)
     fp = anonymization_fingerprint(cfg)
-    merge = (MergeAndWrite(cfg, "test-run", cfg.detection.backend, fp, outputs=outputs) if outputs is not None
-             else MergeAndWrite(cfg, "test-run", cfg.detection.backend, fp))
+    merge = (MergeAndWrite.from_config(cfg, "test-run", fp, outputs=outputs) if outputs is not None
+             else MergeAndWrite.from_config(cfg, "test-run", fp))
     return merge.process(row)
 
 
@@ -61,7 +63,7 @@ def test_the_chained_url_attack_reads_and_writes_the_listed_name(tmp_path, t1_pa
     assert list(rows) == ["z::cover.png"]
     row = rows["z::cover.png"][0]
     assert (row["image_width"], row["image_height"]) == (512, 512), "the file behind the symlink was read"
-    assert row["output_uri"] == str(out / "z::cover.png") and (out / "z::cover.png").is_file()
+    assert row.output_uri == str(out / "z::cover.png") and (out / "z::cover.png").is_file()
     assert sorted(os.listdir(out)) == ["z::cover.png"], "the output landed at another name"
     assert Image.open(out / "z::cover.png").size == (512, 512)
 
@@ -118,7 +120,7 @@ def test_a_version_id_in_an_s3_key_cannot_delete_another_inputs_output(s3_server
 
 def test_a_local_name_that_an_s3_output_key_would_misread_is_an_error_row():
     """A local file ``a.jpg?versionId=1.jpg`` written to S3 would land at ``out/a.jpg``, another input's key."""
-    from rp_distributed.plan import output_keys
+    from rp_distributed.job.plan import output_keys
 
     keys = output_keys(["a.jpg", "a.jpg?versionId=1.jpg", "what?.jpg"], "s3://b/out", "same", "_manifest")
     assert keys["a.jpg"] == ("s3://b/out/a.jpg", None, None)
@@ -146,8 +148,8 @@ def test_writes_and_deletes_never_go_through_a_symlinked_output_folder(tmp_path,
     outputs = Storage(str(out))
     rows = _stages(cfg, {**by_rel["sub/a.png"], "stale_output_uri": str(out / "sub" / "old.png")}, outputs=outputs)
     row = rows[0]  # one row per face, all alike here
-    assert {r["status"] for r in rows} == {"error"} and row["output_uri"] is None
-    assert "symlink" in row["error"] and "old.png" in row["error"]
+    assert {r["status"] for r in rows} == {"error"} and row.output_uri is None
+    assert "symlink" in row.error and "old.png" in row.error
     assert sorted(os.listdir(elsewhere)) == ["old.png"] and (elsewhere / "old.png").read_bytes() == b"not ours"
     assert _stages(cfg, by_rel["fine.png"], outputs=outputs)[0]["status"] == "ok"
     # The storage itself: no write, delete or read through the link; the link itself is no output.
@@ -184,7 +186,7 @@ def test_an_input_swapped_for_a_symlink_after_listing_is_not_read(tmp_path, t1_p
     shutil.copy(t1_path, outside / "sub" / "a.jpg")
     cfg = _blur()
     (row,) = make_plan(cfg, str(src), str(out), anonymization_fingerprint(cfg)).todo
-    assert row["error"] is None
+    assert row.error is None
     if swap == "file":  # the listed file becomes a link to a photo outside the root
         (src / "sub" / "a.jpg").unlink()
         os.symlink(outside / "sub" / "a.jpg", src / "sub" / "a.jpg")
@@ -236,7 +238,7 @@ def test_a_multi_frame_input_is_an_error_row_with_nothing_written(tmp_path, astr
     src.mkdir()
     (src / "pages.tif").write_bytes(_frames(astronaut_path, "TIFF"))
     (row,) = _plan_and_run(_blur(), src, out)["pages.tif"]
-    assert row["status"] == "error" and "multi-frame TIFF" in row["error"] and not (out / "pages.tif").exists()
+    assert row.status == "error" and "multi-frame TIFF" in row.error and not (out / "pages.tif").exists()
 
 
 def test_an_mpo_keeps_its_primary_picture_and_says_its_previews_are_not_written(astronaut_path):
@@ -262,7 +264,7 @@ def test_rows_for_paths_not_in_the_input_are_written_once_across_resumes(tmp_pat
     def record(plan, run_id):  # what run_job writes for the plan's orphans
         rows = [annotations.orphan_row(o, str(src), run_id, fp) for o in plan.orphans]
         if rows:
-            manifest.write_part(str(out), "_manifest", run_id, 0, rows)
+            manifest_writer.write_part(str(out), "_manifest", run_id, 0, rows)
         return len(rows)
 
     assert record(make_plan(cfg, str(src), str(out), fp), "20250101T000000-aaaaaa") == 1
@@ -281,7 +283,7 @@ def test_an_overwrite_plan_deletes_no_manifest_part(tmp_path, t1_path):
     src.mkdir()
     shutil.copy(t1_path, src / "t1.jpg")
     (row,) = make_plan(cfg, str(src), str(out), anonymization_fingerprint(cfg)).todo
-    manifest.write_part(str(out), "_manifest", "20250101T000000-aaaaaa", 0, _stages(cfg, row))
+    manifest_writer.write_part(str(out), "_manifest", "20250101T000000-aaaaaa", 0, _stages(cfg, row))
     parts = manifest.part_uris(str(out), "_manifest")
     over = _blur("output.overwrite=true")
     plan = make_plan(over, str(src), str(out), anonymization_fingerprint(over))
@@ -301,8 +303,8 @@ def _lease_file(out, run_id, age_s, **who):
 
 def test_a_second_run_into_a_leased_output_prefix_is_refused(tmp_path, capsys):
     from rp_distributed.cli import main
-    from rp_distributed.lease import LeaseHeld
-    from rp_distributed.pipeline import run_job
+    from rp_distributed.job.lease import LeaseHeld
+    from rp_distributed.job.run import run_job
 
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
@@ -315,7 +317,7 @@ def test_a_second_run_into_a_leased_output_prefix_is_refused(tmp_path, capsys):
 
 
 def test_a_stale_lease_does_not_block_and_a_live_one_beats_and_notices_its_loss(tmp_path):
-    from rp_distributed.lease import Lease, LeaseHeld, LeaseLost
+    from rp_distributed.job.lease import Lease, LeaseHeld, LeaseLost
     from rp_distributed.storage import Storage
 
     out = tmp_path / "out"
@@ -348,7 +350,7 @@ def test_a_fresh_lease_of_a_driver_gone_from_this_machine_does_not_block(tmp_pat
     import socket
     import subprocess
 
-    from rp_distributed.lease import Lease, LeaseHeld
+    from rp_distributed.job.lease import Lease, LeaseHeld
     from rp_distributed.storage import Storage
 
     out = tmp_path / "out"
@@ -370,7 +372,7 @@ def test_a_fresh_lease_of_a_driver_gone_from_this_machine_does_not_block(tmp_pat
 @pytest.mark.timeout(600)
 def test_job_on_ray_reads_and_writes_names_as_data_and_never_through_links(ray_session, tmp_path, t1_path,
                                                                          astronaut_path):
-    from rp_distributed.pipeline import run_job
+    from rp_distributed.job.run import run_job
 
     src, out, outside, elsewhere = (tmp_path / n for n in ("in", "out", "outside", "elsewhere"))
     (src / "sub").mkdir(parents=True)

@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from rp_distributed.records import ImageRow
 from rp_distributed.config import DiffusionConfig, load_config
 from rp_distributed.diffusion import ReversePersonalizer
 from tests.conftest import FAST_DETECTION
@@ -162,19 +163,19 @@ def _job_cfg(tiny_dir, dtype, *extra):
 def test_float16_anonymizer_stage(tiny_dir, t1_path):
     import dataclasses
 
-    from rp_distributed.anonymize import Anonymizer
-    from rp_distributed.pipeline import DetectFaces
+    from rp_distributed.anonymizer import Anonymizer
+    from rp_distributed.stages.detect import DetectFaces
 
     cfg16 = _job_cfg(tiny_dir, "float16", "diffusion.num_inversion_steps=2")
-    row = DetectFaces(cfg16).process({"input_uri": str(t1_path), "rel_path": "t1.jpg", "output_uri": "x"})
-    faces = row["payload"].faces[:2]
+    row = DetectFaces.from_config(cfg16).process(ImageRow.of({"input_uri": str(t1_path), "rel_path": "t1.jpg", "output_uri": "x"}))
+    faces = row.payload.faces[:2]
     assert len(faces) == 2
     f16 = [dataclasses.replace(f) for f in faces]
     f32 = [dataclasses.replace(f) for f in faces]
-    a16 = Anonymizer(cfg16)
-    assert a16.rp.dtype == torch.float16
+    a16 = Anonymizer.from_config(cfg16)
+    assert a16.method.rp.dtype == torch.float16
     a16(f16)
-    Anonymizer(_job_cfg(tiny_dir, "float32", "diffusion.num_inversion_steps=2"))(f32)
+    Anonymizer.from_config(_job_cfg(tiny_dir, "float32", "diffusion.num_inversion_steps=2"))(f32)
     for f, g in zip(f16, f32):
         assert f.anon_crop is not None and f.anon_crop.dtype == np.uint8 and f.anon_crop.shape == f.crop.shape
         assert f.method_applied == g.method_applied, (f.method_applied, f.face_error)

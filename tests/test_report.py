@@ -57,7 +57,7 @@ ESCALATING = ["privacy.escalate=true", "privacy.reid_threshold=0.75", "privacy.g
 def rp_run(ray_session, tiny_dir, photos, tmp_path_factory):
     """A real job: reverse personalization on the tiny model with the escalation ladder; returns
     (config, output folder, JobResult, stage states the progress bar saw)."""
-    from rp_distributed.pipeline import run_job
+    from rp_distributed.job.run import run_job
 
     seen = []
     observe = progress.Progress.observe

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rp_distributed import manifest_writer
 from rp_distributed import manifest, report
 from rp_distributed.config import config_to_dict, load_config
-from rp_distributed.pipeline import JobResult, _end_of_run
+from rp_distributed.job.run import JobResult, _end_of_run
 from tests.test_fail_closed import run_stages
 
 THUMB = re.compile(r'<img class="thumb( original)?" alt="(original|anonymized) ([^"]+)" '
@@ -31,7 +32,7 @@ def recorded(tmp_path_factory, t1_path):
     out = tmp_path_factory.mktemp("gallery") / "out"
     cfg = load_config(None, ["anonymizer.method=blur", "output.format=png", "report.include_originals=true"])
     rows = run_stages(cfg, t1_path, out / "t1.png")
-    manifest.write_part(str(out), "_manifest", "test-run", 0, rows)
+    manifest_writer.write_part(str(out), "_manifest", "test-run", 0, rows)
     report.write_run_info(str(out), "_manifest", "test-run", {"run_id": "test-run", "config": config_to_dict(cfg)})
     original = np.asarray(Image.open(t1_path).convert("RGB"))
     written = np.asarray(Image.open(out / "t1.png").convert("RGB"))

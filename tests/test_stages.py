@@ -9,15 +9,16 @@ import numpy as np
 from PIL import Image
 
 from rp_distributed.config import anonymization_fingerprint, load_config
-from rp_distributed.pipeline import AnonymizeFaces, DetectFaces, MergeAndWrite, _columns, _rows
-from rp_distributed.records import Face
+from rp_distributed.stages.anonymize import AnonymizeFaces
+from rp_distributed.stages.detect import DetectFaces
+from rp_distributed.stages.merge import MergeAndWrite
+from rp_distributed.stages.batch import columns as _columns, rows as _rows
+from rp_distributed.records import Face, ImageRow
 from tests.conftest import FAST_DETECTION
 
 
 def _detect(cfg, src, out):
-    row = {"input_uri": str(src), "rel_path": src.name, "output_uri": str(out), "error": None, "notes": None,
-           "stale_output_uri": None}
-    return DetectFaces(cfg).process(row)
+    return DetectFaces.from_config(cfg).process(ImageRow(str(src), src.name, str(out)))
 
 
 def _through(stage, row):
@@ -28,27 +29,27 @@ def _through(stage, row):
 def test_boundaries_carry_the_source_bytes_and_the_crops_only_to_the_anonymizer(tmp_path, t1_path, t1_rgb):
     cfg = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png"])
     detected = _detect(cfg, t1_path, tmp_path / "t1.png")
-    payload = detected["payload"]
+    payload = detected.payload
     assert payload.image is None and payload.source == t1_path.read_bytes()
     assert len(payload.faces) == 6 and all(isinstance(f, Face) and f.crop is not None for f in payload.faces)
     crops = sum(f.crop.nbytes for f in payload.faces)
     # What Ray stores for the row: the JPEG and the crops, not the 3.4 MB of decoded pixels.
     assert len(pickle.dumps(detected, protocol=5)) < len(payload.source) + crops + 20_000 < t1_rgb.nbytes + crops
-    anonymized = _through(AnonymizeFaces(cfg), detected)
-    faces = anonymized["payload"].faces
-    assert all(f.crop is None and f.anon_crop is not None and f.method_applied == "blur" for f in faces)
+    anonymized = _through(AnonymizeFaces.from_config(cfg), detected)
+    faces = anonymized.payload.faces
+    assert all(f.crop is None and f.anon_crop is not None and str(f.method_applied) == "blur" for f in faces)
     assert len(pickle.dumps(anonymized, protocol=5)) < len(payload.source) + crops + 20_000
 
 
 def test_merging_from_the_source_bytes_writes_what_merging_from_pixels_writes(tmp_path, t1_path, t1_rgb):
     cfg = load_config(None, [*FAST_DETECTION, "anonymizer.method=pixelate", "output.format=png"])
     fp = anonymization_fingerprint(cfg)
-    merge = MergeAndWrite(cfg, "run", "dlib", fp)
+    merge = MergeAndWrite.from_config(cfg, "run", fp)
     outputs = []
     for name, as_pixels in (("from-bytes.png", False), ("from-pixels.png", True)):
-        row = _through(AnonymizeFaces(cfg), _detect(cfg, t1_path, tmp_path / name))
+        row = _through(AnonymizeFaces.from_config(cfg), _detect(cfg, t1_path, tmp_path / name))
         if as_pixels:  # what the stage shipped before: the decoded image
-            row["payload"].source, row["payload"].image = None, t1_rgb
+            row.payload.source, row.payload.image = None, t1_rgb
         rows = merge.process(row)
         assert {r["status"] for r in rows} == {"ok"} and len(rows) == 6
         outputs.append(np.asarray(Image.open(tmp_path / name)))
@@ -60,5 +61,5 @@ def test_an_image_whose_file_is_larger_than_its_pixels_travels_decoded(tmp_path,
     src = tmp_path / "t1.bmp"
     Image.fromarray(t1_rgb).save(src)  # uncompressed: the pixels plus a header
     assert src.stat().st_size > t1_rgb.nbytes
-    payload = _detect(load_config(None, [*FAST_DETECTION, "anonymizer.method=blur"]), src, tmp_path / "out.bmp")["payload"]
+    payload = _detect(load_config(None, [*FAST_DETECTION, "anonymizer.method=blur"]), src, tmp_path / "out.bmp").payload
     assert payload.source is None and np.array_equal(payload.image, t1_rgb) and len(payload.faces) == 6

@@ -18,3 +18,5 @@ from .sections import (
     RayConfig,
     ReportConfig,
 )
+
+__all__ = ["StageResources", "AUDIT_PASSES", "DEFAULT_PASSES", "AuditConfig", "DetectionConfig", "PassConfig", "DiffusionConfig", "anonymization_fingerprint", "anonymization_settings", "ConfigError", "JobConfig", "apply_overrides", "config_to_dict", "load_config", "IMAGE_EXTENSIONS", "AlignmentConfig", "AnonymizerConfig", "InputConfig", "MergeConfig", "OutputConfig", "PrivacyConfig", "PromptsConfig", "RayConfig", "ReportConfig"]

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import EXECUTION, PATH_BY_DIGEST, RESOURCES, WHEN_SET, StageResources, _Section, outside_fingerprint
+from .base import PATH_BY_DIGEST, RESOURCES, WHEN_SET, StageResources, _Section, outside_fingerprint
 from .detection import AuditConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")

@@ -117,7 +117,7 @@ class CenterFaceDetector(BaseDetector):
 
     def __init__(self, cfg, session=None):
         super().__init__(cfg)
-        from ..modelfiles import local_folder  # a URI or a pulled tree (lock file): its copy on this node
+        from ..model_sources import local_folder  # a URI or a pulled tree (lock file): its copy on this node
 
         self.model_file = resolve_model_file(local_folder(cfg.model_dir, cfg.lock_file, cfg.cache_dir,
                                                           "detection.model_dir"))

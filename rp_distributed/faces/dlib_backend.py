@@ -70,7 +70,7 @@ class DlibDetector(BaseDetector):
             raise ValueError(f"detection.model: dlib backend supports 'hog' or 'cnn', got {cfg.model!r}")
         self.model = model
         files = [SHAPE68_FILE] + ([CNN_FILE] if model == "cnn" else [])
-        from ..modelfiles import local_folder  # a URI or a pulled tree (lock file): its copy on this node
+        from ..model_sources import local_folder  # a URI or a pulled tree (lock file): its copy on this node
 
         folder = local_folder(cfg.model_dir, cfg.lock_file, cfg.cache_dir, "detection.model_dir")
         paths = resolve_model_files(folder, files, backend=f"dlib/{model}")

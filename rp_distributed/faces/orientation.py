@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .annotations import AnnotatedFaces, faces_from_rows
-from .faces import DetectedFace
-from .faces.align import box_through, transform_points
+from .align import box_through, transform_points
+from .annotated import AnnotatedFaces, faces_from_rows
+from .types import DetectedFace
 
 TRANSPOSED = (5, 6, 7, 8)  # orientations whose stored image is the upright one with width and height swapped
 MIRRORING = (2, 4, 5, 7)  # orientations that mirror the stored image (left and right swap sides)

@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 
-from .storage import InputError, Storage
+from ..storage import InputError, Storage
 
 LEASE_PREFIX = "lease-"
 HEARTBEAT_S = 30.0

@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 
-from . import annotations, io, manifest
-from .config import JobConfig
+from .. import annotations, io, manifest
+from ..config import JobConfig
 
 
 class PlanError(ValueError):

@@ -1,0 +1,117 @@
+"""The destructive methods (blur, pixelate, mask), each on an aligned crop and on a region of the image itself (the
+fail-closed path for a face without a crop to paste). One class per method, found by name in ``DESTRUCTIVE``."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def _face_side(face_box: np.ndarray) -> float:
+    x0, y0, x1, y1 = face_box
+    return float(max(x1 - x0, y1 - y0, 1.0))
+
+
+def blur(crop: np.ndarray, face_box: np.ndarray, strength: float) -> np.ndarray:
+    sigma = max(strength * _face_side(face_box), 1.0)
+    return cv2.GaussianBlur(crop, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+
+
+def pixelate(crop: np.ndarray, face_box: np.ndarray, blocks: int) -> np.ndarray:
+    size = crop.shape[0]
+    cells = max(2, round(blocks * size / _face_side(face_box)))
+    small = cv2.resize(crop, (cells, cells), interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (size, size), interpolation=cv2.INTER_NEAREST)
+
+
+def mask(crop: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
+    out = np.empty_like(crop)
+    out[:] = np.asarray(color, np.uint8)
+    return out
+
+
+class Blur:
+    name = "blur"
+
+    def crop(self, crop: np.ndarray, face_box: np.ndarray, cfg) -> np.ndarray:
+        return blur(crop, face_box, cfg.blur_strength)
+
+    def region(self, region: np.ndarray, cfg) -> np.ndarray:
+        h, w = region.shape[:2]
+        return blur(region, np.array([0, 0, w, h], np.float32), cfg.blur_strength)
+
+
+class Pixelate:
+    name = "pixelate"
+
+    def crop(self, crop: np.ndarray, face_box: np.ndarray, cfg) -> np.ndarray:
+        return pixelate(crop, face_box, cfg.pixelate_blocks)
+
+    def region(self, region: np.ndarray, cfg) -> np.ndarray:
+        h, w = region.shape[:2]
+        cells = max(2, cfg.pixelate_blocks)
+        small = cv2.resize(region, (cells, max(2, round(cells * h / max(w, h)))), interpolation=cv2.INTER_AREA)
+        return cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
+
+
+class Mask:
+    name = "mask"
+
+    def crop(self, crop: np.ndarray, face_box: np.ndarray, cfg) -> np.ndarray:
+        return mask(crop, cfg.mask_color)
+
+    def region(self, region: np.ndarray, cfg) -> np.ndarray:
+        return mask(region, cfg.mask_color)
+
+
+DESTRUCTIVE = {m.name: m for m in (Blur(), Pixelate(), Mask())}
+
+
+def _method(name: str):
+    try:
+        return DESTRUCTIVE[name]
+    except KeyError:
+        raise ValueError(f"unknown destructive method {name!r}") from None
+
+
+def destroy(method: str, crop: np.ndarray, face_box: np.ndarray, cfg) -> np.ndarray:
+    """Apply the destructive ``method`` to an aligned crop, with an ``AnonymizerConfig``."""
+    return _method(method).crop(crop, face_box, cfg)
+
+
+Window = tuple[int, int, int, int]  # x0, y0, x1, y1 in image pixels, exclusive end
+
+
+def destroyed(image: np.ndarray, box: np.ndarray, method: str, cfg, margin: float) -> tuple[Window, np.ndarray] | None:
+    """``method`` applied to the (enlarged) box of ``image``: (window, its new pixels), or None when the box lies
+    outside the image. ``image`` is not changed."""
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = [float(v) for v in box]
+    mw, mh = margin * (x1 - x0), margin * (y1 - y0)
+    xa, ya = max(int(np.floor(x0 - mw)), 0), max(int(np.floor(y0 - mh)), 0)
+    xb, yb = min(int(np.ceil(x1 + mw)), w), min(int(np.ceil(y1 + mh)), h)
+    if xa >= xb or ya >= yb:
+        return None
+    return (xa, ya, xb, yb), _method(method).region(np.ascontiguousarray(image[ya:yb, xa:xb]), cfg)
+
+
+def destroy_box(image: np.ndarray, box: np.ndarray, method: str, cfg, margin: float = 0.3,
+                out: np.ndarray | None = None, writable=None) -> np.ndarray:
+    """Fail-closed path: apply ``method`` to the (enlarged) box directly in the image.
+
+    Writes into ``out`` (which may be ``image`` itself) or, when None, into a copy; returns it. ``writable``:
+    optional ``window -> bool mask`` of the pixels this face may write (``compose.BoxOwners.writable``)."""
+    if out is None:
+        out = image.copy()
+    elif out is not image:
+        out[...] = image
+    done = destroyed(out, box, method, cfg, margin)
+    if done is None:
+        return out
+    (xa, ya, xb, yb), pixels = done
+    if writable is None:
+        out[ya:yb, xa:xb] = pixels
+    else:
+        keep = writable((xa, ya, xb, yb))
+        out[ya:yb, xa:xb][keep] = pixels[keep]
+    return out

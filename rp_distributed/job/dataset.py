@@ -1,0 +1,99 @@
+"""The stages declared (in the manner of ray.data.llm's stages and processor): each names its callable, the config
+sections it is built from, its resources and the columns it needs, and ``build_dataset`` applies them in order over
+the plan's blocks as Ray Data actor pools.
+
+    plan blocks -> DetectFaces (CPU) -> AnonymizeFaces (GPU or CPU) -> MergeAndWrite (CPU) -> manifest rows
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pyarrow as pa
+
+from .. import io
+from ..anonymizer import AnonymizerSettings
+from ..config import JobConfig, StageResources
+from ..stages.anonymize import AnonymizeFaces
+from ..stages.detect import DetectFaces, DetectSettings
+from ..stages.merge import MergeAndWrite, MergeSettings
+
+PLAN_COLUMNS = ("input_uri", "rel_path", "output_uri", "stale_output_uri", "error", "notes")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage: ``fn`` built once per actor from ``settings.of(cfg)`` (its config sections) and ``extra`` (what
+    the run adds: storages, run id), with ``resources(cfg)``; ``needs``: the input columns it reads."""
+
+    name: str
+    fn: type
+    settings: type
+    resources: Callable[[JobConfig], StageResources]
+    needs: tuple[str, ...]
+    extra: tuple = field(default=())
+
+    def constructor_args(self, cfg: JobConfig) -> tuple:
+        return (self.settings.of(cfg), *self.extra)
+
+
+def stages(run_id: str, fingerprint: str | None, inputs: io.Storage | None,
+           outputs: io.Storage | None) -> list[StageSpec]:
+    return [
+        StageSpec("detect", DetectFaces, DetectSettings, lambda c: c.detection.resources, PLAN_COLUMNS, (inputs,)),
+        StageSpec("anonymize", AnonymizeFaces, AnonymizerSettings, lambda c: c.anonymizer.resources,
+                  ("status", "payload")),
+        StageSpec("merge", MergeAndWrite, MergeSettings, lambda c: c.merge.resources, ("status", "payload"),
+                  (run_id, fingerprint, outputs)),
+    ]
+
+
+def _pool_args(cfg: JobConfig, res: StageResources, isolate: bool) -> dict:
+    """Ray Data arguments of one actor-pool stage.
+
+    A dead actor is restarted (``ray.max_actor_restarts``, unbounded by default) and its in-flight batch retried up
+    to ``ray.max_task_retries`` times, not forever: an input that kills its worker every time (a native decoder
+    crash, an OOM kill, a device fault) would otherwise stall the job. The run retries the inputs of such a batch
+    one by one (``isolate``: one input per batch and one batch in flight per actor) and records the one that still
+    fails."""
+    import ray
+
+    lo, hi = res.pool_bounds
+    pool = ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, max_tasks_in_flight_per_actor=1 if isolate else None)
+    return dict(compute=pool, num_cpus=res.num_cpus, num_gpus=res.num_gpus or None,
+                batch_size=1 if isolate else res.batch_size, batch_format="numpy", zero_copy_batch=False,
+                max_restarts=cfg.ray.max_actor_restarts, max_task_retries=cfg.ray.max_task_retries)
+
+
+INPUT_ROWS_PER_BLOCK = 32
+
+
+def put_blocks(todo: pa.Table, rows_per_block: int = INPUT_ROWS_PER_BLOCK) -> list:
+    """The plan's rows as object-store blocks of ``rows_per_block`` rows; the driver keeps only the refs.
+
+    A worker that dies loses its task's whole input block (retried, then redone one by one): small blocks keep what
+    one poison input costs small, and give every stage enough blocks to use the whole cluster."""
+    import ray
+
+    return [ray.put(todo.take(pa.array(range(i, min(i + rows_per_block, todo.num_rows)))))
+            for i in range(0, todo.num_rows, rows_per_block)]
+
+
+def build_dataset(cfg: JobConfig, blocks: list, specs: list[StageSpec], isolate: bool = False):
+    """The stages over the plan's ``blocks`` (``put_blocks``), in order; ``isolate``: one input per batch."""
+    import ray
+
+    ds = ray.data.from_arrow_refs(blocks)
+    missing = [c for c in specs[0].needs if c not in ray.get(blocks[0]).column_names] if blocks else []
+    if missing:
+        raise ValueError(f"the plan's blocks lack the columns the {specs[0].name} stage needs: {missing}")
+    with warnings.catch_warnings():
+        # max_restarts / max_task_retries have no named parameter in Ray 2.60; they still go through
+        # ray_remote_args, which warns that the catch-all is deprecated.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
+        for spec in specs:
+            ds = ds.map_batches(spec.fn, fn_constructor_args=spec.constructor_args(cfg),
+                                **_pool_args(cfg, spec.resources(cfg), isolate))
+    return ds
