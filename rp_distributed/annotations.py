@@ -1,4 +1,4 @@
-"""Side tables keyed by input path (issue 10): face annotations (``input.mode: annotations``) and attribute
+"""Side tables keyed by input path: face annotations (``input.mode: annotations``) and attribute
 prompts per image or per face (``prompts.table``).
 
 Both are read once, on the driver, with pyarrow (Parquet, CSV or JSON lines, through fsspec, so ``s3://``
