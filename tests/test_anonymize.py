@@ -230,7 +230,7 @@ def test_a_detector_device_fault_ends_the_detection_stage_in_aligned_mode(t1_pat
     def broken(rgb):  # injected: what the insightface detector raises on a lost device
         raise Fail(ORT_DEVICE_FAULT)
 
-    stage.detector.detect = broken
+    stage.finder.detector.detect = broken
     with pytest.raises(DeviceFault, match="CUDA failure 700|ONNXRuntimeError"):
         stage.process(ImageRow.of({"input_uri": str(t1_path), "rel_path": "t1.jpg", "output_uri": "x", "error": None,
                        "notes": None, "stale_output_uri": None}))

@@ -12,6 +12,7 @@ from rp_distributed import summary
 from rp_distributed import manifest
 from rp_distributed.audit import covered_fraction
 from rp_distributed.config import load_config
+from rp_distributed.records import ImageRow
 from rp_distributed.stages.anonymize import AnonymizeFaces
 from rp_distributed.stages.detect import DetectFaces
 from rp_distributed.stages.merge import MergeAndWrite
@@ -26,7 +27,7 @@ def _through(stage, row):
 def _run_stages(cfg, src, out) -> list[dict]:
     row = {"input_uri": str(src), "rel_path": src.name, "output_uri": str(out), "error": None, "notes": None,
            "stale_output_uri": None}
-    detected = DetectFaces.from_config(cfg).process(row)
+    detected = DetectFaces.from_config(cfg).process(ImageRow.of(row))
     return MergeAndWrite.from_config(cfg, "run", "fp").process(_through(AnonymizeFaces.from_config(cfg), detected))
 
 

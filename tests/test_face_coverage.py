@@ -22,11 +22,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rp_distributed.records import ImageRow
 from rp_distributed import compose
 from rp_distributed.anonymizer import Anonymizer
 from rp_distributed.config import DetectionConfig, anonymization_fingerprint, load_config
 from rp_distributed.faces import build_detector
-from rp_distributed.stages.detect import DetectFaces
+from rp_distributed.stages.detect import DetectFaces, DetectSettings
 from rp_distributed.stages.merge import MergeAndWrite
 
 PADDINGS = (0.0, 0.1, 0.2, 0.3, 0.5)  # the hole was below ~0.3 (51-97% of the box reached); 0.5 the top
@@ -84,15 +85,16 @@ def with_checkerboard(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def t1_stage(tiny_dir):
     """One detection stage for every method and padding (built with reverse personalization's config, so it also
-    embeds identities; ``stage.cfg`` is set per case: the stage reads its config as it processes a row)."""
+    embeds identities; its settings are set per case: the stage reads them as it processes a row)."""
     stage = DetectFaces.from_config(_cfg("reverse_personalization", 0.4, tiny_dir))
-    stage.detector = _DetectOnce(stage.detector)
+    stage.finder.detector = _DetectOnce(stage.finder.detector)
     return stage
 
 
 def _faces(stage, cfg, anonymizer, path, out="x") -> dict:
-    stage.cfg = cfg
-    row = stage.process(_row(path, out))
+    stage.settings = DetectSettings.of(cfg)
+    stage.finder.alignment = cfg.alignment  # the framing under test
+    row = stage.process(ImageRow.of(_row(path, out)))
     assert row.pending and len(row.payload.faces) == 6
     anonymizer(row.payload.faces)
     return row
@@ -173,7 +175,7 @@ def test_a_neighbour_paste_never_writes_into_another_face_box(method, tmp_path, 
     cut from the original and blurred at its own smaller scale, was pasted over part of the larger face's box."""
     path, img = overlapping
     cfg = load_config(None, [f"anonymizer.method={method}", "alignment.face_size=128"])
-    row = DetectFaces.from_config(cfg).process(_row(path, tmp_path / "o.png"))
+    row = DetectFaces.from_config(cfg).process(ImageRow.of(_row(path, tmp_path / "o.png")))
     faces = row.payload.faces
     Anonymizer.from_config(cfg)(faces)
     together = img.copy()

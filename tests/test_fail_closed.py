@@ -16,6 +16,7 @@ from rp_distributed import summary
 from rp_distributed import manifest_writer
 from rp_distributed import io, manifest
 from rp_distributed.anonymizer import Anonymizer
+from rp_distributed.records import ImageRow
 from rp_distributed.config import DetectionConfig, anonymization_fingerprint, load_config
 from rp_distributed.faces import build_detector
 from rp_distributed.stages.detect import DetectFaces
@@ -36,7 +37,7 @@ def run_stages(cfg, src, out_uri, merge=None, rel_path="t1.jpg", **row):
     detect, anonymize, shared = _STAGES[key]
     row = {"input_uri": str(src), "rel_path": rel_path, "output_uri": str(out_uri), "error": None, "notes": None,
            "stale_output_uri": None, **row}
-    row = detect.process(row)
+    row = detect.process(ImageRow.of(row))
     if row.pending:
         anonymize(row.payload.faces)
     rows = (merge or shared).process(row)

@@ -7,6 +7,7 @@ recognizer built here, independent of the one inside the merge stage."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from rp_distributed import compose, manifest
 from rp_distributed.anonymizer import Anonymizer
 from rp_distributed.config import PrivacyConfig, anonymization_fingerprint, load_config
 from rp_distributed.stages.detect import DetectFaces
-from rp_distributed.stages.merge import MergeAndWrite
+from rp_distributed.stages.merge import MergeAndWrite, MergeSettings
 from rp_distributed.scoring import ReidScorer
 
 MAGENTA = "[255,0,255]"  # a mask colour no photo region is close to, so "the mask landed" is unambiguous
@@ -44,10 +45,11 @@ def run_stages(cfg, stages, out, monkeypatch, merge=None):
     """The detected t1 through the anonymizer and the merge stage with ``cfg``; returns the manifest rows."""
     detected, shared = stages
     merge = merge or shared
-    row = copy.deepcopy(detected) | {"output_uri": str(out)}
+    row = dataclasses.replace(copy.deepcopy(detected), output_uri=str(out))
     Anonymizer.from_config(cfg)(row.payload.faces)
-    monkeypatch.setattr(merge, "cfg", cfg)
-    monkeypatch.setattr(merge.checks, "cfg", cfg)
+    settings = MergeSettings.of(cfg)
+    monkeypatch.setattr(merge, "settings", settings)
+    monkeypatch.setattr(merge.checks, "cfg", settings)
     rows = merge.process(row)
     for r in rows:
         manifest.normalize_row(r)

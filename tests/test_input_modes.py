@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from rp_distributed.records import ImageRow
 from rp_distributed import annotations, compose, manifest
 from rp_distributed.anonymizer import Anonymizer
 from rp_distributed.config import anonymization_fingerprint, load_config
@@ -67,7 +68,7 @@ def rp_anonymizer(tiny_dir):
 @pytest.fixture(scope="module")
 def t1_rp(tiny_dir, t1_path):
     """t1.jpg's faces as reverse personalization's first stage makes them at 64 px (crops, embeddings)."""
-    row = DetectFaces.from_config(_rp_cfg(tiny_dir)).process(_row(t1_path))
+    row = DetectFaces.from_config(_rp_cfg(tiny_dir)).process(ImageRow.of(_row(t1_path)))
     assert len(row.payload.faces) == 6
     return row.payload.faces
 
@@ -86,7 +87,7 @@ def _with_table(cfg, path, rel) -> dict:
 def aligned_crops(tmp_path_factory, t1_path):
     """128 px crops of t1.jpg's three largest faces, cut by our own aligner (the pipeline's first stage)."""
     folder = tmp_path_factory.mktemp("aligned")
-    faces = DetectFaces.from_config(_blur_cfg()).process(_row(t1_path)).payload.faces
+    faces = DetectFaces.from_config(_blur_cfg()).process(ImageRow.of(_row(t1_path))).payload.faces
     paths = []
     for f in faces[:3]:
         paths.append(folder / f"face{f.face_index}.png")
@@ -101,7 +102,7 @@ def test_aligned_mode_on_our_own_aligned_crops(tmp_path, aligned_crops, merge):
     paths, kps = aligned_crops
     for path, cut_at in zip(paths, kps):
         image = np.asarray(Image.open(path))
-        row = DetectFaces.from_config(cfg).process(_row(path, tmp_path / path.name))
+        row = DetectFaces.from_config(cfg).process(ImageRow.of(_row(path, tmp_path / path.name)))
         (face,) = row.payload.faces
         # The crop is the image itself (already face_size): no detection, no warp.
         assert np.array_equal(face.crop, image) and np.allclose(face.matrix, [[1, 0, 0], [0, 1, 0]])
@@ -109,7 +110,7 @@ def test_aligned_mode_on_our_own_aligned_crops(tmp_path, aligned_crops, merge):
         assert row.payload.faces_from == "aligned"
         # The detector run in the crop finds the face where our aligner put it (the keypoints the crop was cut
         # at, within 5 px of 128: dlib refits its landmarks); the template is the mean face's: near, not equal (a least-squares fit).
-        (det,) = by_detector.process(_row(path)).payload.faces
+        (det,) = by_detector.process(ImageRow.of(_row(path))).payload.faces
         assert det.id_keypoints == "detector"
         assert np.linalg.norm(det.kps5 - cut_at, axis=1).mean() < 5.0
         assert np.linalg.norm(det.kps5 - template, axis=1).mean() < 0.1 * 128
@@ -125,7 +126,7 @@ def test_aligned_mode_on_our_own_aligned_crops(tmp_path, aligned_crops, merge):
     cut = tmp_path / "wide.png"
     Image.fromarray(np.asarray(Image.open(paths[0]))[14:114]).save(cut)
     cfg64 = _blur_cfg("input.mode=aligned", "alignment.face_size=64")
-    row = DetectFaces.from_config(cfg64).process(_row(cut, tmp_path / "out-wide.png"))
+    row = DetectFaces.from_config(cfg64).process(ImageRow.of(_row(cut, tmp_path / "out-wide.png")))
     assert row.payload.faces[0].crop.shape == (64, 64, 3)
     merge(_through(AnonymizeFaces.from_config(cfg64), row))
     assert np.asarray(Image.open(tmp_path / "out-wide.png")).shape == (100, 128, 3)
@@ -137,7 +138,7 @@ def test_aligned_mode_on_tom_hanks_with_reverse_personalization(tmp_path, tiny_d
     image = np.asarray(Image.open(src).convert("RGB"))
     cfg = _rp_cfg(tiny_dir, "input.mode=aligned", "input.aligned_keypoints=detector")
     stage = DetectFaces.from_config(cfg)
-    row = stage.process(_row(src, tmp_path / "tom.png"))
+    row = stage.process(ImageRow.of(_row(src, tmp_path / "tom.png")))
     (face,) = row.payload.faces
     assert face.crop.shape == (64, 64, 3) and face.id_keypoints == "detector"
     # The detector's keypoints, back in image px, sit at ArcFace's own 112 px template (how it was aligned).
@@ -160,7 +161,7 @@ def test_aligned_mode_fallbacks_cover_the_whole_image(tmp_path, tiny_dir, aligne
     path = aligned_crops[0][0]
     image = np.asarray(Image.open(path))
     cfg = _rp_cfg(tiny_dir, "input.mode=aligned", "anonymizer.fallback=mask")
-    row = DetectFaces.from_config(cfg).process(_row(path, tmp_path / "gen-fails.png"))
+    row = DetectFaces.from_config(cfg).process(ImageRow.of(_row(path, tmp_path / "gen-fails.png")))
 
     def broken(*a, **k):
         raise RuntimeError("generation exploded")
@@ -195,14 +196,14 @@ def test_annotations_from_detect_modes_own_faces_reproduce_them(tmp_path, tiny_d
     same order, seeds, crops, keypoints and identity embeddings, and the same anonymized image. Detect mode runs
     dlib here: a box without landmarks gets dlib's 68-point predictor, the landmarks the dlib backend gives."""
     rp = _rp_cfg(tiny_dir, "alignment.face_size=128", "detection.backend=dlib")
-    faces = DetectFaces.from_config(rp).process(_row(t1_path)).payload.faces
+    faces = DetectFaces.from_config(rp).process(ImageRow.of(_row(t1_path))).payload.faces
     assert len(faces) == 6
     blur = Anonymizer.from_config(_blur_cfg())
     images = []
     for landmarks, keypoints in ((True, "annotations"), (False, "predictor")):
         uri = _table_from(faces, tmp_path / f"ann-{landmarks}.parquet", landmarks=landmarks)
         cfg = _rp_cfg(tiny_dir, "alignment.face_size=128", "input.mode=annotations", f"input.annotations={uri}")
-        row = DetectFaces.from_config(cfg).process(_with_table(cfg, t1_path, "t1.jpg") | _row(t1_path))
+        row = DetectFaces.from_config(cfg).process(ImageRow.of(_with_table(cfg, t1_path, "t1.jpg") | _row(t1_path)))
         got = row.payload.faces
         assert row.payload.faces_from == "annotations" and row.notes == ""
         assert [g.face_index for g in got] == [f.face_index for f in faces]
@@ -230,7 +231,7 @@ def test_images_without_annotation_rows_follow_annotations_missing(tmp_path, t1_
         listing = pa.table({"input_uri": [str(t1_path)], "rel_path": ["t1.jpg"]})
         planned, orphans = annotations.attach(cfg, listing)
         assert orphans[0]["rows"] == [0] and planned["annotations"][0].as_py() is None
-        rows[missing] = DetectFaces.from_config(cfg).process(_row(t1_path, rel="t1.jpg"))
+        rows[missing] = DetectFaces.from_config(cfg).process(ImageRow.of(_row(t1_path, rel="t1.jpg")))
     detect, skip, withhold = rows["detect"], rows["skip"], rows["withhold"]
     assert detect.pending and len(detect.payload.faces) == 6 and detect.payload.faces_from == "ensemble"
     assert "no annotation rows: faces detected" in detect.notes
@@ -245,8 +246,8 @@ def test_aligned_mode_keeps_the_template_when_the_detector_fails(aligned_crops):
     def broken(image):
         raise RuntimeError("detector down")
 
-    stage.detector.detect = broken
-    row = stage.process(_row(aligned_crops[0][0]))
+    stage.finder.detector.detect = broken
+    row = stage.process(ImageRow.of(_row(aligned_crops[0][0])))
     (face,) = row.payload.faces
     assert row.pending and face.id_keypoints == "template" and "the detector failed" in row.notes
 
@@ -260,7 +261,7 @@ def test_annotations_job_reports_bad_rows_missing_images_and_images_without_rows
     (src / "people").mkdir(parents=True)
     shutil.copy(t1_path, src / "people" / "t1.jpg")
     shutil.copy(insightface_image("mask_white.jpg"), src / "no_rows.jpg")
-    faces = DetectFaces.from_config(_blur_cfg()).process(_row(t1_path)).payload.faces
+    faces = DetectFaces.from_config(_blur_cfg()).process(ImageRow.of(_row(t1_path))).payload.faces
     lines = ["path,x0,y0,x1,y1,landmarks"]
     for f in faces:  # box only for even faces, 68 points as text for odd ones
         lm = " ".join(f"{v:g}" for v in f.landmarks.ravel()) if f.face_index % 2 else ""
@@ -305,7 +306,7 @@ def prompted(tmp_path_factory, tiny_dir, t1_path, t1_rp, rp_anonymizer):
                      "t1.jpg,9,,,,,old,woman\n")                                       # no such face
     cfg = _rp_cfg(tiny_dir, f"diffusion.attribute_prompt={JOB_PROMPT}", f"prompts.table={table}",
                   "prompts.template=a photo of an {age} {sex}")
-    row = DetectFaces.from_config(cfg).process(_with_table(cfg, t1_path, "t1.jpg") | _row(t1_path))
+    row = DetectFaces.from_config(cfg).process(ImageRow.of(_with_table(cfg, t1_path, "t1.jpg") | _row(t1_path)))
     got = row.payload.faces[:3]
     assert [f.prompt for f in got] == WANT  # chosen before anonymization
     plain = [dataclasses.replace(f, prompt=JOB_PROMPT) for f in t1_rp[:3]]  # the same faces, the job's prompt

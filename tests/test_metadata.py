@@ -9,6 +9,7 @@ bytes are searched for every marker and parsed for every metadata structure of t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io as _io
 import struct
 
@@ -162,7 +163,7 @@ def test_no_metadata_survives_any_output_format(tmp_path, stages, source_format)
         assert (len(row.payload.faces) > 0) == (status == "ok")
         for out_ext in (".jpg", ".png", ".webp", ".tif", ".bmp"):  # output.format same/jpeg/png/webp, and the rest
             out = tmp_path / "out" / (src.stem + ext.lstrip(".") + out_ext)
-            rows = merge.process(copy.deepcopy(row) | {"output_uri": str(out)})
+            rows = merge.process(dataclasses.replace(copy.deepcopy(row), output_uri=str(out)))
             assert {r["status"] for r in rows} == {status}
             written = out.read_bytes()
             assert MARK not in written, (src.name, out_ext, written[written.find(MARK) - 20:written.find(MARK) + 30])

