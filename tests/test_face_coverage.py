@@ -93,7 +93,8 @@ def t1_stage(tiny_dir):
 
 def _faces(stage, cfg, anonymizer, path, out="x") -> dict:
     stage.settings = DetectSettings.of(cfg)
-    stage.finder.alignment = cfg.alignment  # the framing under test
+    for section in ("input", "detection", "alignment", "diffusion"):  # the framing under test, max_faces, seeds
+        setattr(stage.finder, section, getattr(cfg, section))
     row = stage.process(ImageRow.of(_row(path, out)))
     assert row.pending and len(row.payload.faces) == 6
     anonymizer(row.payload.faces)

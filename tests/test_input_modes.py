@@ -205,7 +205,7 @@ def test_annotations_from_detect_modes_own_faces_reproduce_them(tmp_path, tiny_d
         cfg = _rp_cfg(tiny_dir, "alignment.face_size=128", "input.mode=annotations", f"input.annotations={uri}")
         row = DetectFaces.from_config(cfg).process(ImageRow.of(_with_table(cfg, t1_path, "t1.jpg") | _row(t1_path)))
         got = row.payload.faces
-        assert row.payload.faces_from == "annotations" and row.notes == ""
+        assert row.payload.faces_from == "annotations" and not row.notes
         assert [g.face_index for g in got] == [f.face_index for f in faces]
         for f, g in zip(faces, got):
             assert np.array_equal(f.box, g.box) and f.seed == g.seed and f.det_score == g.det_score
@@ -320,7 +320,7 @@ def test_side_table_prompts_reach_exactly_the_faces_they_name(prompted):
     assert [f.prompt for f in got] == WANT
     assert "prompts row 2: face_index 9 names no face" in notes
     for i, (f, g) in enumerate(zip(plain, got)):
-        assert f.method_applied == str(g.method_applied) == "reverse_personalization"
+        assert str(f.method_applied) == str(g.method_applied) == "reverse_personalization"
         if i in (1, 2):  # named: generated with their own prompt, so another face
             assert np.abs(f.anon_crop.astype(int) - g.anon_crop.astype(int)).mean() > 1, i
         else:  # not named: the job's prompt, byte for byte the face the run without a table makes
