@@ -1,8 +1,8 @@
 """Start-up of one anonymizer actor: what every GPU actor of a job pays before its first face.
 
 Each sample is a fresh Python process that does what a Ray worker does for the anonymizer stage: import the
-stage, then build ``pipeline.AnonymizeFaces(cfg)`` (SDXL + FaceID adapter, the UNet batch probe, ArcFace, the
-re-ID recognizer). It reports the import and load wall times, the process's resident memory after the imports,
+libraries (``import_s``), then build ``pipeline.AnonymizeFaces(cfg)`` (SDXL + FaceID adapter, the UNet batch probe, ArcFace, the
+re-ID recognizer; ``load_s``). It reports both wall times, the process's resident memory after the imports,
 its peak (VmHWM) and what it holds after loading, CUDA's peak allocation when on a GPU, and the warnings
 diffusers logged while loading (a missing ``accelerate`` shows up here as "low_cpu_mem_usage").
 
@@ -57,9 +57,25 @@ class _Captured(logging.Handler):
         self.messages.append(record.getMessage()[:200])
 
 
+def import_libraries() -> None:
+    """What the actor imports before it reads a weight (most of it lazily, inside its constructor): torch,
+    diffusers' SDXL pipeline, transformers' CLIP, insightface's model zoo, dlib through the re-ID scorer."""
+    import diffusers  # noqa: F401
+    import insightface.model_zoo  # noqa: F401
+    import torch  # noqa: F401
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionXLPipeline  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: F401
+
+    import rp_distributed.diffusion.reverse  # noqa: F401
+    import rp_distributed.faces.arcface  # noqa: F401
+    import rp_distributed.pipeline  # noqa: F401
+    import rp_distributed.scoring  # noqa: F401
+
+
 def child(cfg_json: str) -> dict:
-    """One actor start-up in this (fresh) process."""
+    """One actor start-up in this (fresh) process: the imports, then the stage's constructor."""
     t0 = time.perf_counter()
+    import_libraries()
     import torch
 
     from rp_distributed.config import JobConfig
@@ -84,12 +100,13 @@ def child(cfg_json: str) -> dict:
             "unet_batch_size": rp.batch_size, "diffusers_warnings": captured.messages}
 
 
-def sample(cfg, repeats: int) -> dict:
-    """``repeats`` fresh processes; the median of each figure, and every sample."""
+def sample(cfg, repeats: int, timeout_s: float | None = None) -> dict:
+    """``repeats`` fresh processes (each killed after ``timeout_s``); the median of each figure, and every
+    sample."""
     runs = []
     for _ in range(repeats):
         proc = subprocess.run([sys.executable, __file__, "--child", cfg.model_dump_json()], capture_output=True,
-                              text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+                              text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=timeout_s)
         if proc.returncode:
             raise RuntimeError(f"start-up sample failed: {proc.stderr[-3000:]}")
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
