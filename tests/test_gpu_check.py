@@ -78,3 +78,37 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert all(isinstance(r["measured"], (int, float)) for f, r in table.items() if f not in cuda_only), table
     assert all(table[f]["measured"] is None for f in cuda_only)
     assert "s per face, anonymizer stage" in proc.stdout and "n/a (cpu smoke)" in proc.stdout
+
+
+def _gpu_check_module():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return gpu_check
+
+
+def test_gpu_run_loads_half_precision_variant_files_as_published(tmp_path):
+    """What the GPU run writes and loads, on the tiny model: float16 weights in ``*.fp16.safetensors`` files,
+    configs/sdxl.yaml's settings (variant fp16, float16, reference steps and size, batch auto) pointed at them;
+    the pipeline loads in float16 with the VAE read in float32."""
+    from rp_distributed.diffusion.sdxl import load_pipeline
+    from rp_distributed.diffusion.tiny import make_random_model
+
+    gpu_check = _gpu_check_module()
+    make_random_model(tmp_path, "tiny", dtype=torch.float16, variant="fp16")
+    assert (tmp_path / "sdxl" / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    cfg = gpu_check.job_config(gpu_check.settings(cpu_smoke=False), tmp_path)
+    d = cfg.diffusion
+    assert (d.device, d.dtype, d.variant, d.num_inversion_steps, d.unet_batch_size, cfg.alignment.face_size) == (
+        "cuda", "float16", "fp16", 100, "auto", 1024)
+    assert (cfg.detection.backend, cfg.privacy.escalate, cfg.anonymizer.resources.num_gpus) == ("dlib", False, 1)
+    loaded = load_pipeline(d.model_copy(update={"device": "cpu"}))
+    assert loaded.pipe.unet.dtype == torch.float16 and loaded.pipe.vae.dtype == torch.float32
+
+
+def test_gpu_check_without_cuda_says_so(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode != 0 and "no CUDA device" in proc.stderr and "--cpu-smoke" in proc.stderr
