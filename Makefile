@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast gpu-check gpu-check-smoke clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,17 @@ test: setup
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
+
+# On a GPU node (one H100/H200, no hub): every GPU figure in < 8 min, a table against the targets and
+# gpu-check.json. It runs in the environment at hand (.venv if there is one, else python3: e.g. the worker
+# image), which needs CUDA torch and onnxruntime-gpu (README, "Checking a GPU node").
+GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PY) benchmarks/gpu_check.py --out gpu-check.json
+
+# The same code on the tiny model on the CPU (tests/test_gpu_check.py runs it in CI).
+gpu-check-smoke: setup
+	PYTHONPATH=$(CURDIR) $(BIN)/python benchmarks/gpu_check.py --cpu-smoke --out gpu-check-smoke.json
 
 clean:
 	rm -rf demo-input demo-output models/tiny

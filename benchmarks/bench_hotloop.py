@@ -104,19 +104,11 @@ def cpu_components(steps: int) -> dict:
     return {k: round(v, 4) for k, v in out.items()}
 
 
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    use_linear_projection=True,
-)
-
-
 def cuda_table(batches: list[int]) -> list[dict]:
     import torch
     from diffusers import UNet2DConditionModel
+
+    from rp_distributed.diffusion.architectures import SDXL
 
     dev = torch.device("cuda")
     a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
@@ -124,7 +116,7 @@ def cuda_table(batches: list[int]) -> list[dict]:
     matmul_tflops = 2 * 8192 ** 3 / ms / 1e12
     rows = []
     for dtype, compiled in ((torch.float16, False), (torch.bfloat16, False), (torch.float16, True)):
-        unet = UNet2DConditionModel(**SDXL_UNET).to(dev, dtype).eval()
+        unet = UNet2DConditionModel(**SDXL.unet).to(dev, dtype).eval()
         fn = unet
         if compiled:
             unet.to(memory_format=torch.channels_last)

@@ -399,7 +399,7 @@ def test_job_on_ray_reads_and_writes_names_as_data_and_never_through_links(ray_s
 @pytest.mark.timeout(600)
 def test_overwrite_on_ray_retires_the_old_manifest_only_when_its_run_completes(ray_session, tmp_path, t1_path,
                                                                               monkeypatch):
-    from rp_distributed import pipeline
+    from rp_distributed.job import run as pipeline
 
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()

@@ -109,14 +109,14 @@ def resolve_adapter_file(src: str, weight_name: str, cache_dir: str, revision: s
     return path
 
 
-def load_adapter_state_dict(path: Path) -> dict:
-    """Read adapter weights safely (safetensors, or torch.load with weights_only=True) as
+def load_adapter_state_dict(path: Path, device: torch.device | str = "cpu") -> dict:
+    """Read adapter weights safely (safetensors, or torch.load with weights_only=True) onto ``device`` as
     ``{"image_proj": {...}, "ip_adapter": {...}}``."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            flat = load_file(str(path))
+            flat = load_file(str(path), device=str(device))
             sd: dict = {"image_proj": {}, "ip_adapter": {}}
             for k, v in flat.items():
                 head, _, rest = k.partition(".")
@@ -125,7 +125,7 @@ def load_adapter_state_dict(path: Path) -> dict:
                 else:
                     sd.setdefault(head, {})[rest] = v
         else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            sd = torch.load(str(path), map_location=device, weights_only=True)
     except Exception as exc:
         raise ModelSourceError(f"diffusion.ip_adapter: cannot read adapter weights {path}: {exc}") from exc
     return sd

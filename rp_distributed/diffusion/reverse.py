@@ -88,14 +88,16 @@ class ReversePersonalizer:
         """UNet batch size (a peak-memory probe on CUDA when ``unet_batch_size: auto``), then compilation."""
         size = (face_size, face_size)
         if self.cfg.unet_batch_size == "auto" and self.device.type == "cuda":
-            self.guided.batch_size = self.guided.probe_batch_size(lambda m: self._dummy_call(m, size), self.device)
+            self.guided.batch_size = self.guided.probe_batch_size(lambda m: self.probe_call(m, size), self.device)
             log.info("unet_batch_size auto: %d samples per UNet call at %d px", self.batch_size, face_size)
         self.model_info["unet_batch_size"] = self.batch_size
         if self.cfg.compile:
-            self.guided.compile(self.cfg.compile_backend, lambda: self._dummy_call(1, size))
+            self.guided.compile(self.cfg.compile_backend, lambda: self.probe_call(1, size))
             self.model_info["compiled"] = True
 
-    def _dummy_call(self, m: int, size: tuple[int, int]) -> torch.Tensor:
+    def probe_call(self, m: int, size: tuple[int, int]) -> torch.Tensor:
+        """One guided UNet call of ``m`` samples at crop ``size`` (zero latents, the inversion conditioning): what
+        the batch-size probe measures, the compile warm-up traces and benchmarks time."""
         x = torch.zeros((m,) + self.latent_shape(size), dtype=torch.float32, device=self.device)
         cond = self.build_conditioning([None], None, size).repeat(m)
         g = torch.full((m, 1, 1, 1), float(self.cfg.guidance_scale), device=self.device)

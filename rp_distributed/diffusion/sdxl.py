@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 
@@ -37,10 +38,31 @@ def dtype_kwarg(dtype: torch.dtype) -> dict:
     return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
+def has_accelerate() -> bool:
+    return importlib.util.find_spec("accelerate") is not None
+
+
+def placement(device: torch.device) -> dict:
+    """Load each weight straight into its place: accelerate's empty initialisation (no parameter built and then
+    overwritten by the file's) onto the target device (a GPU actor reads the safetensors files into GPU memory
+    instead of building the pipeline in host memory and copying it over with ``pipe.to``). Without accelerate
+    diffusers falls back, with a warning, to building every model first. With a diffusers release whose pipelines
+    take no device as ``device_map`` (older ones know only "balanced") the pipeline is loaded on the CPU and
+    ``load_pipeline`` moves it."""
+    if not has_accelerate():
+        raise RuntimeError("the diffusion stage needs `accelerate` (a dependency of rp-distributed: pip install "
+                           "accelerate) to load SDXL straight into the target dtype and device")
+    from diffusers.pipelines import pipeline_utils
+
+    mapped = device.type in getattr(pipeline_utils, "SUPPORTED_DEVICE_MAP", ())
+    return {"low_cpu_mem_usage": True, "device_map": device.type} if mapped else {"low_cpu_mem_usage": True}
+
+
 def float32_vae(vae, model_src, extra: dict):
     """The VAE in float32 (its config asks for upcasting). Casting the half-precision pipeline's VAE would keep
     weights already rounded to the model dtype (5e-4 on the tiny model's latent), so the VAE is read again from
-    its files in float32. Where the files are half precision (SDXL's fp16 variant) both give the same weights."""
+    its files in float32. Where the files are half precision (SDXL's fp16 variant) both give the same weights.
+    ``extra`` holds the variant and the placement."""
     if vae.dtype == torch.float32:
         return vae
     from diffusers import AutoencoderKL
@@ -84,9 +106,9 @@ def load_pipeline(cfg) -> LoadedPipeline:
     model_src = resolve_model(cfg.model, cfg.cache_dir, cfg.variant, locked)
     adapter_file = resolve_adapter_file(cfg.ip_adapter, cfg.ip_adapter_weight_name, cfg.cache_dir,
                                         cfg.ip_adapter_revision, locked)
-    adapter_sd = load_adapter_state_dict(adapter_file)
+    adapter_sd = load_adapter_state_dict(adapter_file, device)  # its layers are built from these tensors
     validate_adapter_state_dict(adapter_sd, cfg.ip_adapter)
-    extra = {}
+    extra = placement(device)
     if cfg.variant:
         extra["variant"] = cfg.variant
     if locked is None and source_kind(cfg.model) == "hub" and cfg.model_revision:
@@ -104,11 +126,14 @@ def load_pipeline(cfg) -> LoadedPipeline:
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(
         pipe.scheduler.config, algorithm_type="sde-dpmsolver++", solver_order=2
     )
+    # Empty adapter layers filled with the state dict's tensors (already on the device), cast to the UNet's dtype.
     pipe.load_ip_adapter(adapter_sd, subfolder=None, weight_name=cfg.ip_adapter_weight_name,
-                         image_encoder_folder=None, low_cpu_mem_usage=False)
+                         image_encoder_folder=None, low_cpu_mem_usage=True)
+    del adapter_sd
     pipe.set_ip_adapter_scale(cfg.ip_adapter_scale)
-    pipe.to(device)
     if pipe.vae.config.force_upcast:
-        pipe.vae = float32_vae(pipe.vae, model_src, extra).to(device)
+        pipe.vae = float32_vae(pipe.vae, model_src, extra)
+    if "device_map" not in extra:
+        pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return LoadedPipeline(pipe, device, dtype, _provenance(cfg, locked, pipe))

@@ -1,11 +1,14 @@
-"""A tiny random-weight model set of the real architectures, for tests and smoke runs (no downloads).
+"""Random-weight model sets of the real architectures, for tests, smoke runs and GPU checks (no downloads).
 
-``make_tiny(out_dir)`` writes
-- ``sdxl/``: a diffusers StableDiffusionXLPipeline folder (UNet with text_time embedding, 2-block VAE, CLIP text
-  encoders and tokenizers, sde-dpmsolver++ scheduler); UNet sample_size 64 latents = 128 px crops;
+``make_random_model(out_dir, "tiny" | "sdxl", ...)`` writes
+- ``sdxl/``: a diffusers StableDiffusionXLPipeline folder (UNet with text_time embedding, VAE, two CLIP text
+  encoders, tokenizers, sde-dpmsolver++ scheduler) of ``architectures.TINY`` (UNet sample_size 64 latents =
+  128 px crops) or ``architectures.SDXL`` (SDXL base 1.0's shapes, 1024 px);
 - ``ip-adapter/ip-adapter-faceid_sdxl.bin``: a FaceID adapter in the layout of ``ip-adapter-faceid_sdxl.bin``;
-- ``arcface/w600k_r50.onnx``: an ArcFace-shaped ONNX (``data`` N x 3 x 112 x 112 -> N x 512).
-Deterministic (fixed seeds).
+- ``arcface/w600k_r50.onnx``: an ArcFace-shaped ONNX (``data`` N x 3 x 112 x 112 -> N x 512), tiny or IResNet-50;
+- ``random_model.json``: what was written (architecture, dtype, weights variant).
+``make_tiny(out_dir)`` is the tiny set in float32 on the CPU. Deterministic (fixed seeds); the tokenizers are a
+small CLIP-style vocabulary in both sets (the text encoders keep their full vocabulary size).
 """
 
 from __future__ import annotations
@@ -15,13 +18,10 @@ import shutil
 import string
 from pathlib import Path
 
-import numpy as np
 import torch
 
-CROSS_DIM = 64
-TEXT_DIM = 32
-ID_DIM = 512
-NUM_TOKENS = 4
+from .arcface_onnx import make_arcface_onnx
+from .architectures import ARCHITECTURES, ID_DIM, NUM_TOKENS, Architecture
 
 SCHEDULER_CONFIG = dict(
     algorithm_type="sde-dpmsolver++", beta_end=0.012, beta_schedule="scaled_linear", beta_start=0.00085,
@@ -54,42 +54,25 @@ def _tokenizer(tmp: Path):
     return CLIPTokenizer.from_pretrained(str(tmp))
 
 
-def _text_config():
-    from transformers import CLIPTextConfig
+def _models(arch: Architecture):
+    """UNet, VAE and the two text encoders of ``arch``, randomly initialised from the architecture's seeds on the
+    current default device."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    return CLIPTextConfig(
-        bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=TEXT_DIM, intermediate_size=37,
-        layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=5, vocab_size=1000, projection_dim=TEXT_DIM,
-        hidden_act="gelu", max_position_embeddings=77,
-    )
-
-
-def _unet():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=6 * 8 + TEXT_DIM, cross_attention_dim=CROSS_DIM, norm_num_groups=32,
-    )
+    torch.manual_seed(arch.seeds["unet"])
+    unet = UNet2DConditionModel(**arch.unet)
+    torch.manual_seed(arch.seeds["vae"])
+    vae = AutoencoderKL(**arch.vae)
+    torch.manual_seed(arch.seeds["text"])
+    te1 = CLIPTextModel(CLIPTextConfig(**arch.text_encoder))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**arch.text_encoder_2))
+    return unet, vae, te1, te2
 
 
-def _vae():
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(1)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(32, 64), latent_channels=4, sample_size=128,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=32, force_upcast=True, scaling_factor=0.18215,
-    )
-
-
-def make_adapter_state_dict(unet, seed: int = 3) -> dict:
-    """Random FaceID adapter for ``unet``: {"image_proj": proj.0/proj.2/norm, "ip_adapter": N.to_k_ip/to_v_ip}."""
+def make_adapter_state_dict(unet, seed: int = 3, dtype: torch.dtype = torch.float32) -> dict:
+    """Random FaceID adapter for ``unet``: {"image_proj": proj.0/proj.2/norm, "ip_adapter": N.to_k_ip/to_v_ip},
+    drawn in float32 on the CPU and stored in ``dtype`` (the published file is float16)."""
     g = torch.Generator().manual_seed(seed)
 
     def lin(o, i):
@@ -115,50 +98,23 @@ def make_adapter_state_dict(unet, seed: int = 3) -> dict:
         ip_adapter[f"{key_id}.to_k_ip.weight"] = lin(out_dim, cross)
         ip_adapter[f"{key_id}.to_v_ip.weight"] = lin(out_dim, cross)
         key_id += 2
-    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+    sections = {"image_proj": image_proj, "ip_adapter": ip_adapter}
+    return {k: {n: v.to(dtype) for n, v in sec.items()} for k, sec in sections.items()}
 
 
-def make_arcface_onnx(path: Path, seed: int = 4) -> Path:
-    """ArcFace-shaped ONNX: input ``data`` [N, 3, 112, 112] float32 -> ``fc1`` [N, 512]."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    w_conv = (rng.standard_normal((8, 3, 8, 8)) / 14).astype(np.float32)
-    w_fc = (rng.standard_normal((8 * 14 * 14, ID_DIM)) / 40).astype(np.float32)
-    b_fc = (0.01 * rng.standard_normal(ID_DIM)).astype(np.float32)
-    nodes = [
-        helper.make_node("Conv", ["data", "conv_w"], ["c"], name="conv0", kernel_shape=[8, 8], strides=[8, 8]),
-        helper.make_node("Relu", ["c"], ["r"], name="relu0"),
-        helper.make_node("Flatten", ["r"], ["f"], name="flatten0", axis=1),
-        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["fc1"], name="gemm0"),
-    ]
-    graph = helper.make_graph(
-        nodes, "tiny_arcface",
-        [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, 112, 112])],
-        [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, ["N", ID_DIM])],
-        initializer=[numpy_helper.from_array(w_conv, "conv_w"), numpy_helper.from_array(w_fc, "fc_w"),
-                     numpy_helper.from_array(b_fc, "fc_b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="rp_distributed.tiny")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
-
-
-def make_tiny(out_dir) -> dict[str, Path]:
-    """Write the tiny SDXL, FaceID adapter and ArcFace into ``out_dir``; return their paths."""
+def make_random_model(out_dir, arch: str = "tiny", dtype: torch.dtype = torch.float32, device: str = "cpu",
+                      variant: str | None = None) -> dict[str, Path]:
+    """Write the random-weight SDXL, FaceID adapter and ArcFace of ``arch`` into ``out_dir``; return their paths.
+    The weights are initialised on ``device`` (the full-size set in seconds on a GPU) and saved in ``dtype``
+    (as ``*.{variant}.safetensors`` with a ``variant``, as the published fp16 files are named)."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    spec = ARCHITECTURES[arch]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    unet, vae = _unet(), _vae()
-    torch.manual_seed(2)
-    te1 = CLIPTextModel(_text_config())
-    te2 = CLIPTextModelWithProjection(_text_config())
+    with torch.device(device):
+        unet, vae, te1, te2 = _models(spec)
+    adapter_sd = make_adapter_state_dict(unet, spec.seeds["adapter"], dtype)
     tok_dir = out / "_tokenizer_src"
     tok = _tokenizer(tok_dir)
     pipe = StableDiffusionXLPipeline(
@@ -166,8 +122,11 @@ def make_tiny(out_dir) -> dict[str, Path]:
         scheduler=DPMSolverMultistepScheduler(**SCHEDULER_CONFIG), force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
+    if dtype != torch.float32 or device != "cpu":
+        pipe.to("cpu", dtype)
     sdxl = out / "sdxl"
-    pipe.save_pretrained(str(sdxl), safe_serialization=True)
+    pipe.save_pretrained(str(sdxl), safe_serialization=True, variant=variant)
+    del pipe, unet, vae, te1, te2
     for sub in ("tokenizer", "tokenizer_2"):  # slow-tokenizer files too, for older transformers
         for name in ("vocab.json", "merges.txt"):
             shutil.copy(tok_dir / name, sdxl / sub / name)
@@ -175,7 +134,14 @@ def make_tiny(out_dir) -> dict[str, Path]:
 
     adapter = out / "ip-adapter" / "ip-adapter-faceid_sdxl.bin"
     adapter.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(make_adapter_state_dict(unet), str(adapter))
-    arcface = make_arcface_onnx(out / "arcface" / "w600k_r50.onnx")
+    torch.save(adapter_sd, str(adapter))
+    arcface = make_arcface_onnx(out / "arcface" / "w600k_r50.onnx", layout="tiny" if arch == "tiny" else "r50")
+    (out / "random_model.json").write_text(json.dumps({"architecture": arch, "dtype": str(dtype).replace("torch.", ""),
+                                                       "variant": variant, "face_size": spec.face_size}))
     return {"model": sdxl, "ip_adapter": adapter.parent, "ip_adapter_file": adapter,
             "ip_adapter_weight_name": adapter.name, "arcface": arcface}
+
+
+def make_tiny(out_dir) -> dict[str, Path]:
+    """Write the tiny SDXL, FaceID adapter and ArcFace into ``out_dir`` (float32); return their paths."""
+    return make_random_model(out_dir, "tiny")
