@@ -19,7 +19,7 @@ import pytest
 
 from benchmarks.bench_report import write_manifest
 from rp_distributed import manifest, report
-from rp_distributed.report.latest import LatestView
+from rp_distributed.report.latest import KeyHash, LatestView
 from tests.conftest import REPO
 
 MEASURE = r"""
@@ -179,3 +179,26 @@ def test_facts_equal_the_per_row_computation(tmp_path):
         assert len(s) == len(values) > 1000 and s.total == pytest.approx(values.sum(), rel=1e-9)
         for q in (0.05, 0.25, 0.5, 0.9, 0.95):
             assert s.quantile(q) == pytest.approx(np.quantile(values, q), rel=0.012), (col, q)
+
+
+def test_input_keys_tell_names_apart_and_do_not_depend_on_the_batch():
+    """The latest view's 128-bit keys: distinct names get distinct keys (names that differ in one byte anywhere, in
+    trailing NUL bytes, in length only, in a 5,000-byte tail), and a name's key is the same in any batch, slice or
+    string type."""
+    base = "s3://other-bucket/set/shard-0001/img_00000001.jpg"
+    names = [f"s3://bucket/set/shard-{i // 1000:04d}/img_{i:08d}.jpg" for i in range(40_000)]
+    names += [base[:k] + chr(ord(base[k]) ^ 1) + base[k + 1:] for k in range(len(base))]
+    names += ["", "a", "a\x00", "a\x00\x00", "\x00", "é", "e\u0301", "名前/画像.jpg", "x" * 5000, "x" * 4999 + "y",
+              "x" * 5001, base + "\x00" * 8]
+    assert len(set(names)) == len(names)
+    hasher = KeyHash(seed=3)
+    h0, h1 = hasher(pa.array(names))
+    assert len(set(zip(h0.tolist(), h1.tolist()))) == len(names)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(names))
+    shuffled = pa.array([names[i] for i in order])
+    for lo, hi in ((0, 7), (7, 20_000), (20_000, len(names))):
+        part = shuffled.slice(lo, hi - lo)  # an offset into the buffers
+        for arr in (part, part.cast(pa.large_string())):
+            g0, g1 = hasher(arr)
+            assert np.array_equal(g0, h0[order[lo:hi]]) and np.array_equal(g1, h1[order[lo:hi]])

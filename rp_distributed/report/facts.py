@@ -1,7 +1,7 @@
 """Everything the report and ``inspect`` show, computed from the manifest's latest view one Arrow batch at a time.
 
 Counts are sums of Arrow compute over each batch; reasons are grouped with their first examples; distributions go
-into fixed bins (quantiles from them, within a bin's width: 0.001 for distances, 0.5% for seconds); the gallery is a
+into fixed bins (quantiles from them, within a bin's width: 0.001 for distances, 1.2% for seconds); the gallery is a
 uniform random sample of the written faces (the ``GALLERY_CAP`` smallest of a random key per face). No Python
 object is made per row, so what ``load`` holds does not grow with the manifest.
 """
