@@ -116,9 +116,11 @@ def _old_facts(rows: list[dict]) -> dict:
         models=dict(Counter(r["model"] for r in faces if r.get("model"))),
         params=dict(Counter(r["params"] for r in faces if r.get("params"))),
         prompts=dict(Counter(r["attribute_prompt"] for r in faces if r.get("attribute_prompt"))),
-        unet_evals=int(sum(r.get("unet_evals") or 0 for r in faces)), tries=int(sum(r.get("tries") or 0 for r in faces)),
+        unet_evals=int(sum(r.get("unet_evals") or 0 for r in faces)),
+        tries=int(sum(r.get("tries") or 0 for r in faces)),
         failed=[(r["rel_path"], r["status"], r["error"]) for r in images if r["status"] in ("error", "withheld")][:200],
-        eligible={(r["rel_path"], r["face_index"]) for r in faces if r.get("output_uri") and r.get("box_x0") is not None},
+        eligible={(r["rel_path"], r["face_index"]) for r in faces
+                  if r.get("output_uri") and r.get("box_x0") is not None},
         summary=manifest.summarize(rows))
 
 

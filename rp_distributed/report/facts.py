@@ -184,8 +184,9 @@ class _Accumulator:
         for item in gallery:
             item.pop("_key")
         return Facts(
-            n_rows=self.n_rows, n_images=self.n_images, n_faces=self.n_faces, runs=dict(sorted(self.runs.counts.items(),
-            key=lambda kv: str(kv[0]))), faces_by_run=dict(self.faces_by_run.counts), summary=self._summary(by_status),
+            n_rows=self.n_rows, n_images=self.n_images, n_faces=self.n_faces,
+            runs=dict(sorted(self.runs.counts.items())),
+            faces_by_run=dict(self.faces_by_run.counts), summary=self._summary(by_status),
             by_status=by_status, by_method=self.by_method, image_reasons=self.image_reasons,
             face_reasons=self.face_reasons, score_reasons=self.score_reasons,
             threshold=float(thresholds[0][0]) if thresholds else None, first_try=self.ladder.first_try,

@@ -228,7 +228,8 @@ def _settings(f: Facts) -> list[str]:
                 except (TypeError, ValueError):
                     pass
                 rows.append(f"<tr><td><pre class=\"cell\">{_pre(k)}</pre></td><td class=\"n\">{n}</td></tr>")
-            parts.append(f"<h3>{_e(title)}</h3><table><tr><th>{_e(title)}</th><th>faces</th></tr>{''.join(rows)}</table>")
+            head = f"<h3>{_e(title)}</h3><table><tr><th>{_e(title)}</th><th>faces</th></tr>"
+            parts.append(head + "".join(rows) + "</table>")
     latest, info = _latest_info(f)
     if latest:
         parts.append(f"<h3>Config of run {_e(latest)}</h3>")

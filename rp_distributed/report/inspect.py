@@ -23,7 +23,8 @@ def _figures(f: Facts) -> list[str]:
 
 def _privacy(f: Facts, failed: bool) -> list[str]:
     s = f.summary
-    rate = "n/a" if s["reid_rate"] is None else f"{100 * s['reid_rate']:.1f}% ({s['identity_exported']}/{s['reid_scored']})"
+    rate = ("n/a" if s["reid_rate"] is None
+            else f"{100 * s['reid_rate']:.1f}% ({s['identity_exported']}/{s['reid_scored']})")
     lines = [f"  failures         {s['failures']} images (error or withheld)"
              + ("" if failed or not s["failures"] else "; --failed lists them"),
              f"  identity exported {rate} (must be 0); first pass missed {s['missed_by_first_pass']} faces "

@@ -107,7 +107,8 @@ def plot_timings(f: Facts) -> str | None:
     ax = fig.add_subplot()
     # Box: quartiles and median; whiskers: 5th and 95th percentiles; points: the fastest and the slowest.
     stats = [{"label": label, "med": s.quantile(0.5), "q1": s.quantile(0.25), "q3": s.quantile(0.75),
-              "whislo": s.quantile(0.05), "whishi": s.quantile(0.95), "fliers": [v for v in (s.lo, s.hi) if v > 0]} for label, s in data]
+              "whislo": s.quantile(0.05), "whishi": s.quantile(0.95), "fliers": [v for v in (s.lo, s.hi) if v > 0]}
+             for label, s in data]
     ax.bxp(stats, orientation="horizontal", showfliers=True)
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())
