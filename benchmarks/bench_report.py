@@ -4,8 +4,9 @@ Writes a synthetic manifest with ``manifest.SCHEMA`` as a run writes it (parts o
 run A processed every input (about 3 rows an input: 15% no face, 1.3% error, 0.7% withheld, the rest 1 + Poisson(2.4)
 faces; reverse personalization with 1-3 tries, 3% ladder fallbacks, realistic strings and timings), then a resumed
 run B redid the failed inputs and the 3% written under other settings, so the latest view has rows to leave out.
-``report`` (``report.write_report``, gallery included: its output images do not exist, so the gallery says so) and
-``inspect --failed`` then run each in a fresh process that reports its wall time and peak RSS.
+The latest view's decision alone (``view``: the run-id pass and the key pass), ``report`` (``report.write_report``,
+gallery included: its output images do not exist, so the gallery says so) and ``inspect --failed`` then run each in a
+fresh process that reports its wall time and peak RSS.
 
     python benchmarks/bench_report.py --inputs 10000000 --root /work/tmp/report-bench   # 30M face rows
     python benchmarks/bench_report.py --inputs 100000                                   # a temp dir
@@ -181,13 +182,18 @@ MEASURE = r"""
 import json, resource, sys, time
 from rp_distributed import report
 what, out = sys.argv[1], sys.argv[2]
+extra = {}
 t0 = time.perf_counter()
 if what == "report":
     report.write_report(out)
-else:
+elif what == "inspect":
     text = report.inspect_text(report.load(out), out, failed=True)
+else:  # the latest view alone: the run-id pass and the key pass
+    from rp_distributed.report.latest import LatestView
+    view = LatestView.open(out, "_manifest")
+    extra = {"runs": len(view.runs), "inputs_in_two_runs": len(view.superseded.h0) if view.superseded else 0}
 print(json.dumps({"command": what, "wall_s": round(time.perf_counter() - t0, 1),
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, **extra}))
 """
 
 
@@ -220,7 +226,7 @@ def main() -> None:
     counts["layout_s"] = round(time.perf_counter() - t0, 1)
     counts["manifest_mib"] = sum(f.stat().st_size for f in (out / "_manifest").glob("part-*")) // 2**20
     machine = f"{platform.machine()} {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}"
-    for what in ("report", "inspect"):
+    for what in ("view", "report", "inspect"):
         print(json.dumps({**counts, **measure(out, what), "machine": machine}), flush=True)
     if tmp:
         tmp.cleanup()
