@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 RUN_A, RUN_B = "20260301T080000-a1b2c3", "20260302T093000-d4e5f6"
 FINGERPRINT, OLD_FINGERPRINT = "5be1e1d2c0a4f711", "0c2f00d9e81b4a37"
-IN_PREFIX, OUT_PREFIX = "s3://lab-archive/street-scenes-2024/", "s3://lab-anonymized/street-scenes-2024/"
+IN_PREFIX = "s3://lab-archive/street-scenes-2024/"
 PARAMS = json.dumps({"num_inversion_steps": 100, "guidance_scale": -10.0, "ip_adapter_scale": 1.0, "resolution": 1024,
                      "face_size": 1024, "blend": "poisson", "mask_dilate": 0.08, "prompt_mode": "attributes"})
 MODEL = json.dumps({"model": "/models/sdxl-base-1.0", "revision": "462165984030d82259a11f4367a4eed129e94a7b",
@@ -74,9 +74,10 @@ def _image_kinds(rng, n: int, resumed: bool) -> np.ndarray:
     return rng.choice(4, size=n, p=p)
 
 
-def part_table(rng, ids: np.ndarray, run_id: str, resumed: bool = False) -> tuple[pa.Table, np.ndarray]:
-    """The manifest rows of inputs ``ids`` (consecutive image rows, as a run writes them), and the inputs a resumed
-    run redoes (failed, or written under other settings)."""
+def part_table(rng, ids: np.ndarray, run_id: str, out_prefix: str,
+               resumed: bool = False) -> tuple[pa.Table, np.ndarray]:
+    """The manifest rows of inputs ``ids`` (consecutive image rows, as a run writes them; outputs under
+    ``out_prefix``), and the inputs a resumed run redoes (failed, or written under other settings)."""
     kind = _image_kinds(rng, len(ids), resumed)
     faces = np.where((kind == 0) | (kind == 3), 1 + np.minimum(rng.poisson(2.4, len(ids)), 29), 0)
     rows = np.maximum(faces, 1)
@@ -105,7 +106,7 @@ def part_table(rng, ids: np.ndarray, run_id: str, resumed: bool = False) -> tupl
     unreadable = pa.array(((kind == 2) & (rng.random(m) < 0.2))[img])  # a reason naming the input: one per input
     cols = {
         "run_id": pa.array([run_id] * n), "input_uri": in_uri, "rel_path": rel,
-        "output_uri": pc.if_else(pa.array(written), _join(OUT_PREFIX, rel), None),
+        "output_uri": pc.if_else(pa.array(written), _join(out_prefix, rel), None),
         "status": pa.array(np.array(["ok", "no_face", "error", "withheld"])[k]),
         "error": pc.if_else(unreadable, _join("cannot read ", in_uri, ": TimeoutError: read timed out"), pa.array(
             np.where(k == 2, rng.choice(IMAGE_ERRORS, m)[img], np.where(k == 3, rng.choice(WITHHELD, m)[img], None)))),
@@ -161,18 +162,21 @@ def write_manifest(mdir: Path, inputs: int, part_rows: int = 100_000, seed: int 
     about ``part_rows`` rows in ``mdir``. Returns counts."""
     rng = np.random.default_rng(seed)
     mdir.mkdir(parents=True, exist_ok=True)
+    # The output prefix is the manifest's own (local) folder; no image is there, so the gallery says it cannot read
+    # them (at once: an object store without credentials would take seconds per image to say so).
+    out = f"{mdir.resolve().parent}/"
     per_part = max(1, part_rows // 3)
     redo, rows, parts = [], 0, 0
     for n, start in enumerate(range(0, inputs, per_part)):
         ids = np.arange(start, min(start + per_part, inputs))
-        table, again = part_table(rng, ids, RUN_A)
+        table, again = part_table(rng, ids, RUN_A, out)
         pq.write_table(table, mdir / f"part-{RUN_A}-{n:05d}.parquet", compression="zstd")
         redo.append(again)
         rows, parts = rows + table.num_rows, parts + 1
     redone = np.concatenate(redo) if redo else np.zeros(0, np.int64)
     if resume:
         for n, start in enumerate(range(0, len(redone), per_part)):
-            table, _ = part_table(rng, redone[start:start + per_part], RUN_B, resumed=True)
+            table, _ = part_table(rng, redone[start:start + per_part], RUN_B, out, resumed=True)
             pq.write_table(table, mdir / f"part-{RUN_B}-{n:05d}.parquet", compression="zstd")
             rows, parts = rows + table.num_rows, parts + 1
     return {"inputs": inputs, "redone": int(len(redone)) if resume else 0, "rows": rows, "parts": parts}

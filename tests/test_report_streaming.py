@@ -129,14 +129,14 @@ def _odd_parts(mdir, rng) -> None:
     parts), an old part without the columns added later, a row without a run id, a row without an input."""
     from benchmarks.bench_report import RUN_A, RUN_B, part_table
 
-    run_c = "20260303T120000-0a0b0c"
-    table, _ = part_table(rng, np.array([3, 5, 8, 13, 21, 34, 2500, 2501]), run_c)
+    run_c, out = "20260303T120000-0a0b0c", f"{mdir.resolve().parent}/"
+    table, _ = part_table(rng, np.array([3, 5, 8, 13, 21, 34, 2500, 2501]), run_c, out)
     pq.write_table(table.slice(0, 9), mdir / f"part-{run_c}-00000.parquet")
     pq.write_table(table.slice(9), mdir / f"part-{run_c}-00001.parquet")
-    old, _ = part_table(rng, np.array([9000, 9001, 9002]), RUN_A)
+    old, _ = part_table(rng, np.array([9000, 9001, 9002]), RUN_A, out)
     pq.write_table(old.drop_columns(["found_by", "low_confidence", "audit", "audit_faces", "detect_passes",
                                      "detect_mpix", "t_audit_s"]), mdir / f"part-{RUN_A}-99999.parquet")
-    odd, _ = part_table(rng, np.array([9100, 9101]), RUN_B)
+    odd, _ = part_table(rng, np.array([9100, 9101]), RUN_B, out)
     odd = odd.set_column(0, "run_id", pa.array([None] + [RUN_B] * (odd.num_rows - 1), pa.string()))
     odd = odd.set_column(1, "input_uri", pa.array(odd["input_uri"].to_pylist()[:-1] + [None], pa.string()))
     pq.write_table(odd, mdir / f"part-{RUN_B}-99999.parquet")
