@@ -139,7 +139,7 @@ def test_the_summary_and_report_show_missed_faces_next_to_identity_exported():
     off = load_config(None, ["merge.audit.enabled=false"])
     assert "not audited" in summary_text(JobResult(run_id="r", summary=counts, skipped=0), off, "in", "out")
     assert "first detection pass missed, found on the output by the audit and anonymized: <b>1</b>" in \
-        report._privacy_line(counts)
+        report.privacy_line(counts)
 
 
 def test_the_audit_settings_are_part_of_the_fingerprint():

@@ -56,8 +56,8 @@ def _check(out, rows, original, written, originals: bool) -> None:
     assert sorted(tag for _, tag, _ in anonymized) == sorted(by_tag)  # one per written face
     for kind, tag, b64 in thumbs:
         r, got = by_tag[tag], _decoded(b64)
-        from_output = _decoded(report._thumb(written, r, 112))
-        from_input = _decoded(report._thumb(original, r, 112))
+        from_output = _decoded(report.thumbnail(written, r, 112))
+        from_input = _decoded(report.thumbnail(original, r, 112))
         assert np.abs(from_output - from_input).mean() > 4, tag  # the two sources are told apart
         want, other = (from_input, from_output) if kind == "original" else (from_output, from_input)
         assert got.shape == want.shape and np.abs(got - want).mean() < 1.0, (kind, tag)
