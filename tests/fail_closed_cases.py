@@ -6,12 +6,11 @@ Each injection takes the stages of its case (``Ctx``) and pytest's monkeypatch; 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-
-import dataclasses
 
 from rp_distributed import compose, io, manifest, scoring
 from rp_distributed.anonymizer import anonymizer as anonymizer_core

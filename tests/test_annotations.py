@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rp_distributed.faces import annotated
 from rp_distributed import annotations as ann
 from rp_distributed.config import load_config
+from rp_distributed.faces import annotated
 
 LISTING = pa.table({"input_uri": ["/data/in/a.jpg", "/data/in/sub/b.png", "/data/in/c.jpg"],
                     "rel_path": ["a.jpg", "sub/b.png", "c.jpg"]})

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 import pytest
 
-from rp_distributed.records import ImageRow
 from rp_distributed.anonymizer import Anonymizer
-from rp_distributed.faults import DeviceFault, is_device_fault
 from rp_distributed.config import load_config
+from rp_distributed.faults import DeviceFault, is_device_fault
+from rp_distributed.records import ImageRow
 from rp_distributed.stages.detect import DetectFaces
 from tests.conftest import FAST_DETECTION
 

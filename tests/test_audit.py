@@ -8,15 +8,15 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from rp_distributed import summary
-from rp_distributed import manifest
+from rp_distributed import manifest, summary
 from rp_distributed.audit import covered_fraction
 from rp_distributed.config import load_config
 from rp_distributed.records import ImageRow
 from rp_distributed.stages.anonymize import AnonymizeFaces
+from rp_distributed.stages.batch import columns as _columns
+from rp_distributed.stages.batch import rows as _rows
 from rp_distributed.stages.detect import DetectFaces
 from rp_distributed.stages.merge import MergeAndWrite
-from rp_distributed.stages.batch import columns as _columns, rows as _rows
 
 
 def _through(stage, row):

@@ -21,8 +21,13 @@ import torch
 from PIL import Image
 
 from rp_distributed.config import DiffusionConfig
-from rp_distributed.diffusion import ModelSourceError, ReversePersonalizer, make_tiny, solver
 from rp_distributed.config.diffusion import check_parameters
+from rp_distributed.diffusion import (
+    ModelSourceError,
+    ReversePersonalizer,
+    make_tiny,
+    solver,
+)
 from rp_distributed.diffusion.loading import source_kind, sync_uri
 from rp_distributed.diffusion.solver import inversion_timesteps
 from rp_distributed.faces.arcface import IdentityEmbedder

@@ -3,7 +3,6 @@ paste-back of a turned face found through a rotated copy."""
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import pytest
 

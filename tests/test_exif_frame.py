@@ -14,11 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from rp_distributed.records import ImageRow
 from rp_distributed import annotations, compose
 from rp_distributed.anonymizer import Anonymizer
-from rp_distributed.config import DetectionConfig, anonymization_fingerprint, anonymization_settings, load_config
+from rp_distributed.config import (
+    DetectionConfig,
+    anonymization_fingerprint,
+    anonymization_settings,
+    load_config,
+)
 from rp_distributed.faces import build_detector
+from rp_distributed.records import ImageRow
 from rp_distributed.stages.detect import DetectFaces
 
 T = Image.Transpose

@@ -22,11 +22,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rp_distributed.records import ImageRow
 from rp_distributed import compose
 from rp_distributed.anonymizer import Anonymizer
-from rp_distributed.config import DetectionConfig, anonymization_fingerprint, load_config
+from rp_distributed.config import (
+    DetectionConfig,
+    anonymization_fingerprint,
+    load_config,
+)
 from rp_distributed.faces import build_detector
+from rp_distributed.records import ImageRow
 from rp_distributed.stages.detect import DetectFaces, DetectSettings
 from rp_distributed.stages.merge import MergeAndWrite
 

@@ -13,7 +13,13 @@ from PIL import Image
 from rp_distributed.config import AlignmentConfig, DetectionConfig
 from rp_distributed.faces import DetectedFace, build_detector
 from rp_distributed.faces import align as A
-from rp_distributed.faces.backends import ModelFilesMissing, make_face, postprocess, tile_grid, touches_inner_edge
+from rp_distributed.faces.backends import (
+    ModelFilesMissing,
+    make_face,
+    postprocess,
+    tile_grid,
+    touches_inner_edge,
+)
 
 
 def _pkg_dir(name: str) -> Path:
@@ -352,7 +358,10 @@ def test_face_alignment_large_image_goes_through_tiles_mapped_back(tmp_path):
 
 @pytest.mark.parametrize("layout", ["", "checkpoints", "hub/checkpoints"])
 def test_face_alignment_checkpoint_layouts(tmp_path, layout):
-    from rp_distributed.faces.face_alignment_backend import checkpoint_names, resolve_checkpoints
+    from rp_distributed.faces.face_alignment_backend import (
+        checkpoint_names,
+        resolve_checkpoints,
+    )
 
     folder = tmp_path / layout if layout else tmp_path
     folder.mkdir(parents=True, exist_ok=True)

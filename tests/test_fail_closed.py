@@ -12,18 +12,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rp_distributed import summary
-from rp_distributed import manifest_writer
-from rp_distributed import io, manifest
+from rp_distributed import io, manifest, manifest_writer, summary
 from rp_distributed.anonymizer import Anonymizer
-from rp_distributed.records import ImageRow
-from rp_distributed.config import DetectionConfig, anonymization_fingerprint, load_config
+from rp_distributed.config import (
+    DetectionConfig,
+    anonymization_fingerprint,
+    load_config,
+)
 from rp_distributed.faces import build_detector
+from rp_distributed.job.plan import PlanError, make_plan, output_keys
+from rp_distributed.records import ImageRow
 from rp_distributed.stages.detect import DetectFaces
 from rp_distributed.stages.merge import MergeAndWrite
-from rp_distributed.job.plan import PlanError, make_plan, output_keys
 from tests.conftest import FAST_DETECTION
-
 
 _STAGES: dict[str, tuple] = {}  # config JSON -> its stages, built once per test session (models load once)
 
@@ -122,7 +123,7 @@ def _done_run(tmp_path, t1_path, cfg):
     out = tmp_path / "out"
     plan = make_plan(cfg, str(src), str(out), anonymization_fingerprint(cfg))
     (row,) = plan.todo
-    rows = run_stages(cfg, row.input_uri, row.output_uri, rel_path=row.rel_path)
+    rows = run_stages(cfg, row["input_uri"], row["output_uri"], rel_path=row["rel_path"])
     manifest_writer.write_part(str(out), "_manifest", "run1", 0, rows)
     return src, out, row
 
@@ -193,11 +194,11 @@ def test_an_input_turned_into_a_refused_symlink_loses_its_earlier_output(tmp_pat
     assert todo["stale_output_uri"] == str(out / "t1.png")
     (row,) = run_stages(cfg, todo["input_uri"], None, rel_path=todo["rel_path"], error=todo["error"],
                         stale_output_uri=todo["stale_output_uri"])
-    assert row.status == "error" and not (out / "t1.png").exists()
+    assert row["status"] == "error" and not (out / "t1.png").exists()
 
 
 def test_a_stage_bug_becomes_an_error_row_and_leaves_no_output(tmp_path, t1_path, monkeypatch):
-    from rp_distributed.stages.batch import columns as _columns, rows as _rows
+    from rp_distributed.stages.batch import columns, dicts
 
     cfg = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png"])
     src, out, row = _done_run(tmp_path, t1_path, cfg)
@@ -209,7 +210,7 @@ def test_a_stage_bug_becomes_an_error_row_and_leaves_no_output(tmp_path, t1_path
         raise KeyError("bug")
 
     monkeypatch.setattr(manifest, "face_row", bug)
-    (r,) = _rows(merge(_columns([detected])))
+    (r,) = dicts(merge(columns([detected])))
     assert r["status"] == "error" and "merge stage failed: KeyError" in r["error"]
     assert not (out / "t1.png").exists()
 
@@ -256,7 +257,7 @@ def test_unsafe_s3_key_is_an_error_row_not_a_job_abort(s3_server, tmp_path, t1_p
     assert bad["output_uri"] is None and "unsafe relative path" in bad["error"] and plan.refused == 2
     assert by_rel["../dotdot.jpg"]["output_uri"] is None and "unsafe" in by_rel["../dotdot.jpg"]["error"]
     (row,) = run_stages(cfg, bad["input_uri"], None, rel_path=bad["rel_path"], error=bad["error"])
-    assert row.status == "error" and "unsafe relative path" in row.error
+    assert row["status"] == "error" and "unsafe relative path" in row["error"]
 
 
 def test_s3_output_inside_the_input_is_excluded_on_rerun(s3_server, t1_path):

@@ -21,18 +21,30 @@ import pytest
 from PIL import Image
 
 from rp_distributed import annotations, manifest
+from rp_distributed.anonymizer import AnonymizerSettings
+from rp_distributed.config import anonymization_fingerprint, load_config
 from rp_distributed.records import ImageRow
 from rp_distributed.stages import anonymize as anonymize_stage
 from rp_distributed.stages import detect as detect_stage
-from rp_distributed.config import anonymization_fingerprint, load_config
 from rp_distributed.stages.anonymize import AnonymizeFaces
+from rp_distributed.stages.batch import columns as _columns
+from rp_distributed.stages.batch import dicts
+from rp_distributed.stages.batch import rows as _rows
 from rp_distributed.stages.detect import DetectFaces, DetectSettings
-from rp_distributed.anonymizer import AnonymizerSettings
 from rp_distributed.stages.merge import MergeAndWrite, MergeSettings
-from rp_distributed.stages.batch import columns as _columns, dicts, rows as _rows
 from tests import branch_sites
 from tests.branch_sites import LineTrace, untraced
-from tests.fail_closed_cases import BASE, CASES, ESCALATE, MAGENTA, NOT_PER_IMAGE, Case, Ctx, WorkerEnded, _raise
+from tests.fail_closed_cases import (
+    BASE,
+    CASES,
+    ESCALATE,
+    MAGENTA,
+    NOT_PER_IMAGE,
+    Case,
+    Ctx,
+    WorkerEnded,
+    _raise,
+)
 
 
 def test_every_site_is_claimed_by_a_case():

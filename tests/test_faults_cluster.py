@@ -35,9 +35,21 @@ from PIL import Image
 
 from rp_distributed import manifest
 from rp_distributed.config import load_config
-from tests.conftest import FAST_DETECTION
-from tests.conftest import REPO, _free_port, insightface_image, skimage_image
-from tests.fault_drivers import alive, descendants, kill_all, output_files, ray_processes_of, wait_gone
+from tests.conftest import (
+    FAST_DETECTION,
+    REPO,
+    _free_port,
+    insightface_image,
+    skimage_image,
+)
+from tests.fault_drivers import (
+    alive,
+    descendants,
+    kill_all,
+    output_files,
+    ray_processes_of,
+    wait_gone,
+)
 
 pytestmark = [pytest.mark.slow]
 

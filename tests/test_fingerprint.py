@@ -16,10 +16,20 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from rp_distributed import modelfiles
+from rp_distributed.config import (
+    JobConfig,
+    anonymization_fingerprint,
+    anonymization_settings,
+    load_config,
+)
 from rp_distributed.config.base import FINGERPRINT_OUT
-from rp_distributed.config import JobConfig, anonymization_fingerprint, anonymization_settings, load_config
 from rp_distributed.faces.centerface_backend import ONNX_FILE, default_model_file
-from rp_distributed.faces.dlib_backend import RECOGNITION_FILE, SHAPE5_FILE, SHAPE68_FILE, default_model_dir
+from rp_distributed.faces.dlib_backend import (
+    RECOGNITION_FILE,
+    SHAPE5_FILE,
+    SHAPE68_FILE,
+    default_model_dir,
+)
 
 # Every section active: reverse personalization (diffusion), annotations mode (input), a prompt table (prompts).
 ACTIVE = ["anonymizer.method=reverse_personalization", "input.mode=annotations", "input.annotations=/data/faces.csv",

@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rp_distributed.records import ImageRow
-from rp_distributed import summary
-from rp_distributed import compose, manifest
+from rp_distributed import manifest, scoring, summary
 from rp_distributed.anonymizer import Anonymizer
 from rp_distributed.config import PrivacyConfig, anonymization_fingerprint, load_config
+from rp_distributed.records import ImageRow
+from rp_distributed.scoring import ReidScorer
 from rp_distributed.stages.detect import DetectFaces
 from rp_distributed.stages.merge import MergeAndWrite, MergeSettings
-from rp_distributed.scoring import ReidScorer
 
 MAGENTA = "[255,0,255]"  # a mask colour no photo region is close to, so "the mask landed" is unambiguous
 WEAK = ["anonymizer.method=blur", "anonymizer.blur_strength=0.0001", f"anonymizer.mask_color={MAGENTA}"]
@@ -94,12 +93,12 @@ def test_the_gate_masks_in_the_written_file(tmp_path, stages, monkeypatch, t1_rg
 def test_identity_exported_is_read_from_the_written_pixels(tmp_path, stages, t1_rgb, judge, monkeypatch):
     """A mask that never reaches the output (it lands on a copy): the manifest may not say "not exported" while
     the file holds the recognizable face. Fail closed: such an image is withheld, nothing is written."""
-    real = compose.destroy_box
+    real = scoring.destroy_box  # the gate's own mask
 
     def lands_on_a_copy(image, box, method, cfg, margin=0.3, out=None):  # injected: the mask is lost
         return real(image, box, method, cfg, margin=margin, out=None)
 
-    monkeypatch.setattr(compose, "destroy_box", lands_on_a_copy)
+    monkeypatch.setattr(scoring, "destroy_box", lands_on_a_copy)
     out = tmp_path / "t1.png"
     rows = run_stages(load_config(None, WEAK), stages, out, monkeypatch)
     if out.exists():  # whatever the file holds, each row's identity_exported is what the file shows

@@ -8,10 +8,10 @@ CUDA major of those PyPI wheels, so changing a pin fails here until its CUDA is 
 import math
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet

@@ -13,17 +13,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from rp_distributed.records import ImageRow
 from rp_distributed import annotations, compose, manifest
 from rp_distributed.anonymizer import Anonymizer
 from rp_distributed.config import anonymization_fingerprint, load_config
-from rp_distributed.faces.align import five_points, template_in_crop
+from rp_distributed.faces.align import template_in_crop
+from rp_distributed.records import ImageRow
 from rp_distributed.stages.anonymize import AnonymizeFaces
+from rp_distributed.stages.batch import columns as _columns
+from rp_distributed.stages.batch import rows as _rows
 from rp_distributed.stages.detect import DetectFaces
 from rp_distributed.stages.merge import MergeAndWrite
-from rp_distributed.stages.batch import columns as _columns, rows as _rows
-from tests.conftest import FAST_DETECTION
-from tests.conftest import insightface_image
+from tests.conftest import FAST_DETECTION, insightface_image
 
 STEPS = 4
 
@@ -216,7 +216,7 @@ def test_annotations_from_detect_modes_own_faces_reproduce_them(tmp_path, tiny_d
         for batch in ([dataclasses.replace(f) for f in faces], got) if landmarks else (got,):
             blur(batch)
             image = t1_rgb.copy()
-            assert compose.apply_faces(image, batch, 0.08, blur.acfg) is None
+            assert compose.apply_faces(image, batch, 0.08, _blur_cfg().anonymizer) is None
             images.append(image)
     assert not np.array_equal(images[0], t1_rgb)
     assert all(np.array_equal(images[0], im) for im in images[1:])
@@ -346,9 +346,9 @@ def test_prompt_rows_survive_the_plans_blocks_through_ray(ray_session, tmp_path,
     stage run by Ray Data on the plan's own blocks gives each face the prompt the table names."""
     import ray
 
-    from rp_distributed.records import STAGE_COLUMNS as KEYS_AFTER_DETECT
     from rp_distributed.job.dataset import put_blocks
     from rp_distributed.job.plan import make_plan
+    from rp_distributed.records import STAGE_COLUMNS as KEYS_AFTER_DETECT
 
     src = tmp_path / "in"
     src.mkdir()

@@ -200,7 +200,12 @@ def test_accepted_formats_decode(astronaut_path, fmt, kw):
 
 
 def test_extensions_and_cap_defaults_match_the_decoder():
-    from rp_distributed.config import IMAGE_EXTENSIONS, ConfigError, InputConfig, load_config
+    from rp_distributed.config import (
+        IMAGE_EXTENSIONS,
+        ConfigError,
+        InputConfig,
+        load_config,
+    )
 
     assert io.DEFAULT_MAX_PIXELS == InputConfig().max_pixels
     assert {io._EXT_FORMAT[e] for e in IMAGE_EXTENSIONS} == set(io.ACCEPTED_FORMATS)

@@ -3,9 +3,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from rp_distributed import summary
-from rp_distributed import manifest_writer
-from rp_distributed import manifest
+from rp_distributed import manifest, manifest_writer, summary
 
 
 def _face(uri, i, status="ok", reid=False, tries=None, **kw):

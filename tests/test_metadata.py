@@ -13,13 +13,12 @@ import dataclasses
 import io as _io
 import struct
 
-import numpy as np
 import pytest
 from PIL import Image, ImageCms, PngImagePlugin
 
-from rp_distributed.records import ImageRow
 from rp_distributed.anonymizer import Anonymizer
 from rp_distributed.config import anonymization_fingerprint, load_config
+from rp_distributed.records import ImageRow
 from rp_distributed.stages.detect import DetectFaces
 from rp_distributed.stages.merge import MergeAndWrite
 from tests.conftest import skimage_image

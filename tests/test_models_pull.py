@@ -19,10 +19,18 @@ import numpy as np
 import pytest
 import yaml
 
-from rp_distributed.config import anonymization_fingerprint, anonymization_settings, load_config
+from rp_distributed.config import (
+    anonymization_fingerprint,
+    anonymization_settings,
+    load_config,
+)
 from rp_distributed.faces import build_detector
 from rp_distributed.faces.centerface_backend import default_model_file
-from rp_distributed.faces.dlib_backend import RECOGNITION_FILE, SHAPE5_FILE, default_model_dir
+from rp_distributed.faces.dlib_backend import (
+    RECOGNITION_FILE,
+    SHAPE5_FILE,
+    default_model_dir,
+)
 from rp_distributed.modelstore import LOCK_NAME, ModelSourceError, sync_locked
 from rp_distributed.pull import pull_models
 from rp_distributed.scoring import ReidScorer, gate_model_dir

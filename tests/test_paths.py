@@ -13,18 +13,16 @@ import os
 import shutil
 import time
 
-import numpy as np
 import pytest
 from PIL import Image
 
-from rp_distributed import manifest_writer
-from rp_distributed import annotations, io, manifest
+from rp_distributed import annotations, io, manifest, manifest_writer
 from rp_distributed.anonymizer import Anonymizer
-from rp_distributed.records import ImageRow
 from rp_distributed.config import anonymization_fingerprint, load_config
+from rp_distributed.job.plan import make_plan
+from rp_distributed.records import ImageRow
 from rp_distributed.stages.detect import DetectFaces
 from rp_distributed.stages.merge import MergeAndWrite
-from rp_distributed.job.plan import make_plan
 
 
 def _blur(*extra):
@@ -64,7 +62,7 @@ def test_the_chained_url_attack_reads_and_writes_the_listed_name(tmp_path, t1_pa
     assert list(rows) == ["z::cover.png"]
     row = rows["z::cover.png"][0]
     assert (row["image_width"], row["image_height"]) == (512, 512), "the file behind the symlink was read"
-    assert row.output_uri == str(out / "z::cover.png") and (out / "z::cover.png").is_file()
+    assert row["output_uri"] == str(out / "z::cover.png") and (out / "z::cover.png").is_file()
     assert sorted(os.listdir(out)) == ["z::cover.png"], "the output landed at another name"
     assert Image.open(out / "z::cover.png").size == (512, 512)
 
@@ -149,8 +147,8 @@ def test_writes_and_deletes_never_go_through_a_symlinked_output_folder(tmp_path,
     outputs = Storage(str(out))
     rows = _stages(cfg, {**by_rel["sub/a.png"], "stale_output_uri": str(out / "sub" / "old.png")}, outputs=outputs)
     row = rows[0]  # one row per face, all alike here
-    assert {r["status"] for r in rows} == {"error"} and row.output_uri is None
-    assert "symlink" in row.error and "old.png" in row.error
+    assert {r["status"] for r in rows} == {"error"} and row["output_uri"] is None
+    assert "symlink" in row["error"] and "old.png" in row["error"]
     assert sorted(os.listdir(elsewhere)) == ["old.png"] and (elsewhere / "old.png").read_bytes() == b"not ours"
     assert _stages(cfg, by_rel["fine.png"], outputs=outputs)[0]["status"] == "ok"
     # The storage itself: no write, delete or read through the link; the link itself is no output.
@@ -187,7 +185,7 @@ def test_an_input_swapped_for_a_symlink_after_listing_is_not_read(tmp_path, t1_p
     shutil.copy(t1_path, outside / "sub" / "a.jpg")
     cfg = _blur()
     (row,) = make_plan(cfg, str(src), str(out), anonymization_fingerprint(cfg)).todo
-    assert row.error is None
+    assert row["error"] is None
     if swap == "file":  # the listed file becomes a link to a photo outside the root
         (src / "sub" / "a.jpg").unlink()
         os.symlink(outside / "sub" / "a.jpg", src / "sub" / "a.jpg")
@@ -239,7 +237,7 @@ def test_a_multi_frame_input_is_an_error_row_with_nothing_written(tmp_path, astr
     src.mkdir()
     (src / "pages.tif").write_bytes(_frames(astronaut_path, "TIFF"))
     (row,) = _plan_and_run(_blur(), src, out)["pages.tif"]
-    assert row.status == "error" and "multi-frame TIFF" in row.error and not (out / "pages.tif").exists()
+    assert row["status"] == "error" and "multi-frame TIFF" in row["error"] and not (out / "pages.tif").exists()
 
 
 def test_an_mpo_keeps_its_primary_picture_and_says_its_previews_are_not_written(astronaut_path):

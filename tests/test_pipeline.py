@@ -12,8 +12,8 @@ from PIL import Image
 
 from rp_distributed import io, manifest
 from rp_distributed.config import anonymization_fingerprint, load_config
-from rp_distributed.job.run import run_job
 from rp_distributed.job.plan import make_plan
+from rp_distributed.job.run import run_job
 from tests.conftest import FAST_DETECTION, upload_folder, write_bad_inputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

@@ -20,9 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-from rp_distributed.records import ImageRow
 from rp_distributed.config import DiffusionConfig, load_config
 from rp_distributed.diffusion import ReversePersonalizer
+from rp_distributed.records import ImageRow
 from tests.conftest import FAST_DETECTION
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)

@@ -18,8 +18,7 @@ from PIL import Image
 
 from rp_distributed import cli, estimate, manifest, preflight, progress, report
 from rp_distributed.config import load_config
-from tests.conftest import FAST_DETECTION
-from tests.conftest import REPO, skimage_image
+from tests.conftest import FAST_DETECTION, REPO, skimage_image
 
 STEPS = 2  # tiny model: real generations and re-ID scores at the least CPU
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

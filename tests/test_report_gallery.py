@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rp_distributed import manifest_writer
-from rp_distributed import manifest, report
+from rp_distributed import manifest_writer, report
 from rp_distributed.config import config_to_dict, load_config
 from rp_distributed.job.run import JobResult, _end_of_run
 from tests.test_fail_closed import run_stages

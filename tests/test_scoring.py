@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from rp_distributed.config import AlignmentConfig, DetectionConfig, PrivacyConfig
-from rp_distributed.faces import build_detector
 from rp_distributed.faces import align as A
+from rp_distributed.faces import build_detector
 from rp_distributed.faces.backends import ModelFilesMissing
 from rp_distributed.scoring import ReidResult, ReidScorer, iou
 

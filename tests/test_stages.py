@@ -9,11 +9,12 @@ import numpy as np
 from PIL import Image
 
 from rp_distributed.config import anonymization_fingerprint, load_config
+from rp_distributed.records import Face, ImageRow
 from rp_distributed.stages.anonymize import AnonymizeFaces
+from rp_distributed.stages.batch import columns as _columns
+from rp_distributed.stages.batch import rows as _rows
 from rp_distributed.stages.detect import DetectFaces
 from rp_distributed.stages.merge import MergeAndWrite
-from rp_distributed.stages.batch import columns as _columns, rows as _rows
-from rp_distributed.records import Face, ImageRow
 from tests.conftest import FAST_DETECTION
 
 
