@@ -17,11 +17,12 @@ configs made before digests were recorded, all of which used those bytes for dli
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import uuid
 from pathlib import Path
+
+from .modelstore import sha256_file
 
 SHIPPED = {  # face_recognition_models 0.3.0 (PyPI), the dlib files of every run before digests were recorded
     "shape_predictor_68_face_landmarks.dat": "fbdc2cb80eb9aa7a758672cbfdda32ba6300efe9b6e6c7a299ff7e736b11b92f",
@@ -30,7 +31,6 @@ SHIPPED = {  # face_recognition_models 0.3.0 (PyPI), the dlib files of every run
     "mmod_human_face_detector.dat": "4cb19393e2fbaf2b1609a9319ad5386618c886a6234ec1b971f3e87c85d87fe6",
 }
 DIGEST_CACHE = "file-digests.json"
-_CHUNK = 8 * 1024 * 1024
 
 
 def file_sha256(path: str | os.PathLike, cache_dir: str) -> str:
@@ -45,12 +45,8 @@ def file_sha256(path: str | os.PathLike, cache_dir: str) -> str:
         known = {}
     if key in known:
         return known[key]
-    h = hashlib.sha256()
-    with open(real, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
     known = {k: v for k, v in known.items() if not k.startswith(real + "|")}  # this file's older versions
-    known[key] = h.hexdigest()
+    known[key] = sha256_file(real)
     try:  # a cache that cannot be written costs a re-hash next time, nothing else
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f"{DIGEST_CACHE}.{uuid.uuid4().hex}")

@@ -31,7 +31,6 @@ LOCK_NAME = "models.lock.json"
 LOCK_FORMAT = "rp-distributed/models.lock/1"
 _MARKER = ".complete"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_CHUNK = 8 * 1024 * 1024
 
 
 class ModelSourceError(ValueError):
@@ -43,11 +42,8 @@ def is_uri(src: str) -> bool:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _url_to_fs(uri: str):

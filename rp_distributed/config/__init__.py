@@ -6,17 +6,11 @@ from .detection import AUDIT_PASSES, DEFAULT_PASSES, AuditConfig, DetectionConfi
 from .diffusion import DiffusionConfig
 from .fingerprint import anonymization_fingerprint, anonymization_settings
 from .job import ConfigError, JobConfig, apply_overrides, config_to_dict, load_config
-from .sections import (
-    IMAGE_EXTENSIONS,
-    AlignmentConfig,
-    AnonymizerConfig,
-    InputConfig,
-    MergeConfig,
-    OutputConfig,
-    PrivacyConfig,
-    PromptsConfig,
-    RayConfig,
-    ReportConfig,
-)
+from .sections import (IMAGE_EXTENSIONS, AlignmentConfig, AnonymizerConfig, InputConfig, MergeConfig, OutputConfig,
+                       PrivacyConfig, PromptsConfig, RayConfig, ReportConfig)
 
-__all__ = ["StageResources", "AUDIT_PASSES", "DEFAULT_PASSES", "AuditConfig", "DetectionConfig", "PassConfig", "DiffusionConfig", "anonymization_fingerprint", "anonymization_settings", "ConfigError", "JobConfig", "apply_overrides", "config_to_dict", "load_config", "IMAGE_EXTENSIONS", "AlignmentConfig", "AnonymizerConfig", "InputConfig", "MergeConfig", "OutputConfig", "PrivacyConfig", "PromptsConfig", "RayConfig", "ReportConfig"]
+__all__ = ["StageResources", "AUDIT_PASSES", "DEFAULT_PASSES", "AuditConfig", "DetectionConfig", "PassConfig",
+           "DiffusionConfig", "anonymization_fingerprint", "anonymization_settings", "ConfigError", "JobConfig",
+           "apply_overrides", "config_to_dict", "load_config", "IMAGE_EXTENSIONS", "AlignmentConfig",
+           "AnonymizerConfig", "InputConfig", "MergeConfig", "OutputConfig", "PrivacyConfig", "PromptsConfig",
+           "RayConfig", "ReportConfig"]
