@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .config import ConfigError, config_to_dict, load_config
 from .job.lease import LeaseHeld
 from .job.plan import PlanError
 from .preflight import PreflightError
+from .quiet import VERBOSE_ENV, quiet_dependencies
 from .summary import summary_text
 
 
@@ -110,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", "-s", action="append", metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--overwrite", action="store_true", help="redo inputs that are already done")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--verbose", "-v", action="store_true", help="show Ray's own start-up and log output")
+    run.add_argument("--verbose", "-v", action="store_true", help="show Ray's own start-up and log output, and the notices of transformers, diffusers and "
+                     "insightface")
     run.set_defaults(func=_cmd_run)
 
     models = sub.add_parser("models", help="model utilities")
@@ -171,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):  # the job's Ray workers inherit it
+        os.environ[VERBOSE_ENV] = "1"
+    quiet_dependencies()
     try:
         return args.func(args)
     except ConfigError as exc:

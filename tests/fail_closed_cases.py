@@ -30,7 +30,7 @@ ESCALATE = ["privacy.escalate=true"]
 # Sites that are not about one image's pixels: what Ray prints while starting, and report.html at the end of a
 # run (a failure there is recorded in the summary and never touches an output).
 NOT_PER_IMAGE = {"job/ray_session:_native_stderr_aside:except#0": "Ray start-up output, shown when Ray fails to start",
-                 "job/run:_end_of_run:except#0": "report.html / run info write failure, after every image",
+                 "job/run:end_of_run:except#0": "report.html / run info write failure, after every image",
                  "job/run:lost_input_row:error#0": "a poison input's row, once its worker died with its block and alone: "
                                                    "needs Ray (tests/test_fail_closed.py, the poison-input job)",
                  "anonymizer/methods:build_method:except#0": "an unknown method fails the actor's construction (the "

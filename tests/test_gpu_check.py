@@ -20,10 +20,10 @@ def test_sdxl_architecture_has_the_published_parameter_counts():
     """stabilityai/stable-diffusion-xl-base-1.0's models, counted on the meta device (no memory, no weights),
     and the FaceID adapter shaped for its 70 cross-attention layers."""
     from rp_distributed.diffusion.architectures import SDXL
-    from rp_distributed.diffusion.tiny import _models
+    from rp_distributed.diffusion.tiny import random_models
 
     with torch.device("meta"):
-        unet, vae, te1, te2 = _models(SDXL)
+        unet, vae, te1, te2 = random_models(SDXL)
     counts = [sum(p.numel() for p in m.parameters()) for m in (unet, vae, te1, te2)]
     assert counts == [2_567_463_684, 83_653_863, 123_060_480, 694_659_840]
     cross = [n for n in unet.attn_processors if n.endswith("attn2.processor")]

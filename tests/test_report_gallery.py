@@ -18,7 +18,7 @@ from PIL import Image
 
 from rp_distributed import manifest_writer, report
 from rp_distributed.config import config_to_dict, load_config
-from rp_distributed.job.run import JobResult, _end_of_run
+from rp_distributed.job.run import JobResult, end_of_run
 from tests.test_fail_closed import run_stages
 
 THUMB = re.compile(r'<img class="thumb( original)?" alt="(original|anonymized) ([^"]+)" '
@@ -83,9 +83,9 @@ def test_a_rerun_with_originals_off_writes_a_report_without_them(recorded):
     """A rerun that finds everything done still rewrites the report, with its own setting, not the earlier run's."""
     out, rows, original, written = recorded
     result = JobResult(run_id="rerun", summary={}, skipped=1)
-    _end_of_run(result, load_config(None, ["anonymizer.method=blur", "output.format=png"]), str(out), None, True)
+    end_of_run(result, load_config(None, ["anonymizer.method=blur", "output.format=png"]), str(out), None, True)
     assert result.report_error is None and result.report_uri.endswith("report.html")
     _check(out, rows, original, written, originals=False)
-    _end_of_run(result, load_config(None, ["report.include_originals=true", "report.gallery_size=2"]), str(out),
+    end_of_run(result, load_config(None, ["report.include_originals=true", "report.gallery_size=2"]), str(out),
                 None, True)
     assert len(_thumbs(out)) == 4  # this invocation's gallery size too

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..quiet import quiet_dependencies
 from .loading import (
     ModelSourceError,
     load_adapter_state_dict,
@@ -95,7 +96,10 @@ def _provenance(cfg, locked, pipe) -> dict:
 def load_pipeline(cfg) -> LoadedPipeline:
     """SDXL + FaceID adapter for a ``DiffusionConfig``, on its device and dtype (the VAE in float32 where its
     config asks for upcasting)."""
+    quiet_dependencies()
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
+
+    quiet_dependencies()  # now that their loggers exist
 
     device, dtype = resolve_device_dtype(cfg)
     if dtype == torch.bfloat16:

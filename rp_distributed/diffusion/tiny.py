@@ -54,7 +54,7 @@ def _tokenizer(tmp: Path):
     return CLIPTokenizer.from_pretrained(str(tmp))
 
 
-def _models(arch: Architecture):
+def random_models(arch: Architecture):
     """UNet, VAE and the two text encoders of ``arch``, randomly initialised from the architecture's seeds on the
     current default device."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -113,7 +113,7 @@ def make_random_model(out_dir, arch: str = "tiny", dtype: torch.dtype = torch.fl
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with torch.device(device):
-        unet, vae, te1, te2 = _models(spec)
+        unet, vae, te1, te2 = random_models(spec)
     adapter_sd = make_adapter_state_dict(unet, spec.seeds["adapter"], dtype)
     tok_dir = out / "_tokenizer_src"
     tok = _tokenizer(tok_dir)

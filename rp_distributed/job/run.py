@@ -85,7 +85,7 @@ def _run_info(cfg: JobConfig, run_id: str, input_uri: str, output_uri: str, fing
             "inputs_skipped": plan.skipped, "config": config_to_dict(cfg)}
 
 
-def _end_of_run(result: JobResult, cfg: JobConfig, output_uri: str, info: dict | None, report: bool) -> None:
+def end_of_run(result: JobResult, cfg: JobConfig, output_uri: str, info: dict | None, report: bool) -> None:
     """Record the run's wall time beside its config, then write ``report.html``. A failure to write either is
     kept in ``result.report_error`` and never fails the job: the manifest is what counts."""
     from .. import report as report_mod
@@ -136,7 +136,7 @@ def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = Tr
         manifest.retire(output_uri, plan.retire)  # --overwrite: the earlier manifest, now that this run completed
         result.wall_s = time.perf_counter() - t0
         if info is not None or (report and manifest.part_uris(output_uri, cfg.output.manifest_dir)):
-            _end_of_run(result, cfg, output_uri, info, report)
+            end_of_run(result, cfg, output_uri, info, report)
     return result
 
 
