@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rp_distributed import cli, estimate, manifest, preflight, progress, report
+from rp_distributed import cli, estimate, manifest, preflight, report
+from rp_distributed.job import progress
 from rp_distributed.config import load_config
 from tests.conftest import FAST_DETECTION, REPO, skimage_image
 
