@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .anonymizer.destructive import destroy_box
+from .destructive import destroy_box
 from .faults import describe
 from .records import Applied, Face, Where
 

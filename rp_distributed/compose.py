@@ -15,7 +15,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .anonymizer.destructive import DESTRUCTIVE, Window, destroy_box, destroyed
+from .destructive import DESTRUCTIVE, Window, destroy_box, destroyed
 from .faults import describe
 from .records import Applied, Where
 

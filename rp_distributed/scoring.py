@@ -13,9 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .anonymizer.destructive import destroy_box
-from .faults import describe
-from .records import Applied
+from .destructive import destroy_box
 from .faces.backends import as_rgb_uint8
 from .faces.backends import box_iou as iou
 from .faces.dlib_backend import (
@@ -23,6 +21,8 @@ from .faces.dlib_backend import (
     SHAPE5_FILE,
     resolve_model_files,
 )
+from .faults import describe
+from .records import Applied
 
 DETECT_FACE_PX = 120  # the face side the still-detected check resizes its crop to (HOG needs ~80 px)
 DETECT_PAD = 0.5  # context around the box, fraction of its side, for the still-detected check

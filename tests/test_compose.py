@@ -2,8 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
-from rp_distributed import compose
-from rp_distributed.anonymizer import destructive
+from rp_distributed import compose, destructive
 from rp_distributed.config import AnonymizerConfig
 
 

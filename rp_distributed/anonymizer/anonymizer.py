@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 
+from ..destructive import destroy
 from ..faults import describe
 from ..records import Applied, Face
-from .destructive import destroy
 from .methods import build_method
 from .settings import AnonymizerSettings
 from .triage import Route, triage

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..faults import describe, raise_if_device_fault
 from ..records import REVERSE_PERSONALIZATION, Applied, Face, Try
-from .methods import Fallback
+from .contract import Fallback
 from .settings import AnonymizerSettings
 
 

@@ -1,32 +1,21 @@
 """The anonymization methods by name (``anonymizer.method``), each a class the stage builds once per actor: the
-destructive ones destroy each aligned crop; reverse personalization (``ladder.ReversePersonalization``, loaded
-only when asked for: it imports torch and loads SDXL) regenerates them.
+destructive ones destroy each aligned crop; reverse personalization (``ladder.ReversePersonalization``: torch
+and SDXL are imported only when it is built) regenerates them.
 
 A method gets the faces routed to it (``triage``) and a ``fallback(face, why)`` for any face it cannot anonymize;
 it records ``anon_crop`` and ``method_applied`` on each face it does, and its parameters for the manifest."""
 
 from __future__ import annotations
 
-import importlib
 import time
-from typing import Callable, Protocol
+from typing import Callable
 
+from ..destructive import destroy
 from ..faults import describe
 from ..records import Applied, Face
-from .destructive import destroy
+from .contract import Fallback, Method
+from .ladder import ReversePersonalization
 from .settings import AnonymizerSettings
-
-Fallback = Callable[[Face, str], None]
-
-
-class Method(Protocol):
-    name: str
-
-    def params(self, settings: AnonymizerSettings) -> dict: ...
-
-    def model_info(self) -> dict | None: ...
-
-    def anonymize(self, faces: list[Face], settings: AnonymizerSettings, fallback: Fallback) -> None: ...
 
 
 class DestroyCrops:
@@ -55,7 +44,7 @@ class DestroyCrops:
 
 
 def _reverse_personalization(name: str, settings: AnonymizerSettings) -> Method:
-    return importlib.import_module(".ladder", __package__).ReversePersonalization(settings)
+    return ReversePersonalization(settings)  # torch and SDXL are imported only here, as it loads
 
 
 METHODS: dict[str, Callable[[str, AnonymizerSettings], Method]] = {
