@@ -20,9 +20,11 @@ from rp_distributed.records import ImageRow
 from rp_distributed.scoring import ReidScorer
 from rp_distributed.stages.detect import DetectFaces
 from rp_distributed.stages.merge import MergeAndWrite, MergeSettings
+from tests.conftest import FAST_DETECTION
 
 MAGENTA = "[255,0,255]"  # a mask colour no photo region is close to, so "the mask landed" is unambiguous
-WEAK = ["anonymizer.method=blur", "anonymizer.blur_strength=0.0001", f"anonymizer.mask_color={MAGENTA}"]
+WEAK = [*FAST_DETECTION, "anonymizer.method=blur", "anonymizer.blur_strength=0.0001",
+        f"anonymizer.mask_color={MAGENTA}"]
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from rp_distributed.config import anonymization_fingerprint, load_config
 from rp_distributed.records import ImageRow
 from rp_distributed.stages.detect import DetectFaces
 from rp_distributed.stages.merge import MergeAndWrite
-from tests.conftest import skimage_image
+from tests.conftest import FAST_DETECTION, skimage_image
 
 MARK = b"RPMARK"
 
@@ -143,7 +143,7 @@ def _structures(data: bytes) -> list[str]:
 
 @pytest.fixture(scope="module")
 def stages():
-    cfg = load_config(None, ["anonymizer.method=blur"])
+    cfg = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur"])
     return DetectFaces.from_config(cfg), Anonymizer.from_config(cfg), MergeAndWrite.from_config(cfg, "run", anonymization_fingerprint(cfg))
 
 

@@ -23,10 +23,11 @@ from rp_distributed.job.plan import make_plan
 from rp_distributed.records import ImageRow
 from rp_distributed.stages.detect import DetectFaces
 from rp_distributed.stages.merge import MergeAndWrite
+from tests.conftest import FAST_DETECTION
 
 
 def _blur(*extra):
-    return load_config(None, ["anonymizer.method=blur", "output.format=same", *extra])
+    return load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=same", *extra])
 
 
 def _stages(cfg, row, **storages):

@@ -23,13 +23,15 @@ from tests.test_fail_closed import run_stages
 
 THUMB = re.compile(r'<img class="thumb( original)?" alt="(original|anonymized) ([^"]+)" '
                    r'src="data:image/jpeg;base64,([^"]+)">')
+from tests.conftest import FAST_DETECTION
 
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory, t1_path):
     """(output folder, the face rows, input pixels, output pixels) of a run recorded with originals on."""
     out = tmp_path_factory.mktemp("gallery") / "out"
-    cfg = load_config(None, ["anonymizer.method=blur", "output.format=png", "report.include_originals=true"])
+    cfg = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png",
+                             "report.include_originals=true"])
     rows = run_stages(cfg, t1_path, out / "t1.png")
     manifest_writer.write_part(str(out), "_manifest", "test-run", 0, rows)
     report.write_run_info(str(out), "_manifest", "test-run", {"run_id": "test-run", "config": config_to_dict(cfg)})
