@@ -8,7 +8,7 @@
     rp-anonymize estimate INPUT_URI [--config FILE] [--sample N] [--device H100|A100|L4]
     rp-anonymize inspect OUTPUT_URI [--failed]
     rp-anonymize report OUTPUT_URI [--include-originals]
-    rp-anonymize verify OUTPUT_URI [--json] [--dry-run] [--sign-key FILE] [--check-record RECORD]
+    rp-anonymize verify OUTPUT_URI [--json] [--dry-run] [--audit-faces] [--sign-key FILE] [--check-record RECORD]
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def _cmd_verify(args) -> int:
                 print(("RECORD MATCHES" if matches else "RECORD DOES NOT MATCH") + f": {args.check_record}")
                 print("\n".join(f"  {p}" for p in problems) or f"  the export is as recorded; {now.text()}")
             return now.verdict.exit_code if matches else max(1, now.verdict.exit_code)
-        outcome = verify.verify(args.output_uri, _manifest_dir(args), dry_run=args.dry_run, sign_key=key)
+        audit = verify.AuditFaces(config_path=args.config) if args.audit_faces else None
+        outcome = verify.verify(args.output_uri, _manifest_dir(args), dry_run=args.dry_run, sign_key=key, audit=audit)
     except verify.RecordError as exc:
         print(f"rp-anonymize: {exc}", file=sys.stderr)
         return 2
@@ -131,10 +132,13 @@ def _add_verify(sub) -> None:
     ver.add_argument("output_uri")
     ver.add_argument("--json", action="store_true", help="print the verification record as JSON")
     ver.add_argument("--dry-run", action="store_true", help="write no record (nothing is modified)")
+    ver.add_argument("--audit-faces", action="store_true",
+                     help="run the run's detectors (or --config's) over every output on Ray: list faces outside "
+                     "every recorded anonymized box")
     ver.add_argument("--sign-key", metavar="FILE",
                      help="HMAC-SHA256 key file: sign the record (with --check-record: check its signature)")
     ver.add_argument("--check-record", metavar="RECORD", help="check a verification record against the export now")
-    ver.add_argument("--config", "-c", help="the run's config (for output.manifest_dir)")
+    ver.add_argument("--config", "-c", help="the run's config (output.manifest_dir; the detectors of --audit-faces)")
     ver.add_argument("--manifest-dir", help="manifest folder under OUTPUT_URI (default _manifest)")
     ver.set_defaults(func=_cmd_verify)
 

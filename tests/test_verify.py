@@ -23,7 +23,7 @@ from PIL import Image
 
 from rp_distributed import cli, manifest
 from rp_distributed.config import anonymization_fingerprint, load_config
-from rp_distributed.verify import Kind, Verdict, check_record, verify
+from rp_distributed.verify import AuditFaces, Kind, Verdict, check_record, verify
 from rp_distributed.verify.metadata import metadata_found
 from tests.conftest import (
     FAST_DETECTION,
@@ -290,3 +290,17 @@ def test_verify_on_s3(s3_server, ray_session, tmp_path):
     fs.pipe_file("verify/out/camera.png", b"\x89PNG\r\n\x1a\n not the output")
     outcome = verify("s3://verify/out", dry_run=True)
     assert _keys(outcome, Kind.EXTRA) == {"people/t1.jpg"} and _keys(outcome, Kind.ALTERED) == {"camera.png"}
+
+
+@pytest.mark.slow
+def test_audit_faces_names_a_face_pasted_into_an_output(out):
+    clean = verify(str(out), dry_run=True, audit=AuditFaces(start_ray=False))
+    assert clean.verdict is Verdict.SAFE, clean.text()  # the blurred faces are inside their recorded boxes
+    assert clean.facts.counts["outputs_audited"] == 3
+    face = Image.open(insightface_image("Tom_Hanks_54745.png")).convert("RGB").resize((160, 160))
+    im = Image.open(out / "camera.png").convert("RGB")
+    im.paste(face, (im.width - 170, 10))  # a face the pipeline never saw, in a corner of a written output
+    im.save(out / "camera.png")
+    outcome = verify(str(out), dry_run=True, audit=AuditFaces(start_ray=False))
+    assert _keys(outcome, Kind.MISSED_FACE) == {"camera.png"}, outcome.text()
+    assert _keys(outcome, Kind.ALTERED) == {"camera.png"}

@@ -6,7 +6,8 @@ of a written image has a method that destroys or regenerates it, no output carri
 bytes), and no file in the manifest folder embeds original faces. Findings name their keys (exit 1). An export that
 cannot be checked as a whole is a one-line verdict (exit 2). Nothing is modified except the record it writes
 (``record``), and not even that with ``dry_run``. Rooms: ``findings`` (verdicts, kinds), ``export`` (the checks),
-``metadata`` (read-back of metadata), ``record`` (the signed record).
+``metadata`` (read-back of metadata), ``record`` (the signed record), ``faces`` (``--audit-faces``: the detectors
+run again over every output).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .export import (
 from .findings import CannotVerify, ExportBusy, Finding, Findings, Kind, Verdict
 from .record import RecordError
 
-__all__ = ["CannotVerify", "Finding", "Findings", "Kind", "Outcome", "RecordError", "Verdict", "check_record",
+__all__ = ["AuditFaces", "CannotVerify", "Finding", "Findings", "Kind", "Outcome", "RecordError", "Verdict", "check_record",
            "verify"]
 
 
@@ -64,7 +65,7 @@ def _summary(findings: Findings) -> str:
     return ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in sorted(findings.counts.items()))
 
 
-def _check(storage: io.Storage, folder: str, facts: ExportFacts) -> tuple[Verdict, str]:
+def _check(storage: io.Storage, folder: str, facts: ExportFacts, audit: AuditFaces | None) -> tuple[Verdict, str]:
     live = live_leases(storage, folder)
     if live:
         lease = live[0]
@@ -82,6 +83,15 @@ def _check(storage: io.Storage, folder: str, facts: ExportFacts) -> tuple[Verdic
     ListingCheck(facts, storage, folder, expected).run()
     if not expected.seen.all():
         rows.missing(view, expected)
+    if audit is not None:
+        from .faces import audit_config, audit_faces
+
+        cfg = audit_config(facts, audit.config_path)
+        if audit.start_ray:
+            from ..job.ray_session import ensure_ray
+
+            ensure_ray(cfg)
+        audit_faces(view, rows, facts, cfg, audit.actors)
     findings = facts.findings
     if findings.blocking():
         unreadable = next(f for f in findings.kept if f.kind.blocks_verification)
@@ -94,8 +104,18 @@ def _check(storage: io.Storage, folder: str, facts: ExportFacts) -> tuple[Verdic
                           f"metadata; {counts.get('faces', 0)} faces anonymized; no originals beside the manifest")
 
 
+@dataclass(frozen=True)
+class AuditFaces:
+    """``--audit-faces``: run the detectors over every output (``faces``). ``config_path``: the detectors' config
+    (default: the latest run's recorded one); ``start_ray``: join or start Ray as a job would (``ensure_ray``)."""
+
+    config_path: str | None = None
+    actors: int = 2
+    start_ray: bool = True
+
+
 def verify(output_uri: str, manifest_dir: str = "_manifest", dry_run: bool = False,
-           sign_key: bytes | None = None) -> Outcome:
+           sign_key: bytes | None = None, audit: AuditFaces | None = None) -> Outcome:
     """Check the export under ``output_uri``; write ``<manifest_dir>/verify-<time>.json`` unless ``dry_run`` (or
     when the export has no readable manifest, or a run is still writing it). Never raises for a bad export."""
     output_uri = io.normalize_prefix(output_uri)
@@ -104,7 +124,7 @@ def verify(output_uri: str, manifest_dir: str = "_manifest", dry_run: bool = Fal
     storage, busy = None, False
     try:
         storage = io.Storage(output_uri)
-        verdict, reason = _check(storage, folder, facts)
+        verdict, reason = _check(storage, folder, facts, audit)
     except CannotVerify as exc:
         verdict, reason, busy = Verdict.CANNOT_VERIFY, str(exc), isinstance(exc, ExportBusy)
     except Exception as exc:  # noqa: BLE001 - a bad export is a verdict, never a traceback

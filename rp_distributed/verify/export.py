@@ -158,6 +158,10 @@ class ViewCheck:
         self.prefixes = {r: [p, storage.uri] if p else [storage.uri] for r, p in prefixes.items()}
         self.default = [storage.uri]
 
+    def key_of(self, uri: str | None, run: str | None) -> str | None:
+        """The key under this export of an output the run ``run`` wrote at ``uri`` (None: outside it)."""
+        return key_under(uri, self.prefixes.get(run, self.default))
+
     def written(self, batch: pa.RecordBatch) -> list[tuple[str | None, str, str | None]]:
         """(key or None, output_uri, recorded sha256) of the batch's rows that say an output was written (one per
         image: its image-level row or face 0)."""
@@ -166,7 +170,7 @@ class ViewCheck:
         out = []
         for run, uri, status, face, sha in zip(*cols.values()):
             if status in manifest.DONE_STATUSES and uri is not None and face in (None, 0):
-                out.append((key_under(uri, self.prefixes.get(run, self.default)), uri, sha))
+                out.append((self.key_of(uri, run), uri, sha))
         return out
 
     def rows(self, batch: pa.RecordBatch, expected: Expected) -> None:

@@ -37,6 +37,7 @@ class Kind(str, enum.Enum):
     FACE_NOT_ANONYMIZED = "face_not_anonymized"  # a face row of a written image with no destroying/regenerating method
     METADATA = "metadata"  # EXIF, XMP, IPTC, ICC, comments, thumbnails read back from the bytes
     ORIGINALS = "originals"  # a file in the manifest folder that embeds original faces (or is an image)
+    MISSED_FACE = "missed_face"  # --audit-faces: a face found on an output outside every recorded anonymized box
     UNREADABLE = "unreadable"  # an object that could not be read: the export cannot be vouched for
 
     @property
