@@ -256,6 +256,7 @@ def test_a_signed_record_is_checked_against_the_export(out, tmp_path, capsys):
 @pytest.mark.slow
 def test_a_replaced_input_is_redone_and_the_export_verifies(ray_session, tmp_path):
     from rp_distributed.job.run import run_job
+    from rp_distributed.summary import summary_text
 
     src = tmp_path / "in"
     src.mkdir()
@@ -265,6 +266,7 @@ def test_a_replaced_input_is_redone_and_the_export_verifies(ray_session, tmp_pat
     shutil.copy(skimage_image("coffee.png"), src / "a.png")  # replaced under the same key after the run
     again = run_job(_cfg(), str(src), str(tmp_path / "out"), progress=False, report=False)
     assert (again.skipped, again.redone_replaced, again.summary["images"]) == (1, 1, 1)
+    assert "replaced         1 inputs were replaced" in summary_text(again, _cfg(), str(src), str(tmp_path / "out"))
     coffee = hashlib.sha256((src / "a.png").read_bytes()).hexdigest()
     latest = manifest.latest_outcomes(str(tmp_path / "out"), "_manifest",
                                       ["input_uri", "status", "input_sha256"]).to_pylist()
