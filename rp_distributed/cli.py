@@ -8,6 +8,7 @@
     rp-anonymize estimate INPUT_URI [--config FILE] [--sample N] [--device H100|A100|L4]
     rp-anonymize inspect OUTPUT_URI [--failed]
     rp-anonymize report OUTPUT_URI [--include-originals]
+    rp-anonymize verify OUTPUT_URI [--json] [--dry-run] [--audit-faces] [--sign-key FILE] [--check-record RECORD]
 """
 
 from __future__ import annotations
@@ -64,6 +65,30 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_verify(args) -> int:
+    """Exit 0: safe to share; 1: findings (or a record that does not match); 2: the export cannot be verified."""
+    from . import verify
+
+    try:
+        key = verify.record.read_key(args.sign_key) if args.sign_key else None
+        if args.check_record:
+            matches, problems, now = verify.check_record(args.output_uri, args.check_record, _manifest_dir(args), key)
+            if args.json:
+                print(json.dumps({"matches": matches, "problems": problems, "now": now.record}, indent=2))
+            else:
+                print(("RECORD MATCHES" if matches else "RECORD DOES NOT MATCH") + f": {args.check_record}")
+                print("\n".join(f"  {p}" for p in problems) or f"  the export is as recorded; {now.text()}")
+            return now.verdict.exit_code if matches else max(1, now.verdict.exit_code)
+        audit = verify.AuditFaces(config_path=args.config) if args.audit_faces else None
+        outcome = verify.verify(args.output_uri, _manifest_dir(args), dry_run=args.dry_run, sign_key=key, audit=audit)
+    except verify.RecordError as exc:
+        print(f"rp-anonymize: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({**outcome.record, "record_uri": outcome.record_uri, "record_error": outcome.record_error},
+                     indent=2) if args.json else outcome.text())
+    return outcome.verdict.exit_code
+
+
 def _cmd_estimate(args) -> int:
     from . import estimate
 
@@ -99,6 +124,23 @@ def _cmd_config_show(args) -> int:
 
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return 0
+
+
+def _add_verify(sub) -> None:
+    ver = sub.add_parser("verify", help="check that the export under OUTPUT_URI is safe to share (exit 0), from its "
+                         "bytes and its manifest; writes a record beside the manifest")
+    ver.add_argument("output_uri")
+    ver.add_argument("--json", action="store_true", help="print the verification record as JSON")
+    ver.add_argument("--dry-run", action="store_true", help="write no record (nothing is modified)")
+    ver.add_argument("--audit-faces", action="store_true",
+                     help="run the run's detectors (or --config's) over every output on Ray: list faces outside "
+                     "every recorded anonymized box")
+    ver.add_argument("--sign-key", metavar="FILE",
+                     help="HMAC-SHA256 key file: sign the record (with --check-record: check its signature)")
+    ver.add_argument("--check-record", metavar="RECORD", help="check a verification record against the export now")
+    ver.add_argument("--config", "-c", help="the run's config (output.manifest_dir; the detectors of --audit-faces)")
+    ver.add_argument("--manifest-dir", help="manifest folder under OUTPUT_URI (default _manifest)")
+    ver.set_defaults(func=_cmd_verify)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--config", "-c", help="the run's config (for output.manifest_dir)")
     rep.add_argument("--manifest-dir", help="manifest folder under OUTPUT_URI (default _manifest)")
     rep.set_defaults(func=_cmd_report)
+
+    _add_verify(sub)
 
     conf = sub.add_parser("config", help="config utilities")
     csub = conf.add_subparsers(dest="config_command", required=True)

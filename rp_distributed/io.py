@@ -109,12 +109,40 @@ def list_inputs(input_uri: str, extensions: list[str], exclude_uri: str | None =
             zip(*(t[c].to_pylist() for c in ("uri", "rel_path", "skip_reason")))]
 
 
-LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("rel_path", pa.string()), ("skip_reason", pa.string())])
+LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("rel_path", pa.string()), ("skip_reason", pa.string()),
+                            ("size", pa.int64()), ("version", pa.string())])
+
+# What an object store's listing says changes when an object is replaced, in the order looked for (S3: ETag; GCS:
+# its generation, then its md5), read from the listing's own entries: no request per object.
+_VERSION_FIELDS = ("ETag", "etag", "generation", "md5Hash", "LastModified", "last_modified", "mtime")
+
+
+def _local_identity(path: str) -> tuple[int | None, str | None]:
+    """A local file's size and ``mtime_ns:<n>`` (one stat of the file the listing found; a replaced or rewritten
+    file gets a new mtime), or (None, None) when it cannot be stat'ed."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None, None
+    return info.st_size, f"mtime_ns:{info.st_mtime_ns}"
+
+
+def _store_identity(info: dict) -> tuple[int | None, str | None]:
+    """An object's size and version marker (``etag:...``) from its listing entry."""
+    size = info.get("size")
+    for name in _VERSION_FIELDS:
+        if info.get(name) not in (None, ""):
+            return (None if size is None else int(size)), f"{name.lower()}:{info[name]}"
+    return (None if size is None else int(size)), None
 
 
 def list_inputs_table(input_uri: str, extensions: list[str], exclude_uri: str | None = None) -> pa.Table:
     """Image files under ``input_uri`` (recursively), by extension, sorted by relative path, as an Arrow
     table (``LISTING_SCHEMA``): about 100 bytes an object on the driver, not an info dict.
+
+    Each listed file's content identity (``size``, ``version``) comes with it, for resume to notice an input
+    replaced under the same key: on object stores from the listing's own entries (the ETag: no request per
+    object); on a local folder from one ``stat`` of each listed file (its size and mtime in nanoseconds).
 
     A single file URI lists just that file. Anything under ``exclude_uri`` (the output prefix, when it
     lies inside the input) is skipped, as are hidden files and folders. Local folders are walked without
@@ -132,15 +160,20 @@ def list_inputs_table(input_uri: str, extensions: list[str], exclude_uri: str | 
             exclude = epath.rstrip("/") + "/"
     local = isinstance(fs, LocalFileSystem)
     base, single = _listing_base(fs, root)
+    details: dict = {}
     if single:  # the file the user named (through a link or not): read it
         found = [(root, None)]
+        if not local:
+            details = {root: fs.info(root)}
     elif local:
         found = walk_local(root)
     else:
-        found = ((path, None) for path in fs.find(root))  # names only
+        # With details: s3fs and gcsfs build these entries for the listing anyway (a name-only find drops them).
+        details = fs.find(root, detail=True)
+        found = ((path, None) for path in list(details))
         fs.invalidate_cache()  # s3fs/gcsfs keep every listed object's info dict otherwise
     keys = Storage(_unstrip(fs, base))
-    uris, rels, skips = [], [], []
+    uris, rels, skips, sizes, versions = [], [], [], [], []
     for path, skip in found:
         if exclude and (path + "/").startswith(exclude):
             continue
@@ -156,11 +189,15 @@ def list_inputs_table(input_uri: str, extensions: list[str], exclude_uri: str | 
                 keys.check(path[len(base) + 1:], literal=True)
             except InputError as exc:
                 skip = str(exc)
+        size, version = (None, None) if skip is not None else (
+            _local_identity(path) if local else _store_identity(details.get(path) or {}))
         uris.append(_unstrip(fs, path))
         rels.append(rel)
         skips.append(skip)
-    del found
-    table = pa.table([uris, rels, skips], schema=LISTING_SCHEMA)
+        sizes.append(size)
+        versions.append(version)
+    del found, details
+    table = pa.table([uris, rels, skips, sizes, versions], schema=LISTING_SCHEMA)
     return table.sort_by("rel_path")
 
 

@@ -75,6 +75,12 @@ SCHEMA = pa.schema([
     ("detect_passes", pa.int32()),        # image-level: detector runs (passes x rotations x tiles) on this image
     ("detect_mpix", pa.float32()),        # image-level: megapixels the detector saw (magnified, rotated copies)
     ("t_audit_s", pa.float32()),          # image-level: seconds of the output audit
+    # Added later (older parts read them as null, which means "unknown": resume then trusts key and fingerprint):
+    # the content identity of the input as listed and as read, and of the output as written.
+    ("input_size", pa.int64()),           # the input's size in the plan's listing
+    ("input_version", pa.string()),       # the listing's change marker: "mtime_ns:<n>" (local) or "etag:<e>" (S3)
+    ("input_sha256", pa.string()),        # sha256 of the input bytes the detection stage read and decoded
+    ("output_sha256", pa.string()),       # sha256 of exactly the bytes written at output_uri (null: nothing written)
 ])
 
 
@@ -162,7 +168,7 @@ def read_manifest(output_uri: str, manifest_dir: str) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-RESUME_COLUMNS = ["input_uri", "status", "output_uri", "settings_fingerprint"]
+RESUME_COLUMNS = ["input_uri", "status", "output_uri", "settings_fingerprint", "input_size", "input_version"]
 
 
 def _last_per_input(table: pa.Table) -> pa.Table:

@@ -193,6 +193,9 @@ class ImageRow:
     status: Status = Status.PENDING
     error: str | None = None
     notes: str | None = None
+    input_size: int | None = None  # the input's content identity in the plan's listing (resume: replaced inputs)
+    input_version: str | None = None
+    input_sha256: str | None = None  # of the bytes the detection stage read
     width: int | None = None
     height: int | None = None
     t_read_s: float | None = None

@@ -117,12 +117,17 @@ def _walk(top: str, parts: list[str], create: bool, where: str) -> int:
     return fd
 
 
-def walk_local(root: str):
+LINKED_FOLDER = "symlinked folder: not followed"
+
+
+def walk_local(root: str, everything: bool = False):
     """Files under a local folder as ``(path, skip_reason)``, streamed (``os.scandir``: no stat call per
     regular file), without following symlinked folders (so link loops cannot happen).
 
     A symlinked file is followed only when its real path lies inside the root's real path; otherwise it
-    is listed with a ``skip_reason`` and never opened. Hidden folders are not descended into.
+    is listed with a ``skip_reason`` and never opened. Hidden folders are not descended into, and a
+    symlinked folder is skipped, unless ``everything`` (an audit of what a folder holds: hidden folders are
+    walked, and a symlinked folder is listed itself, with ``LINKED_FOLDER``).
     """
     real_root = os.path.realpath(root)
     stack = [root]
@@ -134,8 +139,10 @@ def walk_local(root: str):
         for entry in entries:
             try:
                 if entry.is_dir():  # follows a link to tell; a linked folder is never descended
-                    if not entry.is_symlink() and not entry.name.startswith("."):
+                    if not entry.is_symlink() and (everything or not entry.name.startswith(".")):
                         stack.append(entry.path)
+                    elif everything and entry.is_symlink():
+                        yield entry.path, LINKED_FOLDER
                     continue
                 if entry.is_symlink():
                     target = os.path.realpath(entry.path)
@@ -292,14 +299,15 @@ class Storage:
         finally:
             os.close(dfd)
 
-    def list(self, under: str = "") -> Iterator[str]:
+    def list(self, under: str = "", everything: bool = False) -> Iterator[str]:
         """Keys of every object under the folder ``under`` (all of them by default): one listing, names only
-        (local: ``walk_local``, not through symlinked or hidden folders; object stores: ``find``, paged)."""
+        (local: ``walk_local``, not through symlinked or hidden folders unless ``everything``, which also lists
+        a symlinked folder as a key of its own; object stores: ``find``, paged)."""
         top = self._path(self.check(under)) if under else self.root
         cut = len(self.root.rstrip("/")) + 1
         if self.local:
             if os.path.isdir(top):
-                yield from (path[cut:] for path, _ in walk_local(top))
+                yield from (path[cut:] for path, _ in walk_local(top, everything))
             return
         if not self.fs.exists(top):
             return

@@ -142,6 +142,9 @@ def summary_text(result, cfg, input_uri: str, output_uri: str) -> str:
     if result.redone_changed:
         lines.append(f"  redone           {result.redone_changed} inputs done earlier under other anonymization "
                      f"settings (fingerprint now {result.settings_fingerprint})")
+    if result.redone_replaced:
+        lines.append(f"  replaced         {result.redone_replaced} inputs were replaced under the same key since they "
+                     "were done (their listed size or version changed): redone")
     if result.unrecorded:
         lines.append(f"  unrecorded       {result.unrecorded} outputs had no manifest row (an earlier driver was killed "
                      "before flushing it): redone")

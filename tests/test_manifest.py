@@ -45,7 +45,7 @@ def test_latest_outcomes_take_the_last_row_of_each_input_across_parts(tmp_path):
         {"input_uri": "c.jpg", "status": "withheld", "output_uri": None, "settings_fingerprint": "f2"}])
     latest = {r["input_uri"]: r for r in manifest.latest_outcomes(str(tmp_path), "_manifest").to_pylist()}
     assert latest["a.jpg"] == {"input_uri": "a.jpg", "status": "ok", "output_uri": "out/a.jpg",
-                               "settings_fingerprint": None}
+                               "settings_fingerprint": None, "input_size": None, "input_version": None}
     assert latest["b.jpg"]["status"] == "error"
     assert latest["c.jpg"]["status"] == "withheld" and latest["c.jpg"]["settings_fingerprint"] == "f2"
     assert manifest.latest_outcomes(str(tmp_path / "none"), "_manifest").num_rows == 0

@@ -60,6 +60,24 @@ def _gone(info: dict) -> bool:
     return False
 
 
+def live_leases(storage: Storage, manifest_dir: str, ttl_s: float = TTL_S) -> list[dict]:
+    """The leases in ``manifest_dir`` whose heartbeat is younger than ``ttl_s`` and whose driver is not known to
+    be gone: the runs writing this prefix now (one listing; read-only, nothing is deleted)."""
+    live = []
+    for key in storage.list(manifest_dir.strip("/")):
+        name = key.rsplit("/", 1)[-1]
+        if not (name.startswith(LEASE_PREFIX) and name.endswith(".json")):
+            continue
+        try:
+            info = json.loads(storage.read(key, 1 << 16))
+            age = time.time() - float(info["heartbeat_at"])
+        except (FileNotFoundError, InputError, ValueError, KeyError, TypeError):
+            continue  # released meanwhile, or not a live run's lease (writes are atomic)
+        if age < ttl_s and not _gone(info):
+            live.append({**info, "key": key, "age_s": age})
+    return live
+
+
 class Lease:
     """The lease of ``storage``'s output prefix for ``run_id``; a context manager (acquire, then release)."""
 

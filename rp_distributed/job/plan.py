@@ -10,8 +10,11 @@ Fail-closed rules that live here:
   syntax (S3: ``?versionId=``), becomes that input's error row, never a job abort;
 - resume skips an input only when its latest manifest row wrote this same key under the same
   anonymization settings (``config.anonymization_fingerprint``) and the output exists; otherwise it is
-  redone, and an earlier output at another key is deleted (``stale_output_uri``). Resume reads only
-  four manifest columns, decides in Arrow, and learns which outputs exist from one listing of the
+  redone, and an earlier output at another key is deleted (``stale_output_uri``). An input replaced under
+  the same key since it was done (its listed size or change marker, ``input_size``/``input_version``, differs
+  from what its manifest row recorded) is redone and counted (``redone_replaced``); a row without them (a
+  manifest written before they existed) is unknown, not different: it is trusted. Resume reads only
+  six manifest columns, decides in Arrow, and learns which outputs exist from one listing of the
   output prefix, not one request per key. An output with no manifest row (its driver was killed between
   the write and the manifest flush) is redone, and counted (``unrecorded``);
 - ``--overwrite`` deletes nothing here: the plan records the manifest folder's keys (``Plan.retire``) and the
@@ -39,7 +42,8 @@ class PlanError(ValueError):
 
 
 TODO_SCHEMA = pa.schema([("input_uri", pa.string()), ("rel_path", pa.string()), ("output_uri", pa.string()),
-                         ("error", pa.string()), ("notes", pa.string()), ("stale_output_uri", pa.string())])
+                         ("error", pa.string()), ("notes", pa.string()), ("stale_output_uri", pa.string()),
+                         ("input_size", pa.int64()), ("input_version", pa.string())])
 
 
 @dataclass
@@ -47,6 +51,7 @@ class Plan:
     table: pa.Table = field(default_factory=TODO_SCHEMA.empty_table)  # rows for the first stage (TODO_SCHEMA)
     skipped: int = 0  # done earlier with the same settings
     redone_changed: int = 0  # done earlier under other anonymization settings: redone
+    redone_replaced: int = 0  # done earlier, but the input was replaced since (same key, other content): redone
     renamed: int = 0  # given a distinct output key because their natural keys collide
     unrecorded: int = 0  # an output exists but no manifest row says how it was made (driver killed): redone
     refused: int = 0  # error rows made here (unsafe key, symlink out of the root, collision)
@@ -182,6 +187,17 @@ def _unsaid(orphans: list[dict], said: pa.Table, input_uri: str, fingerprint: st
     return [o for o, r in zip(orphans, rows) if (r["input_uri"], r["error"]) not in known]
 
 
+def _differs(recorded: pa.ChunkedArray, listed: pa.Array) -> pa.Array:
+    """Whether both are known and differ (a null on either side is unknown: not a difference)."""
+    return pc.fill_null(pc.not_equal(recorded, listed), False)
+
+
+def _replaced(joined: pa.Table, files: pa.Table) -> pa.Array:
+    """Per listed input (``joined`` is in the listing's order): whether its done row recorded another size or
+    change marker than the listing shows now, i.e. the input was replaced under the same key after it was done."""
+    return pc.or_(_differs(joined["prev_size"], files["size"]), _differs(joined["prev_version"], files["version"]))
+
+
 def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str) -> Plan:
     out_cfg = cfg.output
     exclude = output_exclusion(input_uri, output_uri)
@@ -209,16 +225,17 @@ def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str)
     said = latest.filter(pc.equal(latest["status"], "error")).select(["input_uri", "error"]) if sides else None
     done = latest.filter(pc.and_(pc.is_in(latest["status"], pa.array(manifest.DONE_STATUSES)),
                                  pc.is_valid(latest["output_uri"])))
-    done = done.select(["input_uri", "output_uri", "settings_fingerprint"]).rename_columns(
-        ["input_uri", "prev_key", "prev_fp"])
+    done = done.select(["input_uri", "output_uri", "settings_fingerprint", "input_size", "input_version"]
+                       ).rename_columns(["input_uri", "prev_key", "prev_fp", "prev_size", "prev_version"])
     del latest
     joined = listed.join(done, keys="input_uri", join_type="left outer").sort_by("_i")
     del listed, done
     has_prev = pc.is_valid(joined["prev_key"])
     same_fp = pc.fill_null(pc.equal(joined["prev_fp"], pa.scalar(fingerprint)), False)
     same_key = pc.fill_null(pc.equal(joined["prev_key"], joined["key"]), False)
+    replaced = _replaced(joined, files)
     skip = (pa.array([False] * files.num_rows) if out_cfg.overwrite or not pc.any(has_prev).as_py()
-            else pc.and_(same_key, same_fp))
+            else pc.and_(pc.and_(same_key, same_fp), pc.invert(replaced)))
     # One listing of the output prefix: an output counts as done only if it is still there, and an output
     # with no manifest row (a driver killed between the write and the manifest flush) is redone.
     root = output_uri.rstrip("/") + "/"
@@ -236,7 +253,8 @@ def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str)
     keep = pc.invert(skip)
     table = pa.table({"input_uri": files["uri"], "rel_path": files["rel_path"], "output_uri": writes,
                       "error": errors, "notes": notes,
-                      "stale_output_uri": pc.if_else(stale, joined["prev_key"], pa.scalar(None, pa.string()))},
+                      "stale_output_uri": pc.if_else(stale, joined["prev_key"], pa.scalar(None, pa.string())),
+                      "input_size": files["size"], "input_version": files["version"]},
                      schema=TODO_SCHEMA)
     # The side tables are joined in on the driver, before resume's filter (so rows for inputs that are done
     # are not taken for rows naming missing images): each input row carries its own table rows (annotations.py).
@@ -247,8 +265,10 @@ def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str)
     table = table.filter(keep)
     if orphans and not out_cfg.overwrite:  # written once: a resumed run does not repeat (and recount) them
         orphans = _unsaid(orphans, said, input_uri, fingerprint)
+    redone_replaced = pc.and_(pc.and_(replaced, same_fp), same_key)
     return Plan(table=table, orphans=orphans, retire=retire, skipped=pc.sum(skip).as_py() or 0,
                 redone_changed=0 if out_cfg.overwrite else (pc.sum(changed).as_py() or 0),
+                redone_replaced=0 if out_cfg.overwrite else (pc.sum(redone_replaced).as_py() or 0),
                 unrecorded=0 if out_cfg.overwrite else (pc.sum(unrecorded).as_py() or 0),
                 renamed=pc.sum(pc.and_(pc.is_valid(table["notes"]), pc.is_null(table["error"]))).as_py() or 0,
                 refused=pc.sum(pc.is_valid(table["error"])).as_py() or 0)

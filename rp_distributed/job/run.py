@@ -34,6 +34,7 @@ class JobResult:
     manifest_parts: list[str] = field(default_factory=list)
     wall_s: float = 0.0
     redone_changed: int = 0  # done earlier under other anonymization settings, redone now
+    redone_replaced: int = 0  # done earlier, but the input was replaced since under the same key: redone now
     unrecorded: int = 0  # outputs found with no manifest row (an earlier driver killed before its flush), redone
     renamed: int = 0  # inputs given a distinct output key (their natural keys collided)
     isolated: int = 0  # inputs of failed batches retried one by one
@@ -82,7 +83,7 @@ def _run_info(cfg: JobConfig, run_id: str, input_uri: str, output_uri: str, fing
 
     return {"run_id": run_id, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "input_uri": input_uri,
             "output_uri": output_uri, "settings_fingerprint": fingerprint, "inputs_planned": plan.num_todo,
-            "inputs_skipped": plan.skipped, "config": config_to_dict(cfg)}
+            "inputs_skipped": plan.skipped, "inputs_replaced": plan.redone_replaced, "config": config_to_dict(cfg)}
 
 
 def end_of_run(result: JobResult, cfg: JobConfig, output_uri: str, info: dict | None, report: bool) -> None:
@@ -121,7 +122,8 @@ def run_job(cfg: JobConfig, input_uri: str, output_uri: str, progress: bool = Tr
     with Lease(outputs, cfg.output.manifest_dir, run_id) as lease:
         plan = make_plan(cfg, input_uri, output_uri, fingerprint)
         result = JobResult(run_id=run_id, summary=summarize([]), skipped=plan.skipped,
-                           redone_changed=plan.redone_changed, unrecorded=plan.unrecorded, renamed=plan.renamed,
+                           redone_changed=plan.redone_changed, redone_replaced=plan.redone_replaced,
+                           unrecorded=plan.unrecorded, renamed=plan.renamed,
                            settings_fingerprint=fingerprint)
         info = None
         if plan.num_todo or plan.orphans:

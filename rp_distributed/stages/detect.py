@@ -4,6 +4,7 @@ embedding here on the CPU, so the GPU actor does not wait for it."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -75,6 +76,7 @@ class DetectFaces:
         try:
             inputs = self.inputs or io.listed_storage(row.input_uri, row.rel_path)
             data = io.read_bytes(row.input_uri, self.settings.input.max_bytes, inputs)
+            row.input_sha256 = hashlib.sha256(data).hexdigest()  # the bytes in hand: no second read
             decoded = io.decode_image(data, self.settings.input.max_pixels)
         except io.InputError as exc:
             row.t_read_s = time.perf_counter() - t0

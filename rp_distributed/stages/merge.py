@@ -5,6 +5,7 @@ earlier run left that this one does not replace, and return the image's manifest
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -83,7 +84,8 @@ class MergeAndWrite:
         return manifest.image_row(self.run_id, self.fingerprint, row.input_uri, row.rel_path, status, error, row.notes,
                                   image_width=row.width, image_height=row.height, num_faces=len(row.payload.faces),
                                   t_read_s=row.t_read_s, t_detect_s=row.t_detect_s, detect_passes=row.detect_passes,
-                                  detect_mpix=row.detect_mpix, **measures)
+                                  detect_mpix=row.detect_mpix, input_size=row.input_size,
+                                  input_version=row.input_version, input_sha256=row.input_sha256, **measures)
 
     def process(self, row: ImageRow) -> list[dict]:
         if not row.pending:  # error or withheld upstream: one image-level row, no output
@@ -106,7 +108,8 @@ class MergeAndWrite:
             audit = self.audit(image, faces)
             withheld = audit.withheld
             faces.extend(audit.faces)  # rows of their own, gated like the others; num_faces counts them
-        status, output_uri = (Status.WITHHELD if withheld else Status.OK if faces else Status.NO_FACE), None
+        status = Status.WITHHELD if withheld else Status.OK if faces else Status.NO_FACE
+        output_uri, written = None, None  # where and what was written (its sha256)
         if not withheld:
             try:  # the gate judges the pixels as written; a re-identified aligned face is masked whole
                 data, withheld = self.checks(original, image, faces, lambda im: io.encode_image(
@@ -115,13 +118,13 @@ class MergeAndWrite:
                     status = Status.WITHHELD
                 else:
                     io.write_atomic(row.output_uri, data, self.outputs)
-                    output_uri = row.output_uri
+                    output_uri, written = row.output_uri, hashlib.sha256(data).hexdigest()  # the bytes written
             except Exception as exc:  # noqa: BLE001
                 status, withheld = Status.ERROR, f"write failed: {describe(exc)}"
         withheld = join_reasons(withheld, remove_stale_outputs(row, output_uri is None, self.outputs))
         audited = {} if audit is None else {"audit_faces": len(audit.faces), "t_audit_s": audit.seconds}
-        base = self.image_row(row, status, withheld, output_uri=output_uri, t_merge_s=time.perf_counter() - t0,
-                              **audited)
+        base = self.image_row(row, status, withheld, output_uri=output_uri, output_sha256=written,
+                              t_merge_s=time.perf_counter() - t0, **audited)
         if not faces:
             return [base]
         base["detector"] = payload.faces_from or s.detection.backend
