@@ -128,6 +128,13 @@ def same_face(a: np.ndarray, b: np.ndarray, iou: float) -> bool:
     return small > 0 and iw * ih >= 0.7 * small and large <= 4.0 * small
 
 
+def framed_alike(face: DetectedFace, best: DetectedFace) -> bool:
+    """Whether ``face`` frames its face as ``best`` (the cluster's top detection) does: boxes overlapping by IoU 0.5,
+    or a different member's (dlib frames eyes-to-lip, CenterFace forehead-to-chin)."""
+    kind = lambda f: f.found_by[0].split("@")[0]  # noqa: E731
+    return face is best or kind(face) != kind(best) or box_iou(face.box, best.box) >= 0.5
+
+
 class EnsembleDetector:
     """``detect(image)``: every face the passes find, merged, largest first."""
 
@@ -204,9 +211,12 @@ class EnsembleDetector:
                 clusters.append(_Cluster(rep=f, members=[f]))
         out = []
         for c in clusters:
-            # The least tilted detection (in 15 degree steps), CenterFace first, then by score.
-            c.rep = min(c.members, key=lambda m: (round(tilt_in_pass(m) / 15.0), not m.found_by[0].startswith(
-                "centerface"), -m.score))
+            # The least tilted detection (in 15 degree steps), CenterFace first, then by score, of those that frame
+            # the face as its best detection does: a weak detection of part of it (an eye, an ear) also lies
+            # inside its box, but as the face's box it would leave the rest of the face untouched.
+            c.rep = min((m for m in c.members if framed_alike(m, c.rep)),
+                        key=lambda m: (round(tilt_in_pass(m) / 15.0), not m.found_by[0].startswith("centerface"),
+                                       -m.score))
             tags = tuple(sorted({t for m in c.members for t in m.found_by}))
             kinds = {t.split("@")[0] for t in tags}
             best_cf = max((m.score for m in c.members if m.found_by[0].startswith("centerface")), default=0.0)
