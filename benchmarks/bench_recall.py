@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.recall_set import BUCKETS, composites, score_image  # noqa: E402
-from rp_distributed.config.detection import AUDIT_PASSES, DetectionConfig, PassConfig  # noqa: E402
+from rp_distributed.config.detection import AUDIT_PASSES, DetectionConfig, PassConfig, SecondLook  # noqa: E402
 
 
 class Deface:
@@ -81,6 +81,11 @@ CONFIGS = {
     # in place of its 2x pass (3x finds what 2x does there, at 16.9 instead of 20.9 MP seen per image MP).
     "default+3x@.35": lambda: Ours(_ens(*DetectionConfig().passes, _cf(3.0, threshold=0.35))),
     "default 3x@.35 for 2x": lambda: Ours(_ens(*DetectionConfig().passes[:2], _cf(3.0, threshold=0.35))),
+    # The second look (PassConfig.second_look, its defaults chosen on seed 1) on the default's 2x pass.
+    "default+look@2x": lambda: Ours(_ens(*DetectionConfig().passes[:2],
+                                         DetectionConfig().passes[2].model_copy(update={"second_look": SecondLook()}))),
+    "default+look all": lambda: Ours(_ens(*(p.model_copy(update={"second_look": SecondLook()})
+                                            for p in DetectionConfig().passes))),
     "default+audit": lambda: Ours(DetectionConfig(passes=list(DetectionConfig().passes) + list(AUDIT_PASSES))),
     "audit alone": lambda: Ours(DetectionConfig(passes=list(AUDIT_PASSES))),
 }
