@@ -93,10 +93,13 @@ CONFIGS = {
 
 def run(config, images) -> dict:
     found, buckets, false, outside, seconds, mpix, low_found, conf_false = [], [], 0, [], 0.0, 0.0, 0, 0
+    seen = 0.0  # megapixels the members saw (the ensemble's cost, independent of the machine's load)
     for c in images:
         t0 = time.perf_counter()
         boxes, scores, confident = config(c.image)
         seconds += time.perf_counter() - t0
+        cost = getattr(getattr(config, "det", None), "cost", None)
+        seen += cost.mpix if cost is not None else c.image.shape[0] * c.image.shape[1] / 1e6
         mpix += c.image.shape[0] * c.image.shape[1] / 1e6
         s = score_image(c.boxes, boxes, scores, c.image.shape)
         found += s.found
@@ -110,7 +113,7 @@ def run(config, images) -> dict:
                  for b in BUCKETS}
     return {"recall": float(found.mean()), "faces": int(len(found)), "buckets": by_bucket,
             "false_per_image": false / len(images), "outside_pct": 100 * float(np.mean(outside)),
-            "s_per_mpix": seconds / mpix, "low_confidence_of_found": low_found / max(1, int(found.sum())),
+            "s_per_mpix": seconds / mpix, "seen_per_mpix": seen / mpix, "low_confidence_of_found": low_found / max(1, int(found.sum())),
             "confident_false": conf_false}
 
 
@@ -131,6 +134,7 @@ def table(results: dict) -> str:
             ("false detections / image", lambda r: f"{r['false_per_image']:.2f}"),
             ("% pixels changed outside faces", lambda r: f"{r['outside_pct']:.2f}"),
             ("s / megapixel (cpu-2c)", lambda r: f"{r['s_per_mpix']:.2f}"),
+            ("megapixels seen / image megapixel", lambda r: f"{r['seen_per_mpix']:.1f}"),
             ("found faces marked low-confidence", lambda r: f"{100 * r['low_confidence_of_found']:.0f}%"),
             ("false detections kept confident", lambda r: str(r["confident_false"]))]
     for label, fmt in rows:
