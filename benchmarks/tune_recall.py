@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.recall_set import BUCKETS, composites, iou_matrix, score_image  # noqa: E402
 from rp_distributed.config.detection import DetectionConfig, PassConfig  # noqa: E402
-from rp_distributed.faces.ensemble import EnsembleDetector, pass_name  # noqa: E402
+from rp_distributed.faces.ensemble import EnsembleDetector  # noqa: E402
 from rp_distributed.faces.rotate import face_back, rotated  # noqa: E402
 
 FLOOR = {"centerface": 0.05, "dlib_hog": -0.5, "dlib_cnn": -1.0}  # raw passes keep detections down to this

@@ -56,7 +56,7 @@ class PassConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _look_member(self) -> "PassConfig":
+    def _look_member(self) -> PassConfig:
         if self.second_look is not None and self.member != "centerface":
             raise ValueError(f"second_look: only a centerface pass has one (its scores are 0-1), not {self.member}")
         return self
