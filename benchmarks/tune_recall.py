@@ -1,13 +1,19 @@
 """How the ensemble's default passes and thresholds were chosen: on the TUNING split of the recall benchmark
 (seed 1; ``bench_recall.py`` reports on seed 2, never seen here).
 
-    python benchmarks/tune_recall.py run --seed 1 --images 30 --cache /tmp/passes-seed1.pkl   # every candidate pass
-    python benchmarks/tune_recall.py eval --cache /tmp/passes-seed1.pkl                       # candidate ensembles
+    python benchmarks/tune_recall.py run --seed 1 --images 60 --cache /tmp/passes-seed1.pkl \\
+        --passes centerface@1x,centerface@1x/rot+90,centerface@1x/rot-90,centerface@2x,centerface@3x
+    python benchmarks/tune_recall.py eval --cache /tmp/passes-seed1.pkl --ensembles candidates.py
+    python benchmarks/tune_recall.py faces --cache /tmp/passes-seed1.pkl --bucket "upright <=24px"
 
-``run`` runs every candidate pass once (CenterFace at several magnifications and rotations, dlib's HOG) at a low
-threshold and keeps its raw detections, mapped back to the image; ``eval`` then merges any subset at any
-per-pass thresholds exactly as ``EnsembleDetector`` does, and prints recall per bucket, false detections and the
-pass cost (megapixels the members see per image megapixel).
+``run`` runs each named pass (``member@SCALEx[/rotANGLE]``, as ``pass_name`` writes it) once over the split at a low
+threshold, keeps its raw detections mapped back to the image and its seconds, and adds them to the cache (passes
+already there are not run again). ``eval`` merges any subset at any per-pass thresholds exactly as
+``EnsembleDetector`` does (candidates: a python file defining ``ENSEMBLES = {name: {pass key: threshold}}``, or
+``{name: ({pass key: threshold}, {"generate_above": 0.5})}``), and prints recall per bucket, false detections per
+image, the pass cost (megapixels the members see per image megapixel) and seconds per image megapixel (the sum of
+the passes' own times, on this machine under its load). ``faces`` prints, per true face of a bucket, the best
+score of a detection matching it in each pass: where a threshold would find it and where no pass sees it.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,34 +29,51 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.recall_set import BUCKETS, composites, score_image  # noqa: E402
+from benchmarks.recall_set import BUCKETS, composites, iou_matrix, score_image  # noqa: E402
 from rp_distributed.config.detection import DetectionConfig, PassConfig  # noqa: E402
-from rp_distributed.faces.ensemble import EnsembleDetector, pass_name  # noqa: E402
+from rp_distributed.faces.ensemble import EnsembleDetector  # noqa: E402
 from rp_distributed.faces.rotate import face_back, rotated  # noqa: E402
 
-CANDIDATES = ([("centerface", 1.0, a) for a in (0, 90, -90, 45, -45)]
-              + [("centerface", s, 0) for s in (2.0, 1.5)])
-FLOOR = {"centerface": 0.1, "dlib_hog": -0.3}
+FLOOR = {"centerface": 0.05, "dlib_hog": -0.5, "dlib_cnn": -1.0}  # raw passes keep detections down to this
 
 
-def run(seed: int, images: int, cache: str) -> None:
+def parse_pass(key: str) -> tuple[str, float, float]:
+    """``centerface@2x/rot+90`` -> ("centerface", 2.0, 90.0): the inverse of ``pass_name``."""
+    member, rest = key.split("@")
+    scale, _, angle = rest.partition("/rot")
+    return member, float(scale.rstrip("x")), float(angle or 0.0)
+
+
+def run(seed: int, images: int, cache: str, keys: list[str]) -> None:
     comps = composites(seed, images)
-    det = EnsembleDetector(DetectionConfig(passes=[PassConfig(member="centerface"), PassConfig(member="dlib_hog")]))
-    raw = {}
-    for member, scale, angle in CANDIDATES:
-        key = pass_name(member, scale, angle)
-        det.cost.mpix = 0.0
-        per_image = []
+    data = {"seed": seed, "images": images, "raw": {},
+            "truth": [(c.boxes, c.buckets, c.image.shape, c.sources) for c in comps]}
+    if Path(cache).is_file():
+        with open(cache, "rb") as f:
+            old = pickle.load(f)
+        if (old.get("seed"), old.get("images")) == (seed, images):
+            data["raw"] = old["raw"]
+    members = sorted({parse_pass(k)[0] for k in keys})
+    det = EnsembleDetector(DetectionConfig(passes=[PassConfig(member=m) for m in members]))
+    image_mpix = sum(c.image.shape[0] * c.image.shape[1] / 1e6 for c in comps)
+    for key in keys:
+        if key in data["raw"]:
+            continue
+        member, scale, angle = parse_pass(key)
+        det.cost.mpix, t0, per_image = 0.0, time.perf_counter(), []
         for c in comps:
             copy, m = (c.image, None) if angle == 0 else rotated(c.image, angle)
             faces = det._run_pass(det.members[member], copy, scale, FLOOR[member])
             if m is not None:
                 faces = [face_back(f, m, c.image.shape) for f in faces]
             per_image.append([replace(f, found_by=(key,)) for f in faces])
-        raw[key] = {"faces": per_image, "mpix_ratio": det.cost.mpix / sum(c.image.size / 3e6 for c in comps)}
-        print(key, f"{raw[key]['mpix_ratio']:.2f} MP per image MP", flush=True)
-    with open(cache, "wb") as f:
-        pickle.dump({"truth": [(c.boxes, c.buckets, c.image.shape) for c in comps], "raw": raw}, f)
+        seconds = time.perf_counter() - t0
+        data["raw"][key] = {"faces": per_image, "mpix_ratio": det.cost.mpix / image_mpix,
+                            "s_per_mpix": seconds / image_mpix}
+        print(f"{key}: {data['raw'][key]['mpix_ratio']:.2f} MP per image MP, {seconds / image_mpix:.2f} s/MP",
+              flush=True)
+        with open(cache, "wb") as f:  # after every pass: a long run keeps what it did
+            pickle.dump(data, f)
 
 
 def evaluate(data: dict, passes: dict[str, float], generate_above: float = 0.5) -> dict:
@@ -57,7 +81,7 @@ def evaluate(data: dict, passes: dict[str, float], generate_above: float = 0.5) 
     det = EnsembleDetector.__new__(EnsembleDetector)
     det.merge_iou, det.generate_above = 0.3, generate_above
     found, buckets, false, low = [], [], 0, 0
-    for i, (truth, bucket, shape) in enumerate(data["truth"]):
+    for i, (truth, bucket, shape, *_) in enumerate(data["truth"]):
         faces = [f for k, t in passes.items() for f in data["raw"][k]["faces"][i] if f.score >= t]
         merged = det.merge(faces)
         boxes = np.array([f.box for f in merged], np.float32).reshape(-1, 4)
@@ -69,31 +93,59 @@ def evaluate(data: dict, passes: dict[str, float], generate_above: float = 0.5) 
     found, buckets = np.array(found), np.array(buckets)
     return {"recall": found.mean(), "false": false / len(data["truth"]), "low": low,
             "buckets": {b: found[buckets == b].mean() for b in BUCKETS},
-            "cost": sum(data["raw"][k]["mpix_ratio"] for k in passes)}
+            "cost": sum(data["raw"][k]["mpix_ratio"] for k in passes),
+            "s_per_mpix": sum(data["raw"][k].get("s_per_mpix", float("nan")) for k in passes)}
 
 
 def line(name: str, r: dict) -> str:
     cells = " ".join(f"{100 * v:5.1f}" for v in r["buckets"].values())
-    return f"{name:60s} {100 * r['recall']:5.1f} | {cells} | fp/img {r['false']:.2f} low {r['low']:3d} cost {r['cost']:.1f}"
+    return (f"{name:58s} {100 * r['recall']:5.1f} | {cells} | fp/img {r['false']:.2f} low {r['low']:3d} "
+            f"cost {r['cost']:4.1f} {r['s_per_mpix']:5.1f} s/MP")
+
+
+def faces(data: dict, bucket: str) -> None:
+    """Per true face of ``bucket``: its source and size, and each pass's best score on it (IoU >= 0.3)."""
+    keys = list(data["raw"])
+    print(f"{'face':28s} " + " ".join(f"{k[:16]:>16s}" for k in keys))
+    for i, (truth, bucket_of, _shape, sources) in enumerate(data["truth"]):
+        for j, b in enumerate(bucket_of):
+            if b != bucket:
+                continue
+            side = float(max(truth[j, 2] - truth[j, 0], truth[j, 3] - truth[j, 1]))
+            cells = []
+            for k in keys:
+                dets = data["raw"][k]["faces"][i]
+                boxes = np.array([f.box for f in dets], np.float32).reshape(-1, 4)
+                ious = iou_matrix(boxes, truth[j:j + 1])[:, 0] if len(dets) else np.zeros(0)
+                best = max((f.score for f, u in zip(dets, ious) if u >= 0.3), default=None)
+                cells.append(f"{best:16.2f}" if best is not None else f"{'-':>16s}")
+            print(f"{i:3d}/{j} {sources[j][:14]:14s} {side:5.1f}px " + " ".join(cells))
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["run", "eval"])
+    ap.add_argument("what", choices=["run", "eval", "faces"])
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--images", type=int, default=30)
+    ap.add_argument("--images", type=int, default=60)
     ap.add_argument("--cache", default="/tmp/passes-seed1.pkl")
-    ap.add_argument("--ensembles", help="python file defining ENSEMBLES = {name: {pass key: threshold}}")
+    ap.add_argument("--passes", default="centerface@1x,centerface@1x/rot+90,centerface@1x/rot-90,centerface@2x",
+                    help="run: comma-separated pass keys")
+    ap.add_argument("--ensembles", help="eval: python file defining ENSEMBLES")
+    ap.add_argument("--bucket", default="upright <=24px", help="faces: the bucket to list")
     args = ap.parse_args(argv)
     if args.what == "run":
-        return run(args.seed, args.images, args.cache)
+        assert args.seed != 2, "seed 2 is the reported split: never tune on it"
+        return run(args.seed, args.images, args.cache, [k.strip() for k in args.passes.split(",")])
     with open(args.cache, "rb") as f:
         data = pickle.load(f)
-    print(f"{'ensemble':60s} total | " + " ".join(b[:5] for b in BUCKETS))
+    if args.what == "faces":
+        return faces(data, args.bucket)
+    print(f"{'ensemble':58s} total | " + " ".join(b[:5] for b in BUCKETS))
     scope: dict = {}
     exec(Path(args.ensembles).read_text(), scope)  # noqa: S102 - a local file of candidate dicts
-    for name, passes in scope["ENSEMBLES"].items():
-        print(line(name, evaluate(data, passes)), flush=True)
+    for name, spec in scope["ENSEMBLES"].items():
+        passes, opts = spec if isinstance(spec, tuple) else (spec, {})
+        print(line(name, evaluate(data, passes, **opts)), flush=True)
 
 
 if __name__ == "__main__":

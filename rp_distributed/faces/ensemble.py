@@ -10,6 +10,11 @@ detector's landmarks on a face it saw on its side are poor), CenterFace before d
 names every pass that saw it. A rotated copy's corners are the image mirrored: detections centred there are
 dropped.
 
+Second look (``PassConfig.second_look``, CenterFace passes): a pass's weak detections, below its threshold, that no
+kept detection covers get a magnified look at their neighbourhood; one found again there is kept (tagged
+``<pass>/look``). A small face that a pass scores weakly at its own magnification is then seen at the size
+CenterFace is surest of, at the cost of a few small windows instead of a larger whole-image pass.
+
 Low confidence: a face whose best CenterFace score is below ``generate_above`` and that no second member found is
 marked ``confident=False``; the anonymizer gives it the fallback method, never a GPU generation.
 
@@ -128,6 +133,13 @@ def same_face(a: np.ndarray, b: np.ndarray, iou: float) -> bool:
     return small > 0 and iw * ih >= 0.7 * small and large <= 4.0 * small
 
 
+def framed_alike(face: DetectedFace, best: DetectedFace) -> bool:
+    """Whether ``face`` frames its face as ``best`` (the cluster's top detection) does: boxes overlapping by IoU 0.5,
+    or a different member's (dlib frames eyes-to-lip, CenterFace forehead-to-chin)."""
+    kind = lambda f: f.found_by[0].split("@")[0]  # noqa: E731
+    return face is best or kind(face) != kind(best) or box_iou(face.box, best.box) >= 0.5
+
+
 class EnsembleDetector:
     """``detect(image)``: every face the passes find, merged, largest first."""
 
@@ -151,22 +163,63 @@ class EnsembleDetector:
         self.cost = Cost()
         if image.shape[0] == 0 or image.shape[1] == 0:
             return []
-        found = []
+        found, weak = [], []
         for p in self.passes:
             member = self.members[p.member]
             threshold = DEFAULT_THRESHOLDS[p.member] if p.threshold is None else float(p.threshold)
+            floor = threshold if p.second_look is None else min(threshold, p.second_look.above)
             for angle in p.rotations:
                 tag = (pass_name(p.member, p.scale, angle),)
                 if angle == 0:
-                    faces = self._run_pass(member, image, p.scale, threshold)
+                    faces = self._run_pass(member, image, p.scale, floor)
                 else:
                     copy, matrix = rotated(image, angle)
-                    faces = [face_back(f, matrix, image.shape) for f in self._run_pass(member, copy, p.scale, threshold)
+                    faces = [face_back(f, matrix, image.shape) for f in self._run_pass(member, copy, p.scale, floor)
                              if inside(f.box, matrix, image.shape)]
-                found += [replace(f, found_by=tag) for f in faces if f.box[2] > f.box[0] and f.box[3] > f.box[1]]
+                for f in faces:
+                    if f.box[2] > f.box[0] and f.box[3] > f.box[1]:
+                        (found if f.score >= threshold else weak).append((replace(f, found_by=tag), p, angle))
+        found = [f for f, _, _ in found]
+        for p in self.passes:  # after every pass: a weak detection of a face another pass found is not looked at
+            if p.second_look is not None:
+                found += self.second_look(image, p, [(f, a) for f, q, a in weak if q is p], found)
         faces = self.merge(found)
         faces.sort(key=lambda f: (-f.size, -f.score))
         return faces
+
+    def second_look(self, image: np.ndarray, p, weak: list[tuple[DetectedFace, float]],
+                    found: list[DetectedFace]) -> list[DetectedFace]:
+        """The weak detections of pass ``p`` (``(face, angle)``, below its threshold) that a magnified look at their
+        neighbourhood finds again (``p.second_look``); none inside a face already found is looked at."""
+        look, chosen = p.second_look, []
+        for f, angle in sorted(weak, key=lambda w: -w[0].score):
+            if len(chosen) >= look.max_looks:
+                break
+            if not any(same_face(g.box, f.box, self.merge_iou) for g in found + [c for c, _ in chosen]):
+                chosen.append((f, angle))
+        out = []
+        for f, angle in chosen:
+            again = self._look(image, f, self.members[p.member], angle, look)
+            if again is not None:
+                tag = f"{p.member}@{p.scale:g}x/look" + (f"/rot{angle:+g}" if angle else "")
+                out.append(replace(again, found_by=(tag,)))
+        return out
+
+    def _look(self, image: np.ndarray, face: DetectedFace, member, angle: float, look) -> DetectedFace | None:
+        """``face``'s window, turned ``angle`` as its pass saw it and magnified until the face is ``look.face_px``
+        long: the detection there that is ``face`` (IoU 0.3), if it scores ``look.threshold``."""
+        h, w = image.shape[:2]
+        (x0, y0, x1, y1), side = face.box, face.size
+        half, cx, cy = look.context * side / 2, (x0 + x1) / 2, (y0 + y1) / 2
+        wx0, wy0 = int(max(0, cx - half)), int(max(0, cy - half))
+        wx1, wy1 = int(min(w, math.ceil(cx + half))), int(min(h, math.ceil(cy + half)))
+        crop = np.ascontiguousarray(image[wy0:wy1, wx0:wx1])
+        copy, matrix = (crop, None) if angle == 0 else rotated(crop, angle)
+        seen = self._run(member, copy, look.face_px / max(side, 1.0), look.threshold)
+        if matrix is not None:
+            seen = [face_back(g, matrix, crop.shape) for g in seen if inside(g.box, matrix, crop.shape)]
+        seen = [g for g in (shift_face(g, wx0, wy0) for g in seen) if box_iou(g.box, face.box) >= 0.3]
+        return max(seen, key=lambda g: g.score) if seen else None
 
     def _run(self, member, image: np.ndarray, scale: float, threshold: float) -> list[DetectedFace]:
         self.cost.passes += 1
@@ -204,9 +257,12 @@ class EnsembleDetector:
                 clusters.append(_Cluster(rep=f, members=[f]))
         out = []
         for c in clusters:
-            # The least tilted detection (in 15 degree steps), CenterFace first, then by score.
-            c.rep = min(c.members, key=lambda m: (round(tilt_in_pass(m) / 15.0), not m.found_by[0].startswith(
-                "centerface"), -m.score))
+            # The least tilted detection (in 15 degree steps), CenterFace first, then by score, of those that frame
+            # the face as its best detection does: a weak detection of part of it (an eye, an ear) also lies
+            # inside its box, but as the face's box it would leave the rest of the face untouched.
+            c.rep = min((m for m in c.members if framed_alike(m, c.rep)),
+                        key=lambda m: (round(tilt_in_pass(m) / 15.0), not m.found_by[0].startswith("centerface"),
+                                       -m.score))
             tags = tuple(sorted({t for m in c.members for t in m.found_by}))
             kinds = {t.split("@")[0] for t in tags}
             best_cf = max((m.score for m in c.members if m.found_by[0].startswith("centerface")), default=0.0)
