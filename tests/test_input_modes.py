@@ -21,7 +21,7 @@ from rp_distributed.records import ImageRow
 from rp_distributed.stages.anonymize import AnonymizeFaces
 from rp_distributed.stages.batch import columns as _columns
 from rp_distributed.stages.batch import rows as _rows
-from rp_distributed.stages.detect import DetectFaces
+from rp_distributed.stages.detect import DetectFaces, DetectSettings
 from rp_distributed.stages.merge import MergeAndWrite
 from tests.conftest import FAST_DETECTION, insightface_image
 
@@ -360,10 +360,10 @@ def test_prompt_rows_survive_the_plans_blocks_through_ray(ray_session, tmp_path,
     plan = make_plan(cfg, str(src), str(tmp_path / "out"), anonymization_fingerprint(cfg))
     assert plan.table.column_names[-1] == "prompts" and not plan.orphans
     ds = ray.data.from_arrow_refs(put_blocks(plan.table)).map_batches(
-        DetectFaces, fn_constructor_args=(cfg,), compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
+        DetectFaces, fn_constructor_args=(DetectSettings.of(cfg),), compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
         batch_size=1, batch_format="numpy", zero_copy_batch=False)
     (row,) = ds.take_all()
     assert set(row) == set(KEYS_AFTER_DETECT)
-    faces = row.payload.faces
+    faces = row["payload"].faces
     assert [f.prompt for f in faces] == ["a person", "a person", "an old man", "a person", "a person", "a person"]
     assert all(f.id_embedding is not None for f in faces)

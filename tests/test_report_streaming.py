@@ -20,6 +20,7 @@ import pytest
 from benchmarks.bench_report import write_manifest
 from rp_distributed import manifest, report
 from rp_distributed.report.latest import KeyHash, LatestView
+from rp_distributed.summary import summarize
 from tests.conftest import REPO
 
 MEASURE = r"""
@@ -121,7 +122,7 @@ def _old_facts(rows: list[dict]) -> dict:
         failed=[(r["rel_path"], r["status"], r["error"]) for r in images if r["status"] in ("error", "withheld")][:200],
         eligible={(r["rel_path"], r["face_index"]) for r in faces
                   if r.get("output_uri") and r.get("box_x0") is not None},
-        summary=manifest.summarize(rows))
+        summary=summarize(rows))
 
 
 def _odd_parts(mdir, rng) -> None:
