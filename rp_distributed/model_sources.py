@@ -4,6 +4,7 @@ node's verified copy of a tree written by ``rp-anonymize models pull``."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -58,3 +59,18 @@ def local_folder(model_dir: str | None, lock_file: str | None, cache_dir: str, k
     if model_dir and "://" in model_dir:
         return str(sync_uri(model_dir, cache_dir))
     return model_dir
+
+
+def installed_path(package: str, rel: str) -> Path | None:
+    """A file or folder shipped inside an installed package (``rel`` below it), found without importing the
+    package; None when the package is not installed or does not hold it."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        if (Path(loc) / rel).exists():
+            return Path(loc) / rel
+    return None

