@@ -40,6 +40,17 @@ def sync(s: Settings) -> None:
         torch.cuda.synchronize()
 
 
+def best_of_3(s: Settings, call) -> float:
+    """The fastest of three timed ``call()``s, each synchronized with the device."""
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        call()
+        sync(s)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def cuda_peak_gib(s: Settings, reset: bool = False) -> float | None:
     """Peak CUDA allocation since the last reset (None on the CPU)."""
     if not s.cuda:
@@ -115,17 +126,11 @@ def unet_rate(s: Settings, rp, batches: list[int], deadline: float) -> dict:
             cuda_peak_gib(s, reset=True)
             rp.probe_call(b, size)  # warm-up (kernel selection, allocator)
             sync(s)
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                rp.probe_call(b, size)
-                sync(s)
-                times.append(time.perf_counter() - t0)
+            best = best_of_3(s, lambda: rp.probe_call(b, size))
         except torch.cuda.OutOfMemoryError:
             rows.append({"faces": b, "oom": True})
             free_device(s)
             break
-        best = min(times)
         last = {"faces": b, "images_per_call": 2 * b, "s_per_call": round(best, 4),
                 "unet_evals_per_s": round(2 * b / best, 1), "peak_gib": cuda_peak_gib(s)}
         rows.append(last)
@@ -251,12 +256,6 @@ def compiled_rate(s: Settings, rp, batch: int) -> dict:
     rp.guided.compile(s.compile_backend, lambda: rp.probe_call(batch, size))
     sync(s)
     compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        rp.probe_call(batch, size)
-        sync(s)
-        times.append(time.perf_counter() - t0)
-    best = min(times)
+    best = best_of_3(s, lambda: rp.probe_call(batch, size))
     return {"backend": s.compile_backend, "faces": batch, "compile_s": round(compile_s, 1),
             "s_per_call": round(best, 4), "unet_evals_per_s": round(2 * batch / best, 1)}

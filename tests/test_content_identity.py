@@ -9,21 +9,10 @@ import shutil
 from pathlib import Path
 
 from rp_distributed import io, manifest, manifest_writer
-from rp_distributed.config import anonymization_fingerprint, load_config
+from rp_distributed.config import anonymization_fingerprint
 from rp_distributed.job.plan import make_plan
-from tests.conftest import FAST_DETECTION, insightface_image, skimage_image
-
-
-def _cfg(*extra):
-    return load_config(None, [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png", *extra])
-
-
-def _inputs(folder: Path) -> Path:
-    (folder / "people").mkdir(parents=True)
-    shutil.copy(insightface_image("t1.jpg"), folder / "people" / "t1.jpg")
-    shutil.copy(skimage_image("astronaut.png"), folder / "astronaut.png")
-    shutil.copy(skimage_image("camera.png"), folder / "camera.png")
-    return folder
+from tests.conftest import skimage_image
+from tests.test_verify import _cfg, _inputs  # the export's config and inputs
 
 
 def _done_manifest(src: Path, out: Path, cfg, with_identity: bool) -> None:
