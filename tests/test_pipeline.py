@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io as _io
+import os
 import shutil
 
 import numpy as np
@@ -13,8 +15,11 @@ from PIL import Image
 from rp_distributed import io, manifest
 from rp_distributed.config import anonymization_fingerprint, load_config
 from rp_distributed.job.plan import make_plan
+from rp_distributed.job import run as pipeline
 from rp_distributed.job.run import run_job
-from tests.conftest import FAST_DETECTION, upload_folder, write_bad_inputs
+from rp_distributed.summary import summary_text
+from rp_distributed.verify import Kind, Verdict, verify
+from tests.conftest import FAST_DETECTION, skimage_image, upload_folder, write_bad_inputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -36,7 +41,7 @@ def _outside_boxes(shape, boxes, margin=0.9):
     return keep
 
 
-def test_local_job_t1_bad_inputs_and_resume(ray_session, tmp_path, t1_path, t1_rgb):
+def test_local_job_t1_bad_inputs_resume_and_overwrite(ray_session, tmp_path, t1_path, t1_rgb, monkeypatch):
     src = tmp_path / "in"
     (src / "people").mkdir(parents=True)
     shutil.copy(t1_path, src / "people" / "t1.jpg")
@@ -86,14 +91,44 @@ def test_local_job_t1_bad_inputs_and_resume(ray_session, tmp_path, t1_path, t1_r
     alpha_out = Image.open(out / "bad" / "alpha.png")
     assert alpha_out.mode == "RGBA"
 
-    # A rerun does no work for inputs that are done (only the failed ones are tried again).
+    # A rerun does no work for inputs that are done: it tries the failed ones again, and redoes an input replaced
+    # under the same key since (its recorded size and hash no longer match).
+    Image.open(skimage_image("coffee.png")).convert("RGB").save(src / "bad" / "no_face.jpg", quality=90)
     again = run_job(cfg, str(src), str(out), progress=False)
-    assert again.skipped == len(by_path) - len(expect_error)
-    assert again.summary["images"] == len(expect_error) and again.summary["faces"] == 0
-    # --overwrite redoes everything and replaces the manifest.
-    redo = run_job(_blur_cfg("output.overwrite=true"), str(src), str(out), progress=False)
+    assert again.skipped == len(by_path) - len(expect_error) - 1 and again.redone_replaced == 1
+    assert again.summary["images"] == len(expect_error) + 1 and again.summary["faces"] == 0
+    assert "replaced         1 inputs were replaced" in summary_text(again, cfg, str(src), str(out))
+    latest = {r["rel_path"]: r for r in manifest.latest_outcomes(
+        str(out), "_manifest", ["input_uri", "rel_path", "status", "input_sha256"]).to_pylist()}
+    assert latest["bad/no_face.jpg"]["input_sha256"] == hashlib.sha256((src / "bad" / "no_face.jpg").read_bytes()).hexdigest()
+    assert verify(str(out), dry_run=True).verdict is Verdict.SAFE
+
+    # --overwrite retires the earlier runs' manifest only when its own run completes: a run that fails first keeps it.
+    def parts():
+        return sorted(os.path.basename(u) for u in manifest.part_uris(str(out), "_manifest"))
+
+    kept = parts()
+    assert len(kept) == 2
+    over = _blur_cfg("output.overwrite=true", "anonymizer.method=pixelate")
+
+    def cluster_lost(*args, **kwargs):
+        raise RuntimeError("the cluster went away")
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "build_dataset", cluster_lost)
+        with pytest.raises(RuntimeError, match="went away"):
+            run_job(over, str(src), str(out), progress=False, report=False)
+    assert parts() == kept, "a failed overwrite lost the manifest"
+    still = manifest.latest_outcomes(str(out), "_manifest", ["input_uri", "rel_path", "status"]).to_pylist()
+    assert {r["rel_path"]: r["status"] for r in still} == {k: v["status"] for k, v in latest.items()}
+    redo = run_job(over, str(src), str(out), progress=False)
     assert redo.skipped == 0 and redo.summary["images"] == len(by_path)
-    assert len(manifest.part_uris(str(out), "_manifest")) == 1
+    assert parts() == sorted(os.path.basename(u) for u in redo.manifest_parts) and len(parts()) == 1
+    rows = _manifest(out)
+    assert {r["run_id"] for r in rows} == {redo.run_id}
+    assert {r["method_applied"] for r in rows if r["rel_path"] == "people/t1.jpg"} == {"pixelate"}
+    names = os.listdir(out / "_manifest")
+    assert not [n for n in names if result.run_id in n or again.run_id in n], names  # config records retired too
 
 
 # Metadata through every output format: tests/test_metadata.py (in process, through the same stages). The gate's
@@ -130,3 +165,15 @@ def test_s3_job_moto(s3_server, ray_session, tmp_path, t1_path, astronaut_path):
     # Resume against S3 (the local job test reruns through Ray): the plan skips what is done, from S3's listing.
     plan = make_plan(_blur_cfg(*cut), "s3://photos/in", "s3://photos/out", anonymization_fingerprint(_blur_cfg(*cut)))
     assert plan.skipped == 2 and [r["rel_path"] for r in plan.todo] == ["broken.jpg"]
+
+    # The release gate on the bucket: S3 versions are ETags; a clean export passes and its record lies on the
+    # bucket; a planted extra file and an altered output are named by key.
+    assert all(r["input_version"].startswith("etag:") for r in rows if r["status"] != "error")
+    outcome = verify("s3://photos/out")
+    assert outcome.verdict is Verdict.SAFE and outcome.facts.counts["outputs_read"] == 2, outcome.reason
+    assert [k for k in fs.find("photos/out/_manifest") if "/verify-" in k]
+    fs.pipe_file("photos/out/nested/extra.jpg", t1_path.read_bytes())
+    fs.pipe_file("photos/out/astronaut.png", b"\x89PNG\r\n\x1a\n not the output")
+    outcome = verify("s3://photos/out", dry_run=True)
+    found = {kind: {f.key for f in outcome.facts.findings.kept if f.kind is kind} for kind in (Kind.EXTRA, Kind.ALTERED)}
+    assert found == {Kind.EXTRA: {"nested/extra.jpg"}, Kind.ALTERED: {"astronaut.png"}}, found

@@ -2,7 +2,7 @@
 
 One real export (blur, one CenterFace pass, through Ray) of insightface's t1.jpg, scikit-image's astronaut and
 camera is made once per module; each test copies it and plants one failure, and verify must name it by key. A
-clean export passes; the same on moto S3. The plan's replaced-input rule and the metadata read-back are checked
+clean export passes (on moto S3: tests/test_pipeline.py). The plan's replaced-input rule and the metadata read-back are checked
 without Ray."""
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from tests.conftest import (
     FAST_DETECTION,
     insightface_image,
     skimage_image,
-    upload_folder,
 )
 from tests.test_metadata import _with_metadata
 
@@ -253,45 +252,8 @@ def test_a_signed_record_is_checked_against_the_export(out, tmp_path, capsys):
     assert "RECORD DOES NOT MATCH" in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_a_replaced_input_is_redone_and_the_export_verifies(ray_session, tmp_path):
-    from rp_distributed.job.run import run_job
-    from rp_distributed.summary import summary_text
-
-    src = tmp_path / "in"
-    src.mkdir()
-    shutil.copy(skimage_image("camera.png"), src / "a.png")
-    shutil.copy(skimage_image("astronaut.png"), src / "b.png")
-    run_job(_cfg(), str(src), str(tmp_path / "out"), progress=False, report=False)
-    shutil.copy(skimage_image("coffee.png"), src / "a.png")  # replaced under the same key after the run
-    again = run_job(_cfg(), str(src), str(tmp_path / "out"), progress=False, report=False)
-    assert (again.skipped, again.redone_replaced, again.summary["images"]) == (1, 1, 1)
-    assert "replaced         1 inputs were replaced" in summary_text(again, _cfg(), str(src), str(tmp_path / "out"))
-    coffee = hashlib.sha256((src / "a.png").read_bytes()).hexdigest()
-    latest = manifest.latest_outcomes(str(tmp_path / "out"), "_manifest",
-                                      ["input_uri", "status", "input_sha256"]).to_pylist()
-    assert {r["input_uri"].rsplit("/", 1)[-1]: r["input_sha256"] for r in latest}["a.png"] == coffee
-    assert verify(str(tmp_path / "out"), dry_run=True).verdict is Verdict.SAFE
-
-
-@pytest.mark.slow
-def test_verify_on_s3(s3_server, ray_session, tmp_path):
-    import s3fs
-
-    from rp_distributed.job.run import run_job
-
-    upload_folder(_inputs(tmp_path / "in"), "s3://verify/in")
-    run_job(_cfg(), "s3://verify/in", "s3://verify/out", progress=False)
-    rows = manifest.read_manifest("s3://verify/out", "_manifest").to_pylist()
-    assert all(r["input_version"].startswith("etag:") for r in rows)
-    outcome = verify("s3://verify/out")
-    assert outcome.verdict is Verdict.SAFE and outcome.facts.counts["outputs_read"] == 3, outcome.reason
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
-    assert [k for k in fs.find("verify/out/_manifest") if "/verify-" in k]  # the record, on the bucket
-    fs.pipe_file("verify/out/people/t1.jpg", insightface_image("t1.jpg").read_bytes())
-    fs.pipe_file("verify/out/camera.png", b"\x89PNG\r\n\x1a\n not the output")
-    outcome = verify("s3://verify/out", dry_run=True)
-    assert _keys(outcome, Kind.EXTRA) == {"people/t1.jpg"} and _keys(outcome, Kind.ALTERED) == {"camera.png"}
+# A replaced input redone on a rerun through Ray, and verify on S3 (ETags as versions, the record on the bucket):
+# tests/test_pipeline.py's two jobs, which run those steps on their own exports.
 
 
 @pytest.mark.slow
