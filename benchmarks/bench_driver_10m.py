@@ -197,7 +197,7 @@ def part_ray(inputs: int, root: str, stream_s: float) -> None:
                  for s in stages("bench", None, None, None)]
         ds = build_dataset(cfg, blocks, specs)
         mark("build_dataset")
-        rows = ds.iter_rows()
+        rows = iter(ds.iter_rows())
         first = next(rows)
         mark("first_row", first_batch_at_detect_s=round(first["t_first"] - wall0, 1))
         n, t1 = 1, time.perf_counter()
@@ -211,17 +211,21 @@ def part_ray(inputs: int, root: str, stream_s: float) -> None:
 
 
 # -- summary and writer -------------------------------------------------------------------------------------------
-def manifest_rows(root: str, batch_rows: int = 16_384):
-    """Every manifest row as a dict (as the driver gets rows from Ray), a batch at a time, with the seconds spent
-    converting them."""
+def manifest_rows(root: str, max_rows: int, batch_rows: int = 16_384):
+    """The manifest's rows (the first ``max_rows``, 0: all) as dicts (as the driver gets rows from Ray), a batch at
+    a time, with the CPU seconds spent converting them."""
+    left = max_rows or float("inf")
     for part in sorted(Path(root, "out", "_manifest").glob("part-*.parquet")):
         for batch in pq.ParquetFile(part).iter_batches(batch_size=batch_rows):
-            t0 = time.perf_counter()
-            rows = batch.to_pylist()
-            yield rows, time.perf_counter() - t0
+            if left <= 0:
+                return
+            t0 = time.process_time()
+            rows = batch.slice(0, min(batch.num_rows, left)).to_pylist()
+            left -= len(rows)
+            yield rows, time.process_time() - t0
 
 
-def part_rows(root: str, what: str) -> None:
+def part_rows(root: str, what: str, max_rows: int) -> None:
     from rp_distributed.manifest_writer import PartWriter
     from rp_distributed.summary import Summary
 
@@ -231,22 +235,23 @@ def part_rows(root: str, what: str) -> None:
                         bytes_per_file=64 << 20, flush_s=300.0) if what == "writer" else None
     add = writer.add if writer else summary.add
     convert, rows, own = 0.0, 0, 0.0
-    for batch, seconds in manifest_rows(root):
+    for batch, seconds in manifest_rows(root, max_rows):
         convert += seconds
-        t1 = time.perf_counter()
+        t1 = time.process_time()
         for row in batch:
             add(row)
-        own += time.perf_counter() - t1
+        own += time.process_time() - t1
         rows += len(batch)
-    t1 = time.perf_counter()
+    t1 = time.process_time()
     if writer:
         writer.close()
     else:
         result = summary.result()
-    own += time.perf_counter() - t1
+    own += time.process_time() - t1
     extra = {"parts_written": len(writer.parts)} if writer else {"images": result["images"], "faces": result["faces"]}
-    _emit(part=what, rows=rows, **_usage(t0, cpu0), own_s=round(own, 1), rows_to_dicts_s=round(convert, 1),
-          own_us_per_row=round(1e6 * own / max(rows, 1), 2), **extra)
+    # CPU seconds: of the summary or writer itself, and of making the rows dicts (Ray's part in a run).
+    _emit(part=what, rows=rows, **_usage(t0, cpu0), own_cpu_s=round(own, 1), rows_to_dicts_cpu_s=round(convert, 1),
+          own_cpu_us_per_row=round(1e6 * own / max(rows, 1), 1), **extra)
 
 
 # -- driver -------------------------------------------------------------------------------------------------------
@@ -262,15 +267,15 @@ def lay_out(root: Path, inputs: int, lister_files: int, parts: list[str]) -> dic
         counts["layout_s"] = round(time.perf_counter() - t0, 1)
         counts_file.write_text(json.dumps(counts))
     tree = root / f"tree-{lister_files}"
-    if "lister" in parts and not (tree / "done").exists():
+    if "lister" in parts and not tree.with_suffix(".done").exists():
         lay_out_tree(tree, lister_files)
-        (tree / "done").write_text("")  # not a .jpg: not listed as an input
+        tree.with_suffix(".done").write_text("")
     return counts
 
 
 def run_part(args, part: str) -> list[dict]:
     cmd = [sys.executable, __file__, "--inputs", str(args.inputs), "--root", str(args.root), "--run-part", part,
-           "--lister-files", str(args.lister_files), "--stream-s", str(args.stream_s)]
+           "--lister-files", str(args.lister_files), "--stream-s", str(args.stream_s), "--max-rows", str(args.max_rows)]
     env = dict(os.environ, PYTHONPATH=args.code or str(Path(__file__).resolve().parents[1]))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout_s)
@@ -290,6 +295,7 @@ def main() -> None:
     p.add_argument("--parts", default=",".join(PARTS))
     p.add_argument("--lister-files", type=int, default=1_000_000)
     p.add_argument("--stream-s", type=float, default=30.0, help="ray: seconds to stream rows after the first")
+    p.add_argument("--max-rows", type=int, default=0, help="summary, writer: the manifest's first rows only (0: all)")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="per part")
     p.add_argument("--code", default=None, help="PYTHONPATH of the code measured (default: this checkout)")
     p.add_argument("--run-part", default=None, help=argparse.SUPPRESS)
@@ -300,7 +306,8 @@ def main() -> None:
         {"plan": lambda: part_plan(root, args.inputs),
          "lister": lambda: part_lister(f"{root}/tree-{args.lister_files}", args.lister_files),
          "ray": lambda: part_ray(args.inputs, root, args.stream_s),
-         "summary": lambda: part_rows(root, "summary"), "writer": lambda: part_rows(root, "writer")}[args.run_part]()
+         "summary": lambda: part_rows(root, "summary", args.max_rows),
+         "writer": lambda: part_rows(root, "writer", args.max_rows)}[args.run_part]()
         return
     parts = args.parts.split(",")
     counts = lay_out(args.root, args.inputs, args.lister_files, parts)

@@ -74,6 +74,8 @@ INPUT_ROWS_PER_BLOCK = 32
 # The driver puts the plan in the object store in blocks this large, and Ray Data cuts them to INPUT_ROWS_PER_BLOCK
 # as the run streams: at 10M inputs 1,221 objects (and as many metadata tasks before the first image), not 312,500.
 PLAN_ROWS_PER_BLOCK = 8192
+# CPUs of a task cutting one plan block (slicing Arrow, no copy of the rows' work).
+SPLIT_NUM_CPUS = 0.05
 
 
 def put_blocks(todo: pa.Table, rows_per_block: int = PLAN_ROWS_PER_BLOCK) -> list:
@@ -85,13 +87,22 @@ def put_blocks(todo: pa.Table, rows_per_block: int = PLAN_ROWS_PER_BLOCK) -> lis
             for i in range(0, todo.num_rows, rows_per_block)]
 
 
+def _cut(ds, rows_per_block: int):
+    """``ds`` with its blocks cut to at most ``rows_per_block`` rows as they stream (Ray Data's streaming
+    repartition: no shuffle). Its tasks would take 1 CPU each, and ``repartition`` has no resource arguments: on a
+    small cluster whose actor pools hold all but a fraction of a CPU they would never start, so the plan's
+    (logical) operator is given ``SPLIT_NUM_CPUS``."""
+    ds = ds.repartition(target_num_rows_per_block=rows_per_block)
+    ds._logical_plan.dag.ray_remote_args["num_cpus"] = SPLIT_NUM_CPUS
+    return ds
+
+
 def build_dataset(cfg: JobConfig, blocks: list, specs: list[StageSpec], isolate: bool = False):
     """The stages over the plan's ``blocks`` (``put_blocks``), in order, each first-stage task taking at most
     ``INPUT_ROWS_PER_BLOCK`` inputs; ``isolate``: one input per task and batch."""
     import ray
 
-    # Streaming repartition (no shuffle): each plan block is cut into blocks of at most this many rows as it is read.
-    ds = ray.data.from_arrow_refs(blocks).repartition(target_num_rows_per_block=1 if isolate else INPUT_ROWS_PER_BLOCK)
+    ds = _cut(ray.data.from_arrow_refs(blocks), 1 if isolate else INPUT_ROWS_PER_BLOCK)
     missing = [c for c in specs[0].needs if c not in ray.get(blocks[0]).column_names] if blocks else []
     if missing:
         raise ValueError(f"the plan's blocks lack the columns the {specs[0].name} stage needs: {missing}")
