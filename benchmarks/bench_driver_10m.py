@@ -19,7 +19,8 @@ Parts, in order (``--parts``):
 - ``summary``: ``summary.Summary`` over every row of the manifest, each row a dict as the driver receives them.
 - ``writer``: ``manifest_writer.PartWriter`` over the same rows, writing parts to local disk.
 
-    python benchmarks/bench_driver_10m.py --inputs 10000000 --root /tmp/drv10m     # ~6 min to lay out, reused
+    python benchmarks/bench_driver_10m.py --inputs 10000000 --root /tmp/drv10m --lister-files 200000 --max-rows 1000000
+    # (the 31.6M-row manifest takes 6-25 min to lay out, by load; reused from --root)
     python benchmarks/bench_driver_10m.py --inputs 100000 --parts plan,ray
 
 Prints one JSON line per part; results go in BENCHMARKS.md with the machine named. The manifest (~2.5 GiB at 10M
