@@ -75,9 +75,9 @@ def _image_kinds(rng, n: int, resumed: bool) -> np.ndarray:
 
 
 def part_table(rng, ids: np.ndarray, run_id: str, out_prefix: str,
-               resumed: bool = False) -> tuple[pa.Table, np.ndarray]:
-    """The manifest rows of inputs ``ids`` (consecutive image rows, as a run writes them; outputs under
-    ``out_prefix``), and the inputs a resumed run redoes (failed, or written under other settings)."""
+               resumed: bool = False, in_prefix: str = IN_PREFIX) -> tuple[pa.Table, np.ndarray]:
+    """The manifest rows of inputs ``ids`` (consecutive image rows, as a run writes them; inputs under ``in_prefix``,
+    outputs under ``out_prefix``), and the inputs a resumed run redoes (failed, or written under other settings)."""
     kind = _image_kinds(rng, len(ids), resumed)
     faces = np.where((kind == 0) | (kind == 3), 1 + np.minimum(rng.poisson(2.4, len(ids)), 29), 0)
     rows = np.maximum(faces, 1)
@@ -102,7 +102,7 @@ def part_table(rng, ids: np.ndarray, run_id: str, out_prefix: str,
     x0, y0 = rng.uniform(0, 900, n), rng.uniform(0, 700, n)
     side = rng.lognormal(np.log(120), 0.6, n).clip(12, 900)
     face = pa.array(has_face)
-    in_uri = _join(IN_PREFIX, rel)
+    in_uri = _join(in_prefix, rel)
     unreadable = pa.array(((kind == 2) & (rng.random(m) < 0.2))[img])  # a reason naming the input: one per input
     cols = {
         "run_id": pa.array([run_id] * n), "input_uri": in_uri, "rel_path": rel,
@@ -157,9 +157,9 @@ def part_table(rng, ids: np.ndarray, run_id: str, out_prefix: str,
 
 
 def write_manifest(mdir: Path, inputs: int, part_rows: int = 100_000, seed: int = 0,
-                   resume: bool = True) -> dict:
+                   resume: bool = True, in_prefix: str = IN_PREFIX) -> dict:
     """Run A over ``inputs`` inputs, then (``resume``) run B over the failed and the changed-settings ones; parts of
-    about ``part_rows`` rows in ``mdir``. Returns counts."""
+    about ``part_rows`` rows in ``mdir``; the inputs under ``in_prefix``. Returns counts."""
     rng = np.random.default_rng(seed)
     mdir.mkdir(parents=True, exist_ok=True)
     # The output prefix is the manifest's own (local) folder; no image is there, so the gallery says it cannot read
@@ -169,14 +169,14 @@ def write_manifest(mdir: Path, inputs: int, part_rows: int = 100_000, seed: int 
     redo, rows, parts = [], 0, 0
     for n, start in enumerate(range(0, inputs, per_part)):
         ids = np.arange(start, min(start + per_part, inputs))
-        table, again = part_table(rng, ids, RUN_A, out)
+        table, again = part_table(rng, ids, RUN_A, out, in_prefix=in_prefix)
         pq.write_table(table, mdir / f"part-{RUN_A}-{n:05d}.parquet", compression="zstd")
         redo.append(again)
         rows, parts = rows + table.num_rows, parts + 1
     redone = np.concatenate(redo) if redo else np.zeros(0, np.int64)
     if resume:
         for n, start in enumerate(range(0, len(redone), per_part)):
-            table, _ = part_table(rng, redone[start:start + per_part], RUN_B, out, resumed=True)
+            table, _ = part_table(rng, redone[start:start + per_part], RUN_B, out, resumed=True, in_prefix=in_prefix)
             pq.write_table(table, mdir / f"part-{RUN_B}-{n:05d}.parquet", compression="zstd")
             rows, parts = rows + table.num_rows, parts + 1
     return {"inputs": inputs, "redone": int(len(redone)) if resume else 0, "rows": rows, "parts": parts}

@@ -109,6 +109,7 @@ def list_inputs(input_uri: str, extensions: list[str], exclude_uri: str | None =
             zip(*(t[c].to_pylist() for c in ("uri", "rel_path", "skip_reason")))]
 
 
+LISTING_BATCH = 65_536  # listed entries held as Python objects at a time
 LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("rel_path", pa.string()), ("skip_reason", pa.string()),
                             ("size", pa.int64()), ("version", pa.string())])
 
@@ -174,7 +175,11 @@ def list_inputs_table(input_uri: str, extensions: list[str], exclude_uri: str | 
         fs.invalidate_cache()  # s3fs/gcsfs keep every listed object's info dict otherwise
     keys = Storage(_unstrip(fs, base))
     uris, rels, skips, sizes, versions = [], [], [], [], []
+    batches = []  # Arrow every LISTING_BATCH entries: at 10M inputs the Python lists alone held ~3 GB
     for path, skip in found:
+        if len(uris) >= LISTING_BATCH:
+            batches.append(pa.record_batch([uris, rels, skips, sizes, versions], schema=LISTING_SCHEMA))
+            uris, rels, skips, sizes, versions = [], [], [], [], []
         if exclude and (path + "/").startswith(exclude):
             continue
         rel = path[len(base):].lstrip("/")
@@ -197,8 +202,9 @@ def list_inputs_table(input_uri: str, extensions: list[str], exclude_uri: str | 
         sizes.append(size)
         versions.append(version)
     del found, details
-    table = pa.table([uris, rels, skips, sizes, versions], schema=LISTING_SCHEMA)
-    return table.sort_by("rel_path")
+    batches.append(pa.record_batch([uris, rels, skips, sizes, versions], schema=LISTING_SCHEMA))
+    del uris, rels, skips, sizes, versions
+    return pa.Table.from_batches(batches).sort_by("rel_path")
 
 
 def read_bytes(uri: str, max_bytes: int, storage: Storage | None = None) -> bytes:

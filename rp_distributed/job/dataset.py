@@ -67,25 +67,42 @@ def _pool_args(cfg: JobConfig, res: StageResources, isolate: bool) -> dict:
                 max_restarts=cfg.ray.max_actor_restarts, max_task_retries=cfg.ray.max_task_retries)
 
 
+# A first-stage task gets at most this many inputs: a worker that dies loses its task's whole input block (retried,
+# then redone one by one), so small blocks keep what one poison input costs small and give every stage enough
+# blocks to use the whole cluster.
 INPUT_ROWS_PER_BLOCK = 32
+# The driver puts the plan in the object store in blocks this large, and Ray Data cuts them to INPUT_ROWS_PER_BLOCK
+# as the run streams: at 10M inputs 1,221 objects (and as many metadata tasks before the first image), not 312,500.
+PLAN_ROWS_PER_BLOCK = 8192
+# CPUs of a task cutting one plan block (slicing Arrow, no copy of the rows' work).
+SPLIT_NUM_CPUS = 0.05
 
 
-def put_blocks(todo: pa.Table, rows_per_block: int = INPUT_ROWS_PER_BLOCK) -> list:
-    """The plan's rows as object-store blocks of ``rows_per_block`` rows; the driver keeps only the refs.
-
-    A worker that dies loses its task's whole input block (retried, then redone one by one): small blocks keep what
-    one poison input costs small, and give every stage enough blocks to use the whole cluster."""
+def put_blocks(todo: pa.Table, rows_per_block: int = PLAN_ROWS_PER_BLOCK) -> list:
+    """The plan's rows as object-store blocks of ``rows_per_block`` rows; the driver keeps only the refs."""
+    import numpy as np
     import ray
 
-    return [ray.put(todo.take(pa.array(range(i, min(i + rows_per_block, todo.num_rows)))))
+    return [ray.put(todo.take(pa.array(np.arange(i, min(i + rows_per_block, todo.num_rows)))))
             for i in range(0, todo.num_rows, rows_per_block)]
 
 
+def _cut(ds, rows_per_block: int):
+    """``ds`` with its blocks cut to at most ``rows_per_block`` rows as they stream (Ray Data's streaming
+    repartition: no shuffle). Its tasks would take 1 CPU each, and ``repartition`` has no resource arguments: on a
+    small cluster whose actor pools hold all but a fraction of a CPU they would never start, so the plan's
+    (logical) operator is given ``SPLIT_NUM_CPUS``."""
+    ds = ds.repartition(target_num_rows_per_block=rows_per_block)
+    ds._logical_plan.dag.ray_remote_args["num_cpus"] = SPLIT_NUM_CPUS
+    return ds
+
+
 def build_dataset(cfg: JobConfig, blocks: list, specs: list[StageSpec], isolate: bool = False):
-    """The stages over the plan's ``blocks`` (``put_blocks``), in order; ``isolate``: one input per batch."""
+    """The stages over the plan's ``blocks`` (``put_blocks``), in order, each first-stage task taking at most
+    ``INPUT_ROWS_PER_BLOCK`` inputs; ``isolate``: one input per task and batch."""
     import ray
 
-    ds = ray.data.from_arrow_refs(blocks)
+    ds = _cut(ray.data.from_arrow_refs(blocks), 1 if isolate else INPUT_ROWS_PER_BLOCK)
     missing = [c for c in specs[0].needs if c not in ray.get(blocks[0]).column_names] if blocks else []
     if missing:
         raise ValueError(f"the plan's blocks lack the columns the {specs[0].name} stage needs: {missing}")

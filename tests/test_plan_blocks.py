@@ -1,0 +1,71 @@
+"""How the plan reaches Ray: few large objects on the driver's side (start-up does not grow with the number of
+32-input blocks), and still at most ``INPUT_ROWS_PER_BLOCK`` inputs a first-stage task (what a dying worker loses)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from rp_distributed.config import load_config
+from rp_distributed.job.dataset import INPUT_ROWS_PER_BLOCK, PLAN_COLUMNS, StageSpec, build_dataset, put_blocks
+from rp_distributed.job.plan import TODO_SCHEMA
+
+POISON = "in/0001/img_01234.jpg"
+
+
+def _plan(n: int) -> pa.Table:
+    rels = [f"{i // 1000:04d}/img_{i:05d}.jpg" for i in range(n)]
+    return pa.table({"input_uri": [f"in/{r}" for r in rels], "rel_path": rels, "output_uri": [f"out/{r}" for r in rels],
+                     "error": pa.nulls(n, pa.string()), "notes": pa.nulls(n, pa.string()),
+                     "stale_output_uri": pa.nulls(n, pa.string()), "input_size": np.arange(n),
+                     "input_version": pa.nulls(n, pa.string())}, schema=TODO_SCHEMA)
+
+
+class _NoSettings:
+    @staticmethod
+    def of(cfg):
+        return None
+
+
+def test_the_plan_goes_to_ray_in_few_large_objects(ray_session):
+    """At 10M inputs, 32-row objects meant 312,500 puts and as many metadata tasks before the first image."""
+    n = 100_000
+    blocks = put_blocks(_plan(n))
+    assert len(blocks) <= 16, f"{len(blocks)} objects for {n} plan rows"
+    back = pa.concat_tables(ray_session.get(blocks))
+    assert back["input_uri"].to_pylist() == _plan(n)["input_uri"].to_pylist()
+
+
+@pytest.mark.slow
+def test_a_failed_first_stage_task_loses_at_most_one_input_block(ray_session):
+    """The plan handed over in 1,000-row objects: the poison input's task still held at most INPUT_ROWS_PER_BLOCK
+    inputs, so only those are missing (and redone one by one by the run), not its whole plan object."""
+    cfg = load_config(None, ["ray.max_task_retries=0", "detection.resources.num_cpus=0.5",
+                             "detection.resources.batch_size=8"])
+
+    class DiesOnPoison:  # defined here: Ray's workers cannot import a test module
+        """A first stage whose task fails when its batch holds the poison input (as a native decoder crash would take
+        the task down): every input of that task is lost to the run, the rest come through."""
+
+        def __init__(self, settings):
+            pass
+
+        def __call__(self, batch: dict) -> dict:
+            if POISON in batch["input_uri"]:
+                raise RuntimeError("poison input")
+            return {"input_uri": batch["input_uri"]}
+
+    ctx = ray_session.data.DataContext.get_current()
+    saved, ctx.max_errored_blocks = ctx.max_errored_blocks, -1  # as the job runs: failed blocks are redone after
+    try:
+        plan = _plan(3000)
+        spec = StageSpec("detect", DiesOnPoison, _NoSettings, lambda c: c.detection.resources, PLAN_COLUMNS)
+        ds = build_dataset(cfg, put_blocks(plan, rows_per_block=1000), [spec])
+        came = [r["input_uri"] for r in ds.iter_rows()]
+    finally:
+        ctx.max_errored_blocks = saved
+    assert len(came) == len(set(came))
+    lost = set(plan["input_uri"].to_pylist()) - set(came)
+    assert POISON in lost
+    assert len(lost) <= INPUT_ROWS_PER_BLOCK, f"a failed task lost {len(lost)} inputs"
