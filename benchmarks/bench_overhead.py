@@ -145,14 +145,14 @@ def run_job_side(src: str, out: str) -> dict:
 
     cfg = config()
     t0 = time.time()
-    for attempt in range(5):  # Ray waits 30 s for its raylet, too short on shared cores under load
+    for attempt in range(20):  # Ray waits 30 s for its raylet, too short on shared cores under load
         try:
             ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                      _node_ip_address="127.0.0.1")
             break
         except Exception as exc:  # noqa: BLE001
             ray.shutdown()
-            if attempt == 4 or "timed out during startup" not in str(exc):
+            if attempt == 19 or "timed out during startup" not in str(exc):
                 raise
     t_up = time.time()
     try:
