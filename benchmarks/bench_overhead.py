@@ -17,6 +17,7 @@ Ray's start-up (``ray.init``) is reported apart, and counted in neither per-imag
 
     python benchmarks/bench_overhead.py --images 2000
     python benchmarks/bench_overhead.py --images 10000 --sides job   # one side only
+    python benchmarks/bench_overhead.py --boundary   # one stage boundary's CPU per row, by batch size
 
 The images are made once under ``--cache`` (default /tmp/rp-overhead-images). Prints one JSON line; results go
 in BENCHMARKS.md with the commit and machine.
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's code, not an installed copy
 LAYOUT_VERSION = "v1"
 
 
@@ -163,6 +165,33 @@ def run_job_side(src: str, out: str) -> dict:
     return {"t_start": t0, "t_work": t_up, "t_end": t_end, "summary": result.summary}
 
 
+def boundary(src: Path, sizes=(1, 2, 4, 8, 16, 32)) -> dict:
+    """CPU ms per row of one stage boundary as Ray Data runs it, without Ray's scheduling: the stage's output batch
+    (``batch.columns``) to an Arrow block, the block to the next stage's numpy batch, and that to records
+    (``batch.rows``), over 32 detected rows, at each batch size."""
+    from ray.data.block import BlockAccessor
+
+    from rp_distributed import io
+    from rp_distributed.job.dataset import stages
+    from rp_distributed.records import ImageRow
+    from rp_distributed.stages.batch import columns, rows
+
+    cfg = config()
+    detect = stages("b", None, io.input_storage(str(src)), None)[0]
+    detect = detect.fn(*detect.constructor_args(cfg))
+    paths = sorted(p for p in src.rglob("*") if p.is_file())[:32]
+    detected = [detect.process(ImageRow(str(p), str(p.relative_to(src)), "/nonexistent/" + p.name)) for p in paths]
+    out = {}
+    for size in sizes:
+        reps = max(10, 256 // size)
+        t0 = time.process_time()
+        for _ in range(reps):
+            block = BlockAccessor.batch_to_block(columns(detected[:size]))
+            rows(BlockAccessor.for_block(block).to_batch_format("numpy"))
+        out[size] = round(1000 * (time.process_time() - t0) / reps / size, 3)
+    return out
+
+
 class TreeCPU:
     """The CPU seconds (user + system) of a process and everything below it, sampled every ``every`` s: a process
     that ends between two samples loses at most its last ``every`` s."""
@@ -257,12 +286,17 @@ def main() -> None:
     p.add_argument("--sides", default="loop,job")
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "rp-overhead-images")
     p.add_argument("--side-run", nargs=3, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--boundary", action="store_true", help="only the CPU ms per row of one stage boundary, by "
+                   "batch size (no Ray cluster)")
     args = p.parse_args()
     if args.side_run:
         side, src, out = args.side_run
         print(json.dumps((run_loop if side == "loop" else run_job_side)(src, out)))
         return
     src = images(args.cache, args.images, args.face_every)
+    if args.boundary:
+        print(json.dumps({"boundary_cpu_ms_per_row_by_batch_size": boundary(src), "load": load()}))
+        return
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     result = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "commit": commit,
