@@ -218,7 +218,7 @@ class TreeCPU:
                 with p.oneshot():
                     t, key = p.cpu_times(), (p.pid, p.create_time())
                     self.last[key] = t.user + t.system
-                    if key not in self.names:
+                    if not self.names.get(key, "").startswith("stage "):  # a worker takes its title once it runs
                         self.names[key] = self._name(p)
             except psutil.Error:
                 pass
