@@ -349,6 +349,7 @@ def test_prompt_rows_survive_the_plans_blocks_through_ray(ray_session, tmp_path,
     from rp_distributed.job.dataset import put_blocks
     from rp_distributed.job.plan import make_plan
     from rp_distributed.records import STAGE_COLUMNS as KEYS_AFTER_DETECT
+    from rp_distributed.stages.batch import unpack
 
     src = tmp_path / "in"
     src.mkdir()
@@ -364,6 +365,6 @@ def test_prompt_rows_survive_the_plans_blocks_through_ray(ray_session, tmp_path,
         batch_size=1, batch_format="numpy", zero_copy_batch=False)
     (row,) = ds.take_all()
     assert set(row) == set(KEYS_AFTER_DETECT)
-    faces = row["payload"].faces
+    faces = unpack(row["payload"]).faces
     assert [f.prompt for f in faces] == ["a person", "a person", "an old man", "a person", "a person", "a person"]
     assert all(f.id_embedding is not None for f in faces)

@@ -119,7 +119,9 @@ class DetectionConfig(_Section):
         "CPU of one upsample-1 pass on a 12 MP photo; 2.5: from ~25 px, about 1.3x)",
     )
     providers: list[str] = Field(["CPUExecutionProvider"], json_schema_extra=outside_fingerprint(EXECUTION))
-    resources: StageResources = Field(StageResources(concurrency=1, num_cpus=0.5, batch_size=4),
+    # 16 rows a batch: Ray converts each batch to an Arrow block column by column, a fixed cost per batch that at 4
+    # rows cost ~1.3 ms of CPU per image and boundary on cpu-2c, at 16 ~0.6 (BENCHMARKS.md, pipeline overhead).
+    resources: StageResources = Field(StageResources(concurrency=1, num_cpus=0.5, batch_size=16),
                                       json_schema_extra=outside_fingerprint(RESOURCES))
 
 

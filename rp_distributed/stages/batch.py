@@ -1,11 +1,21 @@
 """Ray Data batches (a dict of columns, ``batch_format="numpy"``) to typed ``records.ImageRow`` and back: the one
-place a stage's input is unpacked, with the one rule for what Ray's conversion does to missing values."""
+place a stage's input is unpacked, with the one rule for what Ray's conversion does to missing values.
+
+The payload crosses a boundary as the bytes of one pickle (``pack``): an Arrow binary column that Ray stores as it
+is. Handed the ``ImagePayload`` objects themselves, Ray first tries to make them an Arrow column, and the error it
+builds on the way spells out every row's arrays as text before it falls back to pickling them one by one: that
+attempt cost more than the pickles and more than the mask method itself.
+"""
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 
-from ..records import STAGE_COLUMNS, ImageRow
+from ..records import STAGE_COLUMNS, ImagePayload, ImageRow
+
+PAYLOAD = "payload"
 
 _FIELDS = set(ImageRow.__dataclass_fields__)
 
@@ -18,10 +28,23 @@ def value(v):
     return v.item() if isinstance(v, np.generic) else v
 
 
+def pack(payload: ImagePayload) -> bytes:
+    return pickle.dumps(payload, protocol=5)
+
+
+def unpack(cell) -> ImagePayload:
+    """A payload cell as the stages shipped it (``pack``); an ``ImagePayload`` as it is."""
+    return pickle.loads(cell) if isinstance(cell, bytes) else cell
+
+
 def rows(batch: dict) -> list[ImageRow]:
     keys = [k for k in batch if k in _FIELDS]
     n = len(batch[keys[0]]) if keys else 0
-    return [ImageRow.of({k: value(batch[k][i]) for k in keys}) for i in range(n)]
+    out = [ImageRow.of({k: value(batch[k][i]) for k in keys if k != PAYLOAD}) for i in range(n)]
+    if PAYLOAD in batch:
+        for row, cell in zip(out, batch[PAYLOAD]):
+            row.payload = unpack(cell)
+    return out
 
 
 def columns(items: list, keys: list[str] | None = None) -> dict:
@@ -32,7 +55,7 @@ def columns(items: list, keys: list[str] | None = None) -> dict:
     cols = {}
     for k in keys:
         col = np.empty(len(items), dtype=object)
-        col[:] = [get(r, k) for r in items]
+        col[:] = [pack(r.payload) for r in items] if k == PAYLOAD and get is getattr else [get(r, k) for r in items]
         cols[k] = col
     return cols
 
