@@ -74,8 +74,10 @@ INPUT_ROWS_PER_BLOCK = 32
 # The driver puts the plan in the object store in blocks this large, and Ray Data cuts them to INPUT_ROWS_PER_BLOCK
 # as the run streams: at 10M inputs 1,221 objects (and as many metadata tasks before the first image), not 312,500.
 PLAN_ROWS_PER_BLOCK = 8192
-# CPUs of a task cutting one plan block (slicing Arrow, no copy of the rows' work).
-SPLIT_NUM_CPUS = 0.05
+# CPUs of a task cutting one plan block (slicing Arrow, no copy of the rows' work): none, because stages may hold
+# every CPU of the cluster (a GPU node's anonymizer at 1 CPU beside detection and merge at 0.5 each), and a cutting
+# task waiting for a CPU would then never start: the run would hang before its first image.
+SPLIT_NUM_CPUS = 0
 
 
 def put_blocks(todo: pa.Table, rows_per_block: int = PLAN_ROWS_PER_BLOCK) -> list:
