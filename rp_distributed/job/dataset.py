@@ -91,9 +91,9 @@ def put_blocks(todo: pa.Table, rows_per_block: int = PLAN_ROWS_PER_BLOCK) -> lis
 
 def _cut(ds, rows_per_block: int):
     """``ds`` with its blocks cut to at most ``rows_per_block`` rows as they stream (Ray Data's streaming
-    repartition: no shuffle). Its tasks would take 1 CPU each, and ``repartition`` has no resource arguments: on a
-    small cluster whose actor pools hold all but a fraction of a CPU they would never start, so the plan's
-    (logical) operator is given ``SPLIT_NUM_CPUS``."""
+    repartition: no shuffle). Its tasks would take 1 CPU each, and ``repartition`` has no resource arguments: where
+    the actor pools hold all the cluster's CPUs but a fraction, or all of them, they would never start, so the
+    plan's (logical) operator is given ``SPLIT_NUM_CPUS`` (none) through Ray Data's internal logical plan."""
     ds = ds.repartition(target_num_rows_per_block=rows_per_block)
     ds._logical_plan.dag.ray_remote_args["num_cpus"] = SPLIT_NUM_CPUS
     return ds
