@@ -20,7 +20,7 @@ demo: setup
 	$(BIN)/rp-anonymize demo demo-output
 
 test: setup
-	$(BIN)/pytest -q -rs --durations=20
+	$(BIN)/pytest -q -rs --durations=20 -n 2 --dist loadgroup
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"

@@ -49,6 +49,36 @@ def astronaut_path() -> Path:
     return skimage_image("astronaut.png")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Group the tests for ``pytest -n 2 --dist loadgroup`` (``make test``): every test that starts Ray runs on one
+    worker, one at a time and first (a second Ray on 2 cores would starve both clusters' actors, and the Ray tests
+    are the longest chain), while the other worker runs the in-process tests a module at a time (a module's fixtures
+    are built once)."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+        group = "ray" if item.get_closest_marker("ray") else item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: item.get_closest_marker("ray") is None)  # stable: collection order otherwise
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_in_marked_tests(request):
+    """A test that starts Ray in this process without the ``ray`` mark would run beside the Ray group on the other
+    worker: fail it, naming the mark. (A Ray started in a child process cannot be seen from here: mark those by
+    hand, as test_cluster.py does.)"""
+    import sys
+
+    def running() -> bool:
+        return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+    before = running()
+    yield
+    if request.node.get_closest_marker("ray") is None and not before and running():
+        sys.modules["ray"].shutdown()
+        pytest.fail("this test started Ray: mark it @pytest.mark.ray (tests/conftest.py groups Ray tests)")
+
+
 def write_bad_inputs(folder: Path) -> dict[str, str]:
     """Bad and unusual inputs built from the real photos; returns rel_path -> what it is."""
     folder.mkdir(parents=True, exist_ok=True)

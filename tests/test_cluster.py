@@ -19,7 +19,7 @@ import pytest
 from rp_distributed import manifest
 from tests.conftest import REPO, _free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(600)]
 
 
 @pytest.fixture

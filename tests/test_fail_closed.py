@@ -297,6 +297,7 @@ def test_output_prefix_may_not_be_or_contain_the_input(tmp_path, t1_path):
 # -- holes 7 and 8: device faults and poison inputs on a real Ray ------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_poison_input_and_device_fault_on_ray(tmp_path, tiny_dir, t1_path, astronaut_path):
     """A worker that dies on one input (every time) and a GPU actor whose device breaks, on a real local Ray.

@@ -51,7 +51,7 @@ from tests.fault_drivers import (
     wait_gone,
 )
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 # Face rows the job writes for each kind of input below (every copy of a kind is the same image), measured with
 # the test's detection (CenterFace at 1x, the output audit at 0.5x): t1's six people and one region of the blurred

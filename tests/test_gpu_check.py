@@ -52,6 +52,7 @@ def test_r50_arcface_is_an_arcface_for_insightface(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_gpu_check_cpu_smoke(tmp_path):
     """Every part runs on the CPU and the JSON carries every figure that is not CUDA-only."""
     out = tmp_path / "gpu-check.json"
