@@ -49,17 +49,28 @@ def astronaut_path() -> Path:
     return skimage_image("astronaut.png")
 
 
+GROUPS_LOST = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config, items):
     """Group the tests for ``pytest -n 2 --dist loadgroup`` (``make test``): every test that starts Ray runs on one
     worker, one at a time and first (a second Ray on 2 cores would starve both clusters' actors, and the Ray tests
     are the longest chain), while the other worker runs the in-process tests a module at a time (a module's fixtures
-    are built once)."""
+    are built once). xdist's own hook reads the groups inside this wrapper; after it, a Ray test's id must carry
+    its group, or the groups were lost (as with pytest 9.2 and xdist 3.8) and every Ray test fails."""
     for item in items:
         if "ray_session" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
         group = "ray" if item.get_closest_marker("ray") else item.nodeid.split("::", 1)[0]
         item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=lambda item: item.get_closest_marker("ray") is None)  # stable: collection order otherwise
+    result = yield
+    if getattr(config.option, "loadgroup", False):
+        lost = [item.nodeid for item in items if item.get_closest_marker("ray") and not item.nodeid.endswith("@ray")]
+        if lost:  # each Ray test fails, saying why (an error raised here would reach xdist as an internal error)
+            config.stash[GROUPS_LOST] = lost[0]
+    return result
 
 
 @pytest.fixture(autouse=True)
@@ -72,6 +83,9 @@ def _ray_only_in_marked_tests(request):
     def running() -> bool:
         return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
+    if request.node.get_closest_marker("ray") and GROUPS_LOST in request.config.stash:
+        pytest.fail(f"pytest-xdist did not group the Ray tests (e.g. {request.config.stash[GROUPS_LOST]}): two Ray "
+                    "clusters would run at once. Use the pytest this project pins (pyproject.toml).")
     before = running()
     yield
     if request.node.get_closest_marker("ray") is None and not before and running():
