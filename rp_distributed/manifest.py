@@ -14,6 +14,7 @@ import math
 import posixpath
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import io
@@ -169,6 +170,9 @@ def read_manifest(output_uri: str, manifest_dir: str) -> pa.Table:
 
 
 RESUME_COLUMNS = ["input_uri", "status", "output_uri", "settings_fingerprint", "input_size", "input_version"]
+# Columns that hold a handful of distinct values across millions of rows: ``latest_outcomes`` returns them
+# dictionary-encoded (compute functions take them as they are).
+FEW_VALUES = {"status", "settings_fingerprint"}
 
 
 def _last_per_input(table: pa.Table) -> pa.Table:
@@ -186,7 +190,7 @@ def latest_outcomes(output_uri: str, manifest_dir: str, columns: list[str] = RES
     Parts are named ``part-<run_id>-<n>`` with a time-ordered run id, so their sorted order is the
     order they were written in; within a part, later rows are later. Each part is reduced to its last
     row per input as it is read (a face row per face shrinks to one per image), so the driver holds
-    a few parts and the result, not the whole manifest."""
+    a few parts and the result, not the whole manifest. ``FEW_VALUES`` columns come back dictionary-encoded."""
     from concurrent.futures import ThreadPoolExecutor
 
     storage, folder = folder_of(output_uri, manifest_dir)
@@ -196,7 +200,11 @@ def latest_outcomes(output_uri: str, manifest_dir: str, columns: list[str] = RES
 
     def read(key: str) -> pa.Table:
         with storage.open(key) as f:
-            return _last_per_input(pq.read_table(f, columns=columns, schema=SCHEMA, use_threads=False))
+            part = _last_per_input(pq.read_table(f, columns=columns, schema=SCHEMA, use_threads=False))
+        for name in set(columns) & FEW_VALUES:  # one copy of each value per part, not one per input
+            at = part.schema.get_field_index(name)
+            part = part.set_column(at, name, pc.dictionary_encode(part[name]))
+        return part
 
     with ThreadPoolExecutor(max_workers=8) as pool:  # map keeps the parts' order
         reduced = pa.concat_tables(pool.map(read, keys))

@@ -29,6 +29,7 @@ import posixpath
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
@@ -120,15 +121,15 @@ def _refuse_store_syntax(keys: list[str | None], errors: list[str | None], outpu
                 keys[i], errors[i] = None, str(exc)
 
 
-def output_key_columns(rel_paths: list[str], output_uri: str, out_format: str, manifest_dir: str
-                       ) -> tuple[list[str | None], list[str | None], list[str | None]]:
-    """Per input (aligned with ``rel_paths``): output key, error, note. Exactly one of key and error is set."""
-    n = len(rel_paths)
-    keys: list[str | None] = [None] * n
-    errors: list[str | None] = [None] * n
-    notes: list[str | None] = [None] * n
+KEY_CHUNK = 65_536  # inputs turned into output keys per Python pass: the keys live in Arrow, not in 10M str objects
+
+
+def _chunk_keys(rels: list[str], output_uri: str, out_format: str, manifest_dir: str) -> tuple[pa.Array, pa.Array]:
+    """Output key and error of each of ``rels`` (exactly one of the two set), collisions aside."""
+    keys: list[str | None] = [None] * len(rels)
+    errors: list[str | None] = [None] * len(rels)
     reserved = io.join_uri(output_uri, manifest_dir).rstrip("/") + "/"
-    for i, rel in enumerate(rel_paths):
+    for i, rel in enumerate(rels):
         try:
             key = io.join_uri(output_uri, io.output_rel_path(rel, out_format))
         except io.InputError as exc:
@@ -139,30 +140,57 @@ def output_key_columns(rel_paths: list[str], output_uri: str, out_format: str, m
             continue
         keys[i] = key
     _refuse_store_syntax(keys, errors, output_uri)
-    # Collisions are rare: find them in Arrow, then rename only their members.
-    counts = pa.table({"k": pa.array(keys, pa.string())}).group_by("k").aggregate([("k", "count")])
+    return pa.array(keys, pa.string()), pa.array(errors, pa.string())
+
+
+def _set_at(column: pa.Array, at: dict[int, str | None]) -> pa.Array:
+    """``column`` with the values of the few rows in ``at`` replaced."""
+    rows = sorted(at)
+    mask = np.zeros(len(column), bool)
+    mask[rows] = True
+    return pc.replace_with_mask(column, pa.array(mask), pa.array([at[i] for i in rows], pa.string()))
+
+
+def output_key_columns(rel_paths: list[str] | pa.Array | pa.ChunkedArray, output_uri: str, out_format: str,
+                       manifest_dir: str) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """Per input (aligned with ``rel_paths``): output key, error, note, as Arrow string arrays. Exactly one of key and
+    error is set. Keys are made ``KEY_CHUNK`` inputs at a time (no Python string per input outlives its chunk);
+    collisions are found in Arrow and only their members renamed."""
+    if isinstance(rel_paths, list):
+        rel_paths = pa.array(rel_paths, pa.string())
+    made = [_chunk_keys(rel_paths.slice(at, KEY_CHUNK).to_pylist(), output_uri, out_format, manifest_dir)
+            for at in range(0, len(rel_paths), KEY_CHUNK)]
+    keys = pa.concat_arrays([k for k, _ in made]) if made else pa.array([], pa.string())
+    errors = pa.concat_arrays([e for _, e in made]) if made else pa.array([], pa.string())
+    del made
+    notes = pa.nulls(len(keys), pa.string())
+    counts = pa.table({"k": keys}).group_by("k").aggregate([("k", "count")])
     shared = counts.filter(pc.and_(pc.is_valid(counts["k"]), pc.greater(counts["k_count"], 1)))
-    if shared.num_rows:
-        size = dict(zip(shared["k"].to_pylist(), shared["k_count"].to_pylist()))
-        for i, key in enumerate(keys):
-            if key in size:
-                keys[i], notes[i] = distinct_key(key, rel_paths[i]), f"output key renamed: {size[key]} inputs map to {key}"
-        final: dict[str, list[int]] = defaultdict(list)  # a renamed key that meets another input's key: refuse
-        renamed = {keys[i] for i, note in enumerate(notes) if note}
-        for i, key in enumerate(keys):
-            if key in renamed:
-                final[key].append(i)
-        for key, members in final.items():
-            if len(members) > 1:
-                for i in members:
-                    keys[i], errors[i], notes[i] = None, f"output key {key} collides with another input's key", None
+    if not shared.num_rows:
+        return keys, errors, notes
+    size = dict(zip(shared["k"].to_pylist(), shared["k_count"].to_pylist()))
+    members = pc.indices_nonzero(pc.fill_null(pc.is_in(keys, value_set=shared["k"]), False)).to_pylist()
+    natural = {i: keys[i].as_py() for i in members}
+    keys = _set_at(keys, {i: distinct_key(key, rel_paths[i].as_py()) for i, key in natural.items()})
+    notes = _set_at(notes, {i: f"output key renamed: {size[key]} inputs map to {key}" for i, key in natural.items()})
+    # A renamed key that meets another input's key (renamed or not): refuse every input that holds it.
+    renamed = pa.array({keys[i].as_py() for i in members}, pa.string())
+    holders: dict[str, list[int]] = defaultdict(list)
+    for i in pc.indices_nonzero(pc.fill_null(pc.is_in(keys, value_set=renamed), False)).to_pylist():
+        holders[keys[i].as_py()].append(i)
+    clash = {i: key for key, rows in holders.items() if len(rows) > 1 for i in rows}
+    if clash:
+        keys = _set_at(keys, {i: None for i in clash})
+        errors = _set_at(errors, {i: f"output key {key} collides with another input's key" for i, key in clash.items()})
+        notes = _set_at(notes, {i: None for i in clash})
     return keys, errors, notes
 
 
 def output_keys(rel_paths: list[str], output_uri: str, out_format: str, manifest_dir: str
                 ) -> dict[str, tuple[str | None, str | None, str | None]]:
-    """rel_path -> (output key, error, note): ``output_key_columns`` keyed by input."""
-    return dict(zip(rel_paths, zip(*output_key_columns(rel_paths, output_uri, out_format, manifest_dir))))
+    """rel_path -> (output key, error, note): ``output_key_columns`` keyed by input (small lists: tests, tools)."""
+    columns = output_key_columns(rel_paths, output_uri, out_format, manifest_dir)
+    return dict(zip(rel_paths, zip(*(c.to_pylist() for c in columns))))
 
 
 def _existing_outputs(output_uri: str) -> pa.Array:
@@ -213,24 +241,21 @@ def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str)
         if pc.any(inside).as_py():
             example = files["uri"].filter(inside)[0].as_py()
             raise PlanError(f"the input listing did not exclude the output prefix {output_uri} (e.g. {example})")
-    rels = files["rel_path"].to_pylist()
-    keys, key_errors, notes = output_key_columns(rels, output_uri, out_cfg.format, out_cfg.manifest_dir)
-    del rels
-    errors = pc.coalesce(files["skip_reason"], pa.array(key_errors, pa.string()))
-    writes = pc.if_else(pc.is_valid(errors), pa.scalar(None, pa.string()), pa.array(keys, pa.string()))
-    notes = pa.array(notes, pa.string())
+    keys, key_errors, notes = output_key_columns(files["rel_path"], output_uri, out_cfg.format, out_cfg.manifest_dir)
+    errors = pc.coalesce(files["skip_reason"], key_errors)
+    writes = pc.if_else(pc.is_valid(errors), pa.scalar(None, pa.string()), keys)
     del keys, key_errors
-    recorded = pc.is_in(files["uri"], value_set=latest["input_uri"])  # any manifest row at all
+    # Each listed input's latest row (null where none), found by a lookup in a hash of the manifest's inputs, in
+    # the listing's order; only done rows are taken, and no copy of ``latest`` is made on the way (at 10M inputs the
+    # copies were the driver's peak).
+    at = pc.index_in(files["uri"], value_set=latest["input_uri"])
+    recorded = pc.is_valid(at)  # any manifest row at all
     said = latest.filter(pc.equal(latest["status"], "error")).select(["input_uri", "error"]) if sides else None
-    done = latest.filter(pc.and_(pc.is_in(latest["status"], pa.array(manifest.DONE_STATUSES)),
-                                 pc.is_valid(latest["output_uri"])))
-    done = done.select(["input_uri", "output_uri", "settings_fingerprint", "input_size", "input_version"]
-                       ).rename_columns(["input_uri", "prev_key", "prev_fp", "prev_size", "prev_version"])
-    del latest
-    # Each listed input's done row (null where none), in the listing's order: a lookup in a hash of the done
-    # inputs, not a join and sort of both sides (at 10M inputs the join's two copies were the driver's peak).
-    joined = done.take(pc.index_in(files["uri"], value_set=done["input_uri"]))
-    del done
+    done = pc.and_(pc.is_in(latest["status"], pa.array(manifest.DONE_STATUSES)), pc.is_valid(latest["output_uri"]))
+    at = pc.if_else(pc.fill_null(pc.take(done, at), False), at, pa.scalar(None, at.type))
+    joined = latest.select(["output_uri", "settings_fingerprint", "input_size", "input_version"]).take(at)
+    joined = joined.rename_columns(["prev_key", "prev_fp", "prev_size", "prev_version"])
+    del latest, done, at
     has_prev = pc.is_valid(joined["prev_key"])
     same_fp = pc.fill_null(pc.equal(joined["prev_fp"], pa.scalar(fingerprint)), False)
     same_key = pc.fill_null(pc.equal(joined["prev_key"], writes), False)
