@@ -9,6 +9,7 @@
     rp-anonymize inspect OUTPUT_URI [--failed]
     rp-anonymize report OUTPUT_URI [--include-originals]
     rp-anonymize verify OUTPUT_URI [--json] [--dry-run] [--audit-faces] [--sign-key FILE] [--check-record RECORD]
+    rp-anonymize subjects INPUT_URI --out TABLE [--config FILE] [--method chinese_whispers|components]
 """
 
 from __future__ import annotations
@@ -126,6 +127,43 @@ def _cmd_config_show(args) -> int:
     return 0
 
 
+def _cmd_subjects(args) -> int:
+    from .subjects.job import run_subjects
+
+    if not args.out.lower().endswith((".parquet", ".pq")):
+        print(f"rp-anonymize: --out {args.out}: the subject table is Parquet (name it .parquet)", file=sys.stderr)
+        return 2
+    cfg = load_config(args.config, args.set or [])
+    result = run_subjects(cfg, args.input_uri, args.out, recognizer=args.recognizer, threshold=args.threshold,
+                          method=args.method, neighbors=args.neighbors, work_dir=args.work_dir,
+                          progress=not args.no_progress, verbose=args.verbose)
+    print(result.text())
+    return 0
+
+
+def _add_subjects(sub) -> None:
+    from .subjects import METHODS
+    from .subjects.describe import RECOGNIZERS
+
+    p = sub.add_parser("subjects", help="detect and describe every face under INPUT_URI, cluster them into subjects "
+                       "(one per person) and write the subject table (path, face_index, box, subject)")
+    p.add_argument("input_uri", help="folder, file or fsspec URI, as for run")
+    p.add_argument("--out", required=True, metavar="TABLE", help="the subject table to write (.parquet, file or URI)")
+    p.add_argument("--config", "-c", help="YAML config: detection, input, privacy (dlib's files and threshold)")
+    p.add_argument("--set", "-s", action="append", metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--recognizer", default="dlib", choices=list(RECOGNIZERS),
+                   help="dlib: 128-d, privacy.reid_threshold; arcface: diffusion.arcface, privacy.report_threshold")
+    p.add_argument("--threshold", type=float, metavar="D",
+                   help="euclidean distance below which two faces may be one person (default: the recognizer's)")
+    p.add_argument("--method", default="chinese_whispers", choices=list(METHODS), help="graph clustering")
+    p.add_argument("--neighbors", type=int, default=16, metavar="K", help="nearest faces looked at per face")
+    p.add_argument("--work-dir", metavar="DIR", help="local folder for the spooled descriptors (default: the "
+                   "system's temporary folder; about 0.6 KB a face)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", "-v", action="store_true", help="Ray's own output")
+    p.set_defaults(func=_cmd_subjects)
+
+
 def _add_verify(sub) -> None:
     ver = sub.add_parser("verify", help="check that the export under OUTPUT_URI is safe to share (exit 0), from its "
                          "bytes and its manifest; writes a record beside the manifest")
@@ -206,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=_cmd_report)
 
     _add_verify(sub)
+    _add_subjects(sub)
 
     conf = sub.add_parser("config", help="config utilities")
     csub = conf.add_subparsers(dest="config_command", required=True)
