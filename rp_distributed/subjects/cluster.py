@@ -67,38 +67,39 @@ def build_index(descriptors, params: ClusterParams):
 
 
 def knn_graph(descriptors, params: ClusterParams):
-    """The undirected graph (``scipy.sparse.csr_matrix``, N x N, int8 ones) joining each face to its nearest
-    faces below ``params.threshold``; no self loops."""
+    """The undirected graph (``scipy.sparse.csr_matrix``, N x N) joining each face to its nearest faces below
+    ``params.threshold``, each edge weighted ``1 - distance / threshold`` (in (0, 1]: a close pair weighs more than
+    a chance one near the threshold); no self loops."""
     import scipy.sparse as sp
 
     n = descriptors.shape[0]
     index = build_index(descriptors, params)
     limit = np.float32(params.threshold) ** 2  # faiss reports squared L2
     k = min(params.neighbors + 1, n)  # +1: a face finds itself first
-    heads, tails = [], []
+    heads, tails, weights = [], [], []
     for start, stop in _chunks(n, params.chunk):
         dist, found = index.search(np.ascontiguousarray(descriptors[start:stop], dtype=np.float32), k)
         me = np.arange(start, stop, dtype=np.int64)[:, None]
         keep = (found >= 0) & (dist < limit) & (found != me)
         heads.append(np.broadcast_to(me, found.shape)[keep].astype(np.int32))
         tails.append(found[keep].astype(np.int32))
+        weights.append((1 - np.sqrt(np.maximum(dist[keep], 0)) / params.threshold).astype(np.float32))
     del index
-    heads, tails = np.concatenate(heads), np.concatenate(tails)
-    ones = np.ones(len(heads), np.int8)
-    graph = sp.coo_matrix((ones, (heads, tails)), shape=(n, n)).tocsr()
-    del heads, tails, ones
-    graph = (graph + graph.T).tocsr()
-    graph.data[:] = 1
-    return graph
+    heads, tails, weights = np.concatenate(heads), np.concatenate(tails), np.concatenate(weights)
+    np.maximum(weights, np.float32(1e-6), out=weights)  # an edge at the threshold's rounding is still an edge
+    graph = sp.csr_matrix((weights, (heads, tails)), shape=(n, n))
+    del heads, tails, weights
+    return graph.maximum(graph.T).tocsr()  # found from either side: the same distance, kept once
 
 
 def _whispers_kernel():
-    """The numba kernel (compiled on first use): Chinese whispers over a CSR graph, unweighted, with self loops,
-    ties to the smallest label (as dlib's std::map of labels)."""
+    """The numba kernel (compiled on first use): Chinese whispers (Biemann 2006) over a weighted CSR graph: each
+    node, in a random order, takes the label of the largest summed edge weight among its neighbours (and its own,
+    weighted ``self_weight``), ties broken at random."""
     from numba import njit
 
     @njit(cache=False, nogil=True)
-    def whispers(indptr, indices, iterations, seed):
+    def whispers(indptr, indices, weights, self_weight, iterations, seed):
         n = len(indptr) - 1
         labels = np.arange(n)
         np.random.seed(seed)
@@ -106,6 +107,7 @@ def _whispers_kernel():
         for v in range(n):
             width = max(width, indptr[v + 1] - indptr[v] + 1)
         votes = np.empty(width, np.int64)
+        mass = np.empty(width, np.float64)
         for _ in range(iterations):
             changed = 0
             for v in np.random.permutation(n):
@@ -114,14 +116,21 @@ def _whispers_kernel():
                     continue
                 m = stop - start
                 for j in range(m):
-                    votes[j] = labels[indices[start + j]]
-                votes[m] = labels[v]
-                held = np.sort(votes[:m + 1])
-                best, best_count, run = held[0], 0, 0
+                    votes[j], mass[j] = labels[indices[start + j]], weights[start + j]
+                votes[m], mass[m] = labels[v], self_weight
+                order = np.argsort(votes[:m + 1])
+                best, best_mass, ties, run = labels[v], -1.0, 0, 0.0
                 for j in range(m + 1):
-                    run = run + 1 if j > 0 and held[j] == held[j - 1] else 1
-                    if run > best_count or (run == best_count and held[j] < best):
-                        best, best_count = held[j], run
+                    label = votes[order[j]]
+                    run = run + mass[order[j]] if j > 0 and label == votes[order[j - 1]] else mass[order[j]]
+                    if j < m and votes[order[j + 1]] == label:
+                        continue  # the run of this label goes on
+                    if run > best_mass:
+                        best, best_mass, ties = label, run, 1
+                    elif run == best_mass:  # a tie: uniformly among the labels tied so far
+                        ties += 1
+                        if np.random.randint(0, ties) == 0:
+                            best = label
                 if best != labels[v]:
                     labels[v] = best
                     changed += 1
@@ -133,12 +142,14 @@ def _whispers_kernel():
 
 
 _KERNEL: list = []
+SELF_WEIGHT = 0.0  # a node's own label's vote: any more and no node would leave the label it starts with
 
 
 def chinese_whispers(graph, params: ClusterParams) -> np.ndarray:
     if not _KERNEL:
         _KERNEL.append(_whispers_kernel())
-    return _KERNEL[0](graph.indptr.astype(np.int64), graph.indices.astype(np.int64), params.iterations, params.seed)
+    return _KERNEL[0](graph.indptr.astype(np.int64), graph.indices.astype(np.int64),
+                      graph.data.astype(np.float64), SELF_WEIGHT, params.iterations, params.seed)
 
 
 def connected_components(graph, params: ClusterParams) -> np.ndarray:

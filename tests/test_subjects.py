@@ -1,0 +1,133 @@
+"""``rp-anonymize subjects``: the clustering on its own (graphs whose answer is known), the per-image descriptors and
+clustering on real photos with real dlib (t1.jpg's six people under scale, rotation, JPEG and crop, package photos
+as distractors: benchmarks/subjects_set.py), and one small Ray run of the command."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from benchmarks.subjects_set import VARIANTS, described_set, sources
+from rp_distributed.config import load_config
+from rp_distributed.subjects import ClusterParams, cluster, scores, subject_names
+from tests.conftest import FAST_DETECTION, insightface_image, skimage_image
+
+
+def test_scores_of_a_known_labelling():
+    s = scores([0, 0, 1, 1], ["a", "a", "a", "b"])
+    assert (s.pairwise_precision, s.pairwise_recall) == (0.5, pytest.approx(1 / 3))
+    assert (s.bcubed_precision, s.bcubed_recall) == (0.75, pytest.approx(2 / 3))
+    perfect = scores([5, 5, 7], ["x", "x", "y"])
+    assert perfect.bcubed_f1 == perfect.pairwise_precision == perfect.pairwise_recall == 1.0
+
+
+def _bridge() -> tuple[np.ndarray, np.ndarray]:
+    """Two tight groups of eight 0.8 apart and one face between them, 0.4 from each: one chance edge per side."""
+    rng = np.random.default_rng(3)
+    a = np.zeros((8, 128), np.float32) + rng.normal(0, 0.005, (8, 128)).astype(np.float32)
+    b = a.copy()
+    b[:, 0] += 0.8
+    mid = np.zeros((1, 128), np.float32)
+    mid[0, 0] = 0.4
+    return np.concatenate([a, mid, b]), np.array([0] * 8 + [2] + [1] * 8)
+
+
+def test_chinese_whispers_keeps_two_people_a_chance_edge_joins_apart():
+    x, truth = _bridge()
+    whispers = cluster(x, ClusterParams(threshold=0.6, method="chinese_whispers"))
+    components = cluster(x, ClusterParams(threshold=0.6, method="components"))
+    assert len(set(components.tolist())) == 1  # the chain merges everyone
+    assert len(set(whispers[:8].tolist())) == 1 and len(set(whispers[9:].tolist())) == 1
+    assert whispers[0] != whispers[9]
+
+
+def test_numbering_follows_the_rows_and_the_partition_not_the_order():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 0.0625, (40, 128)).astype(np.float32)
+    truth = rng.integers(0, 40, 600)
+    x = centres[truth] + rng.normal(0, 0.02, (600, 128)).astype(np.float32)
+    labels = cluster(x, ClusterParams(threshold=0.6))
+    assert scores(labels, truth).bcubed_f1 == 1.0
+    assert labels[0] == 0 and np.all(np.diff(np.maximum.accumulate(labels)) <= 1)  # numbered as first seen
+    perm = rng.permutation(600)
+    assert scores(cluster(x[perm], ClusterParams(threshold=0.6)), labels[perm]).bcubed_f1 == 1.0
+    # The inverted-file search (large sets) finds the same graph here.
+    ivf = cluster(x, ClusterParams(threshold=0.6, exact_below=100, nprobe=8))
+    assert np.array_equal(ivf, labels)
+    assert subject_names(np.array([0, 41, 3])) == ["s000000", "s000041", "s000003"]
+    assert subject_names(np.array([1_234_567])) == ["s1234567"]
+
+
+def test_parameters_are_checked():
+    with pytest.raises(ValueError, match="unknown clustering method"):
+        ClusterParams(threshold=0.6, method="kmeans")
+    with pytest.raises(ValueError, match="threshold"):
+        ClusterParams(threshold=0)
+
+
+@pytest.fixture(scope="module")
+def photo_faces(tmp_path_factory):
+    from rp_distributed.subjects.describe import DescribeFaces, SubjectSettings
+
+    stage = DescribeFaces(SubjectSettings.of(load_config(None, FAST_DETECTION)))
+    return described_set(stage, tmp_path_factory.mktemp("subjects"))
+
+
+@pytest.mark.slow
+def test_t1_people_under_variations_come_out_as_the_right_clusters(photo_faces):
+    truth = np.array([f.identity for f in photo_faces])
+    x = np.stack([f.descriptor for f in photo_faces])
+    people = sorted({t for t in truth if t.startswith("t1#")})
+    assert len(people) == 6 and all((truth == p).sum() >= 7 for p in people)  # six people, found in most variants
+    labels = cluster(x, ClusterParams(threshold=0.6))  # dlib's threshold, Chinese whispers: the defaults
+    got = scores(labels, truth)
+    print("subjects on photos:", got.line())
+    for p in people:  # each person is one cluster, and that cluster is that person's alone
+        mine = set(labels[truth == p].tolist())
+        assert len(mine) == 1, (p, mine)
+        assert set(truth[labels == mine.pop()].tolist()) == {p}
+    assert got.pairwise_precision == got.pairwise_recall == 1.0
+    # The same checks fail where the threshold is wrong: too strict splits a person, too loose merges people.
+    assert scores(cluster(x, ClusterParams(threshold=0.45)), truth).pairwise_recall < 1.0
+    assert scores(cluster(x, ClusterParams(threshold=0.8)), truth).pairwise_precision < 1.0
+    # Connected components at the same threshold chain people together (one close pair is enough).
+    assert scores(cluster(x, ClusterParams(threshold=0.6, method="components")), truth).pairwise_precision < 1.0
+
+
+@pytest.mark.slow
+def test_the_command_on_ray_writes_the_subject_table(ray_session, tmp_path, capsys):
+    from rp_distributed.cli import main
+
+    folder = tmp_path / "in"
+    (folder / "visit2").mkdir(parents=True)
+    shutil.copy(insightface_image("t1.jpg"), folder / "t1.jpg")
+    small = next(v for v in VARIANTS if v.name == "t1/small.jpg")
+    Image.fromarray(small.render(sources()["t1"])).save(folder / "visit2" / "t1 small.jpg", quality=95)
+    shutil.copy(skimage_image("astronaut.png"), folder / "astronaut.png")
+    Image.open(skimage_image("coffee.png")).convert("RGB").save(folder / "coffee.jpg")  # no face
+    (folder / "broken.jpg").write_bytes(insightface_image("t1.jpg").read_bytes()[:2000])  # cannot be read
+    out = tmp_path / "subjects.parquet"
+    sets = [a for s in FAST_DETECTION for a in ("--set", s)]
+    assert main(["subjects", str(folder), "--out", str(out), "--no-progress", *sets]) == 0
+    text = capsys.readouterr().out
+    assert "inputs listed 5: with faces 3, no face 1, errors 1" in text
+    assert "broken.jpg" in text
+    table = pq.read_table(out)
+    assert table.column_names == ["path", "face_index", "x0", "y0", "x1", "y1", "subject"]
+    rows = table.to_pylist()
+    assert {r["path"] for r in rows} == {"t1.jpg", "visit2/t1 small.jpg", "astronaut.png"}
+    by_path = {p: sorted((r for r in rows if r["path"] == p), key=lambda r: r["face_index"]) for p in
+               ("t1.jpg", "visit2/t1 small.jpg")}
+    assert [r["face_index"] for r in by_path["t1.jpg"]] == list(range(6))
+    for r in by_path["t1.jpg"]:  # the same person in the small copy (its box, scaled back) has the same subject
+        twin = min(by_path["visit2/t1 small.jpg"],
+                   key=lambda s: abs(s["x0"] / 0.6 - r["x0"]) + abs(s["y0"] / 0.6 - r["y0"]))
+        assert twin["subject"] == r["subject"]
+    assert len({r["subject"] for r in by_path["t1.jpg"]}) == 6
+    astronaut = [r["subject"] for r in rows if r["path"] == "astronaut.png"]
+    assert len(astronaut) == 1 and astronaut[0] not in {r["subject"] for r in by_path["t1.jpg"]}
+    assert rows[0]["subject"] == "s000000" and all(r["subject"].startswith("s") for r in rows)
