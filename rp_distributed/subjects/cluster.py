@@ -98,7 +98,7 @@ def _whispers_kernel():
     weighted ``self_weight``), ties broken at random."""
     from numba import njit
 
-    @njit(cache=False, nogil=True)
+    @njit(cache=True, nogil=True)
     def whispers(indptr, indices, weights, self_weight, iterations, seed):
         n = len(indptr) - 1
         labels = np.arange(n)
