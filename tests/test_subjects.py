@@ -69,6 +69,29 @@ def test_parameters_are_checked():
         ClusterParams(threshold=0)
 
 
+def test_no_face_at_all_is_an_empty_table(tmp_path):
+    from rp_distributed.subjects.job import TABLE_SCHEMA, Spool, SubjectsResult, cluster_spool, write_table
+
+    spool = Spool(str(tmp_path), 128)
+    spool.close()
+    result = SubjectsResult(table_uri=str(tmp_path / "s.parquet"))
+    table = cluster_spool(str(tmp_path), 128, ClusterParams(threshold=0.6), result)
+    write_table(table, result.table_uri)
+    assert pq.read_table(result.table_uri).schema == TABLE_SCHEMA and result.faces == result.subjects == 0
+
+
+def test_arcface_recognizer_describes_the_aligned_crops(tiny_dir, t1_path):
+    """The plumbing of --recognizer arcface (the tiny random ArcFace: its embeddings say nothing of identity)."""
+    from rp_distributed.records import ImageRow
+    from rp_distributed.subjects.describe import ArcFaceRecognizer, DescribeFaces, SubjectSettings
+
+    cfg = load_config(None, [*FAST_DETECTION, f"diffusion.arcface={tiny_dir}/arcface/w600k_r50.onnx"])
+    image = DescribeFaces(SubjectSettings.of(cfg), recognizer="arcface").describe(ImageRow(str(t1_path), "t1.jpg"))
+    d = np.stack([f.descriptor for f in image.faces])
+    assert d.shape == (6, 512) and np.allclose(np.linalg.norm(d, axis=1), 1, atol=1e-4)
+    assert ArcFaceRecognizer.threshold(cfg) == pytest.approx(np.sqrt(2 * 0.7))
+
+
 @pytest.fixture(scope="module")
 def photo_faces(tmp_path_factory):
     from rp_distributed.subjects.describe import DescribeFaces, SubjectSettings

@@ -158,6 +158,8 @@ def _outcomes(folder: str, plan: pa.Table, result: SubjectsResult) -> None:
 def cluster_spool(folder: str, dim: int, params: ClusterParams, result: SubjectsResult) -> pa.Table:
     """The subject table of the spooled faces, in table order (path, face_index)."""
     faces = pq.read_table(os.path.join(folder, "faces.parquet"))
+    if faces.num_rows == 0:  # nothing to cluster (and no file to map)
+        return faces.append_column("subject", pa.array([], pa.string())).cast(TABLE_SCHEMA)
     order = pc.sort_indices(faces, sort_keys=[("path", "ascending"), ("face_index", "ascending")]).to_numpy()
     raw = np.memmap(os.path.join(folder, "descriptors.f32"), np.float32, "r", shape=(faces.num_rows, dim))
     ordered_path = os.path.join(folder, "ordered.f32")
