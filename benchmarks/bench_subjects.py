@@ -54,16 +54,22 @@ def draw(n: int, folder: Path, seed: int = 0) -> tuple[Path, Path]:
     return path, folder / f"truth_{n}.npy"
 
 
-def child(path: str, truth: str, n: int, methods: list[str], exact_below: int) -> dict:
+def child(path: str, truth: str, n: int, methods: list[str], exact_below: int, threads: int) -> dict:
     """The kNN graph once, then each clustering of it, timed, in this process."""
+    import faiss
+
     from rp_distributed.subjects import METHODS, ClusterParams, scores
+
+    if threads:
+        faiss.omp_set_num_threads(threads)
     from rp_distributed.subjects.cluster import first_seen_order, knn_graph
 
     params = ClusterParams(threshold=0.6, exact_below=exact_below)
     t = time.perf_counter()
     for method in methods:  # numba's compile, apart
         METHODS[method](knn_graph(np.zeros((3, 128), np.float32), params), params)
-    row = {"n": n, "search": "exact" if n < exact_below else "ivf", "numba_compile_s": round(time.perf_counter() - t, 1)}
+    row = {"n": n, "search": "exact" if n < exact_below else "ivf", "faiss_threads": faiss.omp_get_max_threads(),
+           "numba_compile_s": round(time.perf_counter() - t, 1)}
     x = np.memmap(path, np.float32, "r", shape=(n, 128))
     w0, c0 = time.perf_counter(), time.process_time()
     graph = knn_graph(x, params)
@@ -84,10 +90,11 @@ def child(path: str, truth: str, n: int, methods: list[str], exact_below: int) -
     return row
 
 
-def synthetic(sizes: list[int], methods: list[str], exact_below: int, folder: Path) -> None:
+def synthetic(sizes: list[int], methods: list[str], exact_below: int, threads: int, folder: Path) -> None:
     for n in sizes:
         path, truth = draw(n, folder)
-        cmd = [sys.executable, __file__, "--child", str(path), str(truth), str(n), ",".join(methods), str(exact_below)]
+        cmd = [sys.executable, __file__, "--child", str(path), str(truth), str(n), ",".join(methods), str(exact_below),
+               str(threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         print(out.stdout.strip().splitlines()[-1], flush=True)
         path.unlink()
@@ -114,13 +121,14 @@ def photos() -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        path, truth, n, methods, exact_below = sys.argv[2:7]
-        print(json.dumps(child(path, truth, int(n), methods.split(","), int(exact_below))))
+        path, truth, n, methods, exact_below, threads = sys.argv[2:8]
+        print(json.dumps(child(path, truth, int(n), methods.split(","), int(exact_below), int(threads))))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--methods", nargs="+", default=["chinese_whispers", "components"])
     ap.add_argument("--exact-below", type=int, default=None, help="ClusterParams.exact_below (default: its own)")
+    ap.add_argument("--threads", type=int, default=0, help="faiss's OpenMP threads (0: its default, every core)")
     ap.add_argument("--work-dir", default=None, help="where the synthetic descriptors are written")
     ap.add_argument("--photos", action="store_true", help="the real-photo set instead")
     args = ap.parse_args()
@@ -131,7 +139,7 @@ def main() -> None:
 
     exact_below = args.exact_below if args.exact_below is not None else ClusterParams(threshold=0.6).exact_below
     with tempfile.TemporaryDirectory(dir=args.work_dir) as d:
-        synthetic(args.sizes, args.methods, exact_below, Path(d))
+        synthetic(args.sizes, args.methods, exact_below, args.threads, Path(d))
     print(f"# cpu: {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}")
 
 

@@ -122,8 +122,15 @@ def test_t1_people_under_variations_come_out_as_the_right_clusters(photo_faces):
 
 
 @pytest.mark.slow
-def test_the_command_on_ray_writes_the_subject_table(ray_session, tmp_path, capsys):
-    from rp_distributed.cli import main
+@pytest.mark.timeout(900)
+def test_the_command_on_ray_writes_the_subject_table(tmp_path):
+    """One Ray run of the command (its own local Ray, workers with tests/faults.py's hook): a poison input kills its
+    worker every time and is reported lost, alone; a broken file is an error; the rest make the table."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
 
     folder = tmp_path / "in"
     (folder / "visit2").mkdir(parents=True)
@@ -133,12 +140,20 @@ def test_the_command_on_ray_writes_the_subject_table(ray_session, tmp_path, caps
     shutil.copy(skimage_image("astronaut.png"), folder / "astronaut.png")
     Image.open(skimage_image("coffee.png")).convert("RGB").save(folder / "coffee.jpg")  # no face
     (folder / "broken.jpg").write_bytes(insightface_image("t1.jpg").read_bytes()[:2000])  # cannot be read
+    marker = "rp-test-poison-subjects"
+    Image.open(skimage_image("camera.png")).convert("RGB").save(folder / "poison.jpg", comment=marker.encode())
     out = tmp_path / "subjects.parquet"
-    sets = [a for s in FAST_DETECTION for a in ("--set", s)]
-    assert main(["subjects", str(folder), "--out", str(out), "--no-progress", *sets]) == 0
-    text = capsys.readouterr().out
-    assert "inputs listed 5: with faces 3, no face 1, errors 1" in text
-    assert "broken.jpg" in text
+    sets = [a for s in [*FAST_DETECTION, "ray.max_task_retries=1"] for a in ("--set", s)]
+    driver = ("import sys, ray; ray.init(address='local', num_cpus=2, include_dashboard=False, log_to_driver=False, "
+              "runtime_env={'worker_process_setup_hook': 'tests.faults.install'}); "
+              "from rp_distributed.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", driver, "subjects", str(folder), "--out", str(out), "--no-progress",
+                           *sets], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), RP_TEST_POISON=marker),
+                          capture_output=True, text=True, timeout=800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    assert "inputs listed 6: with faces 3, no face 1, errors 2" in text, text
+    assert "error: broken.jpg: error: " in text and "error: poison.jpg: lost: its worker died" in text, text
     table = pq.read_table(out)
     assert table.column_names == ["path", "face_index", "x0", "y0", "x1", "y1", "subject"]
     rows = table.to_pylist()

@@ -13,6 +13,7 @@ counted, and their reasons listed (``SubjectsResult.errors``).
 
 from __future__ import annotations
 
+import array
 import os
 import shutil
 import tempfile
@@ -33,7 +34,8 @@ TABLE_SCHEMA = pa.schema([("path", pa.string()), ("face_index", pa.int64()), ("x
                           ("y0", pa.float64()), ("x1", pa.float64()), ("y1", pa.float64()), ("subject", pa.string())])
 FACE_COLUMNS = ("path", "face_index", "x0", "y0", "x1", "y1")
 IMAGE_COLUMNS = ("path", "status", "error", "faces", "undescribed")
-LOST = "lost: its worker died on every retry (a native crash or an out-of-memory kill; see the Ray worker logs)"
+LOST = ("lost: its worker died on every retry, with its block and alone (a native crash or an out-of-memory kill; see "
+        "the Ray worker logs)")
 
 
 @dataclass
@@ -73,6 +75,7 @@ class Spool:
 
     def __init__(self, folder: str, dim: int):
         self.folder, self.dim, self.faces = folder, dim, 0
+        self.seen = array.array("q")  # hashes of the finished inputs' paths: 8 bytes an input
         self.vectors = open(os.path.join(folder, "descriptors.f32"), "wb")
         self.face_rows = pq.ParquetWriter(os.path.join(folder, "faces.parquet"), _schema(FACE_COLUMNS))
         self.image_rows = pq.ParquetWriter(os.path.join(folder, "images.parquet"), _schema(IMAGE_COLUMNS))
@@ -85,7 +88,13 @@ class Spool:
         self.faces += len(vectors)
         self.face_rows.write_table(_table(batch, FACE_COLUMNS, is_face))
         self.image_rows.write_table(_table(batch, IMAGE_COLUMNS, ~is_face))
+        self.seen.extend(hash(p) for p in np.asarray(batch["path"])[~is_face])
         return int((~is_face).sum())
+
+    def unfinished(self, plan: pa.Table) -> pa.Table:
+        """The rows of ``plan`` that no input row came back for (their block's worker died every time)."""
+        hashes = np.fromiter((hash(p) for p in plan["rel_path"].to_pylist()), np.int64, plan.num_rows)
+        return plan.filter(pa.array(~np.isin(hashes, np.frombuffer(self.seen, np.int64))))
 
     def close(self) -> None:
         self.vectors.close()
@@ -129,12 +138,16 @@ def _describe_on_ray(cfg: JobConfig, plan: pa.Table, inputs: io.Storage, recogni
     ctx.max_errored_blocks = -1  # a block whose worker always dies: its inputs are reported lost, the rest go on
     spec = StageSpec("describe", DescribeFaces, SubjectSettings, lambda c: c.detection.resources,
                      ("input_uri", "rel_path", "error"), (inputs, recognizer))
-    blocks = put_blocks(plan)
     bar = tqdm(total=plan.num_rows, unit="img", desc="faces", disable=not progress)
     try:
-        for batch in build_dataset(cfg, blocks, [spec]).iter_batches(batch_format="numpy", batch_size=None):
+        for batch in build_dataset(cfg, put_blocks(plan), [spec]).iter_batches(batch_format="numpy", batch_size=None):
             bar.update(spool.add(batch))
             bar.set_postfix(faces=spool.faces)
+        lost = spool.unfinished(plan)
+        if lost.num_rows:  # one by one: a poison input costs only itself (reported lost), not its block
+            alone = build_dataset(cfg, put_blocks(lost, rows_per_block=1), [spec], isolate=True)
+            for batch in alone.iter_batches(batch_format="numpy", batch_size=None):
+                bar.update(spool.add(batch))
     finally:
         bar.close()
 
