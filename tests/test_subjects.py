@@ -148,7 +148,8 @@ def test_the_command_on_ray_writes_the_subject_table(tmp_path):
               "runtime_env={'worker_process_setup_hook': 'tests.faults.install'}); "
               "from rp_distributed.cli import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", driver, "subjects", str(folder), "--out", str(out), "--no-progress",
-                           *sets], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), RP_TEST_POISON=marker),
+                           *sets], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), RP_TEST_POISON=marker,
+                                                   RAY_raylet_start_wait_time_s="180"),  # a loaded machine
                           capture_output=True, text=True, timeout=800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
