@@ -80,6 +80,34 @@ def test_no_face_at_all_is_an_empty_table(tmp_path):
     assert pq.read_table(result.table_uri).schema == TABLE_SCHEMA and result.faces == result.subjects == 0
 
 
+def test_spooled_rows_delivered_twice_count_once_and_missing_inputs_are_lost(tmp_path):
+    """A retried task may deliver an input's rows again; an input no row came back for was lost with its worker."""
+    import pyarrow as pa
+
+    from rp_distributed.records import Status
+    from rp_distributed.subjects.describe import DescribedFace, DescribedImage, to_columns
+    from rp_distributed.subjects.job import Spool, SubjectsResult, _outcomes, cluster_spool
+
+    rng = np.random.default_rng(0)
+    faces = [DescribedFace(i, np.array([i, 0, i + 9, 9], np.float32), rng.normal(0, 1, 8).astype(np.float32))
+             for i in range(2)]
+    images = [DescribedImage("b.jpg", Status.OK, faces=faces), DescribedImage("a.jpg", Status.NO_FACE),
+              DescribedImage("c.jpg", Status.ERROR, "cannot decode")]
+    spool = Spool(str(tmp_path), 8)
+    spool.add(to_columns(images, 8))
+    spool.add(to_columns(images[:1], 8))  # b.jpg again
+    spool.close()
+    plan = pa.table({"rel_path": ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]})
+    assert spool.unfinished(plan)["rel_path"].to_pylist() == ["d.jpg"]
+    result = SubjectsResult(table_uri="unused")
+    _outcomes(str(tmp_path), plan, result)
+    assert (result.with_faces, result.no_face, result.errors) == (1, 1, 2)
+    assert [p for p, _ in result.error_rows] == ["c.jpg", "d.jpg"] and "lost" in result.error_rows[1][1]
+    table = cluster_spool(str(tmp_path), 8, ClusterParams(threshold=0.1), result)
+    assert [(r["path"], r["face_index"], r["x0"]) for r in table.to_pylist()] == [("b.jpg", 0, 0.0), ("b.jpg", 1, 1.0)]
+    assert result.faces == 2 and result.subjects == 2
+
+
 def test_arcface_recognizer_describes_the_aligned_crops(tiny_dir, t1_path):
     """The plumbing of --recognizer arcface (the tiny random ArcFace: its embeddings say nothing of identity)."""
     from rp_distributed.records import ImageRow

@@ -155,6 +155,9 @@ def _describe_on_ray(cfg: JobConfig, plan: pa.Table, inputs: io.Storage, recogni
 def _outcomes(folder: str, plan: pa.Table, result: SubjectsResult) -> None:
     """Counts and reasons from the input rows; a listed input with no row was lost with its worker."""
     images = pq.read_table(os.path.join(folder, "images.parquet"))
+    if images.num_rows:  # each input once (a retried task may have delivered its row twice)
+        images = images.group_by("path", use_threads=False).aggregate(
+            [(c, "first") for c in IMAGE_COLUMNS[1:]]).rename_columns(list(IMAGE_COLUMNS))
     seen = pc.is_in(plan["rel_path"], value_set=images["path"])
     lost = plan["rel_path"].filter(pc.invert(seen)).to_pylist()
     status = images["status"]
@@ -168,19 +171,30 @@ def _outcomes(folder: str, plan: pa.Table, result: SubjectsResult) -> None:
     result.error_rows = sorted(listed + [(p, LOST) for p in lost[:MAX_LISTED]])[:MAX_LISTED]
 
 
+def _table_order(faces: pa.Table) -> np.ndarray:
+    """Row numbers of ``faces`` in table order (path, face_index), each face once: a retried task may have
+    delivered an input's rows twice (the same face, the same descriptor)."""
+    order = pc.sort_indices(faces, sort_keys=[("path", "ascending"), ("face_index", "ascending")]).to_numpy()
+    path = faces["path"].take(pa.array(order)).to_numpy(zero_copy_only=False)
+    index = faces["face_index"].to_numpy()[order]
+    first = np.ones(len(order), bool)
+    first[1:] = (path[1:] != path[:-1]) | (index[1:] != index[:-1])
+    return order[first]
+
+
 def cluster_spool(folder: str, dim: int, params: ClusterParams, result: SubjectsResult) -> pa.Table:
     """The subject table of the spooled faces, in table order (path, face_index)."""
     faces = pq.read_table(os.path.join(folder, "faces.parquet"))
     if faces.num_rows == 0:  # nothing to cluster (and no file to map)
         return faces.append_column("subject", pa.array([], pa.string())).cast(TABLE_SCHEMA)
-    order = pc.sort_indices(faces, sort_keys=[("path", "ascending"), ("face_index", "ascending")]).to_numpy()
+    order = _table_order(faces)
     raw = np.memmap(os.path.join(folder, "descriptors.f32"), np.float32, "r", shape=(faces.num_rows, dim))
     ordered_path = os.path.join(folder, "ordered.f32")
     with open(ordered_path, "wb") as out:  # table order, chunk by chunk: the clustering is the same on a rerun
         for start in range(0, len(order), 65_536):
             out.write(np.ascontiguousarray(raw[order[start:start + 65_536]]).tobytes())
     del raw
-    ordered = np.memmap(ordered_path, np.float32, "r", shape=(faces.num_rows, dim))
+    ordered = np.memmap(ordered_path, np.float32, "r", shape=(len(order), dim))
     labels = cluster(ordered, params)
     del ordered
     faces = faces.take(pa.array(order))
