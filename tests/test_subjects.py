@@ -150,6 +150,7 @@ def test_t1_people_under_variations_come_out_as_the_right_clusters(photo_faces):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_the_command_on_ray_writes_the_subject_table(tmp_path):
     """One Ray run of the command (its own local Ray, workers with tests/faults.py's hook): a poison input kills its
