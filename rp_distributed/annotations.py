@@ -1,9 +1,9 @@
-"""Side tables keyed by input path: face annotations (``input.mode: annotations``) and attribute
-prompts per image or per face (``prompts.table``).
+"""Side tables keyed by input path: face annotations (``input.mode: annotations``), attribute
+prompts per image or per face (``prompts.table``) and subjects (``pseudonyms.table``).
 
 Both are read once, on the driver, with pyarrow (Parquet, CSV or JSON lines, through fsspec, so ``s3://``
 works), and **joined into the plan**: each plan row carries its own table rows as a small ``list<struct>``
-column (``annotations``, ``prompts``; null when the table has no row for it), shipped with it in the plan's
+column (``annotations``, ``prompts``, ``subjects``; null when the table has no row for it), shipped with it in the plan's
 32-input blocks. At 10M images this costs the driver one vectorized join (index_in, a stable sort, offsets)
 and a few tens of bytes per face in the object store, where reading the table in every DetectFaces actor
 would cost each actor the whole table's memory and a full read. Table rows that name no listed input are
@@ -172,14 +172,59 @@ def prompt_structs(table: pa.Table, prompt_column: str, template: str | None) ->
                 prompts.append(None)
             else:
                 prompts.append(template.format_map(row))
-    if "face_index" in table.column_names:
-        face_index = pc.cast(table["face_index"].combine_chunks(), pa.int64())
-    else:
-        face_index = pa.nulls(n, pa.int64())
+    face_index = _face_indexes(table, errors)
     boxes = [_floats(table, k, errors) for k in BOX]
     return pa.StructArray.from_arrays(
         [pa.array(np.arange(n)), face_index, *boxes, pa.array(prompts, pa.string()), pa.array(errors, pa.string())],
         fields=list(PROMPT))
+
+
+def _face_indexes(table: pa.Table, errors: list) -> pa.Array:
+    """The optional ``face_index`` column as int64; a cell that is not a whole number >= 0 is an error of its row
+    (the row is then ignored, never applied to every face)."""
+    n = table.num_rows
+    if "face_index" not in table.column_names:
+        return pa.nulls(n, pa.int64())
+    col = table["face_index"].combine_chunks()
+    if pa.types.is_integer(col.type) or pa.types.is_null(col.type):
+        values = pc.cast(col, pa.int64()).to_pylist()
+    else:
+        values = col.to_pylist()
+    out = []
+    for i, v in enumerate(values):
+        if v is None or v == "" or (isinstance(v, float) and np.isnan(v)):
+            out.append(None)
+            continue
+        try:
+            f = float(v)
+            ok = f.is_integer() and f >= 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            errors[i] = _join(errors[i], f"face_index={v!r} is not a face number (0, 1, ...)")
+        out.append(int(f) if ok else None)
+    return pa.array(out, pa.int64())
+
+
+def subject_structs(table: pa.Table, subject_column: str, key: bytes) -> pa.Array:
+    """``SUBJECT`` structs of a subject table's rows: each subject as ``HMAC-SHA256(key, subject)`` (computed once
+    per distinct subject), a row without one reported."""
+    from .pseudonyms import subject_digest
+
+    n = table.num_rows
+    if subject_column not in table.column_names:
+        raise TableError(f"pseudonyms.table: no {subject_column!r} column (pseudonyms.subject_column)")
+    errors: list[str | None] = [None] * n
+    subjects = pc.cast(table[subject_column].combine_chunks(), pa.string())
+    distinct = pc.unique(subjects).to_pylist()
+    digests = pa.array([subject_digest(key, s) if s and s.strip() else None for s in distinct], pa.string())
+    pseudonym = digests.take(pc.index_in(subjects, value_set=pa.array(distinct, pa.string())))
+    for i in np.flatnonzero(pc.is_null(pseudonym).to_numpy(zero_copy_only=False)):
+        errors[i] = f"{subject_column} is empty"
+    face_index = _face_indexes(table, errors)
+    boxes = [_floats(table, k, errors) for k in BOX]
+    return pa.StructArray.from_arrays(
+        [pa.array(np.arange(n)), face_index, *boxes, pseudonym, pa.array(errors, pa.string())], fields=list(SUBJECT))
 
 
 # -- the join into the plan -------------------------------------------------------------------------------
@@ -258,6 +303,14 @@ def attach(cfg, table: pa.Table) -> tuple[pa.Table, list[dict]]:
         if p.path_column not in t.column_names:
             raise TableError(f"prompts.table: {p.table} has no {p.path_column!r} column (prompts.path_column)")
         sides.append(("prompts", p.table, t[p.path_column], prompt_structs(t, p.prompt_column, p.template)))
+    if cfg.pseudonyms.table:  # any method: destructive ones still record pseudonym_id
+        from .pseudonyms import read_key
+
+        q = cfg.pseudonyms
+        t = read_table(q.table, "pseudonyms.table", (q.path_column, q.subject_column))
+        if q.path_column not in t.column_names:
+            raise TableError(f"pseudonyms.table: {q.table} has no {q.path_column!r} column (pseudonyms.path_column)")
+        sides.append(("subjects", q.table, t[q.path_column], subject_structs(t, q.subject_column, read_key(q))))
     for name, uri, keys, structs in sides:
         joined = join(keys, structs, table["rel_path"].combine_chunks(), table["input_uri"].combine_chunks())
         table = table.append_column(name, joined.column)

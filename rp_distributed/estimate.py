@@ -4,7 +4,7 @@ Lists the inputs as the job does, runs the job's own first stage (``stages.detec
 identity embeddings: no ArcFace is loaded) on a sample of them in this process (no Ray), and counts faces the
 way the anonymizer will treat them: a face below ``detection.min_face_size``, beyond ``detection.max_faces`` or
 whose alignment failed gets the fallback method, not diffusion (``anonymize.Anonymizer``), so it costs no UNet evaluation. Every other face
-costs ``4 x len(timesteps)`` UNet image evaluations per try (``ReversePersonalizer.unet_evals_per_face``,
+costs ``4 x len(timesteps)`` UNet image evaluations per try (5 x with the pseudonym branch) (``ReversePersonalizer.unet_evals_per_face``,
 with the timesteps from ``diffusion.solver.inversion_timesteps``: no model is loaded), one try at least and
 ``privacy.max_tries`` at most when ``privacy.escalate``. On the sample photos themselves the face and UNet
 counts are those of a real run (exact with escalation off; within the range with it on).
@@ -55,11 +55,18 @@ def tflop_at(piece: str, side: int) -> float:
     return a * (side / 512) ** math.log2(b / a)
 
 
+def branch_factor(cfg: JobConfig) -> int:
+    """UNet evaluations per timestep of one try: 2 (inversion) + 2 (generation), or + 3 with the pseudonym branch
+    (counted for every face when a subject table and h > 0 are set: an upper bound, faces without a subject cost 4)."""
+    return 5 if cfg.pseudonyms.table and cfg.pseudonyms.scale > 0 else 4
+
+
 def unet_evals_per_try(cfg: JobConfig) -> int:
-    """UNet image evaluations of one try on one face: an inversion and a generation, each 2 branches x N steps."""
+    """UNet image evaluations of one try on one face: an inversion and a generation, each 2 branches x N steps (a
+    generation with the pseudonym branch: 3)."""
     from .diffusion.solver import inversion_timesteps
 
-    return 4 * len(inversion_timesteps(cfg.diffusion.skip, cfg.diffusion.num_inversion_steps))
+    return branch_factor(cfg) * len(inversion_timesteps(cfg.diffusion.skip, cfg.diffusion.num_inversion_steps))
 
 
 def tries_range(cfg: JobConfig) -> tuple[int, int]:
@@ -143,7 +150,7 @@ def estimate(cfg: JobConfig, input_uri: str, sample: int = 20, device: str = "H1
         "input_uri": input_uri, "images_listed": n, "sampled": len(rows), "sample": counts,
         "per_image": per_image, "method": cfg.anonymizer.method, "generative": rp,
         "estimated_faces": counts["faces"] * scale, "estimated_diffusion_faces": est_diff_faces,
-        "unet_evals_per_try": per_try, "tries": [lo_tries, hi_tries],
+        "unet_evals_per_try": per_try, "branches": branch_factor(cfg), "tries": [lo_tries, hi_tries],
         "sample_unet_evals": sample_evals, "estimated_unet_evals": [e * scale for e in sample_evals],
         "face_size": side, "tflop_per_try": try_tflop, "estimated_pflop": total_pflop,
         "device": {"key": device, **dev.__dict__}, "utilization": utilization, "gpu_hours": gpu_hours,
@@ -182,7 +189,8 @@ def estimate_text(e: dict) -> str:
            else "1 try per face (escalation off): exact")
     lines += [
         f"  UNet evaluations  {_range(e['estimated_unet_evals'], ',.0f')}  "
-        f"({e['unet_evals_per_try']} per face per try = 4 x {e['unet_evals_per_try'] // 4} timesteps; {esc})",
+        f"({e['unet_evals_per_try']} per face per try = {e['branches']} x {e['unet_evals_per_try'] // e['branches']} "
+        f"timesteps; {esc})",
         f"  compute           {_range(e['estimated_pflop'], ',.3g')} PFLOP  (full SDXL at {e['face_size']} px crops: "
         f"{e['tflop_per_try']:,.4g} TFLOP per face per try, UNet + VAE; ALGORITHM.md \"Cost\")",
         f"  GPU-hours         {_range(e['gpu_hours'], ',.3g')} on {dev['name']}  "

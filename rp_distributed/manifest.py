@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import io
+from .pseudonyms import pseudonym_id
 from .records import Status
 
 # Image-level outcomes. ``ok``: written with every detected face anonymized; ``no_face``: written, no face
@@ -82,6 +83,8 @@ SCHEMA = pa.schema([
     ("input_version", pa.string()),       # the listing's change marker: "mtime_ns:<n>" (local) or "etag:<e>" (S3)
     ("input_sha256", pa.string()),        # sha256 of the input bytes the detection stage read and decoded
     ("output_sha256", pa.string()),       # sha256 of exactly the bytes written at output_uri (null: nothing written)
+    # Added later (older parts read it as null): the face's pseudonym, HMAC(pseudonym key, subject) truncated.
+    ("pseudonym_id", pa.string()),        # the same for every face of one subject; null: no subject
 ])
 
 
@@ -141,7 +144,8 @@ def face_row(image: dict, face, reid_threshold: float) -> dict:
                report_distance=face.report_distance, report_reidentified=face.report_reidentified,
                face_still_detected=face.face_still_detected, pose_diff_deg=face.pose_diff_deg,
                landmark_displacement=face.landmark_displacement, t_anonymize_s=face.t_anonymize_s,
-               found_by=face.found_by, low_confidence=face.low_confidence, audit=face.audit)
+               found_by=face.found_by, low_confidence=face.low_confidence, audit=face.audit,
+               pseudonym_id=pseudonym_id(face.pseudonym))
     if face.audit:
         row["detector"] = "audit"
     return row

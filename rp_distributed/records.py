@@ -99,6 +99,8 @@ class Face:
     small: bool = False  # below detection.min_face_size: the fallback method, never generation
     over_budget: bool = False  # beyond detection.max_faces: no crop; the fallback goes on the image box
     prompt: str | None = None  # attribute prompt this face is generated with (None: identity guidance only)
+    pseudonym: str | None = None  # HMAC-SHA256(pseudonym key, its subject), hex (None: no subject). Never the
+    #   subject: it seeds the face's pseudonym embedding and gives the manifest's pseudonym_id
     found_by: str | None = None  # the detector passes that found it ("; "-joined), or "audit: ..." (audit faces)
     low_confidence: bool = False  # an ensemble's low-confidence detection: the fallback method, never generation
     audit: bool = False  # missed by the first pass, found on the output by the merge stage's audit
@@ -205,6 +207,7 @@ class ImageRow:
     payload: ImagePayload = field(default_factory=ImagePayload)
     annotations: object = None  # the plan's rows of input.annotations for this image (detection stage only)
     prompts: object = None  # its rows of prompts.table (detection stage only)
+    subjects: object = None  # its rows of pseudonyms.table, subjects as digests (detection stage only)
 
     @classmethod
     def of(cls, columns: dict) -> "ImageRow":

@@ -31,9 +31,12 @@ from rp_distributed.faces.dlib_backend import (
     default_model_dir,
 )
 
-# Every section active: reverse personalization (diffusion), annotations mode (input), a prompt table (prompts).
+# Every section active: reverse personalization (diffusion), annotations mode (input), a prompt table (prompts), a
+# subject table (pseudonyms, with its key in the environment).
 ACTIVE = ["anonymizer.method=reverse_personalization", "input.mode=annotations", "input.annotations=/data/faces.csv",
-          "prompts.table=/data/prompts.csv", "prompts.template=a photo of {age}"]
+          "prompts.table=/data/prompts.csv", "prompts.template=a photo of {age}",
+          "pseudonyms.table=/data/subjects.parquet"]
+KEY = "fingerprint-test-pseudonym-key"
 
 
 def _leaves(model: BaseModel, prefix: str = "", why_out: str | None = None):
@@ -91,9 +94,19 @@ def _changed(base: JobConfig, key: str, value, annotation) -> JobConfig:
     raise AssertionError(f"{key}: no other valid value found from {value!r}: extend _candidates")
 
 
-def test_every_leaf_changes_the_fingerprint_or_is_declared_outside(dlib_copy):
+def _same_key_elsewhere(base: JobConfig, key: str, tmp_path, monkeypatch) -> JobConfig:
+    """The pseudonym key read from another variable or a file: the same key, so the same fingerprint."""
+    if key == "pseudonyms.key_env":
+        monkeypatch.setenv("OTHER_PSEUDONYM_KEY", KEY)
+        return base.model_copy(update={"pseudonyms": base.pseudonyms.model_copy(update={"key_env": "OTHER_PSEUDONYM_KEY"})})
+    (tmp_path / "key").write_text(KEY + "\n")
+    return base.model_copy(update={"pseudonyms": base.pseudonyms.model_copy(update={"key_file": str(tmp_path / "key")})})
+
+
+def test_every_leaf_changes_the_fingerprint_or_is_declared_outside(dlib_copy, tmp_path, monkeypatch):
     """Each setting declares, next to its field, whether it can change an exported face (``outside_fingerprint`` with
     the reason, in rp_distributed/config/); this holds every leaf to its declaration, both ways."""
+    monkeypatch.setenv("RP_PSEUDONYM_KEY", KEY)
     base = load_config(None, ACTIVE)
     fp = anonymization_fingerprint(base)
     leaves = list(_leaves(base))
@@ -104,6 +117,8 @@ def test_every_leaf_changes_the_fingerprint_or_is_declared_outside(dlib_copy):
         if key in ("detection.model_dir", "privacy.model_dir"):  # the same bytes elsewhere (other bytes: below)
             other = base.model_copy(update={key.split(".")[0]: getattr(base, key.split(".")[0]).model_copy(
                 update={"model_dir": str(dlib_copy)})})
+        elif key in ("pseudonyms.key_env", "pseudonyms.key_file"):  # where the key lies (another key: below)
+            other = _same_key_elsewhere(base, key, tmp_path, monkeypatch)
         else:
             other = _changed(base, key, value, annotation)
         changes = anonymization_fingerprint(other) != fp
@@ -113,6 +128,29 @@ def test_every_leaf_changes_the_fingerprint_or_is_declared_outside(dlib_copy):
             declared_but_changing.append(key)
     assert not silent, f"settings outside the fingerprint that do not declare it (outside_fingerprint): {silent}"
     assert not declared_but_changing, f"declared outside the fingerprint but in it: {declared_but_changing}"
+
+
+def test_the_pseudonym_key_enters_by_digest_only(tmp_path, monkeypatch):
+    """Another key is another job; the key itself is nowhere in the settings; no key, no job."""
+    monkeypatch.setenv("RP_PSEUDONYM_KEY", KEY)
+    cfg = load_config(None, ["pseudonyms.table=/data/subjects.parquet"])
+    fp, settings = anonymization_fingerprint(cfg), anonymization_settings(cfg)
+    assert KEY not in json.dumps(settings) and len(settings["pseudonym_key"]) == 32
+    assert KEY not in json.dumps(cfg.model_dump(mode="json"))
+    monkeypatch.setenv("RP_PSEUDONYM_KEY", KEY + "2")
+    assert anonymization_fingerprint(cfg) != fp
+    assert anonymization_fingerprint(load_config(None, [])) != fp  # no table: no pseudonyms, no key read
+    from rp_distributed.pseudonyms import PseudonymKeyError
+
+    monkeypatch.delenv("RP_PSEUDONYM_KEY")
+    with pytest.raises(PseudonymKeyError, match="RP_PSEUDONYM_KEY"):
+        anonymization_fingerprint(cfg)
+    monkeypatch.setenv("RP_PSEUDONYM_KEY", "short")
+    with pytest.raises(PseudonymKeyError, match="shorter than 16 bytes") as err:
+        anonymization_fingerprint(cfg)
+    assert "short'" not in str(err.value) and "short\"" not in str(err.value)  # never the key in a message
+    with pytest.raises(PseudonymKeyError, match="cannot read"):
+        anonymization_fingerprint(load_config(None, ["pseudonyms.table=/t.csv", f"pseudonyms.key_file={tmp_path}/no"]))
 
 
 # -- model files by content (the detector's and the privacy gate's weights) ------------------------------------
@@ -214,11 +252,12 @@ def test_a_pulled_tree_is_fingerprinted_from_its_lock(tmp_path, dlib_copy):
     assert models["detector"] == anonymization_settings(load_config(None, [cache]))["models"]["detector"]
 
 
-def test_a_pass_second_look_enters_the_fingerprint_only_when_set():
+def test_a_pass_second_look_enters_the_fingerprint_only_when_set(monkeypatch):
     """``detection.passes[].second_look`` came after fingerprints were recorded: unset (the default), a config's
     fingerprint is what it was; set, it changes, and so does each of its settings."""
     from rp_distributed.config.detection import SecondLook
 
+    monkeypatch.setenv("RP_PSEUDONYM_KEY", KEY)
     base = load_config(None, ACTIVE)
     assert "second_look" not in json.dumps(anonymization_settings(base))
     fp = anonymization_fingerprint(base)

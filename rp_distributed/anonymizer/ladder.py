@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from ..faults import describe, raise_if_device_fault
+from ..pseudonyms import embeddings
 from ..records import REVERSE_PERSONALIZATION, Applied, Face, Try
 from .contract import Fallback
 from .settings import AnonymizerSettings
@@ -48,6 +49,7 @@ class ReversePersonalization:
         if size == "auto":  # on CUDA the probe's UNet batch; the CPU gains little from larger batches
             size = self.rp.batch_size if self.rp.device.type == "cuda" else 4
         self.face_batch_size = int(size)
+        self.pseudonym_scale = settings.pseudonyms.scale  # h of the faces that have a subject (ALGORITHM.md)
 
     def params(self, settings: AnonymizerSettings) -> dict:
         d, privacy = settings.diffusion, settings.privacy
@@ -58,7 +60,7 @@ class ReversePersonalization:
             "guidance_ladder": privacy.guidance_ladder if privacy.escalate else [],
             "max_tries": privacy.max_tries if privacy.escalate else 1,
             "reid_threshold": privacy.reid_threshold,
-        }
+        } | ({"pseudonym_scale": settings.pseudonyms.scale} if settings.pseudonyms.table else {})
 
     def model_info(self) -> dict | None:
         return self.rp.model_info
@@ -111,7 +113,7 @@ class ReversePersonalization:
                     err = f"re-identification check failed: {describe(exc)}"
             f.tries.append(Try(guidance=g, reid_distance=_finite(dist)))
             f.anon_crop, f.guidance_final, f.method_applied = out, g, Applied(REVERSE_PERSONALIZATION)
-            f.unet_evals = self.rp.unet_evals_per_face(tries=len(f.tries))
+            f.unet_evals = self.rp.unet_evals_per_face(tries=len(f.tries), pseudonym=self._h(f) > 0)
             if err is not None:
                 fallback(f, err)
             elif dist is not None and dist < threshold:
@@ -170,8 +172,14 @@ class ReversePersonalization:
 
     def _invert_generate(self, chunk: list[Face], g: float, noise) -> list[np.ndarray]:
         # Each rung is the method run at its own g: its inversion's noise maps belong to that g
-        # (ALGORITHM.md, "Stronger guidance"). Faces with different prompts share the calls.
+        # (ALGORITHM.md, "Stronger guidance"), and keeps h. Faces with different prompts and subjects share the calls.
         gs = [g] * len(chunk)
         inv = self.rp.invert([f.crop for f in chunk], [int(f.seed) for f in chunk], gs, noise=noise)
         ids = np.stack([f.id_embedding for f in chunk]).astype(np.float32)
-        return self.rp.generate(inv, ids, [f.prompt for f in chunk], gs)
+        hs = [self._h(f) for f in chunk]
+        ps = embeddings([f.pseudonym if h > 0 else None for f, h in zip(chunk, hs)])[0] if any(hs) else None
+        return self.rp.generate(inv, ids, [f.prompt for f in chunk], gs, pseudonyms=ps, pseudonym_scales=hs)
+
+    def _h(self, f: Face) -> float:
+        """The pseudonym guidance of a face: h for a face with a subject, 0 (the plain method) without one."""
+        return self.pseudonym_scale if f.pseudonym else 0.0

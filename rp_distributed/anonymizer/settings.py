@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ..config import AlignmentConfig, AnonymizerConfig, DetectionConfig, DiffusionConfig, PrivacyConfig
+from ..config import (AlignmentConfig, AnonymizerConfig, DetectionConfig, DiffusionConfig, PrivacyConfig,
+                      PseudonymsConfig)
 
 
 @dataclass(frozen=True)
@@ -14,7 +15,8 @@ class AnonymizerSettings:
     privacy: PrivacyConfig
     detection: DetectionConfig  # the face budget and sizes a fallback reason names
     alignment: AlignmentConfig  # the crop size the diffusion stage runs at
+    pseudonyms: PseudonymsConfig = field(default_factory=PseudonymsConfig)  # h, the pseudonym guidance of faces with a subject
 
     @classmethod
     def of(cls, cfg) -> "AnonymizerSettings":
-        return cls(cfg.anonymizer, cfg.diffusion, cfg.privacy, cfg.detection, cfg.alignment)
+        return cls(cfg.anonymizer, cfg.diffusion, cfg.privacy, cfg.detection, cfg.alignment, cfg.pseudonyms)

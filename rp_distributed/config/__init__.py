@@ -5,6 +5,7 @@ from .base import StageResources
 from .detection import AUDIT_PASSES, DEFAULT_PASSES, AuditConfig, DetectionConfig, PassConfig
 from .diffusion import DiffusionConfig
 from .fingerprint import anonymization_fingerprint, anonymization_settings
+from .pseudonyms import PseudonymsConfig
 from .job import ConfigError, JobConfig, apply_overrides, config_to_dict, load_config
 from .sections import (IMAGE_EXTENSIONS, AlignmentConfig, AnonymizerConfig, InputConfig, MergeConfig, OutputConfig,
                        PrivacyConfig, PromptsConfig, RayConfig, ReportConfig)
@@ -13,4 +14,4 @@ __all__ = ["StageResources", "AUDIT_PASSES", "DEFAULT_PASSES", "AuditConfig", "D
            "DiffusionConfig", "anonymization_fingerprint", "anonymization_settings", "ConfigError", "JobConfig",
            "apply_overrides", "config_to_dict", "load_config", "IMAGE_EXTENSIONS", "AlignmentConfig",
            "AnonymizerConfig", "InputConfig", "MergeConfig", "OutputConfig", "PrivacyConfig", "PromptsConfig",
-           "RayConfig", "ReportConfig"]
+           "RayConfig", "ReportConfig", "PseudonymsConfig"]

@@ -4,7 +4,8 @@ every manifest row and compared on resume (an input done under another fingerpri
 Every setting is in it unless its field declares otherwise (``outside_fingerprint(why)``, next to the field), and
 the model files outside the diffusion tree enter by content (``modelfiles.identity``). Three sections count only
 where they act, which also keeps the fingerprints of configs written before they existed: ``diffusion`` with a
-generative method, ``prompts`` when it names a table (its URI, not its content), ``input`` outside detect mode.
+generative method, ``prompts`` when it names a table (its URI, not its content), ``input`` outside detect mode,
+``pseudonyms`` when it names a table (with the pseudonym key's HMAC digest, never the key).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def declared(model: type[BaseModel], data):
 
 def _acting(cfg: JobConfig) -> dict[str, bool]:
     return {"diffusion": cfg.anonymizer.generative, "prompts": cfg.anonymizer.generative and bool(cfg.prompts.table),
-            "input": cfg.input.mode != "detect"}
+            "input": cfg.input.mode != "detect", "pseudonyms": bool(cfg.pseudonyms.table)}
 
 
 def anonymization_settings(cfg: JobConfig) -> dict:
@@ -56,6 +57,10 @@ def anonymization_settings(cfg: JobConfig) -> dict:
         section = declared(field.annotation, dumped[name])
         if section and acting.get(name, True):
             settings[name] = section
+    if acting["pseudonyms"]:  # the key by its HMAC digest: another key is another job (read here: fails early)
+        from ..pseudonyms import key_digest, read_key
+
+        settings["pseudonym_key"] = key_digest(read_key(cfg.pseudonyms))
     if models := identity(cfg):  # none when they are the shipped dlib files: earlier fingerprints stay valid
         settings["models"] = models
     return settings

@@ -13,6 +13,7 @@ from pydantic import ValidationError, model_validator
 from .base import _Section
 from .detection import DetectionConfig
 from .diffusion import DiffusionConfig
+from .pseudonyms import PseudonymsConfig
 from .sections import (
     AlignmentConfig,
     AnonymizerConfig,
@@ -42,6 +43,7 @@ class JobConfig(_Section):
     ray: RayConfig = RayConfig()
     report: ReportConfig = ReportConfig()
     prompts: PromptsConfig = PromptsConfig()
+    pseudonyms: PseudonymsConfig = PseudonymsConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobConfig":

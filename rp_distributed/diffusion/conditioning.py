@@ -34,9 +34,12 @@ class Conditioning:
 
     def take(self, start: int, end: int) -> "Conditioning":
         """Samples ``start:end`` of every branch."""
-        b = self.samples
-        rows = torch.cat([torch.arange(k * b + start, k * b + end) for k in range(self.branches)])
-        rows = rows.to(self.text.device)
+        return self.select(range(start, end))
+
+    def select(self, samples) -> "Conditioning":
+        """The given samples (indices) of every branch, in that order."""
+        b, idx = self.samples, torch.as_tensor(list(samples), dtype=torch.long)
+        rows = torch.cat([k * b + idx for k in range(self.branches)]).to(self.text.device)
         return Conditioning(self.text[rows], self.pooled[rows], self.ids[rows], self.time_ids[rows], self.branches)
 
     def repeat(self, m: int) -> "Conditioning":
@@ -92,12 +95,20 @@ class ConditioningBuilder:
             return torch.zeros(b, 1, 1, ID_DIM, dtype=self.dtype, device=self.device)
         return ids.to(self.device, self.dtype).view(b, 1, 1, ID_DIM)
 
-    def build(self, neg_prompts: list[str | None], ids: torch.Tensor | None, size: tuple[int, int]) -> Conditioning:
-        """Rows [negative ; positive]. Negative: ``neg_prompts`` encoded (None -> zeros), zero identity.
-        Positive: ``""`` encoded, identity ``ids`` [B, 512] (None -> zeros: the null identity)."""
+    def build(self, neg_prompts: list[str | None], ids: torch.Tensor | None, size: tuple[int, int],
+              pseudonyms: torch.Tensor | None = None) -> Conditioning:
+        """Rows [negative ; positive], and [; pseudonym] with ``pseudonyms``. Negative: ``neg_prompts`` encoded
+        (None -> zeros), zero identity. Positive: ``""`` encoded, identity ``ids`` [B, 512] (None -> zeros: the null
+        identity). Pseudonym (ALGORITHM.md, "Pseudonyms"): the negative branch's text with identity ``pseudonyms``
+        [B, 512], so that its difference to the negative branch is the identity alone."""
         b = len(neg_prompts)
         neg_e, neg_p = self.texts_or_zeros(neg_prompts)
         pos_e, pos_p = self.encode_texts([""] * b)
-        return Conditioning(text=torch.cat([neg_e, pos_e]), pooled=torch.cat([neg_p, pos_p]),
-                            ids=torch.cat([self.identities(None, b), self.identities(ids, b)]),
-                            time_ids=self.time_ids(2 * b, size), branches=2)
+        text, pooled = [neg_e, pos_e], [neg_p, pos_p]
+        identities = [self.identities(None, b), self.identities(ids, b)]
+        if pseudonyms is not None:
+            text, pooled = text + [neg_e], pooled + [neg_p]
+            identities.append(self.identities(pseudonyms, b))
+        k = len(text)
+        return Conditioning(text=torch.cat(text), pooled=torch.cat(pooled), ids=torch.cat(identities),
+                            time_ids=self.time_ids(k * b, size), branches=k)

@@ -1,7 +1,8 @@
 """Guided noise predictions: one UNet call carries every guidance branch of up to ``batch_size`` samples.
 
 How the call is executed (batch size, padding for a compiled graph, the attention kernel) changes results by
-rounding only; what is computed is ALGORITHM.md's ``eps_neg + g * (eps_pos - eps_neg)``.
+rounding only; what is computed is ALGORITHM.md's ``eps_neg + g * (eps_pos - eps_neg)``, with a pseudonym branch
+``+ h * (eps_pseu - eps_neg)``.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class GuidedUNet:
         # contiguous: broadcasting upstream can hand out permuted strides, which a compiled graph would treat
         # as a new input (a recompile)
         rows = [torch.cat([x] * k).to(self.dtype).contiguous(), torch.cat([t] * k)] + cond.tensors()
-        pad = self.batch_size - m if self.compiled else 0
+        pad = self.capacity(k) - m if self.compiled else 0
         if pad > 0:  # repeat each branch's sample 0; the extra rows are dropped below
             rows = [torch.cat([torch.cat([r[j * m:(j + 1) * m], r[j * m:j * m + 1].expand(pad, *r.shape[1:])])
                                for j in range(k)]) for r in rows]
@@ -60,11 +61,22 @@ class GuidedUNet:
             out = torch.cat([out[j * (m + pad):j * (m + pad) + m] for j in range(k)])
         return out
 
+    def capacity(self, branches: int) -> int:
+        """Samples per call with ``branches`` guidance branches: as many UNet rows as ``batch_size`` samples of two
+        branches (what the memory probe measured), so a three-branch call carries 2/3 as many samples."""
+        return max(1, 2 * self.batch_size // branches)
+
     @torch.no_grad()
-    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, g: torch.Tensor) -> torch.Tensor:
-        """Guided noise prediction eps_neg + g * (eps_pos - eps_neg) in float32; ``g`` [M, 1, 1, 1]."""
-        neg, pos = self.raw(x, t, cond).to(torch.float32).chunk(2)
-        return neg + g * (pos - neg)
+    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, g: torch.Tensor,
+            h: torch.Tensor | None = None) -> torch.Tensor:
+        """Guided noise prediction eps_neg + g * (eps_pos - eps_neg) in float32, plus h * (eps_pseu - eps_neg) with a
+        third (pseudonym) branch; ``g``, ``h`` [M, 1, 1, 1]."""
+        out = self.raw(x, t, cond).to(torch.float32).chunk(cond.branches)
+        neg, pos = out[0], out[1]
+        guided = neg + g * (pos - neg)
+        if cond.branches == 3:
+            guided = guided + h * (out[2] - neg)
+        return guided
 
     def _attention(self):
         if self.sdpa_backend == "auto":

@@ -117,18 +117,19 @@ class ReversePersonalizer:
     def timesteps(self) -> np.ndarray:
         return self._timesteps.copy()
 
-    def unet_evals_per_face(self, tries: int = 1) -> int:
+    def unet_evals_per_face(self, tries: int = 1, pseudonym: bool = False) -> int:
         """UNet image evaluations per face: each try (rung) is an inversion and a generation at its own
-        guidance (ALGORITHM.md, "Stronger guidance"), each 2 branches x N steps: 4N per try."""
-        return 4 * len(self._timesteps) * tries
+        guidance (ALGORITHM.md, "Stronger guidance"), each 2 branches x N steps: 4N per try; a face generated
+        with a pseudonym branch (h != 0) has 3 generation branches: 5N per try."""
+        return (5 if pseudonym else 4) * len(self._timesteps) * tries
 
     def latent_shape(self, size: tuple[int, int]) -> tuple[int, int, int]:
         f = self.pipe.vae_scale_factor
         return (self.pipe.unet.config.in_channels, size[0] // f, size[1] // f)
 
     def build_conditioning(self, neg_prompts: list[str | None], ids: torch.Tensor | None,
-                           size: tuple[int, int]) -> Conditioning:
-        return self.conditioning.build(neg_prompts, ids, size)
+                           size: tuple[int, int], pseudonyms: torch.Tensor | None = None) -> Conditioning:
+        return self.conditioning.build(neg_prompts, ids, size, pseudonyms)
 
     # ------------------------------------------------------------------ inputs
 
@@ -154,16 +155,24 @@ class ReversePersonalizer:
             raise ValueError(f"need {b} finite guidance scales, got {guidance_scales}")
         return torch.tensor([float(v) for v in guidance_scales], dtype=torch.float32, device=self.device).view(b, 1, 1, 1)
 
-    def _identities(self, id_embeddings, b: int) -> torch.Tensor:
+    def _identities(self, id_embeddings, b: int, what: str = "id_embeddings") -> torch.Tensor:
         """[B, 512] identities x ``id_emb_scale``, checked."""
         if id_embeddings is None:
-            raise ValueError("generation needs id_embeddings")
+            raise ValueError(f"generation needs {what}")
         ids = torch.as_tensor(np.asarray(id_embeddings, dtype=np.float32))
         if ids.shape != (b, ID_DIM):
-            raise ValueError(f"id_embeddings must be [{b}, {ID_DIM}], got {tuple(ids.shape)}")
+            raise ValueError(f"{what} must be [{b}, {ID_DIM}], got {tuple(ids.shape)}")
         if not torch.isfinite(ids).all():
-            raise ValueError("id_embeddings contain non-finite values")
+            raise ValueError(f"{what} contain non-finite values")
         return ids * float(self.cfg.id_emb_scale)
+
+    def _pseudonym_scales(self, scales: Sequence[float] | None, b: int) -> list[float]:
+        """Per face h (0: no pseudonym branch), checked."""
+        if scales is None:
+            return [0.0] * b
+        if len(scales) != b or not all(math.isfinite(float(v)) and float(v) >= 0 for v in scales):
+            raise ValueError(f"need {b} finite pseudonym scales >= 0, got {scales}")
+        return [float(v) for v in scales]
 
     def draw_noise(self, seeds: Sequence[int], latent_shape: tuple[int, int, int]) -> torch.Tensor:
         """The inversion's noise [N, B, C, h, w] float32 on the CPU: per face one seeded CPU generator, one
@@ -226,6 +235,8 @@ class ReversePersonalizer:
         guidance_scales: Sequence[float] | None = None,
         conditioning: Literal["generation", "inversion"] = "generation",
         return_latents: bool = False,
+        pseudonyms: np.ndarray | None = None,
+        pseudonym_scales: Sequence[float] | None = None,
     ):
         """Regenerate the inverted faces with negative identity guidance.
 
@@ -233,36 +244,62 @@ class ReversePersonalizer:
         attribute_prompts: per face, None/"" = no prompt; None for the list = ``cfg.attribute_prompt`` for all.
         guidance_scales: per face; None = ``cfg.guidance_scale`` for all.
         conditioning="inversion" reuses the inversion conditioning (returns the input, a self-check).
-        Faces sharing a call may have different prompts, identities and guidance: all are per-sample rows.
-        More faces than ``batch_size`` run as several calls of at most ``batch_size`` faces.
+        pseudonyms: [B, 512] unit pseudonym embeddings p (ALGORITHM.md, "Pseudonyms"; x ``id_emb_scale`` here) and
+        pseudonym_scales their h per face: faces with h > 0 get the third branch, the others are generated exactly
+        as without pseudonyms (two-branch calls of their own).
+        Faces sharing a call may have different prompts, identities, pseudonyms and guidance: all are per-sample
+        rows. More faces than a call holds (``batch_size`` two-branch samples, 2/3 as many with three branches) run
+        as several calls.
         Returns uint8 HxWx3 images, or (images, final latents [B, C, h, w] float32) with ``return_latents``.
         """
         b = len(inv)
         g = self._guidance(guidance_scales, b)
+        hs = self._pseudonym_scales(pseudonym_scales, b)
         if conditioning == "inversion":
-            cond = self.build_conditioning([None], None, inv.image_size).repeat(b)
+            groups = [(list(range(b)), self.build_conditioning([None], None, inv.image_size).repeat(b))]
         elif conditioning == "generation":
-            ids = self._identities(id_embeddings, b)
-            if attribute_prompts is None:
-                attribute_prompts = [self.cfg.attribute_prompt] * b
-            if len(attribute_prompts) != b:
-                raise ValueError(f"need {b} attribute prompts, got {len(attribute_prompts)}")
-            cond = self.build_conditioning(list(attribute_prompts), ids, inv.image_size)
+            groups = self._generation_conditioning(inv, id_embeddings, attribute_prompts, pseudonyms, hs)
         else:
             raise ValueError(f"conditioning must be 'generation' or 'inversion', got {conditioning!r}")
         xT, zs = inv.xT.to(self.device), inv.zs.to(self.device)
-        finals = []
-        for start in range(0, b, self.batch_size):
-            end = min(start + self.batch_size, b)
-            finals.append(self.sample(xT[start:end], zs[:, start:end], cond.take(start, end), g[start:end]))
-        x = torch.cat(finals)
+        h = torch.tensor(hs, dtype=torch.float32, device=self.device).view(b, 1, 1, 1)
+        x = torch.empty_like(xT)
+        for group, c in groups:
+            cap = self.guided.capacity(c.branches)
+            for start in range(0, len(group), cap):
+                sel = group[start:start + cap]
+                at = torch.as_tensor(sel, dtype=torch.long, device=self.device)
+                x[at] = self.sample(xT[at], zs[:, at], c.select(range(start, start + len(sel))), g[at], h[at])
         images = self.codec.decode(x)
         return (images, x) if return_latents else images
 
-    def sample(self, x: torch.Tensor, zs: torch.Tensor, cond: Conditioning, g: torch.Tensor) -> torch.Tensor:
-        """The generation loop for at most ``batch_size`` faces (``solver.sample``)."""
+    def _generation_conditioning(self, inv: Inversion, id_embeddings, attribute_prompts, pseudonyms, hs):
+        """The generation conditioning as (faces, their rows) groups: the faces with h = 0 (two branches) and
+        those with h > 0 (three branches), an empty group left out."""
+        b = len(inv)
+        ids = self._identities(id_embeddings, b)
+        if attribute_prompts is None:
+            attribute_prompts = [self.cfg.attribute_prompt] * b
+        if len(attribute_prompts) != b:
+            raise ValueError(f"need {b} attribute prompts, got {len(attribute_prompts)}")
+        prompts = list(attribute_prompts)
+        with_p = [i for i in range(b) if hs[i] > 0]
+        plain = [i for i in range(b) if hs[i] == 0]
+        groups = []
+        if plain:
+            groups.append((plain, self.build_conditioning([prompts[i] for i in plain], ids[plain], inv.image_size)))
+        if with_p:
+            ps = self._identities(pseudonyms, b, "pseudonyms")
+            groups.append((with_p, self.build_conditioning([prompts[i] for i in with_p], ids[with_p], inv.image_size,
+                                                           ps[with_p])))
+        return groups
+
+    def sample(self, x: torch.Tensor, zs: torch.Tensor, cond: Conditioning, g: torch.Tensor,
+               h: torch.Tensor | None = None) -> torch.Tensor:
+        """The generation loop for the faces of one call (``solver.sample``)."""
         m = x.shape[0]
-        return solver.sample(self.table, x, zs, lambda y, i: self.guided.eps(y, self.t_device[i].expand(m), cond, g))
+        return solver.sample(self.table, x, zs,
+                             lambda y, i: self.guided.eps(y, self.t_device[i].expand(m), cond, g, h))
 
     def anonymize(self, crops, id_embeddings, attribute_prompts=None, seeds=None, guidance_scales=None):
         """invert + generate; returns uint8 RGB crops."""

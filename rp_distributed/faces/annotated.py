@@ -90,6 +90,11 @@ def prompts_for_faces(value, boxes: list[np.ndarray], box_iou: float) -> tuple[l
 
     A row with ``face_index`` names that face; one with a box names the face it overlaps most (IoU at least
     ``box_iou``); one with neither names every face of the image. The most specific row wins."""
+    return values_for_faces(value, boxes, box_iou, "prompt", "prompts")
+
+
+def values_for_faces(value, boxes: list[np.ndarray], box_iou: float, column: str, table: str) -> tuple[list, list[str]]:
+    """``prompts_for_faces`` for any side table: each face's ``column`` value; ``table`` names it in notes."""
     n = len(boxes)
     by_index: dict[int, str] = {}
     by_box: dict[int, tuple[float, str]] = {}
@@ -98,22 +103,22 @@ def prompts_for_faces(value, boxes: list[np.ndarray], box_iou: float) -> tuple[l
     for r in table_rows(value):
         row = int(r["row"])
         if r.get("error"):
-            notes.append(f"prompts row {row}: {r['error']}: ignored")
+            notes.append(f"{table} row {row}: {r['error']}: ignored")
             continue
-        prompt = r["prompt"]
+        prompt = r[column]
         if r.get("face_index") is not None:
             i = int(r["face_index"])
             if 0 <= i < n:
                 by_index[i] = prompt
             else:
-                notes.append(f"prompts row {row}: face_index {i} names no face (the image has {n}): ignored")
+                notes.append(f"{table} row {row}: face_index {i} names no face (the image has {n}): ignored")
             continue
         box = [r.get(k) for k in BOX]
         if all(v is not None for v in box):
             scores = [iou(np.asarray(box, np.float32), b) for b in boxes]
             best = int(np.argmax(scores)) if scores else -1
             if best < 0 or scores[best] < box_iou:
-                notes.append(f"prompts row {row}: box {_fmt(box)} overlaps no face (IoU >= {box_iou:g}): ignored")
+                notes.append(f"{table} row {row}: box {_fmt(box)} overlaps no face (IoU >= {box_iou:g}): ignored")
             elif best not in by_box or scores[best] > by_box[best][0]:
                 by_box[best] = (scores[best], prompt)
             continue

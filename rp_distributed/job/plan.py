@@ -231,7 +231,7 @@ def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str)
     exclude = output_exclusion(input_uri, output_uri)
     # The earlier outcomes are read even with --overwrite: an output at a key this run no longer writes
     # is deleted either way. Only the resume columns are read, and the decisions are made in Arrow.
-    sides = cfg.input.mode == "annotations" or bool(cfg.prompts.table)
+    sides = cfg.input.mode == "annotations" or bool(cfg.prompts.table) or bool(cfg.pseudonyms.table)
     latest = manifest.latest_outcomes(output_uri, out_cfg.manifest_dir,
                                       manifest.RESUME_COLUMNS + (["error"] if sides else []))
     retire = manifest.earlier_records(output_uri, out_cfg.manifest_dir) if out_cfg.overwrite else []

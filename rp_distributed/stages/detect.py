@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .. import io
-from ..config import AlignmentConfig, AnonymizerConfig, DetectionConfig, DiffusionConfig, InputConfig, PromptsConfig
-from ..faces.annotated import UNSET, prompts_for_faces
+from ..config import (AlignmentConfig, AnonymizerConfig, DetectionConfig, DiffusionConfig, InputConfig, PromptsConfig,
+                      PseudonymsConfig)
+from ..faces.annotated import UNSET, prompts_for_faces, values_for_faces
 from ..faces.sources import FaceFinder
 from ..faults import DeviceFault, describe, end_worker, raise_if_device_fault
 from ..records import Face, ImagePayload, ImageRow, Status, join_reasons
@@ -29,10 +30,11 @@ class DetectSettings:
     diffusion: DiffusionConfig  # seeds, the default prompt, the ArcFace model
     prompts: PromptsConfig
     anonymizer: AnonymizerConfig  # whether the method generates (prompts and identities matter then)
+    pseudonyms: PseudonymsConfig = field(default_factory=PseudonymsConfig)  # how a subject row names its face
 
     @classmethod
     def of(cls, cfg) -> "DetectSettings":
-        return cls(cfg.input, cfg.detection, cfg.alignment, cfg.diffusion, cfg.prompts, cfg.anonymizer)
+        return cls(cfg.input, cfg.detection, cfg.alignment, cfg.diffusion, cfg.prompts, cfg.anonymizer, cfg.pseudonyms)
 
 
 class DetectFaces:
@@ -67,7 +69,7 @@ class DetectFaces:
         try:
             return self._process(row)
         finally:
-            row.annotations = row.prompts = None  # used here: the stages after this one do not carry them
+            row.annotations = row.prompts = row.subjects = None  # used here: the stages after this one do not carry them
 
     def _process(self, row: ImageRow) -> ImageRow:
         if row.error:  # refused at plan time (unsafe or colliding key, symlink out of the root)
@@ -99,7 +101,7 @@ class DetectFaces:
         if found.withheld:  # fail closed: nothing is written for this image, the manifest says why
             row.notes, row.t_detect_s = join_reasons(row.notes, *found.notes), time.perf_counter() - t1
             return row.finish(Status.WITHHELD, found.withheld)
-        notes = found.notes + self._choose_prompts(row, found.faces)
+        notes = found.notes + self._choose_prompts(row, found.faces) + self._choose_subjects(row, found.faces)
         self._embed(found.faces)
         row.notes = join_reasons(row.notes, *notes)
         row.payload.faces, row.payload.faces_from = found.faces, found.faces_from
@@ -118,6 +120,17 @@ class DetectFaces:
             chosen, notes = prompts_for_faces(row.prompts, [f.box for f in faces], s.prompts.box_iou)
         for f, p in zip(faces, chosen):
             f.prompt = s.diffusion.attribute_prompt if p is UNSET else (p or None)
+        return notes
+
+    def _choose_subjects(self, row: ImageRow, faces: list[Face]) -> list[str]:
+        """Each face's subject digest from its ``pseudonyms.table`` row (any method: destructive ones record
+        pseudonym_id too); faces no row names have none. Returns the notes of rows ignored."""
+        if row.subjects is None:
+            return []
+        chosen, notes = values_for_faces(row.subjects, [f.box for f in faces], self.settings.pseudonyms.box_iou,
+                                         "pseudonym", "subjects")
+        for f, digest in zip(faces, chosen):
+            f.pseudonym = None if digest is UNSET else digest
         return notes
 
     def _embed(self, faces: list[Face]) -> None:
