@@ -39,6 +39,9 @@ ANNOTATION = pa.struct([("row", pa.int64()), ("x0", pa.float64()), ("y0", pa.flo
                         ("error", pa.string())])
 PROMPT = pa.struct([("row", pa.int64()), ("face_index", pa.int64()), ("x0", pa.float64()), ("y0", pa.float64()),
                     ("x1", pa.float64()), ("y1", pa.float64()), ("prompt", pa.string()), ("error", pa.string())])
+# A subject table's row: the subject itself stays on the driver; the plan carries HMAC(key, subject) only.
+SUBJECT = pa.struct([("row", pa.int64()), ("face_index", pa.int64()), ("x0", pa.float64()), ("y0", pa.float64()),
+                     ("x1", pa.float64()), ("y1", pa.float64()), ("pseudonym", pa.string()), ("error", pa.string())])
 
 
 class TableError(ValueError):
