@@ -196,7 +196,8 @@ def test_the_stage_gives_a_subjects_faces_their_pseudonym_in_any_batch(tiny_dir,
     assert [f.unet_evals for f in together] == [5 * STAGE_STEPS, 4 * STAGE_STEPS, 5 * STAGE_STEPS]
     plain = _fresh(t1_faces, 3)
     Anonymizer.from_config(_rp_cfg(tiny_dir, "privacy.escalate=false"))(plain)
-    assert np.array_equal(plain[1].anon_crop, together[1].anon_crop)  # no subject: today's face exactly
+    # no subject: today's face (it ran in a two-branch call of its own here, with two others there: batch rounding)
+    assert np.abs(plain[1].anon_crop.astype(int) - together[1].anon_crop.astype(int)).max() <= 1
     assert np.abs(plain[0].anon_crop.astype(int) - together[0].anon_crop.astype(int)).mean() > 2  # h pulls
     assert '"pseudonym_scale": 4.0' in together[0].params
 
