@@ -13,6 +13,7 @@ import json
 import math
 import posixpath
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -83,8 +84,10 @@ SCHEMA = pa.schema([
     ("input_version", pa.string()),       # the listing's change marker: "mtime_ns:<n>" (local) or "etag:<e>" (S3)
     ("input_sha256", pa.string()),        # sha256 of the input bytes the detection stage read and decoded
     ("output_sha256", pa.string()),       # sha256 of exactly the bytes written at output_uri (null: nothing written)
-    # Added later (older parts read it as null): the face's pseudonym, HMAC(pseudonym key, subject) truncated.
+    # Added later (older parts read them as null): the face's pseudonym, HMAC(pseudonym key, subject) truncated, and
+    # the written face's recognizer descriptor of a linked face (the report's consistency of each subject).
     ("pseudonym_id", pa.string()),        # the same for every face of one subject; null: no subject
+    ("anon_descriptor", pa.binary()),     # a linked face's written-face descriptor: 128 float32, little-endian
 ])
 
 
@@ -124,6 +127,11 @@ def image_row(run_id: str, fingerprint: str | None, input_uri: str, rel_path: st
             "status": status, "error": error, "notes": notes or None, "settings_fingerprint": fingerprint, **measures}
 
 
+def descriptor_bytes(descriptor) -> bytes | None:
+    """A recognizer descriptor as the manifest's ``anon_descriptor`` cell (``numpy.frombuffer(cell, "<f4")``)."""
+    return None if descriptor is None else np.asarray(descriptor, "<f4").tobytes()
+
+
 def face_row(image: dict, face, reid_threshold: float) -> dict:
     """The manifest row of one face (a ``records.Face``) of an image whose image-level row is ``image``."""
     row = dict(image)
@@ -145,7 +153,7 @@ def face_row(image: dict, face, reid_threshold: float) -> dict:
                face_still_detected=face.face_still_detected, pose_diff_deg=face.pose_diff_deg,
                landmark_displacement=face.landmark_displacement, t_anonymize_s=face.t_anonymize_s,
                found_by=face.found_by, low_confidence=face.low_confidence, audit=face.audit,
-               pseudonym_id=pseudonym_id(face.pseudonym))
+               pseudonym_id=pseudonym_id(face.pseudonym), anon_descriptor=descriptor_bytes(face.anon_descriptor))
     if face.audit:
         row["detector"] = "audit"
     return row

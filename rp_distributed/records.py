@@ -131,6 +131,8 @@ class Face:
     face_still_detected: bool | None = None
     identity_exported: bool | None = None  # re-identified (or unverifiable) in the written pixels, box not masked
     score_error: str | None = None  # why a check failed (a failed re-ID check masks the face)
+    anon_descriptor: np.ndarray | None = None  # float32[128] dlib descriptor of the written face (faces with a
+    #   pseudonym only, not masked): the report measures a subject's consistency from it
     report_distance: float | None = None
     report_reidentified: bool | None = None
     pose_diff_deg: float | None = None

@@ -36,6 +36,7 @@ class ReidResult:
     distance: float  # recognizer distance original vs anonymized; inf when either has no descriptor
     reidentified: bool  # distance < threshold, or the check could not run (no descriptor): fail closed
     face_still_detected: bool  # a HOG face overlaps the box (IoU > iou_threshold) in the anonymized image
+    anonymized: np.ndarray | None = None  # the anonymized face's descriptor (None: none could be made)
 
     @property
     def checked(self) -> bool:
@@ -172,6 +173,7 @@ class ReidScorer:
             distance=dist,
             reidentified=self.is_reidentified(dist),
             face_still_detected=self.face_detected(anonymized_rgb, box),
+            anonymized=d_anon,
         )
 
     def is_reidentified(self, distance: float) -> bool:
@@ -272,6 +274,10 @@ class FaceChecks:
         f.reid_distance = res.distance if checked else None
         f.reidentified = res.reidentified if checked else None
         f.face_still_detected = res.face_still_detected if res is not None else None
+        # A linked face's written descriptor, for the report's consistency of its subject (never the original's:
+        # that would identify the person). A mask is no face of anyone: none.
+        if checked and f.pseudonym and not f.masked and not box_is_mask(written, f.box, self.cfg.anonymizer.mask_color):
+            f.anon_descriptor = res.anonymized
         unverified = res is None or res.reidentified  # a check that could not run counts as re-identified
         f.identity_exported = bool(unverified and not box_is_mask(written, f.box, self.cfg.anonymizer.mask_color))
         return f.identity_exported

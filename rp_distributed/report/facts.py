@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import io, manifest
+from .consistency import Consistency, ConsistencyFacts
 from .latest import LatestView
 from .runinfo import read_run_info
 from .sketch import LinearBins, LogBins, Reasons, Smallest, TopCounts, value_counts
@@ -33,7 +34,8 @@ COLUMNS = list(dict.fromkeys(
     ["run_id", "rel_path", "output_uri", "status", "error", "settings_fingerprint", "face_index", "method_applied",
      "face_error", "params", "attribute_prompt", "model", "tries", "tries_json", "unet_evals", "reid_distance",
      "reidentified", "reid_threshold", "identity_exported", "score_error", "report_reidentified", "pose_diff_deg",
-     "landmark_displacement", "audit", "low_confidence", *(col for col, _, _ in STAGES), *GALLERY_COLUMNS]))
+     "landmark_displacement", "audit", "low_confidence", "pseudonym_id", "anon_descriptor",
+     *(col for col, _, _ in STAGES), *GALLERY_COLUMNS]))
 # Few distinct values: read dictionary-encoded and counted on the dictionary's indices.
 DICTIONARY = ("run_id", "status", "settings_fingerprint", "method_applied", "params", "attribute_prompt", "model")
 
@@ -69,6 +71,7 @@ class Facts:
     tries: int
     failed: list[dict]  # the first FAILED_LISTED failed inputs by rel_path: rel_path, status, error
     gallery: list[dict]  # up to GALLERY_CAP written faces, a uniform sample (GALLERY_COLUMNS), in sample order
+    consistency: ConsistencyFacts  # the pseudonyms' subjects: their written faces against each other
     run_infos: dict = field(default_factory=dict)  # run_id -> config-<run_id>.json content (None if absent)
 
 
@@ -108,6 +111,7 @@ class _Accumulator:
         self.failed = Smallest(FAILED_LISTED, [("rel_path", "ascending")])
         self.gallery = Smallest(GALLERY_CAP, [("_key", "ascending")])
         self.rng = np.random.default_rng(seed)
+        self.consistency = Consistency()
         self.counts = dict.fromkeys(("fallbacks", "audit", "low_confidence", "exported", "scored", "masked_matches",
                                      "report_scored", "report_reid", "unet_evals", "tries"), 0)
 
@@ -155,7 +159,9 @@ class _Accumulator:
         self.pose.add(_finite(t["pose_diff_deg"]))
         self.drift.add(_finite(t["landmark_displacement"]))
         self.timings["t_anonymize_s"].add(_finite(t["t_anonymize_s"]))
-        self.final.add(_finite(_rows(t, _text(t["output_uri"]))["reid_distance"]))
+        written = _rows(t, _text(t["output_uri"]))
+        self.final.add(_finite(written["reid_distance"]))
+        self.consistency.add(written)
         self.thresholds.add(value_counts(pc.drop_null(t["reid_threshold"])))
         self._labels(t)
         for reasons, col, has in ((self.face_reasons, "face_error", fallback),
@@ -193,7 +199,8 @@ class _Accumulator:
             final=self.final, ladder=self.ladder.result(), fell_back_after_ladder=self.ladder.fell_back,
             pose=self.pose, drift=self.drift, timings=self.timings, fingerprints=self.fingerprints,
             models=self.models, params=self.params, prompts=self.prompts, unet_evals=c["unet_evals"],
-            tries=c["tries"], failed=self.failed.rows(), gallery=gallery)
+            tries=c["tries"], failed=self.failed.rows(), gallery=gallery,
+            consistency=self.consistency.result(float(thresholds[0][0]) if thresholds else None))
 
     def _summary(self, by_status: dict) -> dict:
         """``summary.Summary().result()`` of the same rows, key for key."""

@@ -8,9 +8,10 @@ import json
 import time
 
 from .. import io
+from .consistency import FACE_CAP, FACES_PER_SUBJECT
 from .facts import STAGES, Facts, faces_per_hour, load
 from .gallery import gallery
-from .plots import plot_ladder, plot_reid, plot_timings, plot_utility
+from .plots import plot_consistency, plot_ladder, plot_reid, plot_timings, plot_utility
 from .runinfo import report_uri
 from .sketch import Reasons
 
@@ -169,6 +170,31 @@ def _ladder(f: Facts) -> list[str]:
     return parts
 
 
+def _consistency(f: Facts) -> list[str]:
+    """Pseudonyms: whether each subject's written faces are one person, and none is its original."""
+    c = f.consistency
+    if not c.linked_faces:
+        return []
+    share = _pct(c.share)
+    sample = (f" The figures are those of a uniform sample of subjects (the report holds at most {FACE_CAP} faces)."
+              if c.sampled else "")
+    capped = f" {c.capped} faces past the first {FACES_PER_SUBJECT} of a subject are not measured." if c.capped else ""
+    rows = [["subjects with 2 written faces or more", c.subjects, c.faces],
+            ["measured (2 faces or more with a descriptor)", c.measured, ""],
+            ["consistent (every pair below the threshold)", c.consistent, ""],
+            ["faces without a descriptor (masked, or none could be made)", "", c.undescribed],
+            ["faces closer to their own original than the threshold", "", c.reidentified]]
+    return ["<h2>Pseudonym consistency</h2>",
+            f"<p>{c.linked_faces} written faces carry a pseudonym_id. Subjects whose written faces are one person "
+            f"to the recognizer: <b>{share}</b> ({c.consistent} of {c.measured} measured).</p>",
+            _img(plot_consistency(f), "consistency", "recognizer distances within a subject and to the originals"),
+            _table(["", "subjects", "faces"], rows, {1, 2}),
+            f"<p class=\"note\">Threshold {_fmt(c.threshold, 'g')} (privacy.reid_threshold). Between the written faces of "
+            "one subject the distance should fall below it (one synthetic person); to its own original each face must "
+            "stay above it (the re-ID gate masks it otherwise). The distance to a subject's other originals is not "
+            "measured: the manifest keeps no descriptor of an original." + sample + capped + "</p>"]
+
+
 def _utility_and_timings(f: Facts) -> list[str]:
     parts = ["<h2>Utility</h2>", _img(plot_utility(f), "utility", "head-pose change and landmark shift"),
              f"<p class=\"note\">Median head-pose change {_fmt(f.pose.quantile(0.5), '.1f')} degrees, median landmark "
@@ -245,7 +271,7 @@ def _settings(f: Facts) -> list[str]:
 
 def render(f: Facts, output_uri: str, include_originals: bool, gallery_size: int = 24, thumbnail_px: int = 112) -> str:
     """The report's HTML."""
-    parts = [*_head(f, output_uri, include_originals), *_outcomes(f), *_reid(f), *_ladder(f),
+    parts = [*_head(f, output_uri, include_originals), *_outcomes(f), *_reid(f), *_ladder(f), *_consistency(f),
              *_utility_and_timings(f), *_gallery(f, gallery_size, thumbnail_px, include_originals), *_settings(f),
              f"<script>{_SCRIPT}</script></body></html>"]
     return "\n".join(parts)

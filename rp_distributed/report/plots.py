@@ -60,6 +60,28 @@ def plot_reid(f: Facts) -> str | None:
     return _png(fig)
 
 
+def plot_consistency(f: Facts) -> str | None:
+    c = f.consistency
+    if not len(c.between) and not len(c.to_original):
+        return None
+    fig = _figure(7.5, 3.2)
+    ax = fig.add_subplot()
+    edges = _edges(c.between, c.to_original, extra=c.threshold)
+    if len(c.between):
+        _hist(ax, c.between, edges, alpha=0.55, color="#7570b3",
+              label=f"between two written faces of one subject ({len(c.between)} pairs)")
+    if len(c.to_original):
+        _hist(ax, c.to_original, edges, alpha=0.55, color="#1b9e77",
+              label=f"written face to its own original ({len(c.to_original)} faces)")
+    if c.threshold is not None:
+        ax.axvline(c.threshold, color="black", linestyle="--", linewidth=1.5,
+                   label=f"threshold {c.threshold:g} (one person below)")
+    ax.set_xlabel("recognizer distance (dlib; lower = more alike)")
+    ax.set_ylabel("faces")
+    ax.legend(loc="upper left", fontsize=8)
+    return _png(fig)
+
+
 def plot_ladder(f: Facts) -> str | None:
     if not any(r.checked for r in f.ladder):
         return None
