@@ -146,3 +146,54 @@ def test_the_report_measures_each_subjects_consistency(blurred):
     assert f"({c.consistent} of {c.measured} measured)" in text
     print(json.dumps({"pairs": want["pairs"], "own": want["own"], "consistent": c.consistent,
                       "measured": c.measured}))
+
+
+def _linked_batch(rng, subjects: np.ndarray, descriptors: dict) -> pa.Table:
+    """Face rows of ``subjects`` (one row each) with descriptors near each subject's centre."""
+    cells = []
+    for s in subjects:
+        d = descriptors.setdefault(int(s), rng.normal(0, 0.05, 128))
+        cells.append((d + rng.normal(0, 0.02, 128)).astype("<f4").tobytes())
+    ids = [f"{int(s):016x}" for s in subjects]
+    return pa.table({"pseudonym_id": ids, "anon_descriptor": pa.array(cells, pa.binary()),
+                     "reid_distance": pa.array(rng.uniform(0.6, 1.2, len(ids)), pa.float32())})
+
+
+def test_the_consistency_sample_is_bounded_and_holds_whole_subjects():
+    """Past the cap, what is held is every face of the subjects with the smallest ids and nothing else, and never
+    more than the cap: the figures equal those computed directly on those subjects' rows."""
+    from rp_distributed.report.consistency import Consistency
+
+    rng = np.random.default_rng(0)
+    subjects = rng.integers(0, 2**40, 3000) * 4096  # hex ids of equal length
+    faces = np.repeat(subjects, rng.integers(1, 6, len(subjects)))  # 1 to 5 faces a subject
+    rng.shuffle(faces)
+    acc, descriptors, seen = Consistency(face_cap=500, per_subject=4), {}, []
+    for chunk in np.array_split(faces, 40):
+        batch = _linked_batch(rng, chunk, descriptors)
+        seen.append(batch)
+        acc.add(batch)
+        assert acc.held.num_rows <= 500
+    got = acc.result(0.6)
+    assert got.sampled and got.linked_faces == len(faces)
+    everything = pa.concat_tables(seen)
+    ids = np.array(everything["pseudonym_id"].to_pylist())
+    kept = np.array(sorted(set(acc.held["pseudonym_id"].to_pylist())))
+    # the held subjects are the smallest ids, each with all its faces (up to per_subject)
+    assert list(kept) == sorted(set(ids))[:len(kept)] and len(kept) > 100
+    counts = {k: min(int((ids == k).sum()), 4) for k in kept}
+    assert acc.held.num_rows == sum(counts.values())
+    # a subject past per_subject keeps its first faces in manifest order
+    cells = np.array(everything["anon_descriptor"].to_pylist(), dtype=object)
+    held_ids, held_cells = acc.held["pseudonym_id"].to_pylist(), acc.held["anon_descriptor"].to_pylist()
+    for k in kept:
+        assert [c for i, c in zip(held_ids, held_cells) if i == k] == list(cells[ids == k][:4])
+    assert got.capped >= sum(max(int((ids == k).sum()) - 4, 0) for k in kept) > 0
+    # the figures, directly from those subjects' first rows
+    pairs, subjects_2 = 0, 0
+    for k, n in counts.items():
+        if n >= 2:
+            subjects_2 += 1
+            pairs += n * (n - 1) // 2
+    assert got.subjects == got.measured == subjects_2 and len(got.between) == pairs
+    assert got.consistent == subjects_2  # faces of one subject lie 0.02 * sqrt(2 * 128) ~ 0.3 apart

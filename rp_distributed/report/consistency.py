@@ -85,24 +85,26 @@ class Consistency:
 
     def result(self, threshold: float | None) -> ConsistencyFacts:
         between, to_original = LinearBins(4.0, 4001), LinearBins(4.0, 4001)
-        subjects = faces = measured = consistent = undescribed = reidentified = 0
+        pairs, owns = [], []
+        subjects = faces = measured = consistent = undescribed = 0
         for ids, cells, own in self._subjects():
             if len(ids) < 2:
                 continue
             subjects, faces = subjects + 1, faces + len(ids)
-            own = np.asarray(own, np.float64)
-            to_original.add(own[np.isfinite(own)])
-            if threshold is not None:
-                reidentified += int((own < threshold).sum())
-            described = [np.frombuffer(c, "<f4").astype(np.float64) for c in cells if c is not None and len(c) == 4 * DIM]
+            owns.append(own)
+            described = [c for c in cells if c is not None and len(c) == 4 * DIM]
             undescribed += len(ids) - len(described)
             if len(described) < 2:
                 continue
-            d = np.stack(described)
-            pairs = np.linalg.norm(d[:, None, :] - d[None, :, :], axis=-1)[np.triu_indices(len(d), 1)]
-            between.add(pairs)
+            d = np.frombuffer(b"".join(described), "<f4").reshape(-1, DIM).astype(np.float64)
+            pairs.append(np.linalg.norm(d[:, None, :] - d[None, :, :], axis=-1)[np.triu_indices(len(d), 1)])
             measured += 1
-            consistent += int(threshold is not None and bool((pairs < threshold).all()))
+            consistent += int(threshold is not None and bool((pairs[-1] < threshold).all()))
+        own = np.concatenate(owns) if owns else np.zeros(0)
+        own = own[np.isfinite(own)]
+        between.add(np.concatenate(pairs) if pairs else np.zeros(0))
+        to_original.add(own)
+        reidentified = int((own < threshold).sum()) if threshold is not None else 0
         return ConsistencyFacts(self.linked, subjects, faces, measured, consistent, undescribed, reidentified, between,
                                 to_original, self.cutoff is not None, self.capped, threshold)
 
