@@ -192,7 +192,8 @@ def _consistency(f: Facts) -> list[str]:
             f"<p class=\"note\">Threshold {_fmt(c.threshold, 'g')} (privacy.reid_threshold). Between the written faces of "
             "one subject the distance should fall below it (one synthetic person); to its own original each face must "
             "stay above it (the re-ID gate masks it otherwise). The distance to a subject's other originals is not "
-            "measured: the manifest keeps no descriptor of an original." + sample + capped + "</p>"]
+            "measured: the manifest keeps no descriptor of an original. With a destructive method the share says little "
+            "(the recognizer finds blurred faces alike whoever they are)." + sample + capped + "</p>"]
 
 
 def _utility_and_timings(f: Facts) -> list[str]:
