@@ -4,7 +4,6 @@ subject's written faces (checked here against dlib run on the written files)."""
 
 from __future__ import annotations
 
-import io as _io
 import itertools
 import json
 import shutil
@@ -127,7 +126,7 @@ def _independent(out, written) -> dict:
 
 
 def test_the_report_measures_each_subjects_consistency(blurred):
-    src, out, written, _ = blurred
+    _, out, written, _ = blurred
     want = _independent(out, written)
     # anna and ben (carl has one face); one of them consistent, so the counts tell "consistent" from "measured"
     assert want["subjects"] == 2 and want["measured"] == 2 and want["consistent"] == 1
@@ -144,6 +143,7 @@ def test_the_report_measures_each_subjects_consistency(blurred):
     text = page.read_text()
     assert "Pseudonym consistency" in text and 'data-plot="consistency"' in text
     assert f"({c.consistent} of {c.measured} measured)" in text
+    assert f"consistent subjects 50.0% (1 of 2 measured" in report.inspect_text(report.load(str(out)), str(out))
     print(json.dumps({"pairs": want["pairs"], "own": want["own"], "consistent": c.consistent,
                       "measured": c.measured}))
 

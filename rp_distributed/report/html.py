@@ -189,11 +189,11 @@ def _consistency(f: Facts) -> list[str]:
             f"to the recognizer: <b>{share}</b> ({c.consistent} of {c.measured} measured).</p>",
             _img(plot_consistency(f), "consistency", "recognizer distances within a subject and to the originals"),
             _table(["", "subjects", "faces"], rows, {1, 2}),
-            f"<p class=\"note\">Threshold {_fmt(c.threshold, 'g')} (privacy.reid_threshold). Between the written faces of "
-            "one subject the distance should fall below it (one synthetic person); to its own original each face must "
-            "stay above it (the re-ID gate masks it otherwise). The distance to a subject's other originals is not "
-            "measured: the manifest keeps no descriptor of an original. With a destructive method the share says little "
-            "(the recognizer finds blurred faces alike whoever they are)." + sample + capped + "</p>"]
+            f"<p class=\"note\">Threshold {_fmt(c.threshold, 'g')} (privacy.reid_threshold). Between the written "
+            "faces of one subject the distance should fall below it (one synthetic person); to its own original each "
+            "face must stay above it (the re-ID gate masks it otherwise). The distance to a subject's other originals "
+            "is not measured: the manifest keeps no descriptor of an original. With a destructive method the share "
+            "says little (the recognizer finds blurred faces alike whoever they are)." + sample + capped + "</p>"]
 
 
 def _utility_and_timings(f: Facts) -> list[str]:

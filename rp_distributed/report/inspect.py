@@ -39,6 +39,12 @@ def _privacy(f: Facts, failed: bool) -> list[str]:
                      f"(threshold {threshold})")
     if f.unet_evals:
         lines.append(f"  diffusion        {f.tries} tries, {f.unet_evals} UNet image evaluations")
+    c = f.consistency
+    if c.linked_faces:
+        share = "n/a" if c.share is None else f"{100 * c.share:.1f}%"
+        lines.append(f"  pseudonyms       {c.linked_faces} linked faces; consistent subjects {share} ({c.consistent} of "
+                     f"{c.measured} measured, median pair distance {_fmt(c.between.quantile(0.5), '.3f')})"
+                     + (" in a sample of subjects" if c.sampled else ""))
     if len(f.pose):
         lines.append(f"  utility          median head-pose change {f.pose.quantile(0.5):.1f} deg, landmark shift "
                      f"{_fmt(f.drift.quantile(0.5), '.3f')} inter-ocular")
