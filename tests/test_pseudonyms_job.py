@@ -71,6 +71,9 @@ def test_subjects_link_faces_and_the_key_leaks_nowhere(tmp_path, t1_path, ray_tm
     assert by[("visit1/t1.jpg", 1)] == pseudonyms.subject_digest(key.encode(), "patient-0002")[:16]
     assert by[("visit2/t1.jpg", 1)] is None and sum(v is not None for v in by.values()) == 3
     assert {r["method_applied"] for r in rows} == {"pixelate"}
+    # the written face's descriptor crossed Ray's blocks as it was made: for the linked faces only
+    assert [len(r["anon_descriptor"] or b"") for r in rows if r["pseudonym_id"]] == [512] * 3
+    assert all(r["anon_descriptor"] is None for r in rows if not r["pseudonym_id"])
 
     needles = [key.encode(), b"patient-0001"]
     assert (out / "_manifest" / "report.html").is_file() and list(out.rglob("config-*.json"))
