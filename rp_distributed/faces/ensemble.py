@@ -34,7 +34,7 @@ from .backends import as_rgb_uint8, box_iou, shift_face, tile_grid, touches_inne
 from .rotate import face_back, rotated
 from .types import DetectedFace
 
-DEFAULT_THRESHOLDS = {"centerface": 0.2, "dlib_hog": 0.0, "dlib_cnn": 0.0}
+DEFAULT_THRESHOLDS = {"centerface": 0.2, "dlib_hog": 0.0, "dlib_cnn": 0.0, "mtcnn": 0.9}
 
 
 @dataclass
@@ -55,7 +55,8 @@ class CenterFaceMember:
         where = {k: getattr(source, k) for k in ("model_dir", "lock_file", "cache_dir")} if source is not None else {}
         self._det = CenterFaceDetector(DetectionConfig(backend="centerface", providers=list(providers), **where))
 
-    def run(self, image: np.ndarray, scale: float, threshold: float) -> list[DetectedFace]:
+    def run(self, image: np.ndarray, scale: float, threshold: float, max_face: float | None = None
+            ) -> list[DetectedFace]:
         return self._det.detect_at(image, scale, threshold)
 
 
@@ -71,7 +72,8 @@ class DlibMember:
         self.kind = f"dlib_{model}"
         self._det = DlibDetector(DetectionConfig(backend="dlib", model=model, upsample=0))
 
-    def run(self, image: np.ndarray, scale: float, threshold: float) -> list[DetectedFace]:
+    def run(self, image: np.ndarray, scale: float, threshold: float, max_face: float | None = None
+            ) -> list[DetectedFace]:
         h, w = image.shape[:2]
         big = image if scale == 1.0 else cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
                                                     interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
@@ -80,10 +82,31 @@ class DlibMember:
         return [shift_face(f, 0.0, 0.0, w / big.shape[1]) for f in faces] if big is not image else faces
 
 
+class MTCNNMember:
+    """MTCNN (P/R/O-Net from facenet-pytorch's wheel) at one scale; its pyramid stops at ``max_face`` (image px)."""
+
+    kind = "mtcnn"
+    min_face = 12.0  # P-Net's window
+
+    def __init__(self):
+        from .mtcnn_backend import MTCNN
+
+        self._det = MTCNN()
+
+    def run(self, image: np.ndarray, scale: float, threshold: float, max_face: float | None = None
+            ) -> list[DetectedFace]:
+        h, w = image.shape[:2]
+        big = image if scale == 1.0 else cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
+                                                    interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        faces = self._det.detect(big, threshold, None if max_face is None else max_face * big.shape[1] / w)
+        return [shift_face(f, 0.0, 0.0, w / big.shape[1]) for f in faces] if big is not image else faces
+
+
 MEMBERS = {
     "centerface": lambda providers, source: CenterFaceMember(providers, source),
     "dlib_hog": lambda providers, source: DlibMember("hog"),
     "dlib_cnn": lambda providers, source: DlibMember("cnn"),
+    "mtcnn": lambda providers, source: MTCNNMember(),
 }
 
 
@@ -171,10 +194,11 @@ class EnsembleDetector:
             for angle in p.rotations:
                 tag = (pass_name(p.member, p.scale, angle),)
                 if angle == 0:
-                    faces = self._run_pass(member, image, p.scale, floor)
+                    faces = self._run_pass(member, image, p.scale, floor, p.max_face_px)
                 else:
                     copy, matrix = rotated(image, angle)
-                    faces = [face_back(f, matrix, image.shape) for f in self._run_pass(member, copy, p.scale, floor)
+                    faces = [face_back(f, matrix, image.shape)
+                             for f in self._run_pass(member, copy, p.scale, floor, p.max_face_px)
                              if inside(f.box, matrix, image.shape)]
                 for f in faces:
                     if f.box[2] > f.box[0] and f.box[3] > f.box[1]:
@@ -221,23 +245,27 @@ class EnsembleDetector:
         seen = [g for g in (shift_face(g, wx0, wy0) for g in seen) if box_iou(g.box, face.box) >= 0.3]
         return max(seen, key=lambda g: g.score) if seen else None
 
-    def _run(self, member, image: np.ndarray, scale: float, threshold: float) -> list[DetectedFace]:
+    def _run(self, member, image: np.ndarray, scale: float, threshold: float,
+             max_face: float | None = None) -> list[DetectedFace]:
         self.cost.passes += 1
         self.cost.mpix += image.shape[0] * image.shape[1] * scale * scale / 1e6
-        return member.run(image, scale, threshold)
+        faces = member.run(image, scale, threshold, max_face)
+        return faces if max_face is None else [f for f in faces if f.size <= max_face]
 
-    def _run_pass(self, member, image: np.ndarray, scale: float, threshold: float) -> list[DetectedFace]:
-        """One member at ``scale`` over the whole image, on tiles when the magnified image is too long."""
+    def _run_pass(self, member, image: np.ndarray, scale: float, threshold: float,
+                  max_face: float | None = None) -> list[DetectedFace]:
+        """One member at ``scale`` over the whole image, on tiles when the magnified image is too long; faces
+        larger than ``max_face`` (image px) are not kept."""
         h, w = image.shape[:2]
         if max(h, w) * scale <= self.max_pass_px:
-            return self._run(member, image, scale, threshold)
+            return self._run(member, image, scale, threshold, max_face)
         coarse = self.max_pass_px / max(h, w)
-        faces = self._run(member, image, coarse, threshold) if coarse < scale else []
+        faces = self._run(member, image, coarse, threshold, max_face) if coarse < scale else []
         # Faces the coarse run may miss (below min_face at its scale) lie wholly inside some tile.
         overlap = math.ceil(2 * member.min_face / min(coarse, scale))
         for tile in tile_grid(h, w, int(self.max_pass_px / scale), overlap):
             x0, y0, x1, y1 = tile
-            for f in self._run(member, np.ascontiguousarray(image[y0:y1, x0:x1]), scale, threshold):
+            for f in self._run(member, np.ascontiguousarray(image[y0:y1, x0:x1]), scale, threshold, max_face):
                 if not touches_inner_edge(f.box, tile, h, w):
                     faces.append(shift_face(f, x0, y0))
         return faces

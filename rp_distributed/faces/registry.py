@@ -11,6 +11,7 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "insightface": ("insightface_backend", "InsightFaceDetector"),
     "face_alignment": ("face_alignment_backend", "FaceAlignmentDetector"),
     "centerface": ("centerface_backend", "CenterFaceDetector"),
+    "mtcnn": ("mtcnn_backend", "MTCNNDetector"),
     "ensemble": ("ensemble", "EnsembleDetector"),
 }
 
