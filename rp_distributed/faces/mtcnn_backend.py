@@ -32,12 +32,14 @@ DEFAULT_THRESHOLD = 0.9  # O-Net's score for a backend or pass that names none
 MEAN, SCALE = 127.5, 0.0078125  # input normalisation the nets were trained with
 
 
-def weights_folder() -> Path:
-    folder = installed_path("facenet_pytorch", "data")
-    if folder is None or not all((folder / w).is_file() for w in WEIGHTS):
-        raise ModelFilesMissing("mtcnn", folder, WEIGHTS, "pip install --no-deps facenet-pytorch==2.6.0 (its wheel "
+def weights_folder(folder: Path | None = None) -> Path:
+    """``folder`` (default: facenet-pytorch's installed ``data``) once it holds the three nets' weights."""
+    folder = folder if folder is not None else installed_path("facenet_pytorch", "data")
+    missing = [w for w in WEIGHTS if folder is None or not (Path(folder) / w).is_file()]
+    if missing:
+        raise ModelFilesMissing("mtcnn", folder, missing, "pip install --no-deps facenet-pytorch==2.6.0 (its wheel "
                                 "ships the MTCNN weights)")
-    return folder
+    return Path(folder)
 
 
 def _nets():
@@ -154,7 +156,7 @@ class MTCNN:
     def __init__(self, folder: Path | None = None):
         import torch
 
-        folder = folder or weights_folder()
+        folder = weights_folder(folder)
         self.nets = []
         for net, file in zip(_nets(), WEIGHTS):
             module = net()
