@@ -2,8 +2,9 @@
 
 Each pass (``detection.passes``, a ``PassConfig``) runs one member on the image magnified by ``scale`` (2: faces
 half the member's smallest size are seen), once per angle of ``rotations`` (a rotated copy shows a turned face
-upright; boxes and landmarks are mapped back, ``rotate.py``). A pass whose input would be longer than
-``max_pass_px`` runs on overlapping tiles of that side, plus a coarse whole-image pass for the faces too big for a
+upright; boxes and landmarks are mapped back, ``rotate.py``), keeping only faces of at most ``max_face_px`` when
+it is set (a pass on small-face duty, e.g. MTCNN's 12 px window below CenterFace's floor). A pass whose input
+would be longer than ``max_pass_px`` runs on overlapping tiles of that side, plus a coarse whole-image pass for the faces too big for a
 tile. Detections of all passes that overlap (IoU ``merge_iou``, or one box mostly inside another of similar size)
 are one face. The detection that saw it most nearly upright represents it (its landmarks are the good ones: a
 detector's landmarks on a face it saw on its side are poor), CenterFace before dlib, then by score; ``found_by``
