@@ -153,7 +153,8 @@ def face_row(image: dict, face, reid_threshold: float) -> dict:
                face_still_detected=face.face_still_detected, pose_diff_deg=face.pose_diff_deg,
                landmark_displacement=face.landmark_displacement, t_anonymize_s=face.t_anonymize_s,
                found_by=face.found_by, low_confidence=face.low_confidence, audit=face.audit,
-               pseudonym_id=pseudonym_id(face.pseudonym), anon_descriptor=descriptor_bytes(face.anon_descriptor))
+               pseudonym_id=pseudonym_id(face.pseudonym),
+               anon_descriptor=None if image["output_uri"] is None else descriptor_bytes(face.anon_descriptor))
     if face.audit:
         row["detector"] = "audit"
     return row

@@ -275,8 +275,9 @@ class FaceChecks:
         f.reidentified = res.reidentified if checked else None
         f.face_still_detected = res.face_still_detected if res is not None else None
         # A linked face's written descriptor, for the report's consistency of its subject (never the original's:
-        # that would identify the person). A mask is no face of anyone: none.
-        if checked and f.pseudonym and not f.masked and not box_is_mask(written, f.box, self.cfg.anonymizer.mask_color):
+        # that would identify the person, and so would a face still re-identified). A mask is no face of anyone.
+        if (checked and f.pseudonym and not res.reidentified and not f.masked
+                and not box_is_mask(written, f.box, self.cfg.anonymizer.mask_color)):
             f.anon_descriptor = res.anonymized
         unverified = res is None or res.reidentified  # a check that could not run counts as re-identified
         f.identity_exported = bool(unverified and not box_is_mask(written, f.box, self.cfg.anonymizer.mask_color))
