@@ -69,6 +69,18 @@ def test_parameters_are_checked():
         ClusterParams(threshold=0)
 
 
+def test_the_listing_does_not_read_the_subject_table_it_is_about_to_write(tmp_path, monkeypatch):
+    """One config for both commands: `subjects` lists the inputs while its own output (the config's subject table)
+    does not exist yet, and without the pseudonym key, which it never uses."""
+    from rp_distributed.subjects.job import _listing
+
+    shutil.copy(insightface_image("t1.jpg"), tmp_path / "t1.jpg")
+    monkeypatch.delenv("RP_PSEUDONYM_KEY", raising=False)
+    cfg = load_config(None, [f"pseudonyms.table={tmp_path / 'subjects.parquet'}"])
+    plan = _listing(cfg, str(tmp_path))
+    assert plan["rel_path"].to_pylist() == ["t1.jpg"] and "subjects" not in plan.column_names
+
+
 def test_no_face_at_all_is_an_empty_table(tmp_path):
     from rp_distributed.subjects.job import TABLE_SCHEMA, Spool, SubjectsResult, cluster_spool, write_table
 

@@ -115,13 +115,15 @@ def _table(batch: dict, names, keep: np.ndarray) -> pa.Table:
 
 
 def _listing(cfg: JobConfig, input_uri: str) -> pa.Table:
-    """The job's listing as plan rows (``input_uri``, ``rel_path``, ``error``; the side tables joined as the
-    anonymization job joins them: annotations mode reads its boxes)."""
+    """The job's listing as plan rows (``input_uri``, ``rel_path``, ``error``; annotations mode's boxes joined as the
+    anonymization job joins them). Prompts and subjects are not read: the subject table may be the one this command
+    is about to write (one config for both commands), and its key is no business of this command."""
     from ..annotations import attach
 
     files = io.list_inputs_table(input_uri, cfg.input.extensions)
     table = pa.table({"input_uri": files["uri"], "rel_path": files["rel_path"], "error": files["skip_reason"]})
-    return attach(cfg, table)[0]
+    boxes_only = cfg.model_copy(update={"prompts": type(cfg.prompts)(), "pseudonyms": type(cfg.pseudonyms)()})
+    return attach(boxes_only, table)[0]
 
 
 def _describe_on_ray(cfg: JobConfig, plan: pa.Table, inputs: io.Storage, recognizer: str, spool: Spool,
