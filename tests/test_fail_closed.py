@@ -233,6 +233,20 @@ def test_forced_format_collisions_get_distinct_keys():
     assert again["a.png"] == keys["a.png"]
 
 
+def test_keys_made_in_chunks_are_the_keys_made_at_once(monkeypatch):
+    """Keys are made a chunk of inputs at a time (10M inputs): collisions, renames that meet another input's key,
+    and errors come out the same when every chunk holds two inputs and the colliding ones sit in other chunks."""
+    from rp_distributed.job import plan
+
+    rels = ["a.png", "b.png", "x/y.jpg", "a.jpg", "../bad.jpg", "x//y.jpg", "b.jpg", "p/q.jpg"]
+    rels.append(plan.distinct_key("a.jpg", "a.png").rsplit("/", 1)[-1])  # takes the name a.png is renamed to
+    whole = output_keys(rels, "s3://b/out", "jpeg", "_manifest")
+    monkeypatch.setattr(plan, "KEY_CHUNK", 2)
+    assert output_keys(rels, "s3://b/out", "jpeg", "_manifest") == whole
+    assert whole["a.png"][0] is None and "collides with another input's key" in whole["a.png"][1]
+    assert whole["b.png"][0].startswith("s3://b/out/b~") and whole["../bad.jpg"][0] is None
+
+
 def test_unsafe_keys_become_error_rows(tmp_path):
     keys = output_keys(["../x.jpg", "_manifest/part-x.jpg", "ok.jpg"], str(tmp_path), "same", "_manifest")
     assert keys["../x.jpg"][0] is None and "unsafe relative path" in keys["../x.jpg"][1]

@@ -143,7 +143,7 @@ def _chunk_keys(rels: list[str], output_uri: str, out_format: str, manifest_dir:
     return pa.array(keys, pa.string()), pa.array(errors, pa.string())
 
 
-def _set_at(column: pa.Array, at: dict[int, str | None]) -> pa.Array:
+def _set_at(column: pa.ChunkedArray, at: dict[int, str | None]) -> pa.ChunkedArray:
     """``column`` with the values of the few rows in ``at`` replaced."""
     rows = sorted(at)
     mask = np.zeros(len(column), bool)
@@ -152,7 +152,7 @@ def _set_at(column: pa.Array, at: dict[int, str | None]) -> pa.Array:
 
 
 def output_key_columns(rel_paths: list[str] | pa.Array | pa.ChunkedArray, output_uri: str, out_format: str,
-                       manifest_dir: str) -> tuple[pa.Array, pa.Array, pa.Array]:
+                       manifest_dir: str) -> tuple[pa.ChunkedArray, pa.ChunkedArray, pa.ChunkedArray]:
     """Per input (aligned with ``rel_paths``): output key, error, note, as Arrow string arrays. Exactly one of key and
     error is set. Keys are made ``KEY_CHUNK`` inputs at a time (no Python string per input outlives its chunk);
     collisions are found in Arrow and only their members renamed."""
@@ -160,10 +160,11 @@ def output_key_columns(rel_paths: list[str] | pa.Array | pa.ChunkedArray, output
         rel_paths = pa.array(rel_paths, pa.string())
     made = [_chunk_keys(rel_paths.slice(at, KEY_CHUNK).to_pylist(), output_uri, out_format, manifest_dir)
             for at in range(0, len(rel_paths), KEY_CHUNK)]
-    keys = pa.concat_arrays([k for k, _ in made]) if made else pa.array([], pa.string())
-    errors = pa.concat_arrays([e for _, e in made]) if made else pa.array([], pa.string())
+    # Chunked, not concatenated: one string array's 32-bit offsets end at 2 GiB of keys (10M long s3:// keys).
+    keys = pa.chunked_array([k for k, _ in made], pa.string())
+    errors = pa.chunked_array([e for _, e in made], pa.string())
     del made
-    notes = pa.nulls(len(keys), pa.string())
+    notes = pa.chunked_array([pa.nulls(len(k), pa.string()) for k in keys.chunks], pa.string())
     counts = pa.table({"k": keys}).group_by("k").aggregate([("k", "count")])
     shared = counts.filter(pc.and_(pc.is_valid(counts["k"]), pc.greater(counts["k_count"], 1)))
     if not shared.num_rows:
