@@ -50,10 +50,11 @@ class TableError(ValueError):
 
 # -- reading ----------------------------------------------------------------------------------------------
 
-def read_table(uri: str, what: str, text_columns: tuple[str, ...] = ()) -> pa.Table:
+def read_table(uri: str, what: str, text_columns: tuple[str, ...] = (), secret_cells: bool = False) -> pa.Table:
     """The table at ``uri`` by its extension: ``.parquet``/``.pq``, ``.csv``, ``.jsonl``/``.ndjson``/``.json``
     (JSON lines). ``what`` names the config key in errors; ``text_columns`` are read as text from a CSV (a path
-    such as ``007`` must not become the integer 7)."""
+    such as ``007`` must not become the integer 7). ``secret_cells``: a parser's error (which can quote the offending
+    row) is reported by its kind only, so that no cell reaches a log."""
     import pyarrow.csv as pacsv
     import pyarrow.json as pajson
     import pyarrow.parquet as pq
@@ -70,7 +71,8 @@ def read_table(uri: str, what: str, text_columns: tuple[str, ...] = ()) -> pa.Ta
             if name.endswith((".jsonl", ".ndjson", ".json")):
                 return pajson.read_json(f)
     except Exception as exc:  # noqa: BLE001 - say which key and file
-        raise TableError(f"{what}: cannot read {uri}: {type(exc).__name__}: {exc}"[:500]) from None
+        detail = type(exc).__name__ if secret_cells else f"{type(exc).__name__}: {exc}"
+        raise TableError(f"{what}: cannot read {uri}: {detail}"[:500]) from None
     raise TableError(f"{what}: {uri} is not a .parquet, .csv or .jsonl table")
 
 
@@ -310,7 +312,7 @@ def attach(cfg, table: pa.Table) -> tuple[pa.Table, list[dict]]:
         from .pseudonyms import read_key
 
         q = cfg.pseudonyms
-        t = read_table(q.table, "pseudonyms.table", (q.path_column, q.subject_column))
+        t = read_table(q.table, "pseudonyms.table", (q.path_column, q.subject_column), secret_cells=True)
         if q.path_column not in t.column_names:
             raise TableError(f"pseudonyms.table: {q.table} has no {q.path_column!r} column (pseudonyms.path_column)")
         sides.append(("subjects", q.table, t[q.path_column], subject_structs(t, q.subject_column, read_key(q))))

@@ -292,6 +292,15 @@ def test_a_subject_table_without_its_columns_or_key_stops_the_job(tmp_path, monk
                            _listing("t1.jpg"))
 
 
+def test_a_subject_table_that_cannot_be_parsed_is_named_without_its_rows(tmp_path, monkeypatch):
+    table = tmp_path / "s.csv"
+    table.write_text("path,subject\nt1.jpg,alice\nt1.jpg,bob-the-patient,extra-cell\n")
+    monkeypatch.setenv("RP_PSEUDONYM_KEY", KEY.decode())
+    with pytest.raises(annotations.TableError) as err:
+        annotations.attach(load_config(None, [f"pseudonyms.table={table}"]), _listing("t1.jpg"))
+    assert "pseudonyms.table: cannot read" in str(err.value) and "bob-the-patient" not in str(err.value)
+
+
 def test_the_estimate_counts_the_pseudonym_branch():
     from rp_distributed import estimate
 
