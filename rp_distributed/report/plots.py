@@ -41,45 +41,40 @@ def _hist(ax, sketch: Bins, edges: np.ndarray, **kw) -> None:
     ax.hist(at, bins=edges, weights=counts, **kw)
 
 
-def plot_reid(f: Facts) -> str | None:
-    if not len(f.first_try) and not len(f.final):
+def _two_histograms(series: list[tuple[Bins, str, str]], threshold: float | None, threshold_label: str,
+                    xlabel: str) -> str | None:
+    """Up to two distance histograms (sketch, colour, label) on shared bins, with the threshold's line."""
+    drawn = [(sketch, color, label) for sketch, color, label in series if len(sketch)]
+    if not drawn:
         return None
     fig = _figure(7.5, 3.2)
     ax = fig.add_subplot()
-    edges = _edges(f.first_try, f.final, extra=f.threshold)
-    if len(f.first_try):
-        _hist(ax, f.first_try, edges, alpha=0.55, color="#d95f02", label=f"first try ({len(f.first_try)} faces)")
-    if len(f.final):
-        _hist(ax, f.final, edges, alpha=0.55, color="#1b9e77", label=f"output check ({len(f.final)} written faces)")
-    if f.threshold is not None:
-        ax.axvline(f.threshold, color="black", linestyle="--", linewidth=1.5,
-                   label=f"threshold {f.threshold:g} (re-identified below)")
-    ax.set_xlabel("re-ID distance, original vs anonymized (dlib recognizer; higher = less alike)")
+    edges = _edges(*(sketch for sketch, _, _ in series), extra=threshold)
+    for sketch, color, label in drawn:
+        _hist(ax, sketch, edges, alpha=0.55, color=color, label=label)
+    if threshold is not None:
+        ax.axvline(threshold, color="black", linestyle="--", linewidth=1.5,
+                   label=f"threshold {threshold:g} ({threshold_label})")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("faces")
     ax.legend(loc="upper left", fontsize=8)
     return _png(fig)
+
+
+def plot_reid(f: Facts) -> str | None:
+    return _two_histograms(
+        [(f.first_try, "#d95f02", f"first try ({len(f.first_try)} faces)"),
+         (f.final, "#1b9e77", f"output check ({len(f.final)} written faces)")],
+        f.threshold, "re-identified below",
+        "re-ID distance, original vs anonymized (dlib recognizer; higher = less alike)")
 
 
 def plot_consistency(f: Facts) -> str | None:
     c = f.consistency
-    if not len(c.between) and not len(c.to_original):
-        return None
-    fig = _figure(7.5, 3.2)
-    ax = fig.add_subplot()
-    edges = _edges(c.between, c.to_original, extra=c.threshold)
-    if len(c.between):
-        _hist(ax, c.between, edges, alpha=0.55, color="#7570b3",
-              label=f"between two written faces of one subject ({len(c.between)} pairs)")
-    if len(c.to_original):
-        _hist(ax, c.to_original, edges, alpha=0.55, color="#1b9e77",
-              label=f"written face to its own original ({len(c.to_original)} faces)")
-    if c.threshold is not None:
-        ax.axvline(c.threshold, color="black", linestyle="--", linewidth=1.5,
-                   label=f"threshold {c.threshold:g} (one person below)")
-    ax.set_xlabel("recognizer distance (dlib; lower = more alike)")
-    ax.set_ylabel("faces")
-    ax.legend(loc="upper left", fontsize=8)
-    return _png(fig)
+    return _two_histograms(
+        [(c.between, "#7570b3", f"between two written faces of one subject ({len(c.between)} pairs)"),
+         (c.to_original, "#1b9e77", f"written face to its own original ({len(c.to_original)} faces)")],
+        c.threshold, "one person below", "recognizer distance (dlib; lower = more alike)")
 
 
 def plot_ladder(f: Facts) -> str | None:
