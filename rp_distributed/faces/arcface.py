@@ -31,8 +31,10 @@ class IdentityEmbedder:
     def __init__(self, model_file, providers=("CPUExecutionProvider",)):
         from insightface.model_zoo import get_model
 
+        from .onnx_threads import session_options
+
         try:
-            model = get_model(str(model_file), providers=list(providers))
+            model = get_model(str(model_file), providers=list(providers), sess_options=session_options())
         except Exception as exc:
             raise ModelSourceError(f"diffusion.arcface: cannot load {model_file}: {exc}") from exc
         if model is None or getattr(model, "taskname", None) != "recognition":

@@ -86,6 +86,8 @@ def load_session(path: Path, providers: list[str]):
     import onnxruntime
     from onnx.tools.update_model_dims import update_inputs_outputs_dims
 
+    from .onnx_threads import session_options
+
     model = onnx.load(str(path))
     outs = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
     outs.update({"537": ["B", 1, "h", "w"], "538": ["B", 2, "h", "w"], "539": ["B", 2, "h", "w"],
@@ -93,11 +95,9 @@ def load_session(path: Path, providers: list[str]):
     ins = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     ins["input.1"] = ["B", 3, "H", "W"]  # (the file lists its initializers as inputs too: kept as they are)
     model = update_inputs_outputs_dims(model, ins, outs)
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
     available = set(onnxruntime.get_available_providers())
     chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
-    return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=chosen)
+    return onnxruntime.InferenceSession(model.SerializeToString(), session_options(), providers=chosen)
 
 
 class CenterFaceDetector(BaseDetector):

@@ -80,7 +80,9 @@ class InsightFaceDetector(BaseDetector):
         self.model_file = resolve_detector_file(local_model_dir(cfg), cfg.model)
         from insightface.model_zoo import get_model
 
-        model = get_model(str(self.model_file), providers=list(cfg.providers))
+        from .onnx_threads import session_options
+
+        model = get_model(str(self.model_file), providers=list(cfg.providers), sess_options=session_options())
         if model is None or getattr(model, "taskname", None) != "detection":
             raise ValueError(f"insightface backend: {self.model_file} is not an SCRFD detection model")
         self.det_thresh = float(cfg.threshold) if cfg.threshold > 0 else DEFAULT_THRESHOLD
