@@ -188,40 +188,58 @@ RESUME_COLUMNS = ["input_uri", "status", "output_uri", "settings_fingerprint", "
 FEW_VALUES = {"status", "settings_fingerprint"}
 
 
-def _last_per_input(table: pa.Table) -> pa.Table:
-    """The last row of each ``input_uri`` of ``table`` (later rows are later)."""
+def uri_hashes(uris: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
+    """Python's ``hash`` of each URI (SipHash, keyed afresh in each process: a name cannot be chosen to collide
+    with another), 8 bytes an input where the URI takes ~60; a chunk at a time, so no Python string lives long."""
+    chunks = uris.chunks if isinstance(uris, pa.ChunkedArray) else [uris]
+    return pa.chunked_array([pa.array([hash(u) for u in chunk.slice(at, 65_536).to_pylist()], pa.int64())
+                             for chunk in chunks for at in range(0, len(chunk), 65_536)], pa.int64())
+
+
+def _last_per_input(table: pa.Table, key: str = "input_uri") -> pa.Table:
+    """The last row of each ``key`` of ``table`` (later rows are later)."""
     import numpy as np
 
     table = table.append_column("_row", pa.array(np.arange(table.num_rows)))
-    last = table.group_by("input_uri", use_threads=False).aggregate([("_row", "max")])
+    last = table.group_by(key, use_threads=False).aggregate([("_row", "max")])
     return table.take(last["_row_max"]).drop_columns(["_row"])
 
 
-def latest_outcomes(output_uri: str, manifest_dir: str, columns: list[str] = RESUME_COLUMNS) -> pa.Table:
+def latest_outcomes(output_uri: str, manifest_dir: str, columns: list[str] = RESUME_COLUMNS,
+                    hashed: bool = False) -> pa.Table:
     """The latest manifest row of each input, reading only ``columns`` of the parts (in parallel).
 
     Parts are named ``part-<run_id>-<n>`` with a time-ordered run id, so their sorted order is the
     order they were written in; within a part, later rows are later. Each part is reduced to its last
     row per input as it is read (a face row per face shrinks to one per image), so the driver holds
-    a few parts and the result, not the whole manifest. ``FEW_VALUES`` columns come back dictionary-encoded."""
+    a few parts and the result, not the whole manifest. ``FEW_VALUES`` columns come back dictionary-encoded.
+    ``hashed``: ``input_uri`` comes back as ``input_hash`` (``uri_hashes``, valid in this process only), which is
+    what a resume at 10M inputs can hold: the URIs were the largest part of the result."""
     from concurrent.futures import ThreadPoolExecutor
 
     storage, folder = folder_of(output_uri, manifest_dir)
     keys = _part_keys(storage, folder)
+    key = "input_hash" if hashed else "input_uri"
     if not keys:
-        return pa.schema([SCHEMA.field(c) for c in columns]).empty_table()
+        empty = pa.schema([SCHEMA.field(c) for c in columns]).empty_table()
+        return _hash_inputs(empty) if hashed else empty
 
-    def read(key: str) -> pa.Table:
-        with storage.open(key) as f:
+    def read(part_key: str) -> pa.Table:
+        with storage.open(part_key) as f:
             part = _last_per_input(pq.read_table(f, columns=columns, schema=SCHEMA, use_threads=False))
         for name in set(columns) & FEW_VALUES:  # one copy of each value per part, not one per input
             at = part.schema.get_field_index(name)
             part = part.set_column(at, name, pc.dictionary_encode(part[name]))
-        return part
+        return _hash_inputs(part) if hashed else part
 
     with ThreadPoolExecutor(max_workers=8) as pool:  # map keeps the parts' order
         reduced = pa.concat_tables(pool.map(read, keys))
-    return _last_per_input(reduced)
+    return _last_per_input(reduced, key)
+
+
+def _hash_inputs(table: pa.Table) -> pa.Table:
+    at = table.schema.get_field_index("input_uri")
+    return table.set_column(at, "input_hash", uri_hashes(table["input_uri"]))
 
 
 def earlier_records(output_uri: str, manifest_dir: str) -> list[str]:

@@ -49,6 +49,10 @@ def test_latest_outcomes_take_the_last_row_of_each_input_across_parts(tmp_path):
     assert latest["b.jpg"]["status"] == "error"
     assert latest["c.jpg"]["status"] == "withheld" and latest["c.jpg"]["settings_fingerprint"] == "f2"
     assert manifest.latest_outcomes(str(tmp_path / "none"), "_manifest").num_rows == 0
+    # Hashed (what resume holds at 10M inputs): the same rows, each input by its hash in this process.
+    hashed = {r.pop("input_hash"): r for r in manifest.latest_outcomes(str(tmp_path), "_manifest", hashed=True).to_pylist()}
+    assert hashed == {hash(uri): {k: v for k, v in r.items() if k != "input_uri"} for uri, r in latest.items()}
+    assert manifest.latest_outcomes(str(tmp_path / "none"), "_manifest", hashed=True).column_names[0] == "input_hash"
 
 
 def test_summary_counts_and_escalation_rates():

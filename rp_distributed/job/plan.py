@@ -211,9 +211,10 @@ def _existing_outputs(output_uri: str) -> pa.Array:
 def _unsaid(orphans: list[dict], said: pa.Table, input_uri: str, fingerprint: str) -> list[dict]:
     """The ``orphans`` whose row (``annotations.orphan_row``) is not already the latest error row of its path."""
     rows = [annotations.orphan_row(o, input_uri, "", fingerprint) for o in orphans]
-    known = {(u, e) for u, e in zip(*(said.filter(pc.is_in(said["input_uri"], value_set=pa.array(
-        [r["input_uri"] for r in rows], pa.string())))[c].to_pylist() for c in ("input_uri", "error")))}
-    return [o for o, r in zip(orphans, rows) if (r["input_uri"], r["error"]) not in known]
+    hashes = [hash(r["input_uri"]) for r in rows]  # ``said`` holds ``manifest.uri_hashes``
+    known = {(u, e) for u, e in zip(*(said.filter(pc.is_in(said["input_hash"], value_set=pa.array(
+        hashes, pa.int64())))[c].to_pylist() for c in ("input_hash", "error")))}
+    return [o for o, r, h in zip(orphans, rows, hashes) if (h, r["error"]) not in known]
 
 
 def _differs(recorded: pa.ChunkedArray, listed: pa.Array) -> pa.Array:
@@ -234,7 +235,7 @@ def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str)
     # is deleted either way. Only the resume columns are read, and the decisions are made in Arrow.
     sides = cfg.input.mode == "annotations" or bool(cfg.prompts.table) or bool(cfg.pseudonyms.table)
     latest = manifest.latest_outcomes(output_uri, out_cfg.manifest_dir,
-                                      manifest.RESUME_COLUMNS + (["error"] if sides else []))
+                                      manifest.RESUME_COLUMNS + (["error"] if sides else []), hashed=True)
     retire = manifest.earlier_records(output_uri, out_cfg.manifest_dir) if out_cfg.overwrite else []
     files = io.list_inputs_table(input_uri, cfg.input.extensions, exclude_uri=exclude or output_uri)
     if exclude is not None:
@@ -249,9 +250,9 @@ def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str)
     # Each listed input's latest row (null where none), found by a lookup in a hash of the manifest's inputs, in
     # the listing's order; only done rows are taken, and no copy of ``latest`` is made on the way (at 10M inputs the
     # copies were the driver's peak).
-    at = pc.index_in(files["uri"], value_set=latest["input_uri"])
+    at = pc.index_in(manifest.uri_hashes(files["uri"]), value_set=latest["input_hash"])
     recorded = pc.is_valid(at)  # any manifest row at all
-    said = latest.filter(pc.equal(latest["status"], "error")).select(["input_uri", "error"]) if sides else None
+    said = latest.filter(pc.equal(latest["status"], "error")).select(["input_hash", "error"]) if sides else None
     done = pc.and_(pc.is_in(latest["status"], pa.array(manifest.DONE_STATUSES)), pc.is_valid(latest["output_uri"]))
     at = pc.if_else(pc.fill_null(pc.take(done, at), False), at, pa.scalar(None, at.type))
     joined = latest.select(["output_uri", "settings_fingerprint", "input_size", "input_version"]).take(at)
