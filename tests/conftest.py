@@ -93,6 +93,28 @@ def _ray_only_in_marked_tests(request):
         pytest.fail("this test started Ray: mark it @pytest.mark.ray (tests/conftest.py groups Ray tests)")
 
 
+RAY_WORKER_NICENESS = 15  # Ray starts its worker processes (every stage actor) at this niceness
+
+
+@pytest.fixture(autouse=True)
+def _in_process_tests_yield_to_ray(request):
+    """Under ``make test`` the in-process tests' worker runs beside the Ray tests, whose stage actors Ray starts at
+    niceness 15: at niceness 0 and with a thread per core the in-process worker took ~28 times their CPU share and
+    both cores, and the Ray tests (the longest chain) ran 3-4 times slower than alone. The first in-process test
+    of a worker puts it at Ray's niceness and on one thread (torch, and the ONNX sessions: ``onnx_threads``). A
+    worker runs its Ray group, if any, before any other test, so no Ray test runs after this."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER") and request.node.get_closest_marker("ray") is None:
+        if os.environ.get("OMP_NUM_THREADS") != "1":
+            import torch
+
+            os.environ["OMP_NUM_THREADS"] = "1"
+            torch.set_num_threads(1)
+            os.nice(max(0, RAY_WORKER_NICENESS - os.nice(0)))
+    yield
+
+
 def write_bad_inputs(folder: Path) -> dict[str, str]:
     """Bad and unusual inputs built from the real photos; returns rel_path -> what it is."""
     folder.mkdir(parents=True, exist_ok=True)
