@@ -83,9 +83,10 @@ def _anonymize(rp, crop, idv) -> np.ndarray:
 # --------------------------------------------------------------------------- folder and S3 sources and DESTs
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pulled(tiny_dir, tmp_path_factory, s3_server):
-    """The tiny model pulled from its folder into a local DEST, and from S3 into an S3 DEST."""
+    """The tiny model pulled from its folder into a local DEST, and from S3 into an S3 DEST. Once a session: the
+    Ray test of this module runs in the Ray group, and the others may follow on the same worker and S3 server."""
     root = tmp_path_factory.mktemp("pull")
     cfg = _cfg(tiny_dir, root / "cache")
     local = pull_models(cfg, str(root / "dest"))
