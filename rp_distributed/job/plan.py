@@ -124,8 +124,10 @@ def _refuse_store_syntax(keys: list[str | None], errors: list[str | None], outpu
 KEY_CHUNK = 65_536  # inputs turned into output keys per Python pass: the keys live in Arrow, not in 10M str objects
 
 
-def _chunk_keys(rels: list[str], output_uri: str, out_format: str, manifest_dir: str) -> tuple[pa.Array, pa.Array]:
-    """Output key and error of each of ``rels`` (exactly one of the two set), collisions aside."""
+def _chunk_keys(rels: list[str], output_uri: str, out_format: str, manifest_dir: str
+                ) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """Output key and error of each of ``rels`` (exactly one of the two set), collisions aside, and the key's
+    ``hash`` (null without a key)."""
     keys: list[str | None] = [None] * len(rels)
     errors: list[str | None] = [None] * len(rels)
     reserved = io.join_uri(output_uri, manifest_dir).rstrip("/") + "/"
@@ -140,7 +142,8 @@ def _chunk_keys(rels: list[str], output_uri: str, out_format: str, manifest_dir:
             continue
         keys[i] = key
     _refuse_store_syntax(keys, errors, output_uri)
-    return pa.array(keys, pa.string()), pa.array(errors, pa.string())
+    hashes = pa.array([None if key is None else hash(key) for key in keys], pa.int64())
+    return pa.array(keys, pa.string()), pa.array(errors, pa.string()), hashes
 
 
 def _set_at(column: pa.ChunkedArray, at: dict[int, str | None]) -> pa.ChunkedArray:
@@ -161,16 +164,24 @@ def output_key_columns(rel_paths: list[str] | pa.Array | pa.ChunkedArray, output
     made = [_chunk_keys(rel_paths.slice(at, KEY_CHUNK).to_pylist(), output_uri, out_format, manifest_dir)
             for at in range(0, len(rel_paths), KEY_CHUNK)]
     # Chunked, not concatenated: one string array's 32-bit offsets end at 2 GiB of keys (10M long s3:// keys).
-    keys = pa.chunked_array([k for k, _ in made], pa.string())
-    errors = pa.chunked_array([e for _, e in made], pa.string())
+    keys = pa.chunked_array([k for k, _, _ in made], pa.string())
+    errors = pa.chunked_array([e for _, e, _ in made], pa.string())
+    hashes = pa.chunked_array([h for _, _, h in made], pa.int64())
     del made
     notes = pa.chunked_array([pa.nulls(len(k), pa.string()) for k in keys.chunks], pa.string())
-    counts = pa.table({"k": keys}).group_by("k").aggregate([("k", "count")])
-    shared = counts.filter(pc.and_(pc.is_valid(counts["k"]), pc.greater(counts["k_count"], 1)))
-    if not shared.num_rows:
+    # Keys that repeat are looked for among their 8-byte hashes (a group-by over 10M whole keys held two more copies
+    # of them: the plan's peak), then confirmed on the few keys whose hashes repeat.
+    counts = pa.table({"h": hashes}).group_by("h").aggregate([("h", "count")])
+    repeated = counts.filter(pc.and_(pc.is_valid(counts["h"]), pc.greater(counts["h_count"], 1)))["h"]
+    del counts
+    holders_of: dict[str, list[int]] = defaultdict(list)
+    for i in pc.indices_nonzero(pc.fill_null(pc.is_in(hashes, value_set=repeated), False)).to_pylist():
+        holders_of[keys[i].as_py()].append(i)
+    del hashes
+    size = {key: len(rows) for key, rows in holders_of.items() if len(rows) > 1}
+    if not size:
         return keys, errors, notes
-    size = dict(zip(shared["k"].to_pylist(), shared["k_count"].to_pylist()))
-    members = pc.indices_nonzero(pc.fill_null(pc.is_in(keys, value_set=shared["k"]), False)).to_pylist()
+    members = sorted(i for key in size for i in holders_of[key])
     natural = {i: keys[i].as_py() for i in members}
     keys = _set_at(keys, {i: distinct_key(key, rel_paths[i].as_py()) for i, key in natural.items()})
     notes = _set_at(notes, {i: f"output key renamed: {size[key]} inputs map to {key}" for i, key in natural.items()})
@@ -194,18 +205,22 @@ def output_keys(rel_paths: list[str], output_uri: str, out_format: str, manifest
     return dict(zip(rel_paths, zip(*(c.to_pylist() for c in columns))))
 
 
-def _existing_outputs(output_uri: str) -> pa.Array:
+def _existing_outputs(output_uri: str) -> pa.ChunkedArray:
     """Keys of every object under the output prefix: one listing (paged by the store), not one request per
     key. Temporary files of local writes cut short (a merge worker killed mid-write) are deleted on the way
     (no other run writes this prefix now: the job holds its lease, ``lease.py``)."""
     outputs = io.Storage(output_uri)
-    keys = []
+    chunks, keys = [], []
     for key in outputs.list():
         if io.PARTIAL_WRITE.search(key):  # a write its worker never finished (killed): not an output
             outputs.remove(key)
             continue
         keys.append(key)
-    return pa.array(keys, pa.string())
+        if len(keys) == KEY_CHUNK:  # into Arrow as it goes: 10M keys as Python strings were ~1 GiB
+            chunks.append(pa.array(keys, pa.string()))
+            keys = []
+    chunks.append(pa.array(keys, pa.string()))
+    return pa.chunked_array(chunks, pa.string())
 
 
 def _unsaid(orphans: list[dict], said: pa.Table, input_uri: str, fingerprint: str) -> list[dict]:
