@@ -35,9 +35,18 @@ def blur(crop: np.ndarray, face_box: np.ndarray, strength: float) -> np.ndarray:
     return gaussian_blur(crop, max(strength * _face_side(face_box), 1.0))
 
 
+MIN_CELL_PX = 3  # a pixelation cell narrower than this leaves pixels (a region of 9 px at 10 cells: all of them)
+
+
+def _cells(blocks: int, side: int) -> int:
+    """Cells across ``side`` px: ``blocks``, but never cells under ``MIN_CELL_PX`` (a tiny face would come back
+    through a resize to about its own size untouched)."""
+    return max(1, min(blocks, side // MIN_CELL_PX))
+
+
 def pixelate(crop: np.ndarray, face_box: np.ndarray, blocks: int) -> np.ndarray:
     size = crop.shape[0]
-    cells = max(2, round(blocks * size / _face_side(face_box)))
+    cells = _cells(max(2, round(blocks * size / _face_side(face_box))), size)
     small = cv2.resize(crop, (cells, cells), interpolation=cv2.INTER_AREA)
     return cv2.resize(small, (size, size), interpolation=cv2.INTER_NEAREST)
 
@@ -68,7 +77,8 @@ class Pixelate:
     def region(self, region: np.ndarray, cfg) -> np.ndarray:
         h, w = region.shape[:2]
         cells = max(2, cfg.pixelate_blocks)
-        small = cv2.resize(region, (cells, max(2, round(cells * h / max(w, h)))), interpolation=cv2.INTER_AREA)
+        across, down = _cells(cells, w), _cells(max(2, round(cells * h / max(w, h))), h)
+        small = cv2.resize(region, (across, down), interpolation=cv2.INTER_AREA)
         return cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
 
 

@@ -24,3 +24,20 @@ def test_a_wide_blur_of_an_odd_sized_region_keeps_its_shape():
     assert out.shape == region.shape and out.dtype == region.dtype
     direct = cv2.GaussianBlur(region, (0, 0), sigmaX=40.0, sigmaY=40.0, borderType=cv2.BORDER_REFLECT)
     assert np.abs(out.astype(int) - direct.astype(int)).max() <= 2
+
+
+@pytest.mark.parametrize("side", [4, 9, 17, 29])
+def test_pixelate_leaves_no_pixel_of_a_tiny_face(side):
+    """The default's small-face passes find faces of 9-20 px. Pixelated into 10 cells, a region that narrow came
+    back through the two resizes as its own pixels; now every cell is at least 3 px, so the face is a few blocks."""
+    from types import SimpleNamespace
+
+    from rp_distributed.destructive import Pixelate, pixelate
+
+    face = cv2.resize(data.astronaut()[20:220, 150:320], (side, side + side // 3), interpolation=cv2.INTER_AREA)
+    out = Pixelate().region(face, SimpleNamespace(pixelate_blocks=10))
+    cells = max(1, side // 3) * max(1, (side + side // 3) // 3)
+    assert out.shape == face.shape and len(np.unique(out.reshape(-1, 3), axis=0)) <= cells
+    crop = np.ascontiguousarray(face[:side, :side])
+    assert len(np.unique(pixelate(crop, np.array([0, 0, side, side], np.float32), 10).reshape(-1, 3), axis=0)) <= \
+        max(1, side // 3) ** 2
