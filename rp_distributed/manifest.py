@@ -192,8 +192,9 @@ def uri_hashes(uris: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
     """Python's ``hash`` of each URI (SipHash, keyed afresh in each process: a name cannot be chosen to collide
     with another), 8 bytes an input where the URI takes ~60; a chunk at a time, so no Python string lives long."""
     chunks = uris.chunks if isinstance(uris, pa.ChunkedArray) else [uris]
-    return pa.chunked_array([pa.array([hash(u) for u in chunk.slice(at, 65_536).to_pylist()], pa.int64())
-                             for chunk in chunks for at in range(0, len(chunk), 65_536)], pa.int64())
+    step = io.LISTING_BATCH
+    return pa.chunked_array([pa.array([hash(u) for u in chunk.slice(at, step).to_pylist()], pa.int64())
+                             for chunk in chunks for at in range(0, len(chunk), step)], pa.int64())
 
 
 def _last_per_input(table: pa.Table, key: str = "input_uri") -> pa.Table:

@@ -226,10 +226,10 @@ def _existing_outputs(output_uri: str) -> pa.ChunkedArray:
 def _unsaid(orphans: list[dict], said: pa.Table, input_uri: str, fingerprint: str) -> list[dict]:
     """The ``orphans`` whose row (``annotations.orphan_row``) is not already the latest error row of its path."""
     rows = [annotations.orphan_row(o, input_uri, "", fingerprint) for o in orphans]
-    hashes = [hash(r["input_uri"]) for r in rows]  # ``said`` holds ``manifest.uri_hashes``
-    known = {(u, e) for u, e in zip(*(said.filter(pc.is_in(said["input_hash"], value_set=pa.array(
-        hashes, pa.int64())))[c].to_pylist() for c in ("input_hash", "error")))}
-    return [o for o, r, h in zip(orphans, rows, hashes) if (h, r["error"]) not in known]
+    hashes = manifest.uri_hashes(pa.array([r["input_uri"] for r in rows], pa.string()))  # as ``said`` holds them
+    known = {(u, e) for u, e in zip(*(said.filter(pc.is_in(said["input_hash"], value_set=hashes))[c].to_pylist()
+                                      for c in ("input_hash", "error")))}
+    return [o for o, r, h in zip(orphans, rows, hashes.to_pylist()) if (h, r["error"]) not in known]
 
 
 def _differs(recorded: pa.ChunkedArray, listed: pa.Array) -> pa.Array:
