@@ -83,7 +83,7 @@ def test_faces_beyond_max_faces_are_destroyed_on_their_boxes(tmp_path, t1_path, 
 # fails", "re-ID gate cannot run"); identity_exported from the written pixels, gate on and off: tests/test_gate.py.
 
 def test_a_second_recognizer_reports_but_never_gates(tmp_path, t1_path, tiny_dir):
-    weak = ["anonymizer.method=blur", "anonymizer.blur_strength=0.0001", "output.format=png"]
+    weak = [*FAST_DETECTION, "anonymizer.method=blur", "anonymizer.blur_strength=0.0001", "output.format=png"]
     plain = run_stages(load_config(None, weak), t1_path, tmp_path / "a.png")
     arcface = f"{tiny_dir}/arcface/w600k_r50.onnx"  # the tiny random ArcFace: real format, random weights
     cfg = load_config(None, weak + [f"privacy.report_recognizer={arcface}", "privacy.report_threshold=0.5"])
