@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	# cluster install the CUDA build of torch before `make setup` and pip keeps it.
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[cpu,test]"   # cpu: onnxruntime; a GPU node takes .[gpu] (infra/Dockerfile)
-	# MTCNN's weights (detection member `mtcnn`) ship in facenet-pytorch's wheel, which pins torch<2.3 and
+	# MTCNN's weights (the default ensemble's `mtcnn` pass) ship in facenet-pytorch's wheel, which pins torch<2.3 and
 	# torchvision: installed without its dependencies (we load its weights only, never import it; pyproject.toml).
 	$(BIN)/pip install -q --no-deps "facenet-pytorch==2.6.0"
 	touch $@

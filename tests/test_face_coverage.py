@@ -100,7 +100,9 @@ def _faces(stage, cfg, anonymizer, path, out="x") -> dict:
     for section in ("input", "detection", "alignment", "diffusion"):  # the framing under test, max_faces, seeds
         setattr(stage.finder, section, getattr(cfg, section))
     row = stage.process(ImageRow.of(_row(path, out)))
-    assert row.pending and len(row.payload.faces) == 6
+    # The six people, and what the default's small-face passes (MTCNN, the second look) take for faces in t1.jpg:
+    # two low-confidence detections, anonymized like any face (with the fallback).
+    assert row.pending and sum(not f.low_confidence for f in row.payload.faces) == 6
     anonymizer(row.payload.faces)
     return row
 

@@ -253,13 +253,16 @@ def test_a_pulled_tree_is_fingerprinted_from_its_lock(tmp_path, dlib_copy):
 
 
 def test_a_pass_second_look_enters_the_fingerprint_only_when_set(monkeypatch):
-    """``detection.passes[].second_look`` came after fingerprints were recorded: unset (the default), a config's
-    fingerprint is what it was; set, it changes, and so does each of its settings."""
-    from rp_distributed.config.detection import SecondLook
+    """``detection.passes[].second_look`` came after fingerprints were recorded: unset, a config's fingerprint is
+    what it was; set (as on the default's 2x pass), it changes, and so does each of its settings."""
+    from rp_distributed.config.detection import CENTERFACE_PASSES, SecondLook
 
     monkeypatch.setenv("RP_PSEUDONYM_KEY", KEY)
-    base = load_config(None, ACTIVE)
+    active = load_config(None, ACTIVE)  # the default's 2x pass has a second look: start from the passes without one
+    base = active.model_copy(update={"detection": active.detection.model_copy(update={"passes": [
+        p.model_copy() for p in CENTERFACE_PASSES]})})
     assert "second_look" not in json.dumps(anonymization_settings(base))
+    assert "second_look" in json.dumps(anonymization_settings(active))
     fp = anonymization_fingerprint(base)
 
     def with_look(**look):

@@ -211,3 +211,13 @@ def test_worker_groups_follow_the_stage_pools(manifest):
     # Autoscaling iff some pool is a range.
     ranges = any(lo < hi for lo, hi in (r.pool_bounds for r in [anon, *cpu_stages]))
     assert spec.get("enableInTreeAutoscaling", False) is ranges
+
+
+def test_check_image_names_missing_mtcnn_weights(monkeypatch, tmp_path):
+    """The default ensemble's MTCNN pass needs facenet-pytorch's weights: the image check says so if they are absent."""
+    from rp_distributed.faces import mtcnn_backend
+
+    assert check_image.detector_weight_problems() == []  # what `make setup` installed
+    monkeypatch.setattr(mtcnn_backend, "installed_path", lambda package, rel: tmp_path)
+    (problem,) = check_image.detector_weight_problems()
+    assert "facenet-pytorch" in problem and "pnet.pt" in problem

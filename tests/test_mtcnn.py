@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from benchmarks.recall_set import composites, iou_matrix, locate_sources
-from rp_distributed.config import DetectionConfig, PassConfig
+from rp_distributed.config import CENTERFACE_PASSES, DetectionConfig, PassConfig
 from rp_distributed.faces import build_detector
 from rp_distributed.faces.backends import ModelFilesMissing, box_iou
 
@@ -59,20 +59,21 @@ def _best_iou(faces, truth: np.ndarray) -> float:
 
 @pytest.mark.parametrize("image, source", [(1, "t1#0"), (4, "lfw#99")])
 def test_mtcnn_pass_finds_a_small_face_the_default_misses(slice_images, image, source):
-    """Two faces of 24 px and less in the CI slice that the default detection (CenterFace passes) misses: t1.jpg's
-    person 0 pasted at 17 px under JPEG q30, and an LFW patch under noise. The MTCNN pass finds each, and adds no
-    false detection to its image; the default with the pass added finds it too."""
+    """Two faces of 24 px and less in the CI slice that the CenterFace passes miss: t1.jpg's person 0 pasted at
+    17 px under JPEG q30, and an LFW patch under noise. The MTCNN pass finds each, and adds no false detection to
+    its image; the default (which has the pass) finds it too."""
     c = slice_images[image]
     j = c.sources.index(source)
     assert c.buckets[j] == "upright <=24px"
     truth = c.boxes[j]
-    default = build_detector(DetectionConfig()).detect(c.image)
-    assert _best_iou(default, truth) < 0.3
+    centerface = build_detector(DetectionConfig(passes=CENTERFACE_PASSES)).detect(c.image)
+    assert _best_iou(centerface, truth) < 0.3
     small = build_detector(DetectionConfig(passes=[SMALL])).detect(c.image)
     assert _best_iou(small, truth) > 0.5
     true_boxes = np.asarray(c.boxes, np.float32)
     assert all(iou_matrix(np.asarray([f.box], np.float32), true_boxes).max() >= 0.1 for f in small)
-    both = build_detector(DetectionConfig(passes=[*DetectionConfig().passes, SMALL])).detect(c.image)
+    assert SMALL in DetectionConfig().passes
+    both = build_detector(DetectionConfig()).detect(c.image)
     assert _best_iou(both, truth) > 0.5
     found = max(both, key=lambda f: box_iou(f.box, truth))
     assert "mtcnn@1x" in found.found_by and not found.confident  # MTCNN alone: the fallback, never a GPU face
@@ -84,7 +85,7 @@ def test_preflight_names_missing_mtcnn_weights_before_the_job_starts(tmp_path, m
     from rp_distributed.config import JobConfig
     from rp_distributed.faces import mtcnn_backend
 
-    cfg = JobConfig(detection=DetectionConfig(passes=[*DetectionConfig().passes, SMALL]))
+    cfg = JobConfig()  # the default ensemble has an MTCNN pass
     preflight.check_detection(cfg)  # installed: passes
     monkeypatch.setattr(mtcnn_backend, "installed_path", lambda package, rel: tmp_path)
     with pytest.raises(preflight.PreflightError, match="facenet-pytorch"):

@@ -64,7 +64,7 @@ def test_second_look_finds_a_small_face_its_pass_scores_below_its_threshold(slic
     x0, y0 = 230, 100  # a 200 px window of the composite around the face: its neighbourhood, quickly
     crop, truth = np.ascontiguousarray(c.image[y0:y0 + 200, x0:x0 + 200]), c.boxes[j] - [x0, y0, x0, y0]
     plain = PassConfig(member="centerface", scale=2.0, threshold=0.4)
-    assert plain == DetectionConfig().passes[2]  # the default's 2x pass
+    assert plain.model_copy(update={"second_look": SecondLook()}) == DetectionConfig().passes[2]  # the default's
 
     def found(p: PassConfig):
         faces = build_detector(DetectionConfig(passes=[p])).detect(crop)

@@ -232,7 +232,7 @@ def test_estimate_equals_a_real_runs_manifest(tiny_dir, photos, rp_run, capsys):
         (["--set", s] for s in [f"diffusion.model={tiny_dir}/sdxl", f"diffusion.ip_adapter={tiny_dir}/ip-adapter",
                                 f"diffusion.arcface={tiny_dir}/arcface/w600k_r50.onnx", "diffusion.device=cpu",
                                 f"diffusion.num_inversion_steps={STEPS}", "alignment.face_size=128",
-                                "anonymizer.method=reverse_personalization", *ESCALATING]), [])]) == 0
+                                "anonymizer.method=reverse_personalization", *FAST_DETECTION, *ESCALATING]), [])]) == 0
     esc = json.loads(capsys.readouterr().out)
     assert esc["estimated_faces"] == len(esc_faces)
     lo, hi = esc["estimated_unet_evals"]
@@ -262,7 +262,7 @@ def test_estimate_counts_faces_without_loading_the_identity_model(tmp_path, t1_p
     there at all). An ArcFace path that does not exist is never opened."""
     (tmp_path / "in").mkdir()
     shutil.copy(t1_path, tmp_path / "in" / "t1.jpg")
-    cfg = load_config(None, ["anonymizer.method=reverse_personalization", "privacy.escalate=false",
+    cfg = load_config(None, [*FAST_DETECTION, "anonymizer.method=reverse_personalization", "privacy.escalate=false",
                              f"diffusion.arcface={tmp_path}/absent/w600k_r50.onnx"])
     e = estimate.estimate(cfg, str(tmp_path / "in"), sample=1)
     assert e["sample"]["faces"] == 6 and e["sample"]["diffusion_faces"] == 6 and e["sample"]["unreadable"] == 0
