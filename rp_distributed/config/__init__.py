@@ -10,8 +10,8 @@ from .job import ConfigError, JobConfig, apply_overrides, config_to_dict, load_c
 from .sections import (IMAGE_EXTENSIONS, AlignmentConfig, AnonymizerConfig, InputConfig, MergeConfig, OutputConfig,
                        PrivacyConfig, PromptsConfig, RayConfig, ReportConfig)
 
-__all__ = ["StageResources", "AUDIT_PASSES", "CENTERFACE_PASSES", "DEFAULT_PASSES", "AuditConfig", "DetectionConfig", "PassConfig",
-           "DiffusionConfig", "anonymization_fingerprint", "anonymization_settings", "ConfigError", "JobConfig",
-           "apply_overrides", "config_to_dict", "load_config", "IMAGE_EXTENSIONS", "AlignmentConfig",
-           "AnonymizerConfig", "InputConfig", "MergeConfig", "OutputConfig", "PrivacyConfig", "PromptsConfig",
-           "RayConfig", "ReportConfig", "PseudonymsConfig"]
+__all__ = ["StageResources", "AUDIT_PASSES", "CENTERFACE_PASSES", "DEFAULT_PASSES", "AuditConfig",
+           "DetectionConfig", "PassConfig", "DiffusionConfig", "anonymization_fingerprint",
+           "anonymization_settings", "ConfigError", "JobConfig", "apply_overrides", "config_to_dict",
+           "load_config", "IMAGE_EXTENSIONS", "AlignmentConfig", "AnonymizerConfig", "InputConfig", "MergeConfig",
+           "OutputConfig", "PrivacyConfig", "PromptsConfig", "RayConfig", "ReportConfig", "PseudonymsConfig"]
