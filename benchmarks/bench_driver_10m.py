@@ -40,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+import rp_distributed.arrow_pool  # noqa: F401  (as rp-anonymize's driver: first, before pyarrow)
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 
+from . import arrow_pool  # noqa: F401  (first: it chooses Arrow's allocator, before anything imports pyarrow)
 from .config import ConfigError, config_to_dict, load_config
 from .job.lease import LeaseHeld
 from .job.plan import PlanError

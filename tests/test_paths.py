@@ -291,6 +291,17 @@ def test_an_overwrite_plan_deletes_no_manifest_part(tmp_path, t1_path):
     assert manifest.latest_outcomes(str(out), "_manifest")["status"].to_pylist() == ["ok"]
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_input_folder_without_images_plans_nothing(tmp_path, overwrite):
+    """An empty input (or one with no image) is a plan with nothing to do, not a crash in the resume columns."""
+    cfg = _blur(f"output.overwrite={str(overwrite).lower()}")
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "notes.txt").write_text("no image here")
+    plan = make_plan(cfg, str(src), str(tmp_path / "out"), anonymization_fingerprint(cfg))
+    assert (plan.num_todo, plan.skipped, plan.unrecorded, plan.refused) == (0, 0, 0, 0)
+
+
 # -- two runs into one output prefix: the lease ------------------------------------------------------------
 
 def _lease_file(out, run_id, age_s, **who):

@@ -223,6 +223,24 @@ def _existing_outputs(output_uri: str) -> pa.ChunkedArray:
     return pa.chunked_array(chunks, pa.string())
 
 
+PROBE_STEP = 1 << 21  # keys made the value set of one membership test: ~2M strings, not the 10M of a listing
+
+
+def _present(keys: pa.ChunkedArray, listed: pa.ChunkedArray, strip: int = 0) -> pa.ChunkedArray:
+    """Per key (its first ``strip`` characters dropped): whether ``listed`` holds it; null keys are not present.
+    A membership test builds a hash table of its value set, and one over 10M listed strings was the plan's peak;
+    here the value set is ``PROBE_STEP`` keys at a time, ``listed`` is probed against each, and only what it
+    matched is kept."""
+    out = []
+    for at in range(0, len(keys), PROBE_STEP):
+        part = keys.slice(at, PROBE_STEP)
+        if strip:
+            part = pc.utf8_slice_codeunits(part, strip)
+        matched = listed.filter(pc.is_in(listed, value_set=part.drop_null()))
+        out.extend(pc.fill_null(pc.is_in(part, value_set=matched), False).chunks)
+    return pa.chunked_array(out, pa.bool_())
+
+
 def _unsaid(orphans: list[dict], said: pa.Table, input_uri: str, fingerprint: str) -> list[dict]:
     """The ``orphans`` whose row (``annotations.orphan_row``) is not already the latest error row of its path."""
     rows = [annotations.orphan_row(o, input_uri, "", fingerprint) for o in orphans]
@@ -237,10 +255,50 @@ def _differs(recorded: pa.ChunkedArray, listed: pa.Array) -> pa.Array:
     return pc.fill_null(pc.not_equal(recorded, listed), False)
 
 
-def _replaced(joined: pa.Table, files: pa.Table) -> pa.Array:
-    """Per listed input (``joined`` is in the listing's order): whether its done row recorded another size or
-    change marker than the listing shows now, i.e. the input was replaced under the same key after it was done."""
-    return pc.or_(_differs(joined["prev_size"], files["size"]), _differs(joined["prev_version"], files["version"]))
+RESUME_STEP = 1 << 20  # listed inputs compared with their done rows at a time
+
+
+@dataclass
+class _Against:
+    """Per listed input, against its done row: there is one; it was made under the same settings; it wrote the same
+    output key; the input was replaced since (same key, other size or change marker); the earlier output to delete
+    (a key no input writes now: a changed format, a refused input), else null."""
+    has_prev: pa.ChunkedArray
+    same_fp: pa.ChunkedArray
+    same_key: pa.ChunkedArray
+    replaced: pa.ChunkedArray
+    stale_key: pa.ChunkedArray
+
+
+def _against_done(latest: pa.Table, at: pa.ChunkedArray, writes: pa.ChunkedArray, files: pa.Table,
+                  fingerprint: str) -> _Against:
+    """``at``: each listed input's done row in ``latest`` (null: none). ``RESUME_STEP`` inputs at a time: the done
+    rows' columns taken for 10M inputs at once were ~0.9 GB held beside the listing, the plan's peak."""
+    prev = latest.select(["output_uri", "settings_fingerprint", "input_size", "input_version"])
+    parts: dict[str, list[pa.ChunkedArray]] = defaultdict(list)
+    moved_at, moved_keys = [pa.array([], pa.uint64())], []
+    for start in range(0, len(at), RESUME_STEP):
+        rows, listed = prev.take(at.slice(start, RESUME_STEP)), files.slice(start, RESUME_STEP)
+        has_prev = pc.is_valid(rows["output_uri"])
+        same_key = pc.fill_null(pc.equal(rows["output_uri"], writes.slice(start, RESUME_STEP)), False)
+        parts["has_prev"].append(has_prev)
+        parts["same_key"].append(same_key)
+        parts["same_fp"].append(pc.fill_null(pc.equal(rows["settings_fingerprint"], pa.scalar(fingerprint)), False))
+        parts["replaced"].append(pc.or_(_differs(rows["input_size"], listed["size"]),
+                                        _differs(rows["input_version"], listed["version"])))
+        moved = pc.indices_nonzero(pc.and_(has_prev, pc.invert(same_key)))  # few on a resume
+        moved_at.append(pc.add(moved, pa.scalar(start, moved.type)))
+        moved_keys.extend(rows["output_uri"].take(moved).chunks)
+    moved_keys = pa.chunked_array(moved_keys, pa.string())
+    stale = pc.invert(_present(moved_keys, writes))  # the earlier key is no input's key now
+    stale_key = pa.chunked_array([pa.nulls(len(at), pa.string())])
+    if pc.any(stale).as_py():
+        mask = np.zeros(len(at), bool)
+        mask[pa.concat_arrays(moved_at).filter(stale.combine_chunks()).to_numpy()] = True
+        stale_key = pc.replace_with_mask(stale_key, pa.array(mask), moved_keys.filter(stale).combine_chunks())
+    return _Against(stale_key=stale_key, **{name: pa.chunked_array([c for part in parts[name] for c in part.chunks],
+                                                                    pa.bool_())
+                                            for name in ("has_prev", "same_fp", "same_key", "replaced")})
 
 
 def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str) -> Plan:
@@ -259,8 +317,11 @@ def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str)
             example = files["uri"].filter(inside)[0].as_py()
             raise PlanError(f"the input listing did not exclude the output prefix {output_uri} (e.g. {example})")
     keys, key_errors, notes = output_key_columns(files["rel_path"], output_uri, out_cfg.format, out_cfg.manifest_dir)
-    errors = pc.coalesce(files["skip_reason"], key_errors)
-    writes = pc.if_else(pc.is_valid(errors), pa.scalar(None, pa.string()), keys)
+    # Without a listed skip reason (the usual case) the keys are the writes as they are (exactly one of key and
+    # error is set): no second copy of 10M keys.
+    skipped_in_listing = files["skip_reason"].null_count < files.num_rows
+    errors = pc.coalesce(files["skip_reason"], key_errors) if skipped_in_listing else key_errors
+    writes = pc.if_else(pc.is_valid(errors), pa.scalar(None, pa.string()), keys) if skipped_in_listing else keys
     del keys, key_errors
     # Each listed input's latest row (null where none), found by a lookup in a hash of the manifest's inputs, in
     # the listing's order; only done rows are taken, and no copy of ``latest`` is made on the way (at 10M inputs the
@@ -270,33 +331,25 @@ def make_plan(cfg: JobConfig, input_uri: str, output_uri: str, fingerprint: str)
     said = latest.filter(pc.equal(latest["status"], "error")).select(["input_hash", "error"]) if sides else None
     done = pc.and_(pc.is_in(latest["status"], pa.array(manifest.DONE_STATUSES)), pc.is_valid(latest["output_uri"]))
     at = pc.if_else(pc.fill_null(pc.take(done, at), False), at, pa.scalar(None, at.type))
-    joined = latest.select(["output_uri", "settings_fingerprint", "input_size", "input_version"]).take(at)
-    joined = joined.rename_columns(["prev_key", "prev_fp", "prev_size", "prev_version"])
+    against = _against_done(latest, at, writes, files, fingerprint)
     del latest, done, at
-    has_prev = pc.is_valid(joined["prev_key"])
-    same_fp = pc.fill_null(pc.equal(joined["prev_fp"], pa.scalar(fingerprint)), False)
-    same_key = pc.fill_null(pc.equal(joined["prev_key"], writes), False)
-    replaced = _replaced(joined, files)
-    skip = (pa.array([False] * files.num_rows) if out_cfg.overwrite or not pc.any(has_prev).as_py()
+    has_prev, same_fp, same_key, replaced = against.has_prev, against.same_fp, against.same_key, against.replaced
+    skip = (pa.array(np.zeros(files.num_rows, bool)) if out_cfg.overwrite or not pc.any(has_prev).as_py()
             else pc.and_(pc.and_(same_key, same_fp), pc.invert(replaced)))
     # One listing of the output prefix: an output counts as done only if it is still there, and an output
     # with no manifest row (a driver killed between the write and the manifest flush) is redone.
     root = output_uri.rstrip("/") + "/"
     if out_cfg.overwrite:  # everything is redone: nothing to learn from the listing
-        exists = pa.array([False] * files.num_rows)
+        exists = pa.array(np.zeros(files.num_rows, bool))
     else:
-        exists = pc.fill_null(pc.is_in(pc.utf8_slice_codeunits(writes, len(root)),
-                                       value_set=_existing_outputs(output_uri)), False)
+        exists = _present(writes, _existing_outputs(output_uri), strip=len(root))
     skip = pc.and_(skip, exists)
     unrecorded = pc.and_(exists, pc.invert(recorded))
-    # An earlier output at a key no input writes now is stale (a changed format, a refused input).
-    stale = pc.and_(pc.and_(has_prev, pc.invert(same_key)),
-                    pc.invert(pc.fill_null(pc.is_in(joined["prev_key"], value_set=writes.drop_null()), False)))
     changed = pc.and_(pc.and_(has_prev, pc.invert(same_fp)), pc.is_valid(writes))
     keep = pc.invert(skip)
     table = pa.table({"input_uri": files["uri"], "rel_path": files["rel_path"], "output_uri": writes,
                       "error": errors, "notes": notes,
-                      "stale_output_uri": pc.if_else(stale, joined["prev_key"], pa.scalar(None, pa.string())),
+                      "stale_output_uri": against.stale_key,
                       "input_size": files["size"], "input_version": files["version"]},
                      schema=TODO_SCHEMA)
     # The side tables are joined in on the driver, before resume's filter (so rows for inputs that are done
