@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -204,7 +205,16 @@ def list_inputs_table(input_uri: str, extensions: list[str], exclude_uri: str | 
     del found, details
     batches.append(pa.record_batch([uris, rels, skips, sizes, versions], schema=LISTING_SCHEMA))
     del uris, rels, skips, sizes, versions
-    return pa.Table.from_batches(batches).sort_by("rel_path")
+    table = pa.Table.from_batches(batches, schema=LISTING_SCHEMA)
+    del batches
+    order = pc.sort_indices(table["rel_path"])
+    # Sorted a column at a time, each unsorted column let go once its sorted copy exists: sorting the table whole
+    # held two copies of the listing (at 10M inputs ~1.2 GB more, the plan's peak).
+    columns = {}
+    for name in LISTING_SCHEMA.names:
+        columns[name] = table[name].take(order)
+        table = table.drop_columns([name])
+    return pa.table(columns, schema=LISTING_SCHEMA)
 
 
 def read_bytes(uri: str, max_bytes: int, storage: Storage | None = None) -> bytes:
