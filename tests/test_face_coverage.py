@@ -33,6 +33,7 @@ from rp_distributed.faces import build_detector
 from rp_distributed.records import ImageRow
 from rp_distributed.stages.detect import DetectFaces, DetectSettings
 from rp_distributed.stages.merge import MergeAndWrite
+from tests.conftest import FAST_DETECTION
 
 PADDINGS = (0.0, 0.1, 0.2, 0.3, 0.5)  # the hole was below ~0.3 (51-97% of the box reached); 0.5 the top
 RP_PADDINGS = (0.0, 0.5)  # reverse personalization costs a diffusion run per padding: the two ends
@@ -167,7 +168,7 @@ def overlapping(tmp_path_factory, t1_rgb):
     img[150:260, 950:1060] = t1_rgb[166:276, 265:375]
     path = tmp_path_factory.mktemp("overlap") / "overlap.png"
     Image.fromarray(img).save(path)
-    faces = build_detector(DetectionConfig()).detect(img)
+    faces = build_detector(load_config(None, FAST_DETECTION).detection).detect(img)
     near = [f.box for f in faces if f.box[0] > 850 and f.box[1] < 300 and f.box[2] < 1100]
     assert len(near) == 2
     (a, b) = near
@@ -181,7 +182,7 @@ def test_a_neighbour_paste_never_writes_into_another_face_box(method, tmp_path, 
     boxes overlap) are exactly what that face's anonymization alone writes there. Before, the smaller face's crop,
     cut from the original and blurred at its own smaller scale, was pasted over part of the larger face's box."""
     path, img = overlapping
-    cfg = load_config(None, [f"anonymizer.method={method}", "alignment.face_size=128"])
+    cfg = load_config(None, [*FAST_DETECTION, f"anonymizer.method={method}", "alignment.face_size=128"])
     row = DetectFaces.from_config(cfg).process(ImageRow.of(_row(path, tmp_path / "o.png")))
     faces = row.payload.faces
     Anonymizer.from_config(cfg)(faces)

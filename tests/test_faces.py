@@ -474,8 +474,8 @@ def test_small_faces_in_a_12_mp_photo(t1, t1_faces):
     tiles = det.tiles(img.shape)
     assert len(tiles) > 1 and any(2200 < t[0] < 2520 or 2200 < t[2] < 2520 for t in tiles)
     _assert_found(det.detect(img), _placed(t1_faces, SMALL, offset))
-    before = build_detector(DetectionConfig(backend="dlib", tile_above_px=10_000)).detect(img)
-    assert len(before) <= 4
+    # That one pass over the whole photo misses them is shown on the smaller canvas above (``whole``), at a third of
+    # the cost of showing it again here.
 
 
 # --- alignment ---------------------------------------------------------------------------------------------
