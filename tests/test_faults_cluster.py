@@ -434,7 +434,8 @@ def _unflushed(src: Path, kinds: dict[str, str]):
     return lambda rows, outputs: bool(unflushed_outputs(src, kinds, rows, outputs))
 
 
-SIGKILL_OVERRIDES = [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png", "alignment.face_size=256", "ray.num_cpus=2",
+SIGKILL_OVERRIDES = [*FAST_DETECTION, "anonymizer.method=blur", "output.format=png", "alignment.face_size=256",
+                     "ray.num_cpus=2",
                      # Parts are cut every 4 rows; the timer is out of the way, so where they are cut is known.
                      "output.manifest_rows_per_file=4", "output.manifest_flush_s=600"]
 
