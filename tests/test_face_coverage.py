@@ -24,11 +24,7 @@ from PIL import Image
 
 from rp_distributed import compose
 from rp_distributed.anonymizer import Anonymizer
-from rp_distributed.config import (
-    DetectionConfig,
-    anonymization_fingerprint,
-    load_config,
-)
+from rp_distributed.config import anonymization_fingerprint, load_config
 from rp_distributed.faces import build_detector
 from rp_distributed.records import ImageRow
 from rp_distributed.stages.detect import DetectFaces, DetectSettings
