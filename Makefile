@@ -5,16 +5,19 @@ BIN := $(VENV)/bin
 
 .PHONY: setup demo test test-fast gpu-check gpu-check-smoke clean
 
+# --no-cache-dir: a CI machine's disk has been seen nearly full; pip's cache would hold a second copy of every wheel.
+PIP := $(BIN)/pip --no-cache-dir
+
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(PIP) install -q --upgrade pip
 	# torch first, pinned: CPU machines take the CPU build of this release from local disk; on a GPU
 	# cluster install the CUDA build of torch before `make setup` and pip keeps it.
-	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[cpu,test]"   # cpu: onnxruntime; a GPU node takes .[gpu] (infra/Dockerfile)
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[cpu,test]"   # cpu: onnxruntime; a GPU node takes .[gpu] (infra/Dockerfile)
 	# MTCNN's weights (the default ensemble's `mtcnn` pass) ship in facenet-pytorch's wheel, which pins torch<2.3 and
 	# torchvision: installed without its dependencies (we load its weights only, never import it; pyproject.toml).
-	$(BIN)/pip install -q --no-deps "facenet-pytorch==2.6.0"
+	$(PIP) install -q --no-deps "facenet-pytorch==2.6.0"
 	touch $@
 
 setup: $(VENV)/.installed
