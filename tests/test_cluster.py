@@ -6,6 +6,7 @@ that group only: ``ray stop`` would also stop every other Ray on the machine (th
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -26,7 +27,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(600)]
 def ray_head(tmp_path, s3_server):
     dashboard = _free_port()
     # The head (and the job's driver and workers it starts) get the S3 endpoint and credentials of moto.
-    env = dict(os.environ, RAY_AUTH_MODE="token",  # a head started here uses token auth
+    # A head started here uses token auth, and refuses to start without a token: on a fresh machine there is no
+    # ~/.ray/auth_token (`ray get-auth-token --generate` writes one), so the head, its job and the client share one.
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
