@@ -10,7 +10,8 @@
 threshold, keeps its raw detections mapped back to the image and its seconds, and adds them to the cache (passes
 already there are not run again). ``eval`` merges any subset at any per-pass thresholds exactly as
 ``EnsembleDetector`` does (candidates: a python file defining ``ENSEMBLES = {name: {pass key: threshold}}``, or
-``{name: ({pass key: threshold}, {"generate_above": 0.5})}``; a key ``mtcnn@2x<=40`` keeps that pass's detections of
+``{name: ({pass key: threshold}, {"generate_above": 0.5, "corroborate": {pass key: floor}})}``, corroboration as
+``PassConfig.corroborate`` keeps it; a key ``mtcnn@2x<=40`` keeps that pass's detections of
 at most 40 px, as ``PassConfig.max_face_px``), and prints recall per bucket, false detections per
 image, the pass cost (megapixels the members see per image megapixel) and seconds per image megapixel (the sum of
 the passes' own times, on this machine under its load). ``faces`` prints, per true face of a bucket, the best
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.recall_set import BUCKETS, composites, iou_matrix, score_image  # noqa: E402
 from rp_distributed.config.detection import DetectionConfig, PassConfig  # noqa: E402
-from rp_distributed.faces.ensemble import EnsembleDetector  # noqa: E402
+from rp_distributed.faces.ensemble import EnsembleDetector, corroborated  # noqa: E402
 from rp_distributed.faces.rotate import face_back, rotated  # noqa: E402
 
 FLOOR = {"centerface": 0.05, "dlib_hog": -0.5, "dlib_cnn": -1.0, "mtcnn": 0.5}  # raw passes keep detections down to this
@@ -77,15 +78,20 @@ def run(seed: int, images: int, cache: str, keys: list[str]) -> None:
             pickle.dump(data, f)
 
 
-def evaluate(data: dict, passes: dict[str, float], generate_above: float = 0.5) -> dict:
-    """Recall per bucket, false detections per image and cost of the ensemble of ``passes`` (key: threshold)."""
+def evaluate(data: dict, passes: dict[str, float], generate_above: float = 0.5,
+             corroborate: dict[str, float] | None = None) -> dict:
+    """Recall per bucket, false detections per image and cost of the ensemble of ``passes`` (key: threshold), with
+    the weak detections of the passes in ``corroborate`` (key: floor) kept where two members agree."""
     det = EnsembleDetector.__new__(EnsembleDetector)
     det.merge_iou, det.generate_above = 0.3, generate_above
     found, buckets, false, low = [], [], 0, 0
+    floors = {k: PassConfig(member=_raw(k).split("@")[0], corroborate=v) for k, v in (corroborate or {}).items()}
     for i, (truth, bucket, shape, *_) in enumerate(data["truth"]):
         faces = [f for k, t in passes.items() for f in data["raw"][_raw(k)]["faces"][i]
                  if f.score >= t and f.size <= _cap(k)]
-        merged = det.merge(faces)
+        weak = [(f, p, 0.0) for k, p in floors.items() for f in data["raw"][_raw(k)]["faces"][i]
+                if f.score < passes.get(k, 1.0) and f.size <= _cap(k)]
+        merged = det.merge(faces + corroborated(weak, det.merge_iou))
         boxes = np.array([f.box for f in merged], np.float32).reshape(-1, 4)
         s = score_image(truth, boxes, np.array([f.score for f in merged]), shape)
         found += s.found

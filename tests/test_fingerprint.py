@@ -279,3 +279,31 @@ def test_a_pass_second_look_enters_the_fingerprint_only_when_set(monkeypatch):
 
     with pytest.raises(ConfigError, match="only a centerface pass has one"):
         load_config(None, ["detection.passes=[{member: dlib_hog, second_look: {}}]"])
+
+
+def test_a_pass_corroborate_enters_the_fingerprint_only_when_set(monkeypatch):
+    """``detection.passes[].corroborate`` came after fingerprints were recorded: unset, a pass's settings are what
+    they were; set, the fingerprint changes with its value. A floor at or above the pass's threshold, or on dlib's
+    scores (not 0-1), is refused."""
+    from rp_distributed.config.detection import CENTERFACE_PASSES
+
+    monkeypatch.setenv("RP_PSEUDONYM_KEY", KEY)
+    active = load_config(None, ACTIVE)
+
+    def with_passes(passes):
+        return active.model_copy(update={"detection": active.detection.model_copy(update={"passes": passes})})
+
+    plain = with_passes([p.model_copy(update={"corroborate": None}) for p in CENTERFACE_PASSES])
+    assert "corroborate" not in json.dumps(anonymization_settings(plain))
+
+    def floor(v):
+        return anonymization_fingerprint(with_passes([p.model_copy(update={"corroborate": v if i == 2 else None})
+                                                      for i, p in enumerate(CENTERFACE_PASSES)]))
+
+    assert len({anonymization_fingerprint(plain), floor(0.1), floor(0.2)}) == 3
+    from rp_distributed.config.job import ConfigError
+
+    with pytest.raises(ConfigError, match="must lie below the pass's threshold"):
+        load_config(None, ["detection.passes=[{member: centerface, threshold: 0.3, corroborate: 0.3}]"])
+    with pytest.raises(ConfigError, match="dlib_hog's scores are not"):
+        load_config(None, ["detection.passes=[{member: dlib_hog, corroborate: 0.5}]"])

@@ -164,6 +164,19 @@ def framed_alike(face: DetectedFace, best: DetectedFace) -> bool:
     return face is best or kind(face) != kind(best) or box_iou(face.box, best.box) >= 0.5
 
 
+def corroborated(weak: list[tuple[DetectedFace, object, float]], iou: float) -> list[DetectedFace]:
+    """The weak detections (``(face, pass, angle)``, below their pass's threshold) at least their pass's
+    ``corroborate`` score that a weak detection of another member, at least its own pass's, overlaps: two detectors
+    that each see a face faintly (CenterFace magnified, MTCNN's small window) rarely agree on one that is not."""
+    agreeing = [(f, p.member) for f, p, _ in weak if p.corroborate is not None and f.score >= p.corroborate]
+    def tag(f: DetectedFace) -> str:  # as a look's: "centerface@2x/corroborated/rot+90"
+        name, rot, angle = f.found_by[0].partition("/rot")
+        return f"{name}/corroborated{rot}{angle}"
+
+    return [replace(f, found_by=(tag(f),)) for f, member in agreeing
+            if any(other != member and same_face(g.box, f.box, iou) for g, other in agreeing)]
+
+
 class EnsembleDetector:
     """``detect(image)``: every face the passes find, merged, largest first."""
 
@@ -191,7 +204,8 @@ class EnsembleDetector:
         for p in self.passes:
             member = self.members[p.member]
             threshold = DEFAULT_THRESHOLDS[p.member] if p.threshold is None else float(p.threshold)
-            floor = threshold if p.second_look is None else min(threshold, p.second_look.above)
+            floor = min([threshold] + [v for v in (p.second_look and p.second_look.above, p.corroborate)
+                                       if v is not None])
             for angle in p.rotations:
                 tag = (pass_name(p.member, p.scale, angle),)
                 if angle == 0:
@@ -204,10 +218,11 @@ class EnsembleDetector:
                 for f in faces:
                     if f.box[2] > f.box[0] and f.box[3] > f.box[1]:
                         (found if f.score >= threshold else weak).append((replace(f, found_by=tag), p, angle))
-        found = [f for f, _, _ in found]
+        found = [f for f, _, _ in found] + corroborated(weak, self.merge_iou)
         for p in self.passes:  # after every pass: a weak detection of a face another pass found is not looked at
             if p.second_look is not None:
-                found += self.second_look(image, p, [(f, a) for f, q, a in weak if q is p], found)
+                looked = [(f, a) for f, q, a in weak if q is p and f.score >= p.second_look.above]
+                found += self.second_look(image, p, looked, found)
         faces = self.merge(found)
         faces.sort(key=lambda f: (-f.size, -f.score))
         return faces
