@@ -70,10 +70,15 @@ class PassConfig(_Section):
             raise ValueError(f"second_look: only a centerface pass has one (its scores are 0-1), not {self.member}")
         if self.corroborate is not None and self.member.startswith("dlib"):
             raise ValueError(f"corroborate: a score of 0-1, which {self.member}'s scores are not")
-        threshold = DEFAULT_THRESHOLDS[self.member] if self.threshold is None else self.threshold
-        if self.corroborate is not None and self.corroborate >= threshold:
-            raise ValueError(f"corroborate ({self.corroborate}) must lie below the pass's threshold ({threshold})")
+        if self.corroborate is not None and self.corroborate >= self.score_threshold:
+            raise ValueError(f"corroborate ({self.corroborate}) must lie below the pass's threshold "
+                             f"({self.score_threshold})")
         return self
+
+    @property
+    def score_threshold(self) -> float:
+        """The threshold this pass keeps detections at: its own, or its member's default."""
+        return DEFAULT_THRESHOLDS[self.member] if self.threshold is None else float(self.threshold)
 
 
 # Chosen on the benchmark's tuning split (seed 1; benchmarks/tune_recall.py): the image as it is at 0.35, turned
@@ -111,14 +116,6 @@ class DetectionConfig(_Section):
                                      min_length=1, description="ensemble: the detector passes whose union is kept")
     merge_iou: float = Field(0.3, gt=0, lt=1, description="ensemble: detections of different passes overlapping "
                              "this much (IoU) are one face")
-    @model_validator(mode="after")
-    def _corroborating_members(self) -> DetectionConfig:
-        members = {p.member for p in self.passes if p.corroborate is not None}
-        if len(members) == 1:
-            raise ValueError(f"corroborate: set on {members.pop()} passes only; a weak detection is kept where another "
-                             "member's corroborating pass agrees, so at least two members must set it")
-        return self
-
     generate_above: float = Field(
         0.5, ge=0, le=1,
         description="ensemble: a face whose best CenterFace score is below this and that no second member found is "
@@ -160,6 +157,14 @@ class DetectionConfig(_Section):
     # rows cost ~1.3 ms of CPU per image and boundary on cpu-2c, at 16 ~0.6 (BENCHMARKS.md, pipeline overhead).
     resources: StageResources = Field(StageResources(concurrency=1, num_cpus=0.5, batch_size=16),
                                       json_schema_extra=outside_fingerprint(RESOURCES))
+
+    @model_validator(mode="after")
+    def _corroborating_members(self) -> DetectionConfig:
+        members = {p.member for p in self.passes if p.corroborate is not None}
+        if len(members) == 1:
+            raise ValueError(f"corroborate: set on {members.pop()} passes only; a weak detection is kept where another "
+                             "member's corroborating pass agrees, so at least two members must set it")
+        return self
 
 
 class AuditConfig(_Section):

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field, replace
 import cv2
 import numpy as np
 
-from ..config.detection import DEFAULT_THRESHOLDS
 from .backends import as_rgb_uint8, box_iou, shift_face, tile_grid, touches_inner_edge
 from .rotate import face_back, rotated
 from .types import DetectedFace
@@ -181,6 +180,7 @@ def corroborated(weak: list[tuple[DetectedFace, object, float]], found: list[tup
 
     agreeing = [(f, p.member) for f, p, _ in weak if floor(f, p)]
     partners = agreeing + [(f, p.member) for f, p, _ in found if floor(f, p)]
+
     def tag(f: DetectedFace) -> str:  # as a look's: "centerface@2x/corroborated/rot+90"
         name, rot, angle = f.found_by[0].partition("/rot")
         return f"{name}/corroborated{rot}{angle}"
@@ -215,7 +215,7 @@ class EnsembleDetector:
         found, weak = [], []
         for p in self.passes:
             member = self.members[p.member]
-            threshold = DEFAULT_THRESHOLDS[p.member] if p.threshold is None else float(p.threshold)
+            threshold = p.score_threshold
             floor = min([threshold] + [v for v in (p.second_look and p.second_look.above, p.corroborate)
                                        if v is not None])
             for angle in p.rotations:
