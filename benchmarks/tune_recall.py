@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.recall_set import BUCKETS, composites, iou_matrix, score_image  # noqa: E402
 from rp_distributed.config.detection import DetectionConfig, PassConfig  # noqa: E402
-from rp_distributed.faces.ensemble import EnsembleDetector, corroborated  # noqa: E402
+from rp_distributed.faces.ensemble import EnsembleDetector, corroborated, inside  # noqa: E402
 from rp_distributed.faces.rotate import face_back, rotated  # noqa: E402
 
 FLOOR = {"centerface": 0.05, "dlib_hog": -0.5, "dlib_cnn": -1.0, "mtcnn": 0.5}  # raw passes keep detections down to this
@@ -66,8 +66,9 @@ def run(seed: int, images: int, cache: str, keys: list[str]) -> None:
         for c in comps:
             copy, m = (c.image, None) if angle == 0 else rotated(c.image, angle)
             faces = det._run_pass(det.members[member], copy, scale, FLOOR[member])
-            if m is not None:
-                faces = [face_back(f, m, c.image.shape) for f in faces]
+            if m is not None:  # as EnsembleDetector.detect: none centred on the mirrored border, no empty box
+                faces = [g for g in (face_back(f, m, c.image.shape) for f in faces if inside(f.box, m, c.image.shape))
+                         if g.box[2] > g.box[0] and g.box[3] > g.box[1]]
             per_image.append([replace(f, found_by=(key,)) for f in faces])
         seconds = time.perf_counter() - t0
         data["raw"][key] = {"faces": per_image, "mpix_ratio": det.cost.mpix / image_mpix,
