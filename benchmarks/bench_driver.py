@@ -1,16 +1,19 @@
-"""Driver memory over a whole job, and the job's images/s (issue 8).
+"""Driver memory over a whole job: flat in run length? (issues 8 and 21).
 
-Writes N small real images (insightface's aligned Tom_Hanks_54745.png, one face, for one input in
-``--face-every``; 96x96 crops of scikit-image's coffee, no face, for the rest), runs the real job on a
-local Ray in a fresh driver process with ``anonymizer.method=blur``, and reports the driver's peak RSS
-(the Ray workers are other processes), split at the end into its private memory and the pages of Ray's
-shared-memory object store it touched while reading result blocks, and images/s. The driver's memory must not grow with the dataset:
-compare 1K and 20K.
+Runs the real job (``run_job``, local Ray on 127.0.0.1 with 2 CPUs) in a fresh driver process over N small real
+images, with a method whose own cost is about nothing so that a long run fits a session: the images and the
+config are ``bench_overhead``'s (64-160 px JPEG and PNG, one in ``--face-every`` a real face; ``mask``, re-ID
+gate on, one CenterFace pass, no output audit). The report is written at the end, as a user runs it.
+
+While the job runs, this process samples the driver's ``/proc/<pid>/status`` every ``--every`` seconds and counts
+the files written under the output prefix: private memory (RssAnon) is what must not grow with the dataset;
+RssShmem is pages of Ray's shared-memory object store the driver touched reading result blocks (shared with the
+raylet and bounded by the store's size); RssFile is shared libraries. Compare 1K with 100K:
 
     python benchmarks/bench_driver.py --images 1000
-    python benchmarks/bench_driver.py --images 20000
+    python benchmarks/bench_driver.py --images 100000
 
-Prints one JSON line; results go in BENCHMARKS.md with the machine named.
+Prints one JSON line (the samples, and the end of run); results go in BENCHMARKS.md with the commit and machine.
 """
 
 from __future__ import annotations
@@ -19,77 +22,85 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-
-def lay_out(src: Path, n: int, face_every: int) -> None:
-    import importlib.util
-
-    import numpy as np
-    from PIL import Image
-    from skimage import data
-
-    face = Path(list(importlib.util.find_spec("insightface").submodule_search_locations)[0]) / \
-        "data/images/Tom_Hanks_54745.png"
-    coffee = data.coffee()
-    for i in range(n):
-        d = src / f"{i // 1000:03d}"
-        if i % 1000 == 0:
-            d.mkdir(parents=True)
-        if i % face_every == 0:
-            shutil.copy(face, d / f"{i:06d}.png")
-        else:
-            y, x = (i * 37) % (coffee.shape[0] - 96), (i * 53) % (coffee.shape[1] - 96)
-            Image.fromarray(np.ascontiguousarray(coffee[y:y + 96, x:x + 96])).save(d / f"{i:06d}.png")
+from bench_overhead import REPO, config, images
 
 
-def measure(src: str, out: str) -> None:
+def run_driver(src: str, out: str) -> dict:
+    """The driver side: its own local Ray, the job, and the driver's memory at the end (report written)."""
     import resource
 
-    from rp_distributed.config import load_config
+    import ray
+
     from rp_distributed.job.run import run_job
 
-    cfg = load_config(None, ["anonymizer.method=blur", "detection.upsample=1", "ray.num_cpus=2",
-                             "detection.resources.num_cpus=0.5", "detection.resources.batch_size=16",
-                             "anonymizer.resources.num_cpus=0.25", "anonymizer.resources.batch_size=16",
-                             "merge.resources.num_cpus=0.5", "merge.resources.batch_size=16"])
-    t0 = time.perf_counter()
-    result = run_job(cfg, src, out, progress=False)
-    wall = time.perf_counter() - t0
-    status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
-    print(json.dumps({"wall_s": round(wall, 1), "images_per_s": round(result.summary["images"] / wall, 1),
-                      "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
-                      # At the end: the driver's private memory, and pages of Ray's shared-memory object store
-                      # it has touched reading result blocks (shared with the raylet, bounded by the store).
-                      "driver_private_mib": int(status["RssAnon"].split()[0]) // 1024,
-                      "driver_object_store_pages_mib": int(status["RssShmem"].split()[0]) // 1024,
-                      "images": result.summary["images"], "faces": result.summary["faces"],
-                      "by_status": result.summary["by_status"]}))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
+    t0 = time.time()
+    try:
+        result = run_job(config(), src, out, progress=False)
+    finally:
+        wall = time.time() - t0
+        ray.shutdown()
+    end = memory(os.getpid())
+    return {"wall_s": round(wall, 1), "images_per_s": round(result.summary["images"] / wall, 1),
+            "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+            "end_after_report": end, "images": result.summary["images"], "faces": result.summary["faces"],
+            "by_status": result.summary["by_status"]}
+
+
+def memory(pid: int) -> dict:
+    """The driver's resident memory by kind, MiB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {k: int(fields[k].split()[0]) // 1024 for k in ("RssAnon", "RssShmem", "RssFile")}
+
+
+def files_under(root: Path) -> int:
+    return sum(len(names) for _, _, names in os.walk(root))
+
+
+def sample_run(src: Path, out: Path, every: float) -> dict:
+    proc = subprocess.Popen([sys.executable, __file__, "--driver", str(src), str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO), RAY_BACKEND_LOG_LEVEL="fatal"))
+    samples, t0 = [], time.time()
+    while proc.poll() is None:
+        time.sleep(every)
+        try:
+            mem = memory(proc.pid)
+        except (FileNotFoundError, KeyError, ProcessLookupError):
+            break
+        samples.append({"t_s": round(time.time() - t0), "files_written": files_under(out), **mem})
+    stdout, stderr = proc.communicate()
+    if proc.returncode:
+        sys.exit(stderr[-3000:])
+    return {"samples_mib": samples, **json.loads(stdout.strip().splitlines()[-1])}
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--face-every", type=int, default=20)
-    p.add_argument("--measure", nargs=2, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--every", type=float, default=30.0, help="seconds between samples of the driver's memory")
+    p.add_argument("--cache", type=Path, default=Path("/tmp/rp-overhead-images"))
+    p.add_argument("--driver", nargs=2, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.measure:
-        measure(*args.measure)
+    if args.driver:
+        print(json.dumps(run_driver(*args.driver)))
         return
+    import tempfile
+
+    src = images(args.cache, args.images, args.face_every)
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
-        src, out = Path(tmp) / "in", Path(tmp) / "out"
-        lay_out(src, args.images, args.face_every)
-        proc = subprocess.run([sys.executable, __file__, "--measure", str(src), str(out)], capture_output=True,
-                              text=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
-        if proc.returncode:
-            sys.exit(proc.stderr[-3000:])
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result.update(machine=f"{platform.machine()} {os.cpu_count()} cores", face_every=args.face_every)
+        result = sample_run(src, Path(tmp) / "out", args.every)
+    result.update(machine=f"{platform.machine()} {os.cpu_count()} cores", commit=commit, face_every=args.face_every,
+                  load_after=" ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(json.dumps(result))
 
 

@@ -116,3 +116,24 @@ def build_dataset(cfg: JobConfig, blocks: list, specs: list[StageSpec], isolate:
             ds = ds.map_batches(spec.fn, fn_constructor_args=spec.constructor_args(cfg),
                                 **_pool_args(cfg, spec.resources(cfg), isolate))
     return ds
+
+
+BLOCK_STATS_KEPT = 1_000  # per operator: the most recent blocks' statistics, a few MB in all
+
+
+def forget_block_stats(ds, keep: int = BLOCK_STATS_KEPT) -> int:
+    """Drop all but the last ``keep`` per-block statistics that each operator of ``ds``'s running execution holds
+    on the driver; returns how many were dropped.
+
+    Ray Data keeps one ``BlockStats`` per output block of every operator until the dataset is done
+    (ray-project/ray#66016, open; Ray 2.60 does): a block per batch of each stage, so the driver grows with the run,
+    GBs over 10M inputs. They feed only ``Dataset.stats()``, which the job never calls (its summary is its own).
+    A Ray without that list, or a dataset not running, is left as it is."""
+    executor = getattr(ds, "_current_executor", None)
+    dropped = 0
+    for op in list(getattr(executor, "_topology", None) or ()):
+        held = getattr(op, "_output_blocks_stats", None)
+        if isinstance(held, list) and len(held) > keep:
+            dropped += len(held) - keep
+            del held[:len(held) - keep]  # one C call under the GIL: the executor's thread appends between calls
+    return dropped
