@@ -24,6 +24,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,12 +35,15 @@ def run_driver(src: str, out: str) -> dict:
     """The driver side: its own local Ray, the job, and the driver's memory at the end (report written)."""
     import resource
 
+    import rp_distributed.arrow_pool  # noqa: F401  first, as rp-anonymize's driver: Arrow's memory through jemalloc
     import ray
 
     from rp_distributed.job.run import run_job
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _node_ip_address="127.0.0.1")
+    if os.environ.get("BENCH_CENSUS"):
+        threading.Thread(target=census, args=(os.environ["BENCH_CENSUS"],), daemon=True).start()
     t0 = time.time()
     try:
         result = run_job(config(), src, out, progress=False)
@@ -51,6 +55,21 @@ def run_driver(src: str, out: str) -> dict:
             "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
             "end_after_report": end, "images": result.summary["images"], "faces": result.summary["faces"],
             "by_status": result.summary["by_status"]}
+
+
+def census(path: str, every: float = 60.0) -> None:
+    """What the driver's Python heap holds, every ``every`` s (``BENCH_CENSUS=<file>``): pymalloc's blocks and the
+    most numerous object types, to tell Python objects that pile up from native memory."""
+    import collections
+    import gc
+
+    t0 = time.time()
+    while True:
+        time.sleep(every)
+        kinds = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+        with open(path, "a") as f:
+            f.write(json.dumps({"t_s": round(time.time() - t0), "rss": memory(os.getpid()),
+                                "allocated_blocks": sys.getallocatedblocks(), "top": kinds.most_common(25)}) + "\n")
 
 
 def memory(pid: int) -> dict:

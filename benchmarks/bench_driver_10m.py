@@ -113,10 +113,16 @@ def part_plan(root: str, inputs: int) -> None:
 
 # -- lister -------------------------------------------------------------------------------------------------------
 def lay_out_tree(tree: Path, files: int) -> None:
-    for i in range(files):
-        if i % FILES_PER_FOLDER == 0:
-            (tree / rel_path(i)).parent.mkdir(parents=True, exist_ok=True)
-        open(tree / rel_path(i), "wb").close()
+    """``files`` empty files, a folder of ``FILES_PER_FOLDER`` at a time; a folder already full (an earlier layout
+    that was stopped) is kept as it is."""
+    for start in range(0, files, FILES_PER_FOLDER):
+        folder = (tree / rel_path(start)).parent
+        count = min(FILES_PER_FOLDER, files - start)
+        if folder.is_dir() and len(os.listdir(folder)) == count:
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(start, start + count):
+            open(tree / rel_path(i), "wb").close()
 
 
 def part_lister(tree: str, files: int) -> None:

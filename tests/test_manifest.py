@@ -122,3 +122,45 @@ def test_an_image_cut_short_at_close_is_left_out_so_resume_redoes_it(tmp_path):
     writer.close()
     assert writer.dropped == 2
     assert manifest.latest_outcomes(str(tmp_path), "_manifest")["input_uri"].to_pylist() == ["in/a.jpg"]
+
+
+def _full_row(i: int) -> dict:
+    """A face row with every manifest column filled, as the merge stage sends them (strings of typical length)."""
+    import pyarrow as pa
+
+    def value(f):
+        if pa.types.is_string(f.type):
+            return f"{f.name}-{i:08d}-" + "x" * 24
+        if pa.types.is_binary(f.type):
+            return bytes(64)
+        if pa.types.is_boolean(f.type):
+            return bool(i % 2)
+        if pa.types.is_integer(f.type):
+            return i % 7
+        return 0.25 + i
+    row = {f.name: value(f) for f in manifest.SCHEMA}
+    return {**row, "input_uri": f"in/{i}.jpg", "num_faces": 1, "face_index": 0}
+
+
+def test_the_rows_a_part_buffers_cost_the_driver_little_memory(tmp_path):
+    """A part buffers up to manifest_flush_s of rows on the driver: ~72K rows at 1,000 GPUs' rate. As Python dicts
+    a row with every column filled held ~7.7 KB (over 500 MB); all but the newest rows are held as Arrow (~1.1 KB)."""
+    import tracemalloc
+
+    import pyarrow as pa
+
+    n = 6000
+    warm = manifest_writer.PartWriter(str(tmp_path / "warm"), "_manifest", "r", 10**6, 10**12, 3600)
+    warm.add(_full_row(0))
+    warm.close()  # what writing a part imports, imported before counting
+    writer = manifest_writer.PartWriter(str(tmp_path), "_manifest", "r", 10**6, 10**12, 3600)
+    tracemalloc.start()
+    arrow_before = pa.total_allocated_bytes()
+    for i in range(n):
+        writer.add(_full_row(i))  # a row as it arrives from Ray: its own dict and values, the writer's to keep
+    held = tracemalloc.get_traced_memory()[0] + pa.total_allocated_bytes() - arrow_before
+    tracemalloc.stop()
+    assert held / n < 3000, f"{held / n:.0f} bytes of driver memory a buffered row"
+    writer.close()
+    back = manifest.read_manifest(str(tmp_path), "_manifest")
+    assert back.num_rows == n and back["input_uri"].to_pylist() == [f"in/{i}.jpg" for i in range(n)]
