@@ -78,8 +78,8 @@ class PartWriter:
                     self._image = []  # cannot happen (an image's rows arrive together): never write it partial
                 self._image.append(row)
                 if len(self._image) >= (row.get("num_faces") or 1):
-                    self._take(self._image)
-                    self._image = []
+                    image, self._image = self._image, []
+                    self._take(image)
             if self._buffered and (self._buffered >= self.rows_per_file or self._bytes >= self.bytes_per_file
                                    or time.monotonic() - self._since >= self.flush_s):
                 self._flush()
@@ -99,12 +99,13 @@ class PartWriter:
             self._raise()
 
     def _take(self, rows: list[dict]) -> None:
-        """Buffer the rows of a complete image."""
-        self._rows.extend(rows)
-        self._buffered += len(rows)
-        if len(self._rows) >= ROWS_AS_DICTS:
-            self._tables.append(as_table(self._rows))
+        """Buffer the rows of a complete image (converted first: a row that does not fit the schema changes nothing)."""
+        if len(self._rows) + len(rows) >= ROWS_AS_DICTS:
+            self._tables.append(as_table(self._rows + rows))
             self._rows = []
+        else:
+            self._rows.extend(rows)
+        self._buffered += len(rows)
 
     def _raise(self) -> None:
         if self._error is not None:

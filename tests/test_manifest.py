@@ -161,6 +161,42 @@ def test_the_rows_a_part_buffers_cost_the_driver_little_memory(tmp_path):
     held = tracemalloc.get_traced_memory()[0] + pa.total_allocated_bytes() - arrow_before
     tracemalloc.stop()
     assert held / n < 3000, f"{held / n:.0f} bytes of driver memory a buffered row"
+    assert not writer.parts  # all still buffered when counted
     writer.close()
+    assert len(writer.parts) == 1
     back = manifest.read_manifest(str(tmp_path), "_manifest")
     assert back.num_rows == n and back["input_uri"].to_pylist() == [f"in/{i}.jpg" for i in range(n)]
+
+
+def test_rows_held_as_arrow_are_cut_and_flushed_as_rows_were(tmp_path, monkeypatch):
+    """With rows converted to Arrow every 2 rows: parts still cut at rows_per_file and never inside an image (an
+    image of 3 faces straddles a conversion), the timer flushes rows held only as Arrow, and an image cut short
+    at close is still left out."""
+    import time
+
+    monkeypatch.setattr(manifest_writer, "ROWS_AS_DICTS", 2)
+
+    def image(name, faces):
+        if not faces:
+            return [{"run_id": "r", "input_uri": f"in/{name}", "rel_path": name, "status": "no_face", "num_faces": 0}]
+        return [{"run_id": "r", "input_uri": f"in/{name}", "rel_path": name, "status": "ok", "num_faces": faces,
+                 "face_index": i} for i in range(faces)]
+
+    writer = manifest_writer.PartWriter(str(tmp_path / "a"), "_manifest", "r", 4, 10**9, 3600)
+    for rows in (image("a.jpg", 0), image("b.jpg", 0), image("c.jpg", 0), image("crowd.jpg", 3), image("d.jpg", 0)):
+        for r in rows:
+            writer.add(r)
+    writer.add(image("cut.jpg", 2)[0])  # 1 of 2 face rows, then the run ends
+    writer.close()
+    parts = [[r["rel_path"] for r in pq.read_table(p).to_pylist()] for p in writer.parts]
+    assert parts == [["a.jpg", "b.jpg", "c.jpg", "crowd.jpg", "crowd.jpg", "crowd.jpg"], ["d.jpg"]]
+    assert writer.dropped == 1
+    timed = manifest_writer.PartWriter(str(tmp_path / "b"), "_manifest", "r", 10**6, 10**9, 0.4)
+    for r in image("e.jpg", 0) + image("f.jpg", 0):  # two rows: converted to Arrow, none left as dicts
+        timed.add(r)
+    deadline = time.monotonic() + 10
+    while not timed.parts and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(timed.parts) == 1 and manifest.read_manifest(str(tmp_path / "b"), "_manifest").num_rows == 2
+    timed.close()
+    assert len(timed.parts) == 1

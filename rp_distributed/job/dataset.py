@@ -127,8 +127,9 @@ def forget_block_stats(ds, keep: int = BLOCK_STATS_KEPT) -> int:
 
     Ray Data keeps one ``BlockStats`` per output block of every operator until the dataset is done
     (ray-project/ray#66016, open; Ray 2.60 does): a block per batch of each stage, so the driver grows with the run,
-    GBs over 10M inputs. They feed only ``Dataset.stats()``, which the job never calls (its summary is its own).
-    A Ray without that list, or a dataset not running, is left as it is."""
+    GBs over 10M inputs. They feed only Ray's own statistics (``Dataset.stats()``, the stats actor, the log at the
+    end), which then cover the last blocks only; the job's summary is its own. Trimmed in place: Ray's cached stats
+    hold the same lists. A Ray without that list, or a dataset not running, is left as it is."""
     executor = getattr(ds, "_current_executor", None)
     dropped = 0
     for op in list(getattr(executor, "_topology", None) or ()):
