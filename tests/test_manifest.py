@@ -69,9 +69,22 @@ def test_summary_counts_and_escalation_rates():
     assert s["reid_rate_first_try"] == pytest.approx(2 / 3) and s["escalated"] == 2
 
 
-def test_part_writer_cuts_parts_by_rows_and_bytes_and_flushes_old_rows_on_a_timer(tmp_path):
+def _timer_writes_one_part(out, rows: list[dict]) -> None:
+    """No row arrives after ``rows``: the timer thread still writes them, once they are flush_s old."""
     import time
 
+    timed = manifest_writer.PartWriter(str(out), "_manifest", "r", 10**6, 10**9, 0.4)
+    for r in rows:
+        timed.add(r)
+    deadline = time.monotonic() + 10
+    while not timed.parts and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(timed.parts) == 1 and manifest.read_manifest(str(out), "_manifest").num_rows == len(rows)
+    timed.close()
+    assert len(timed.parts) == 1
+
+
+def test_part_writer_cuts_parts_by_rows_and_bytes_and_flushes_old_rows_on_a_timer(tmp_path):
     def row(i):
         return {"run_id": "r", "input_uri": f"in/{i}.jpg", "rel_path": f"{i}.jpg", "status": "no_face",
                 "error": "x" * 100}
@@ -87,15 +100,7 @@ def test_part_writer_cuts_parts_by_rows_and_bytes_and_flushes_old_rows_on_a_time
         by_bytes.add(row(i))
     assert len(by_bytes.parts) == 2  # ~120 bytes a row: a part every 2 rows
     by_bytes.close()
-    # No row arrives after the first: the timer thread still writes it once it is flush_s old.
-    timed = manifest_writer.PartWriter(str(tmp_path / "c"), "_manifest", "r", 10**6, 10**9, 0.4)
-    timed.add(row(0))
-    deadline = time.monotonic() + 10
-    while not timed.parts and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(timed.parts) == 1 and manifest.read_manifest(str(tmp_path / "c"), "_manifest").num_rows == 1
-    timed.close()
-    assert len(timed.parts) == 1
+    _timer_writes_one_part(tmp_path / "c", [row(0)])
 
 
 def test_a_part_never_ends_inside_an_image(tmp_path):
@@ -172,8 +177,6 @@ def test_rows_held_as_arrow_are_cut_and_flushed_as_rows_were(tmp_path, monkeypat
     """With rows converted to Arrow every 2 rows: parts still cut at rows_per_file and never inside an image (an
     image of 3 faces straddles a conversion), the timer flushes rows held only as Arrow, and an image cut short
     at close is still left out."""
-    import time
-
     monkeypatch.setattr(manifest_writer, "ROWS_AS_DICTS", 2)
 
     def image(name, faces):
@@ -191,12 +194,4 @@ def test_rows_held_as_arrow_are_cut_and_flushed_as_rows_were(tmp_path, monkeypat
     parts = [[r["rel_path"] for r in pq.read_table(p).to_pylist()] for p in writer.parts]
     assert parts == [["a.jpg", "b.jpg", "c.jpg", "crowd.jpg", "crowd.jpg", "crowd.jpg"], ["d.jpg"]]
     assert writer.dropped == 1
-    timed = manifest_writer.PartWriter(str(tmp_path / "b"), "_manifest", "r", 10**6, 10**9, 0.4)
-    for r in image("e.jpg", 0) + image("f.jpg", 0):  # two rows: converted to Arrow, none left as dicts
-        timed.add(r)
-    deadline = time.monotonic() + 10
-    while not timed.parts and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(timed.parts) == 1 and manifest.read_manifest(str(tmp_path / "b"), "_manifest").num_rows == 2
-    timed.close()
-    assert len(timed.parts) == 1
+    _timer_writes_one_part(tmp_path / "b", image("e.jpg", 0) + image("f.jpg", 0))  # both rows held as Arrow
