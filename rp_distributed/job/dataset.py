@@ -104,6 +104,9 @@ def build_dataset(cfg: JobConfig, blocks: list, specs: list[StageSpec], isolate:
     ``INPUT_ROWS_PER_BLOCK`` inputs; ``isolate``: one input per task and batch."""
     import ray
 
+    from . import plan_feed
+
+    plan_feed.enable(ray.data.DataContext.get_current())  # before the dataset exists: it copies the context
     ds = _cut(ray.data.from_arrow_refs(blocks), 1 if isolate else INPUT_ROWS_PER_BLOCK)
     missing = [c for c in specs[0].needs if c not in ray.get(blocks[0]).column_names] if blocks else []
     if missing:

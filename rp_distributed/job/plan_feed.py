@@ -1,0 +1,71 @@
+"""The plan fed to the first stage as it is consumed, not all at once.
+
+The plan reaches Ray in a few large blocks (``dataset.PLAN_ROWS_PER_BLOCK`` rows), cut to first-stage tasks of
+``INPUT_ROWS_PER_BLOCK`` inputs by a streaming repartition. Ray Data's backpressure is counted in object-store
+bytes, and a plan block is small (~300 bytes a row): nothing held the cutting back, so it cut the whole plan at the
+start and the driver kept every 32-input bundle (a ref, its metadata, its schema: ~40 Python objects) queued until
+the first stage took it: 3,125 bundles at 100K inputs (~13 MB), 312,500 at 10M. ``PlanFeed`` lets the cutting
+operator run one task at a time, and only while the bundles queued for the first stage number fewer than
+``QUEUED_FLOOR`` or ``QUEUED_PER_SLOT`` per task the first stage can run at once, so the driver holds what the
+cluster can use, not what the dataset holds.
+"""
+
+from __future__ import annotations
+
+from ray.data._internal.execution.backpressure_policy import (ENABLED_BACKPRESSURE_POLICIES,
+                                                              ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY,
+                                                              BackpressurePolicy)
+from ray.data._internal.execution.operators.input_data_buffer import InputDataBuffer
+
+# Bundles queued for the first stage before the next plan block is cut: two plan blocks' worth at least (one being
+# consumed, one ready), and more where the first stage runs many tasks at once (a large CPU pool).
+QUEUED_FLOOR = 512
+QUEUED_PER_SLOT = 4
+CUTTING_OPERATOR = "StreamingRepartition"  # the physical operator ``dataset._cut`` plans, by Ray Data's name
+
+
+def _is_cutting(op) -> bool:
+    """The operator that cuts the plan's blocks: a repartition fed straight from the plan's refs."""
+    return op.name.startswith(CUTTING_OPERATOR) and any(isinstance(d, InputDataBuffer) for d in op.input_dependencies)
+
+
+def queued_for_first_stage(topology, op) -> int:
+    """Bundles the cutting operator ``op`` made that no first-stage task has taken yet: the first stage's input
+    queues (the cutter's output queue is one of them) and its own bundler, and what the cutter holds back."""
+    held = op.internal_output_queue_num_blocks() if hasattr(op, "internal_output_queue_num_blocks") else 0
+    return held + sum(topology[d].total_enqueued_input_blocks() for d in op.output_dependencies if d in topology)
+
+
+def cutting_operator(topology):
+    """The plan-cutting operator of a running execution's ``topology`` (None if it has none)."""
+    return next((op for op in topology if _is_cutting(op)), None)
+
+
+class PlanFeed(BackpressurePolicy):
+    """Holds the plan-cutting operator back while the first stage has enough queued (see the module's docstring);
+    every other operator is left to Ray Data's own policies."""
+
+    @property
+    def name(self) -> str:
+        return "PlanFeed"
+
+    def queued(self, op) -> int:
+        """Bundles cut and not yet taken by a first-stage task (see ``queued_for_first_stage``)."""
+        return queued_for_first_stage(self._topology, op)
+
+    def limit(self, op) -> int:
+        slots = sum(d.get_max_concurrency_limit() or 0 for d in op.output_dependencies)
+        return max(QUEUED_FLOOR, QUEUED_PER_SLOT * slots)
+
+    def can_add_input(self, op) -> bool:
+        if not _is_cutting(op):
+            return True
+        return op.num_active_tasks() == 0 and self.queued(op) < self.limit(op)
+
+
+def enable(ctx) -> None:
+    """Add ``PlanFeed`` to the backpressure policies of ``ctx`` (a ``DataContext``), once; a dataset takes its
+    context's policies when it is created."""
+    policies = list(ctx.get_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY, ENABLED_BACKPRESSURE_POLICIES))
+    if PlanFeed not in policies:
+        ctx.set_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY, [*policies, PlanFeed])
