@@ -182,6 +182,18 @@ STAND_IN_CONFIG = ["ray.num_cpus=2", "detection.resources.num_cpus=0.5", "anonym
                    "anonymizer.resources.batch_size=16", "merge.resources.batch_size=16"]
 
 
+def _held(ds, t: float) -> dict:
+    """What the driver holds while rows stream: its private memory, and the 32-input bundles cut from the plan that
+    no first-stage task has taken yet, with the plan blocks cut so far (Ray Data's own queues, read directly so that
+    code from before ``job/plan_feed.py`` is measured the same way)."""
+    topology = ds._current_executor._topology
+    cutter = next(op for op in topology if op.name.startswith("StreamingRepartition"))
+    queued = sum(topology[d].total_enqueued_input_blocks() for d in cutter.output_dependencies)
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {"t_s": round(t, 1), "bundles_queued": queued, "plan_blocks_cut": cutter.metrics.num_tasks_submitted,
+            "rss_anon_mib": int(status["RssAnon"].split()[0]) // 1024}
+
+
 def part_ray(inputs: int, root: str, stream_s: float) -> None:
     import ray
 
@@ -208,12 +220,15 @@ def part_ray(inputs: int, root: str, stream_s: float) -> None:
         rows = iter(ds.iter_rows())
         first = next(rows)
         mark("first_row", first_batch_at_detect_s=round(first["t_first"] - wall0, 1))
-        n, t1 = 1, time.perf_counter()
+        n, t1, held = 1, time.perf_counter(), [_held(ds, 0.0)]
         for _ in rows:
             n += 1
+            if time.perf_counter() - t1 > len(held) * stream_s / 6:
+                held.append(_held(ds, time.perf_counter() - t1))
             if time.perf_counter() - t1 > stream_s:
                 break
-        mark("streamed", rows=n, rows_per_s=round(n / (time.perf_counter() - t1), 1))
+        mark("streamed", rows=n, rows_per_s=round(n / (time.perf_counter() - t1), 1), held=held)
+        rows.close()  # the execution stopped before Ray is: its thread would otherwise outlive the shutdown
     finally:
         ray.shutdown()
 

@@ -17,9 +17,9 @@ from ray.data._internal.execution.backpressure_policy import (ENABLED_BACKPRESSU
                                                               BackpressurePolicy)
 from ray.data._internal.execution.operators.input_data_buffer import InputDataBuffer
 
-# Bundles queued for the first stage before the next plan block is cut: two plan blocks' worth at least (one being
-# consumed, one ready), and more where the first stage runs many tasks at once (a large CPU pool).
-QUEUED_FLOOR = 512
+# Bundles queued for the first stage before the next plan block is cut: one plan block's worth at least (8,192
+# inputs ready: minutes of work for a small pool), and more where the first stage runs many tasks at once.
+QUEUED_FLOOR = 256
 QUEUED_PER_SLOT = 4
 CUTTING_OPERATOR = "StreamingRepartition"  # the physical operator ``dataset._cut`` plans, by Ray Data's name
 
