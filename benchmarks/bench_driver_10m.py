@@ -7,7 +7,7 @@ Parts, in order (``--parts``):
   ones; ~3.16 rows an input, parts of ~100K rows, every column filled; inputs under ``<root>/in/``). The listing,
   keys, resume join and output listing are the real code; only the file system's answers are stand-ins: the local
   walk (``walk_local``: ``os.scandir``) yields the inputs' and outputs' paths without the files existing, and each
-  input's ``stat`` (``_local_identity``) returns a fixed size and mtime. (10M empty files, twice, would take 2/3 of
+  input's ``stat`` (``listing._local_identities``) returns a fixed size and mtime. (10M empty files, twice, would take 2/3 of
   this disk's free inodes and ~30 min to lay out.)
 - ``lister``: the real walk and stat over a real tree of ``--lister-files`` empty files, and the real listing of it
   as an output prefix: the file-system cost that ``plan`` leaves out, per file (add it times ``--inputs``).
@@ -97,13 +97,13 @@ def _stand_in_walk(root: str, inputs: int, real_walk):
 
 
 def part_plan(root: str, inputs: int) -> None:
-    from rp_distributed import io, storage
+    from rp_distributed import io, listing, storage
     from rp_distributed.config import load_config
     from rp_distributed.job.plan import make_plan
 
     walk = _stand_in_walk(root, inputs, storage.walk_local)
-    io.walk_local = storage.walk_local = walk
-    io._local_identity = lambda path: (2_345_678, "mtime_ns:1767225600000000000")
+    io.walk_local = storage.walk_local = listing.walk_local = walk
+    listing._local_identities = lambda paths: ([2_345_678] * len(paths), [1_767_225_600_000_000_000] * len(paths))
     cfg = load_config(None, ["output.format=same"])
     t0, cpu0 = time.perf_counter(), _cpu()
     plan = make_plan(cfg, f"{root}/in", f"{root}/out", FINGERPRINT)

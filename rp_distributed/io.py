@@ -9,18 +9,17 @@ usual AWS variables or instance roles; nothing here logs them.
 from __future__ import annotations
 
 import io
-import os
 import posixpath
 import re
 from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .listing import (LISTING_BATCH, LISTING_SCHEMA, InputFile, list_inputs, list_inputs_table,  # noqa: F401
+                      listing_base)
 from .storage import (NOT_REGULAR, PARTIAL_WRITE, PARTIAL_WRITE_SUFFIX, SYMLINK_BROKEN, SYMLINK_OUTSIDE,  # noqa: F401
                       InputError, Storage, locate, walk_local)
 
@@ -66,26 +65,11 @@ def join_uri(root: str, rel_path: str) -> str:
     return root.rstrip("/") + "/" + norm
 
 
-@dataclass
-class InputFile:
-    uri: str
-    rel_path: str
-    # Set when the file is listed but must not be read (a symlink leaving the input root, ...): the caller
-    # records it as an error row with this reason instead of processing it.
-    skip_reason: str | None = None
-
-
-def _listing_base(fs: fsspec.AbstractFileSystem, root: str) -> tuple[str, bool]:
-    """The folder the listing's keys are relative to, and whether ``root`` names a single file."""
-    single = os.path.isfile(root) if isinstance(fs, LocalFileSystem) else fs.isfile(root)
-    return (posixpath.dirname(root) if single else root.rstrip("/")), single
-
-
 def input_storage(input_uri: str) -> Storage:
     """The storage that the input listing's URIs lie under: the input folder or prefix, or the folder of the
     single file the user named (which is read even through a link: they named it)."""
     fs, root = filesystem(input_uri)
-    base, single = _listing_base(fs, root)
+    base, single = listing_base(fs, root)
     return Storage(_unstrip(fs, base), follow_links_out=single)
 
 
@@ -101,120 +85,6 @@ def _storage_of(uri: str, storage: Storage | None) -> tuple[Storage, str]:
     if storage is not None:
         return storage, storage.key_of(uri)
     return Storage.around(uri)
-
-
-def list_inputs(input_uri: str, extensions: list[str], exclude_uri: str | None = None) -> list[InputFile]:
-    """``list_inputs_table`` as ``InputFile`` objects (small listings; the planner uses the table)."""
-    t = list_inputs_table(input_uri, extensions, exclude_uri)
-    return [InputFile(uri=u, rel_path=r, skip_reason=k) for u, r, k in
-            zip(*(t[c].to_pylist() for c in ("uri", "rel_path", "skip_reason")))]
-
-
-LISTING_BATCH = 65_536  # listed entries held as Python objects at a time
-LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("rel_path", pa.string()), ("skip_reason", pa.string()),
-                            ("size", pa.int64()), ("version", pa.string())])
-
-# What an object store's listing says changes when an object is replaced, in the order looked for (S3: ETag; GCS:
-# its generation, then its md5), read from the listing's own entries: no request per object.
-_VERSION_FIELDS = ("ETag", "etag", "generation", "md5Hash", "LastModified", "last_modified", "mtime")
-
-
-def _local_identity(path: str) -> tuple[int | None, str | None]:
-    """A local file's size and ``mtime_ns:<n>`` (one stat of the file the listing found; a replaced or rewritten
-    file gets a new mtime), or (None, None) when it cannot be stat'ed."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None, None
-    return info.st_size, f"mtime_ns:{info.st_mtime_ns}"
-
-
-def _store_identity(info: dict) -> tuple[int | None, str | None]:
-    """An object's size and version marker (``etag:...``) from its listing entry."""
-    size = info.get("size")
-    for name in _VERSION_FIELDS:
-        if info.get(name) not in (None, ""):
-            return (None if size is None else int(size)), f"{name.lower()}:{info[name]}"
-    return (None if size is None else int(size)), None
-
-
-def list_inputs_table(input_uri: str, extensions: list[str], exclude_uri: str | None = None) -> pa.Table:
-    """Image files under ``input_uri`` (recursively), by extension, sorted by relative path, as an Arrow
-    table (``LISTING_SCHEMA``): about 100 bytes an object on the driver, not an info dict.
-
-    Each listed file's content identity (``size``, ``version``) comes with it, for resume to notice an input
-    replaced under the same key: on object stores from the listing's own entries (the ETag: no request per
-    object); on a local folder from one ``stat`` of each listed file (its size and mtime in nanoseconds).
-
-    A single file URI lists just that file. Anything under ``exclude_uri`` (the output prefix, when it
-    lies inside the input) is skipped, as are hidden files and folders. Local folders are walked without
-    following symlinked folders; a symlinked file whose target lies outside the input root is listed with
-    ``skip_reason`` set (the caller records it, nothing reads it). Object stores are listed by name
-    (``find`` without details; the store pages the listing) and the listing cache is dropped after.
-    """
-    fs, root = filesystem(input_uri)
-    if not fs.exists(root):
-        raise FileNotFoundError(f"input {input_uri} does not exist")
-    exclude = None
-    if exclude_uri is not None:
-        efs, epath = filesystem(exclude_uri)
-        if type(efs) is type(fs):
-            exclude = epath.rstrip("/") + "/"
-    local = isinstance(fs, LocalFileSystem)
-    base, single = _listing_base(fs, root)
-    details: dict = {}
-    if single:  # the file the user named (through a link or not): read it
-        found = [(root, None)]
-        if not local:
-            details = {root: fs.info(root)}
-    elif local:
-        found = walk_local(root)
-    else:
-        # With details: s3fs and gcsfs build these entries for the listing anyway (a name-only find drops them).
-        details = fs.find(root, detail=True)
-        found = ((path, None) for path in list(details))
-        fs.invalidate_cache()  # s3fs/gcsfs keep every listed object's info dict otherwise
-    keys = Storage(_unstrip(fs, base))
-    uris, rels, skips, sizes, versions = [], [], [], [], []
-    batches = []  # Arrow every LISTING_BATCH entries: at 10M inputs the Python lists alone held ~3 GB
-    for path, skip in found:
-        if len(uris) >= LISTING_BATCH:
-            batches.append(pa.record_batch([uris, rels, skips, sizes, versions], schema=LISTING_SCHEMA))
-            uris, rels, skips, sizes, versions = [], [], [], [], []
-        if exclude and (path + "/").startswith(exclude):
-            continue
-        rel = path[len(base):].lstrip("/")
-        # Hidden files and folders are skipped; "." and ".." parts (object keys may hold them) are not
-        # hidden: they are listed, and the planner refuses a key that would leave the output prefix.
-        if any(part.startswith(".") and part not in (".", "..") for part in rel.split("/")):
-            continue
-        if posixpath.splitext(rel)[1].lower() not in extensions:
-            continue
-        if skip is None and not local:  # a key the store's client would read as syntax: listed, never read
-            try:
-                keys.check(path[len(base) + 1:], literal=True)
-            except InputError as exc:
-                skip = str(exc)
-        size, version = (None, None) if skip is not None else (
-            _local_identity(path) if local else _store_identity(details.get(path) or {}))
-        uris.append(_unstrip(fs, path))
-        rels.append(rel)
-        skips.append(skip)
-        sizes.append(size)
-        versions.append(version)
-    del found, details
-    batches.append(pa.record_batch([uris, rels, skips, sizes, versions], schema=LISTING_SCHEMA))
-    del uris, rels, skips, sizes, versions
-    table = pa.Table.from_batches(batches, schema=LISTING_SCHEMA)
-    del batches
-    order = pc.sort_indices(table["rel_path"])
-    # Sorted a column at a time, each unsorted column let go once its sorted copy exists: sorting the table whole
-    # held two copies of the listing (at 10M inputs ~1.2 GB more, the plan's peak).
-    columns = {}
-    for name in LISTING_SCHEMA.names:
-        columns[name] = table[name].take(order)
-        table = table.drop_columns([name])
-    return pa.table(columns, schema=LISTING_SCHEMA)
 
 
 def read_bytes(uri: str, max_bytes: int, storage: Storage | None = None) -> bytes:

@@ -222,3 +222,32 @@ def test_a_self_referencing_link_is_listed_as_broken_not_dropped(tmp_path):
     by_rel = {f.rel_path: f for f in io.list_inputs(str(tmp_path), [".jpg"])}
     assert sorted(by_rel) == ["a.jpg", "loop.jpg"]
     assert by_rel["loop.jpg"].skip_reason and "symlink" in by_rel["loop.jpg"].skip_reason
+
+
+def test_the_listing_keeps_exactly_the_visible_files_with_an_accepted_extension(tmp_path, monkeypatch):
+    """What is listed is decided in Arrow a batch at a time (hidden parts, extension, the excluded output prefix);
+    the rule, written plainly here per path, must give the same set, across batch boundaries and in any script."""
+    import posixpath
+
+    from rp_distributed import listing
+
+    names = ["a.jpg", "b.JPG", "c.Png", "d.jpeg.txt", "e.tar.jpg", "noext", "jpg", "f.", "sub/g.jpg",
+             "sub/.h.jpg", ".i.jpg", "..j.jpg", "...k.jpg", "sub/..dots/l.jpg", "sub/.hid/m.jpg", "x.jpg/n.png",
+             "é/ü.Jpg", "漢字/写真.jpeg", "sp ace/o .jpg", "out/p.jpg", "outer/q.jpg", "a%2Fb.jpg", "t\\u.jpg"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    exts = [".jpg", ".jpeg", ".png"]
+
+    def listed_by_rule(rel: str) -> bool:
+        parts = rel.split("/")
+        hidden = any(p.startswith(".") and p not in (".", "..") for p in parts)
+        return not hidden and posixpath.splitext(rel)[1].lower() in exts and not rel.startswith("out/")
+
+    want = sorted(n for n in names if listed_by_rule(n))
+    monkeypatch.setattr(listing, "LISTING_BATCH", 4)  # many batches, some ending inside a folder
+    table = listing.list_inputs_table(str(tmp_path), exts, exclude_uri=str(tmp_path / "out"))
+    assert table["rel_path"].to_pylist() == want
+    assert table["uri"].to_pylist() == [f"{tmp_path}/{n}" for n in want]
+    assert table["size"].to_pylist() == [1] * len(want)
+    assert all(v.startswith("mtime_ns:") for v in table["version"].to_pylist())
