@@ -117,13 +117,15 @@ def test_the_driver_does_not_keep_a_statistic_per_block_of_the_run(ray_session):
 def test_the_plan_is_cut_for_the_first_stage_as_it_is_consumed(ray_session):
     """The repartition cutting plan blocks into first-stage tasks was held back by nothing (Ray Data's backpressure
     counts bytes, and plan rows are small): it cut every plan block at once, and the driver came to hold every
-    32-input bundle until the first stage took it (312,500 at 10M inputs). Now it cuts one block at a time, and only
-    while fewer than a bound are queued."""
+    32-input bundle until the first stage took it (312,500 at 10M inputs). Now it cuts only while fewer than a bound
+    are queued, also while the first stage's actors are still starting (every operator idle: Ray Data then
+    dispatches past its backpressure policies)."""
     from rp_distributed.job import plan_feed
 
-    class Slow:  # defined here: Ray's workers cannot import a test module
+    class SlowToStart:  # defined here: Ray's workers cannot import a test module
         def __init__(self, settings):
-            pass
+            import time
+            time.sleep(3)  # a model loading
 
         def __call__(self, batch: dict) -> dict:
             import time
@@ -131,20 +133,18 @@ def test_the_plan_is_cut_for_the_first_stage_as_it_is_consumed(ray_session):
             return {"input_uri": batch["input_uri"]}
 
     cfg = load_config(None, ["detection.resources.num_cpus=0.5", "detection.resources.batch_size=4"])
-    spec = StageSpec("detect", Slow, _NoSettings, lambda c: c.detection.resources, PLAN_COLUMNS)
+    spec = StageSpec("detect", SlowToStart, _NoSettings, lambda c: c.detection.resources, PLAN_COLUMNS)
     per_block = 8192 // INPUT_ROWS_PER_BLOCK
     ds = build_dataset(cfg, put_blocks(_plan(8 * 8192)), [spec])  # 2,048 first-stage bundles in 8 plan blocks
-    most_queued = most_cutting = started = came = 0
+    most_queued = started = came = 0
     for came, _ in enumerate(ds.iter_rows(), 1):
         topology = ds._current_executor._topology
         cutter = plan_feed.cutting_operator(topology)
         most_queued = max(most_queued, plan_feed.queued_for_first_stage(topology, cutter))
-        most_cutting = max(most_cutting, cutter.num_active_tasks())
         started = cutter.metrics.num_tasks_submitted
         if came == 400:
             break
     assert came == 400
+    assert started <= 2, f"{started} of 8 plan blocks cut while the first stage started and took 400 rows"
     bound = plan_feed.QUEUED_FLOOR + per_block  # the bound, and one plan block cut past it
-    assert most_cutting == 1 and started <= bound // per_block + 1, \
-        f"{started} of 8 plan blocks cut ({most_cutting} at once) while the first stage took 400 rows"
     assert 0 < most_queued <= bound, f"{most_queued} first-stage bundles queued on the driver (bound {bound})"

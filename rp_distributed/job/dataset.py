@@ -106,7 +106,8 @@ def build_dataset(cfg: JobConfig, blocks: list, specs: list[StageSpec], isolate:
 
     from . import plan_feed
 
-    plan_feed.enable(ray.data.DataContext.get_current())  # before the dataset exists: it copies the context
+    first_batch = 1 if isolate or not specs else specs[0].resources(cfg).batch_size
+    plan_feed.enable(ray.data.DataContext.get_current(), first_batch)  # before the dataset: it copies the context
     ds = _cut(ray.data.from_arrow_refs(blocks), 1 if isolate else INPUT_ROWS_PER_BLOCK)
     missing = [c for c in specs[0].needs if c not in ray.get(blocks[0]).column_names] if blocks else []
     if missing:

@@ -4,13 +4,19 @@ The plan reaches Ray in a few large blocks (``dataset.PLAN_ROWS_PER_BLOCK`` rows
 ``INPUT_ROWS_PER_BLOCK`` inputs by a streaming repartition. Ray Data's backpressure is counted in object-store
 bytes, and a plan block is small (~300 bytes a row): nothing held the cutting back, so it cut the whole plan at the
 start and the driver kept every 32-input bundle (a ref, its metadata, its schema: ~40 Python objects) queued until
-the first stage took it: 3,125 bundles at 100K inputs (~13 MB), 312,500 at 10M. ``PlanFeed`` lets the cutting
-operator run one task at a time, and only while the bundles queued for the first stage number fewer than
-``QUEUED_FLOOR`` or ``QUEUED_PER_SLOT`` per task the first stage can run at once, so the driver holds what the
-cluster can use, not what the dataset holds.
+the first stage took it: 3,125 bundles at 100K inputs, 312,500 at 10M. Now the cutting operator starts a task only
+while the bundles queued for the first stage, and those its running tasks will add, number fewer than
+``QUEUED_FLOOR`` or ``QUEUED_PER_SLOT`` per task the first stage can run at once (and always enough for one first-stage
+batch), so the driver holds what the cluster can use, not what the dataset holds.
+
+The gate is the operator's own ``can_add_input``, not only a backpressure policy: when every operator is idle Ray
+Data dispatches past its policies to stay live, and while the first stage's actors start (minutes for a GPU model
+on a growing cluster) every operator is idle, so a policy alone let the cutting run through the plan then.
 """
 
 from __future__ import annotations
+
+import math
 
 from ray.data._internal.execution.backpressure_policy import (ENABLED_BACKPRESSURE_POLICIES,
                                                               ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY,
@@ -21,7 +27,11 @@ from ray.data._internal.execution.operators.input_data_buffer import InputDataBu
 # inputs ready: minutes of work for a small pool), and more where the first stage runs many tasks at once.
 QUEUED_FLOOR = 256
 QUEUED_PER_SLOT = 4
+BUNDLES_PER_CUT = 256  # what one cutting task adds: a plan block (dataset.PLAN_ROWS_PER_BLOCK / INPUT_ROWS_PER_BLOCK)
 CUTTING_OPERATOR = "StreamingRepartition"  # the physical operator ``dataset._cut`` plans, by Ray Data's name
+# The rows the first stage gathers for one task (``enable``): the queue is never held below one batch of them, or the
+# stage could wait for rows the gate will not cut.
+FIRST_BATCH_ROWS = "rp_distributed.plan_feed.first_batch_rows"
 
 
 def _is_cutting(op) -> bool:
@@ -42,30 +52,36 @@ def cutting_operator(topology):
 
 
 class PlanFeed(BackpressurePolicy):
-    """Holds the plan-cutting operator back while the first stage has enough queued (see the module's docstring);
-    every other operator is left to Ray Data's own policies."""
+    """Gates the plan-cutting operator of the execution it is made for (see the module's docstring); every other
+    operator is left to Ray Data's own policies."""
+
+    def __init__(self, data_context, topology, resource_manager):
+        super().__init__(data_context, topology, resource_manager)
+        batch_rows = data_context.get_config(FIRST_BATCH_ROWS, 1)
+        self._floor = max(QUEUED_FLOOR, 2 * math.ceil(batch_rows / 32))
+        for op in topology:
+            if _is_cutting(op):
+                own = op.can_add_input
+                op.can_add_input = lambda op=op, own=own: own() and self.may_cut(op)
 
     @property
     def name(self) -> str:
         return "PlanFeed"
 
-    def queued(self, op) -> int:
-        """Bundles cut and not yet taken by a first-stage task (see ``queued_for_first_stage``)."""
-        return queued_for_first_stage(self._topology, op)
-
     def limit(self, op) -> int:
         slots = sum(d.get_max_concurrency_limit() or 0 for d in op.output_dependencies)
-        return max(QUEUED_FLOOR, QUEUED_PER_SLOT * slots)
+        return max(self._floor, QUEUED_PER_SLOT * slots)
 
-    def can_add_input(self, op) -> bool:
-        if not _is_cutting(op):
-            return True
-        return op.num_active_tasks() == 0 and self.queued(op) < self.limit(op)
+    def may_cut(self, op) -> bool:
+        """Whether one more cutting task keeps the queue within the limit (a first cut is always allowed)."""
+        queued = queued_for_first_stage(self._topology, op)
+        return queued + op.num_active_tasks() * BUNDLES_PER_CUT < self.limit(op)
 
 
-def enable(ctx) -> None:
-    """Add ``PlanFeed`` to the backpressure policies of ``ctx`` (a ``DataContext``), once; a dataset takes its
-    context's policies when it is created."""
+def enable(ctx, first_batch_rows: int) -> None:
+    """Add ``PlanFeed`` to the backpressure policies of ``ctx`` (a ``DataContext``), once, with the first stage's
+    batch size; a dataset takes its context's policies when it is created."""
+    ctx.set_config(FIRST_BATCH_ROWS, max(1, int(first_batch_rows)))
     policies = list(ctx.get_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY, ENABLED_BACKPRESSURE_POLICIES))
     if PlanFeed not in policies:
         ctx.set_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY, [*policies, PlanFeed])
