@@ -30,6 +30,8 @@ _VERSION_FIELDS = ("ETag", "etag", "generation", "md5Hash", "LastModified", "las
 # they are listed, and the planner refuses a key that would leave the output prefix).
 _HIDDEN_PART = r"(^|/)\.([^./]|\.[^/])"
 _EXTENSION = r"(?P<ext>\.[^./]*)$"  # as posixpath.splitext on a name that does not start with "."
+NOT_UTF8 = ("its name is not valid UTF-8 (listed with the undecodable bytes written \\xNN): not read; rename it "
+            "to anonymize it")
 
 
 @dataclass
@@ -87,10 +89,27 @@ class _Walk:
         return isinstance(self.fs, LocalFileSystem)
 
 
+def _utf8_names(paths: list[str], skips: list[str | None]) -> tuple[list[str], list[str | None]]:
+    """``paths`` with each name that is not UTF-8 written with its undecodable bytes as ``\\xNN`` (the same dots
+    and slashes, so the same filters apply) and skipped with ``NOT_UTF8``: a row the job records, never a crash."""
+    paths, skips = list(paths), list(skips)
+    for i, p in enumerate(paths):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            paths[i] = p.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            skips[i] = skips[i] or NOT_UTF8
+    return paths, skips
+
+
 def _listed(walk: _Walk, paths: list[str], skips: list[str | None]) -> pa.RecordBatch:
     """The rows of ``paths`` (with the walk's ``skips``) that are listed: not under the excluded prefix, not
     hidden, with one of the extensions; with their URI, relative path and content identity."""
-    path = pa.array(paths, pa.string())
+    try:
+        path = pa.array(paths, pa.string())
+    except UnicodeEncodeError:  # a name that is not UTF-8: the walk hands its bytes on as surrogates
+        paths, skips = _utf8_names(paths, skips)
+        path = pa.array(paths, pa.string())
     rel = pc.utf8_ltrim(pc.utf8_slice_codeunits(path, len(walk.base)), "/")
     ext = pc.utf8_lower(pc.extract_regex(rel, _EXTENSION).field("ext"))
     keep = pc.and_(pc.invert(pc.match_substring_regex(rel, _HIDDEN_PART)),

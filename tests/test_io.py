@@ -1,3 +1,4 @@
+import os
 import numpy as np
 import pytest
 from PIL import Image
@@ -251,3 +252,22 @@ def test_the_listing_keeps_exactly_the_visible_files_with_an_accepted_extension(
     assert table["uri"].to_pylist() == [f"{tmp_path}/{n}" for n in want]
     assert table["size"].to_pylist() == [1] * len(want)
     assert all(v.startswith("mtime_ns:") for v in table["version"].to_pylist())
+
+
+def test_a_file_name_that_is_not_utf8_is_listed_as_an_error_not_a_crash(tmp_path):
+    """A name the file system holds as bytes that are not UTF-8 (a Latin-1 camera folder) crashed the whole listing
+    when it was an image's: the job could not start. It is listed, never read, with the reason; other files are
+    listed as before, and a non-image with such a name is left out like any non-image."""
+    from rp_distributed import listing
+
+    (tmp_path / "ok.jpg").write_bytes(b"x")
+    raw = os.fsencode(str(tmp_path))
+    for name in (b"caf\xe9.jpg", b"caf\xe9.txt", b"sub\xff"):
+        open(raw + b"/" + name, "wb").close() if not name.startswith(b"sub") else os.mkdir(raw + b"/" + name)
+    open(raw + b"/sub\xff/in.jpg", "wb").close()
+    table = listing.list_inputs_table(str(tmp_path), [".jpg"])
+    rows = {r["rel_path"]: r for r in table.to_pylist()}
+    assert set(rows) == {"ok.jpg", "caf\\xe9.jpg", "sub\\xff/in.jpg"}
+    assert rows["ok.jpg"]["skip_reason"] is None and rows["ok.jpg"]["size"] == 1
+    for rel in ("caf\\xe9.jpg", "sub\\xff/in.jpg"):
+        assert rows[rel]["skip_reason"] == listing.NOT_UTF8 and rows[rel]["size"] is None
