@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.recall_set import BUCKETS, composites, score_image  # noqa: E402
 from rp_distributed.config.detection import (  # noqa: E402
     AUDIT_PASSES,
+    BEFORE_SMALL_AT_3X,
     CENTERFACE_PASSES,
     DEFAULT_PASSES,
     DetectionConfig,
@@ -113,10 +114,10 @@ CONFIGS = {
     "default before corroboration": lambda: Ours(_ens(*BEFORE_CORROBORATION)),
     # Turned copies magnified 2x at 0.5 added, chosen on seeds 1 and 3 (tune_recall.py: +1 and +2 turned faces of
     # 32-72 px, false detections unchanged); on seed 2 it found no more faces (BENCHMARKS.md): not the default.
-    "default+turned@2x": lambda: Ours(_ens(*DEFAULT_PASSES, _cf(2.0, (90.0, -90.0), 0.5))),
-    # CenterFace on the image magnified 3x at 0.4 added, chosen on seeds 1 and 3 (tune_recall.py: +1 face on each,
-    # false detections 0.22 -> 0.22 and 0.18 -> 0.20), for 14 more megapixels seen per image megapixel.
-    "default+small@3x": lambda: Ours(_ens(*DEFAULT_PASSES, _cf(3.0, (0.0,), 0.4))),
+    "default+turned@2x": lambda: Ours(_ens(*BEFORE_SMALL_AT_3X, _cf(2.0, (90.0, -90.0), 0.5))),
+    # The default before CenterFace on the image magnified 3x joined it (config/detection.py, DEFAULT_PASSES; was
+    # measured as "default+small@3x").
+    "default before small@3x": lambda: Ours(_ens(*BEFORE_SMALL_AT_3X)),
     "default+audit": lambda: Ours(DetectionConfig(passes=list(DetectionConfig().passes) + list(AUDIT_PASSES))),
     "audit alone": lambda: Ours(DetectionConfig(passes=list(AUDIT_PASSES))),
 }
