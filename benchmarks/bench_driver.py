@@ -43,7 +43,8 @@ def run_driver(src: str, out: str) -> dict:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _node_ip_address="127.0.0.1")
     if os.environ.get("BENCH_CENSUS"):
-        threading.Thread(target=census, args=(os.environ["BENCH_CENSUS"],), daemon=True).start()
+        every = float(os.environ.get("BENCH_CENSUS_EVERY", 60))
+        threading.Thread(target=census, args=(os.environ["BENCH_CENSUS"], every), daemon=True).start()
     t0 = time.time()
     try:
         result = run_job(config(), src, out, progress=False)
@@ -58,8 +59,9 @@ def run_driver(src: str, out: str) -> dict:
 
 
 def census(path: str, every: float = 60.0) -> None:
-    """What the driver's Python heap holds, every ``every`` s (``BENCH_CENSUS=<file>``): pymalloc's blocks and the
-    most numerous object types, to tell Python objects that pile up from native memory."""
+    """What the driver's Python heap holds, every ``every`` s (``BENCH_CENSUS=<file>``): pymalloc's blocks, glibc
+    malloc's account and the most numerous object types, to tell Python objects that pile up from native memory
+    (``BENCH_CENSUS_EVERY``: seconds between samples, 60)."""
     import collections
     import gc
 
@@ -69,7 +71,25 @@ def census(path: str, every: float = 60.0) -> None:
         kinds = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
         with open(path, "a") as f:
             f.write(json.dumps({"t_s": round(time.time() - t0), "rss": memory(os.getpid()),
-                                "allocated_blocks": sys.getallocatedblocks(), "top": kinds.most_common(25)}) + "\n")
+                                "allocated_blocks": sys.getallocatedblocks(), "malloc": malloc_held(),
+                                "top": kinds.most_common(25)}) + "\n")
+
+
+def malloc_held() -> dict:
+    """glibc malloc's own account, over all its arenas, MiB: ``in_use`` by the program (native code included:
+    Ray's core worker, Arrow's system-pool buffers) and ``free_held`` (freed, kept by malloc, not yet returned to the
+    system). Free memory that grows while in-use memory does not is the allocator's, not a leak of ours."""
+    import ctypes
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                         "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = Mallinfo2
+    m = libc.mallinfo2()
+    return {"in_use": (m.uordblks + m.hblkhd) >> 20, "free_held": m.fordblks >> 20, "mmapped": m.hblkhd >> 20,
+            "arenas_total": m.arena >> 20}
 
 
 def memory(pid: int) -> dict:
