@@ -40,6 +40,9 @@ def run_driver(src: str, out: str) -> dict:
 
     from rp_distributed.job.run import run_job
 
+    from rp_distributed.driver_memory import limit_arenas
+
+    limit_arenas()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _node_ip_address="127.0.0.1")
     if os.environ.get("BENCH_CENSUS"):

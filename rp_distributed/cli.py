@@ -21,6 +21,7 @@ import sys
 
 from . import arrow_pool  # noqa: F401  (first: it chooses Arrow's allocator, before anything imports pyarrow)
 from .config import ConfigError, config_to_dict, load_config
+from .driver_memory import limit_arenas
 from .job.lease import LeaseHeld
 from .job.plan import PlanError
 from .preflight import PreflightError
@@ -258,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    limit_arenas()  # before Ray's threads start: the driver's native heap stays flat over a long run
     if getattr(args, "verbose", False):  # the job's Ray workers inherit it
         os.environ[VERBOSE_ENV] = "1"
     quiet_dependencies()

@@ -22,6 +22,7 @@ from ..records import ImageRow, Status, join_reasons
 from ..stages.batch import value
 from ..stages.merge import remove_stale_outputs
 from ..summary import Summary, summarize
+from ..driver_memory import Trim
 from .dataset import build_dataset, forget_block_stats, put_blocks, stages
 from .ray_session import ensure_ray
 
@@ -176,11 +177,15 @@ def _execute(cfg: JobConfig, plan, result: JobResult, inputs: io.Storage, output
             seen.append(hash(row["input_uri"]))
         bar.add(images=int(first), faces=int(row.get("face_index") is not None))
 
+    trim = Trim()
+
     def stream(ds) -> None:
         for n, row in enumerate(ds.iter_rows(), 1):
             take({k: value(v) for k, v in row.items()})
             if n % 1_000 == 0:
                 forget_block_stats(ds)  # Ray Data's per-block statistics would grow with the run
+            if n % 100 == 0:
+                trim()
 
     try:
         for orphan in orphans:  # not take(): they are no plan input, so not counted as finished inputs
