@@ -74,8 +74,33 @@ def census(path: str, every: float = 60.0) -> None:
         kinds = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
         with open(path, "a") as f:
             f.write(json.dumps({"t_s": round(time.time() - t0), "rss": memory(os.getpid()),
-                                "allocated_blocks": sys.getallocatedblocks(), "malloc": malloc_held(),
+                                "allocated_blocks": sys.getallocatedblocks(), "malloc": malloc_held(), "pymalloc": pymalloc_held(),
                                 "top": kinds.most_common(25)}) + "\n")
+
+
+def pymalloc_held() -> dict:
+    """pymalloc's account, MiB: its 1 MiB arenas held, the bytes of live blocks in them, and of free blocks
+    (arenas held with few live blocks are fragmentation: an arena goes back to the system only when empty)."""
+    import re
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as f:  # sys._debugmallocstats writes to the C-level stderr
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(f.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        text = f.read()
+
+    def value(name: str) -> int:
+        return int(re.search(rf"# {name}\s*=\s*([\d,]+)", text).group(1).replace(",", ""))
+
+    return {"arenas": value("arenas allocated current"), "live": value("bytes in allocated blocks") >> 20,
+            "free_blocks": value("bytes in available blocks") >> 20}
 
 
 def malloc_held() -> dict:
