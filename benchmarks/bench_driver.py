@@ -36,13 +36,14 @@ def run_driver(src: str, out: str) -> dict:
     import resource
 
     import rp_distributed.arrow_pool  # noqa: F401  first, as rp-anonymize's driver: Arrow's memory through jemalloc
+    from rp_distributed.driver_memory import limit_arenas
+
+    if os.environ.get("BENCH_ARENA_LIMIT", "1") == "1":  # as rp-anonymize's driver (0: glibc's default, as before)
+        limit_arenas()
     import ray
 
     from rp_distributed.job.run import run_job
 
-    from rp_distributed.driver_memory import limit_arenas
-
-    limit_arenas()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _node_ip_address="127.0.0.1")
     if os.environ.get("BENCH_CENSUS"):
@@ -72,10 +73,15 @@ def census(path: str, every: float = 60.0) -> None:
     while True:
         time.sleep(every)
         kinds = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+        sample = {"t_s": round(time.time() - t0), "rss": memory(os.getpid()),
+                  "allocated_blocks": sys.getallocatedblocks(), "top": kinds.most_common(25)}
+        for name, account in (("malloc", malloc_held), ("pymalloc", pymalloc_held)):
+            try:
+                sample[name] = account()
+            except (OSError, AttributeError):  # not glibc >= 2.33, or not pymalloc: the other figures still count
+                sample[name] = None
         with open(path, "a") as f:
-            f.write(json.dumps({"t_s": round(time.time() - t0), "rss": memory(os.getpid()),
-                                "allocated_blocks": sys.getallocatedblocks(), "malloc": malloc_held(), "pymalloc": pymalloc_held(),
-                                "top": kinds.most_common(25)}) + "\n")
+            f.write(json.dumps(sample) + "\n")
 
 
 def pymalloc_held() -> dict:
@@ -84,11 +90,13 @@ def pymalloc_held() -> dict:
     import re
     import tempfile
 
-    with tempfile.TemporaryFile("w+") as f:  # sys._debugmallocstats writes to the C-level stderr
+    # sys._debugmallocstats writes to the C-level stderr: fd 2 points at a file for that moment (what other threads
+    # write to stderr meanwhile goes there too: a benchmark's driver logs little).
+    with tempfile.TemporaryFile("w+") as f:
         sys.stderr.flush()
         saved = os.dup(2)
-        os.dup2(f.fileno(), 2)
         try:
+            os.dup2(f.fileno(), 2)
             sys._debugmallocstats()
         finally:
             os.dup2(saved, 2)
@@ -97,16 +105,19 @@ def pymalloc_held() -> dict:
         text = f.read()
 
     def value(name: str) -> int:
-        return int(re.search(rf"# {name}\s*=\s*([\d,]+)", text).group(1).replace(",", ""))
+        found = re.search(rf"# {name}\s*=\s*([\d,]+)", text)
+        if found is None:
+            raise AttributeError(f"no {name!r} in sys._debugmallocstats (pymalloc off?)")
+        return int(found.group(1).replace(",", ""))
 
-    return {"arenas": value("arenas allocated current"), "live": value("bytes in allocated blocks") >> 20,
-            "free_blocks": value("bytes in available blocks") >> 20}
+    return {"arenas": value("arenas allocated current"), "live": round(value("bytes in allocated blocks") / 2**20, 1),
+            "free_blocks": round(value("bytes in available blocks") / 2**20, 1)}
 
 
 def malloc_held() -> dict:
     """glibc malloc's own account, over all its arenas, MiB: ``in_use`` by the program (native code included:
-    Ray's core worker, Arrow's system-pool buffers) and ``free_held`` (freed, kept by malloc, not yet returned to the
-    system). Free memory that grows while in-use memory does not is the allocator's, not a leak of ours."""
+    Ray's core worker, gRPC, Arrow's allocations outside its pool), ``free_held`` (freed, kept by malloc) and
+    ``heap_mib`` (its arenas' size). Free memory that grows while in-use memory does not is the allocator's."""
     import ctypes
 
     class Mallinfo2(ctypes.Structure):
@@ -116,8 +127,8 @@ def malloc_held() -> dict:
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = Mallinfo2
     m = libc.mallinfo2()
-    return {"in_use": (m.uordblks + m.hblkhd) >> 20, "free_held": m.fordblks >> 20, "mmapped": m.hblkhd >> 20,
-            "arenas_total": m.arena >> 20}
+    return {"in_use": round((m.uordblks + m.hblkhd) / 2**20, 1), "free_held": round(m.fordblks / 2**20, 1),
+            "mmapped": round(m.hblkhd / 2**20, 1), "heap_mib": round(m.arena / 2**20, 1)}
 
 
 def memory(pid: int) -> dict:

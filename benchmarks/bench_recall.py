@@ -27,7 +27,6 @@ from rp_distributed.config.detection import (  # noqa: E402
     AUDIT_PASSES,
     BEFORE_SMALL_AT_3X,
     CENTERFACE_PASSES,
-    DEFAULT_PASSES,
     DetectionConfig,
     PassConfig,
     SecondLook,
@@ -112,8 +111,9 @@ CONFIGS = {
     # The default before corroboration joined it (config/detection.py, DEFAULT_PASSES); measured as
     # "default+corroborated" (now "default") against it.
     "default before corroboration": lambda: Ours(_ens(*BEFORE_CORROBORATION)),
-    # Turned copies magnified 2x at 0.5 added, chosen on seeds 1 and 3 (tune_recall.py: +1 and +2 turned faces of
-    # 32-72 px, false detections unchanged); on seed 2 it found no more faces (BENCHMARKS.md): not the default.
+    # Turned copies magnified 2x at 0.5 added to the default of then (before the 3x pass), chosen on seeds 1 and 3
+    # (tune_recall.py: +1 and +2 turned faces of 32-72 px, false detections unchanged); on seed 2 it found no more
+    # faces (BENCHMARKS.md): not the default.
     "default+turned@2x": lambda: Ours(_ens(*BEFORE_SMALL_AT_3X, _cf(2.0, (90.0, -90.0), 0.5))),
     # The default before CenterFace on the image magnified 3x joined it (config/detection.py, DEFAULT_PASSES; was
     # measured as "default+small@3x").

@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    limit_arenas()  # before Ray's threads start: the driver's native heap stays flat over a long run
+    limit_arenas()  # first, before any thread pool: the driver's threads then share two malloc arenas
     if getattr(args, "verbose", False):  # the job's Ray workers inherit it
         os.environ[VERBOSE_ENV] = "1"
     quiet_dependencies()

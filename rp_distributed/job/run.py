@@ -184,8 +184,7 @@ def _execute(cfg: JobConfig, plan, result: JobResult, inputs: io.Storage, output
             take({k: value(v) for k, v in row.items()})
             if n % 1_000 == 0:
                 forget_block_stats(ds)  # Ray Data's per-block statistics would grow with the run
-            if n % 100 == 0:
-                trim()
+            trim()
 
     try:
         for orphan in orphans:  # not take(): they are no plan input, so not counted as finished inputs
