@@ -7,6 +7,7 @@ the plan's blocks as Ray Data actor pools.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -107,7 +108,9 @@ def build_dataset(cfg: JobConfig, blocks: list, specs: list[StageSpec], isolate:
     from . import plan_feed
 
     first_batch = 1 if isolate or not specs else specs[0].resources(cfg).batch_size
-    plan_feed.enable(ray.data.DataContext.get_current(), first_batch)  # before the dataset: it copies the context
+    plan_feed.enable(ray.data.DataContext.get_current(),  # before the dataset: it copies the context
+                     batch_bundles=math.ceil(first_batch / INPUT_ROWS_PER_BLOCK),
+                     bundles_per_cut=PLAN_ROWS_PER_BLOCK // INPUT_ROWS_PER_BLOCK)
     ds = _cut(ray.data.from_arrow_refs(blocks), 1 if isolate else INPUT_ROWS_PER_BLOCK)
     missing = [c for c in specs[0].needs if c not in ray.get(blocks[0]).column_names] if blocks else []
     if missing:

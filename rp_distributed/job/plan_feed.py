@@ -16,8 +16,6 @@ on a growing cluster) every operator is idle, so a policy alone let the cutting 
 
 from __future__ import annotations
 
-import math
-
 from ray.data._internal.execution.backpressure_policy import (ENABLED_BACKPRESSURE_POLICIES,
                                                               ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY,
                                                               BackpressurePolicy)
@@ -27,11 +25,10 @@ from ray.data._internal.execution.operators.input_data_buffer import InputDataBu
 # inputs ready: minutes of work for a small pool), and more where the first stage runs many tasks at once.
 QUEUED_FLOOR = 256
 QUEUED_PER_SLOT = 4
-BUNDLES_PER_CUT = 256  # what one cutting task adds: a plan block (dataset.PLAN_ROWS_PER_BLOCK / INPUT_ROWS_PER_BLOCK)
 CUTTING_OPERATOR = "StreamingRepartition"  # the physical operator ``dataset._cut`` plans, by Ray Data's name
-# The rows the first stage gathers for one task (``enable``): the queue is never held below one batch of them, or the
-# stage could wait for rows the gate will not cut.
-FIRST_BATCH_ROWS = "rp_distributed.plan_feed.first_batch_rows"
+# Set by ``enable``: the bundles one first-stage batch takes (the queue is never held below two batches, or the stage
+# could wait for rows the gate will not cut) and the bundles one cutting task adds (a plan block's).
+BUNDLES = "rp_distributed.plan_feed.bundles"
 
 
 def _is_cutting(op) -> bool:
@@ -57,8 +54,8 @@ class PlanFeed(BackpressurePolicy):
 
     def __init__(self, data_context, topology, resource_manager):
         super().__init__(data_context, topology, resource_manager)
-        batch_rows = data_context.get_config(FIRST_BATCH_ROWS, 1)
-        self._floor = max(QUEUED_FLOOR, 2 * math.ceil(batch_rows / 32))
+        batch_bundles, self._per_cut = data_context.get_config(BUNDLES)
+        self._floor = max(QUEUED_FLOOR, 2 * batch_bundles)
         for op in topology:
             if _is_cutting(op):
                 own = op.can_add_input
@@ -75,13 +72,13 @@ class PlanFeed(BackpressurePolicy):
     def may_cut(self, op) -> bool:
         """Whether one more cutting task keeps the queue within the limit (a first cut is always allowed)."""
         queued = queued_for_first_stage(self._topology, op)
-        return queued + op.num_active_tasks() * BUNDLES_PER_CUT < self.limit(op)
+        return queued + op.num_active_tasks() * self._per_cut < self.limit(op)
 
 
-def enable(ctx, first_batch_rows: int) -> None:
-    """Add ``PlanFeed`` to the backpressure policies of ``ctx`` (a ``DataContext``), once, with the first stage's
-    batch size; a dataset takes its context's policies when it is created."""
-    ctx.set_config(FIRST_BATCH_ROWS, max(1, int(first_batch_rows)))
+def enable(ctx, batch_bundles: int, bundles_per_cut: int) -> None:
+    """Add ``PlanFeed`` to the backpressure policies of ``ctx`` (a ``DataContext``), once, with the bundles one
+    first-stage batch takes and one cutting task adds; a dataset takes its context's policies when it is created."""
+    ctx.set_config(BUNDLES, (max(1, int(batch_bundles)), int(bundles_per_cut)))
     policies = list(ctx.get_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY, ENABLED_BACKPRESSURE_POLICIES))
     if PlanFeed not in policies:
         ctx.set_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY, [*policies, PlanFeed])

@@ -16,13 +16,13 @@ import pyarrow as pa
 
 from .. import annotations, io, manifest
 from ..config import JobConfig
+from ..driver_memory import Trim
 from ..manifest_writer import PartWriter
 from ..faults import describe
 from ..records import ImageRow, Status, join_reasons
 from ..stages.batch import value
 from ..stages.merge import remove_stale_outputs
 from ..summary import Summary, summarize
-from ..driver_memory import Trim
 from .dataset import build_dataset, forget_block_stats, put_blocks, stages
 from .ray_session import ensure_ray
 
