@@ -56,10 +56,37 @@ def run_driver(src: str, out: str) -> dict:
         wall = time.time() - t0
         ray.shutdown()
     end = memory(os.getpid())
-    return {"wall_s": round(wall, 1), "images_per_s": round(result.summary["images"] / wall, 1),
+    return {"end_accounts": end_accounts(),"wall_s": round(wall, 1), "images_per_s": round(result.summary["images"] / wall, 1),
             "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
             "end_after_report": end, "images": result.summary["images"], "faces": result.summary["faces"],
             "by_status": result.summary["by_status"]}
+
+
+def end_accounts() -> dict:
+    """What the driver's private memory at the end is made of: each allocator's account, then RssAnon after each
+    hands back what it can (glibc's trim, jemalloc's dirty pages purged at once), in that order."""
+    import ctypes
+
+    import pyarrow as pa
+
+    steps = {"pymalloc": _or_none(pymalloc_held), "malloc": _or_none(malloc_held),
+             "arrow_allocated_mib": round(pa.total_allocated_bytes() / 2**20, 1), "rss_anon": memory(os.getpid())["RssAnon"]}
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    steps["rss_anon_after_malloc_trim"] = memory(os.getpid())["RssAnon"]
+    try:
+        pa.jemalloc_set_decay_ms(0)
+        pa.allocate_buffer(1 << 20)  # a jemalloc event, so the new decay time purges what it holds
+        steps["rss_anon_after_jemalloc_purge"] = memory(os.getpid())["RssAnon"]
+    except NotImplementedError:
+        pass
+    return steps
+
+
+def _or_none(account):
+    try:
+        return account()
+    except (OSError, AttributeError):
+        return None
 
 
 def census(path: str, every: float = 60.0) -> None:
