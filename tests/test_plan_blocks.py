@@ -148,3 +148,38 @@ def test_the_plan_is_cut_for_the_first_stage_as_it_is_consumed(ray_session):
     assert started <= 2, f"{started} of 8 plan blocks cut while the first stage started and took 400 rows"
     bound = plan_feed.QUEUED_FLOOR + per_block  # the bound, and one plan block cut past it
     assert 0 < most_queued <= bound, f"{most_queued} first-stage bundles queued on the driver (bound {bound})"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_driver_lets_go_of_the_plan_rows_once_ray_holds_them(ray_session, tmp_path, astronaut_path, monkeypatch):
+    """At 10M inputs the plan's rows are ~2 GB: once they are put into the object store the driver must not also
+    keep them for the whole run (``run_job`` holds the plan to the end for its counts)."""
+    import shutil
+    import weakref
+
+    from rp_distributed.job import run
+    from rp_distributed.manifest_writer import PartWriter
+    from tests.conftest import FAST_DETECTION
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        shutil.copy(astronaut_path, src / f"a{i}.png")
+    handed, alive_while_rows_arrive = [], []
+    real_put, real_add = run.put_blocks, PartWriter.add
+
+    def put(todo, *args, **kwargs):
+        handed.append(weakref.ref(todo))
+        return real_put(todo, *args, **kwargs)
+
+    def add(self, row):
+        alive_while_rows_arrive.append(handed[0]() is not None)
+        return real_add(self, row)
+
+    monkeypatch.setattr(run, "put_blocks", put)
+    monkeypatch.setattr(PartWriter, "add", add)
+    cfg = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur"])
+    result = run.run_job(cfg, str(src), str(tmp_path / "out"), progress=False, report=False)
+    assert result.summary["images"] == 3 and len(alive_while_rows_arrive) >= 3
+    assert not any(alive_while_rows_arrive), "the plan's rows were still held on the driver while the job ran"

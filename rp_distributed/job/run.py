@@ -160,8 +160,7 @@ def _execute(cfg: JobConfig, plan, result: JobResult, inputs: io.Storage, output
     summary, seen = Summary(), array.array("q")
     total = plan.num_todo
     orphans = plan.orphans  # side-table rows naming images that are not in the input: one error row per path
-    blocks = put_blocks(plan.table)  # the plan's rows now live in the object store, not on the driver
-    del plan
+    blocks = put_blocks(plan.hand_over())  # the plan's rows now live in the object store, not on the driver
     bar = progress_mod.ACTIVE = progress_mod.Progress(total, enabled=progress)
     out_cfg = cfg.output
     writer = PartWriter(output_uri=outputs.uri, manifest_dir=out_cfg.manifest_dir, run_id=run_id,
