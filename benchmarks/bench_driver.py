@@ -56,7 +56,7 @@ def run_driver(src: str, out: str) -> dict:
         wall = time.time() - t0
         ray.shutdown()
     end = memory(os.getpid())
-    return {"end_accounts": end_accounts(),"wall_s": round(wall, 1), "images_per_s": round(result.summary["images"] / wall, 1),
+    return {"end_accounts": end_accounts(), "wall_s": round(wall, 1), "images_per_s": round(result.summary["images"] / wall, 1),
             "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
             "end_after_report": end, "images": result.summary["images"], "faces": result.summary["faces"],
             "by_status": result.summary["by_status"]}

@@ -158,7 +158,7 @@ def test_the_driver_lets_go_of_the_plan_rows_once_ray_holds_them(ray_session, tm
     import shutil
     import weakref
 
-    from rp_distributed.job import run
+    from rp_distributed.job import plan as plan_mod, run
     from rp_distributed.manifest_writer import PartWriter
     from tests.conftest import FAST_DETECTION
 
@@ -166,20 +166,23 @@ def test_the_driver_lets_go_of_the_plan_rows_once_ray_holds_them(ray_session, tm
     src.mkdir()
     for i in range(3):
         shutil.copy(astronaut_path, src / f"a{i}.png")
-    handed, alive_while_rows_arrive = [], []
-    real_put, real_add = run.put_blocks, PartWriter.add
+    planned, alive_while_rows_arrive = [], []
+    real_plan, real_add = plan_mod.make_plan, PartWriter.add
 
-    def put(todo, *args, **kwargs):
-        handed.append(weakref.ref(todo))
-        return real_put(todo, *args, **kwargs)
+    def make_plan(*args, **kwargs):
+        made = real_plan(*args, **kwargs)
+        planned.append((made, weakref.ref(made.table)))  # the plan as run_job holds it, and its rows as planned
+        return made
 
     def add(self, row):
-        alive_while_rows_arrive.append(handed[0]() is not None)
+        made, rows = planned[0]
+        alive_while_rows_arrive.append(rows() is not None or made.table.num_rows > 0)
         return real_add(self, row)
 
-    monkeypatch.setattr(run, "put_blocks", put)
+    monkeypatch.setattr(plan_mod, "make_plan", make_plan)
     monkeypatch.setattr(PartWriter, "add", add)
     cfg = load_config(None, [*FAST_DETECTION, "anonymizer.method=blur"])
     result = run.run_job(cfg, str(src), str(tmp_path / "out"), progress=False, report=False)
     assert result.summary["images"] == 3 and len(alive_while_rows_arrive) >= 3
     assert not any(alive_while_rows_arrive), "the plan's rows were still held on the driver while the job ran"
+    assert planned[0][0].num_todo == 3

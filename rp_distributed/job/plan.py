@@ -71,8 +71,8 @@ class Plan:
 
     def hand_over(self) -> pa.Table:
         """The rows, given away once: the plan keeps none, only their count. Whoever holds the plan for its
-        counts (``run_job``, for the whole run) would otherwise keep every row on the driver: ~200 bytes an input,
-        2 GB at 10M inputs, after the rows were put into the object store."""
+        counts (``run_job``, for the whole run) would otherwise keep every row on the driver: a few hundred bytes an
+        input, GBs at 10M inputs, after the rows were put into the object store."""
         table, self.table = self.table, self.table.schema.empty_table()
         self.handed_over += table.num_rows
         return table
@@ -80,6 +80,8 @@ class Plan:
     @property
     def todo(self) -> list[dict]:
         """The rows as dicts (small plans and tests; the job hands ``table`` to Ray in blocks)."""
+        if self.handed_over:
+            raise RuntimeError("the plan's rows were handed over (Plan.hand_over): it keeps only their count")
         return self.table.to_pylist()
 
 
