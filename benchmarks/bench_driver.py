@@ -56,7 +56,8 @@ def run_driver(src: str, out: str) -> dict:
         wall = time.time() - t0
         ray.shutdown()
     end = memory(os.getpid())
-    return {"end_accounts": end_accounts(), "wall_s": round(wall, 1), "images_per_s": round(result.summary["images"] / wall, 1),
+    return {"end_accounts": end_accounts(), "wall_s": round(wall, 1),
+            "images_per_s": round(result.summary["images"] / wall, 1),
             "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
             "end_after_report": end, "images": result.summary["images"], "faces": result.summary["faces"],
             "by_status": result.summary["by_status"]}
@@ -65,13 +66,14 @@ def run_driver(src: str, out: str) -> dict:
 def end_accounts() -> dict:
     """What the driver's private memory at the end is made of: each allocator's account, then RssAnon after each
     hands back what it can (glibc's trim, jemalloc's dirty pages purged at once), in that order."""
-    import ctypes
-
     import pyarrow as pa
 
+    from rp_distributed.driver_memory import Trim
+
     steps = {"pymalloc": _or_none(pymalloc_held), "malloc": _or_none(malloc_held),
-             "arrow_allocated_mib": round(pa.total_allocated_bytes() / 2**20, 1), "rss_anon": memory(os.getpid())["RssAnon"]}
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+             "arrow_allocated_mib": round(pa.total_allocated_bytes() / 2**20, 1),
+             "rss_anon": memory(os.getpid())["RssAnon"]}
+    Trim(every_s=0.0)()  # the driver's own trim, now (off glibc it does nothing)
     steps["rss_anon_after_malloc_trim"] = memory(os.getpid())["RssAnon"]
     try:
         pa.jemalloc_set_decay_ms(0)
@@ -83,6 +85,8 @@ def end_accounts() -> dict:
 
 
 def _or_none(account):
+    """``account()``, or None where it cannot be read (not glibc >= 2.33, or not pymalloc): the other figures
+    still count."""
     try:
         return account()
     except (OSError, AttributeError):
@@ -102,11 +106,7 @@ def census(path: str, every: float = 60.0) -> None:
         kinds = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
         sample = {"t_s": round(time.time() - t0), "rss": memory(os.getpid()),
                   "allocated_blocks": sys.getallocatedblocks(), "top": kinds.most_common(25)}
-        for name, account in (("malloc", malloc_held), ("pymalloc", pymalloc_held)):
-            try:
-                sample[name] = account()
-            except (OSError, AttributeError):  # not glibc >= 2.33, or not pymalloc: the other figures still count
-                sample[name] = None
+        sample.update(malloc=_or_none(malloc_held), pymalloc=_or_none(pymalloc_held))
         with open(path, "a") as f:
             f.write(json.dumps(sample) + "\n")
 
